@@ -1,0 +1,1 @@
+"""Data-plane storage: layouts and the bytes of the device, host and disk tiers."""
