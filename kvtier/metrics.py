@@ -1,0 +1,353 @@
+"""Prometheus metrics of a kvtier instance, and the HTTP server that exposes them.
+
+Why a class with its own ``CollectorRegistry``: two managers in one process (tests, several
+engines) must not share or clash over counters, and nothing is registered at import time.
+
+What is measured (label values in brackets):
+
+- ``kvtier_blocks_total`` / ``kvtier_bytes_total`` [path]: blocks and bytes moved per path;
+- ``kvtier_transfer_seconds`` [path]: latency of each transfer batch (histogram);
+- ``kvtier_lookup_tokens_total``, ``kvtier_matched_tokens_total`` [tier]: tokens asked for
+  beyond G1 and tokens found in each tier;
+- ``kvtier_hit_rate`` [tier]: matched blocks / looked-up blocks over a sliding window;
+- ``kvtier_pool_blocks`` [tier, state]: pool occupancy (in_use / inactive / free);
+- ``kvtier_disk_filter_rejections_total``: G2 -> G3 offloads refused by the frequency filter;
+- ``kvtier_load_errors_total`` [tier]: blocks whose load failed (recomputed, never served);
+- ``kvtier_pinned_bytes``: host memory page-locked for G2.
+
+The Dynamo KVBM names (``kvbm_offload_blocks_d2h`` ...) are exported beside them, so dashboards
+built for Dynamo keep working; docs/operations.md lists the mapping. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+PATHS: tuple[str, ...] = (
+    "device_to_host",
+    "host_to_disk",
+    "device_to_disk",
+    "host_to_device",
+    "disk_to_device",
+)
+"""Transfer paths, offloads first, then onboards."""
+TIERS: tuple[str, ...] = ("device", "host", "disk")
+"""Tiers as metric labels: G1, G2, G3."""
+MATCH_TIERS: tuple[str, ...] = ("host", "disk")
+"""Tiers a lookup can match in (G1 hits are the engine's own prefix cache)."""
+POOL_STATES: tuple[str, ...] = ("in_use", "inactive", "free")
+"""Block states of a pool: referenced, registered but unreferenced (matchable), empty."""
+
+DYNAMO_BLOCK_COUNTERS: dict[str, str] = {
+    "device_to_host": "kvbm_offload_blocks_d2h",
+    "host_to_disk": "kvbm_offload_blocks_h2d",
+    "device_to_disk": "kvbm_offload_blocks_d2d",
+    "host_to_device": "kvbm_onboard_blocks_h2d",
+    "disk_to_device": "kvbm_onboard_blocks_d2d",
+}
+"""Dynamo KVBM's block counter for each kvtier path (its h2d offload means host to disk)."""
+
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0001,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+"""Seconds; from one small pinned copy (~100 us) to a slow disk batch (seconds)."""
+
+
+def _check_label(kind: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {kind} {value!r}; expected one of {', '.join(allowed)}")
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Whether and where metrics are served.
+
+    ``host`` defaults to localhost: exposing the endpoint beyond the machine is a deliberate
+    choice (``0.0.0.0``). ``port`` 0 picks a free port (see :attr:`MetricsServer.port`).
+    ``hit_rate_window_s`` is the span of the sliding window behind ``kvtier_hit_rate``.
+    """
+
+    enabled: bool = False
+    port: int = 6880
+    host: str = "127.0.0.1"
+    hit_rate_window_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.port, bool) or not isinstance(self.port, int):
+            raise ValueError(f"metrics port must be an int, got {self.port!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"metrics port must be in 0..65535, got {self.port}")
+        if not self.host:
+            raise ValueError("metrics host must not be empty")
+        if not self.hit_rate_window_s > 0:
+            raise ValueError(f"hit_rate_window_s must be > 0, got {self.hit_rate_window_s!r}")
+
+
+class SlidingHitRate:
+    """Hit rate per tier over the lookups of the last ``window_s`` seconds.
+
+    Each lookup adds (time, blocks looked up, blocks matched per tier); old entries fall out when
+    the rate is read. With no lookup in the window the rate is 0.0 (nothing was served).
+    """
+
+    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if not window_s > 0:
+            raise ValueError(f"window_s must be > 0, got {window_s!r}")
+        self._window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: deque[tuple[float, int, dict[str, int]]] = deque()
+
+    def add(self, looked_up: int, matched: dict[str, int]) -> None:
+        """Record one lookup of ``looked_up`` blocks, of which ``matched[tier]`` came from tier."""
+        with self._lock:
+            self._entries.append((self._clock(), looked_up, dict(matched)))
+
+    def rate(self, tier: str) -> float:
+        """Matched blocks of ``tier`` / looked-up blocks, within the window."""
+        with self._lock:
+            horizon = self._clock() - self._window_s
+            while self._entries and self._entries[0][0] < horizon:
+                self._entries.popleft()
+            total = sum(e[1] for e in self._entries)
+            hits = sum(e[2].get(tier, 0) for e in self._entries)
+        return hits / total if total else 0.0
+
+
+class KvTierMetrics:
+    """All counters and gauges of one kvtier instance, in a private registry.
+
+    The data plane calls :meth:`record_transfer` and :meth:`record_load_errors`; the control plane
+    calls :meth:`record_lookup`, :meth:`record_filter_rejections`, :meth:`set_pool_occupancy` and
+    :meth:`set_pinned_bytes`. Every method is thread-safe (prometheus-client locks each value).
+    """
+
+    def __init__(
+        self, hit_rate_window_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self._window = SlidingHitRate(hit_rate_window_s, clock)
+        self._blocks = Counter("kvtier_blocks", "Blocks moved, per path.", ["path"], registry=reg)
+        self._bytes = Counter("kvtier_bytes", "Bytes moved, per path.", ["path"], registry=reg)
+        self._latency = Histogram(
+            "kvtier_transfer_seconds",
+            "Latency of one transfer batch, per path.",
+            ["path"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self._lookup_tokens = Counter(
+            "kvtier_lookup_tokens",
+            "Tokens of full blocks looked up in kvtier (beyond what G1 already had).",
+            registry=reg,
+        )
+        self._matched = Counter(
+            "kvtier_matched_tokens", "Tokens matched, per tier.", ["tier"], registry=reg
+        )
+        self._hit_rate = Gauge(
+            "kvtier_hit_rate",
+            f"Matched / looked-up blocks over the last {hit_rate_window_s:g} s, per tier.",
+            ["tier"],
+            registry=reg,
+        )
+        self._pool = Gauge(
+            "kvtier_pool_blocks", "Pool occupancy in blocks.", ["tier", "state"], registry=reg
+        )
+        self._rejections = Counter(
+            "kvtier_disk_filter_rejections",
+            "Offloads to G3 refused by the frequency filter (block seen only once).",
+            registry=reg,
+        )
+        self._load_errors = Counter(
+            "kvtier_load_errors",
+            "Blocks whose load failed and were recomputed, per source tier.",
+            ["tier"],
+            registry=reg,
+        )
+        self._pinned = Gauge("kvtier_pinned_bytes", "Host memory page-locked for G2.", registry=reg)
+        self._dynamo_blocks = {
+            path: Counter(
+                name, f"Dynamo KVBM name of kvtier_blocks_total{{path={path!r}}}.", registry=reg
+            )
+            for path, name in DYNAMO_BLOCK_COUNTERS.items()
+        }
+        self._dynamo_matched = Gauge(
+            "kvbm_matched_tokens",
+            "Dynamo KVBM name: tokens matched by the last lookup.",
+            registry=reg,
+        )
+        for tier in MATCH_TIERS:
+            self._hit_rate.labels(tier).set_function(self._rate_of(tier))
+        Gauge(
+            "kvbm_host_cache_hit_rate",
+            "Dynamo KVBM name of kvtier_hit_rate{tier='host'}.",
+            registry=reg,
+        ).set_function(self._rate_of("host"))
+        Gauge(
+            "kvbm_disk_cache_hit_rate",
+            "Dynamo KVBM name of kvtier_hit_rate{tier='disk'}.",
+            registry=reg,
+        ).set_function(self._rate_of("disk"))
+        for path in PATHS:  # every series exists from the start, at zero
+            self._blocks.labels(path)
+            self._bytes.labels(path)
+            self._latency.labels(path)
+        for tier in MATCH_TIERS:
+            self._matched.labels(tier)
+            self._load_errors.labels(tier)
+        for tier in TIERS:
+            for state in POOL_STATES:
+                self._pool.labels(tier, state)
+
+    def _rate_of(self, tier: str) -> Callable[[], float]:
+        return lambda: self._window.rate(tier)
+
+    def record_transfer(self, path: str, blocks: int, nbytes: int, seconds: float) -> None:
+        """One finished transfer batch of ``blocks`` blocks (``nbytes`` bytes) on ``path``."""
+        _check_label("path", path, PATHS)
+        _check_count("blocks", blocks)
+        _check_count("nbytes", nbytes)
+        if not seconds >= 0:
+            raise ValueError(f"seconds must be >= 0, got {seconds!r}")
+        self._blocks.labels(path).inc(blocks)
+        self._bytes.labels(path).inc(nbytes)
+        self._latency.labels(path).observe(seconds)
+        self._dynamo_blocks[path].inc(blocks)
+
+    def record_lookup(
+        self, looked_up_blocks: int, host_blocks: int, disk_blocks: int, block_size: int
+    ) -> None:
+        """One prefix lookup: ``looked_up_blocks`` full blocks asked, found in G2 then G3."""
+        for name, value in (
+            ("looked_up_blocks", looked_up_blocks),
+            ("host_blocks", host_blocks),
+            ("disk_blocks", disk_blocks),
+        ):
+            _check_count(name, value)
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size!r}")
+        if host_blocks + disk_blocks > looked_up_blocks:
+            raise ValueError(
+                f"matched {host_blocks}+{disk_blocks} blocks of only {looked_up_blocks} looked up"
+            )
+        self._lookup_tokens.inc(looked_up_blocks * block_size)
+        self._matched.labels("host").inc(host_blocks * block_size)
+        self._matched.labels("disk").inc(disk_blocks * block_size)
+        self._dynamo_matched.set((host_blocks + disk_blocks) * block_size)
+        self._window.add(looked_up_blocks, {"host": host_blocks, "disk": disk_blocks})
+
+    def record_filter_rejections(self, count: int = 1) -> None:
+        """``count`` G2 -> G3 offloads refused by the frequency filter."""
+        _check_count("count", count)
+        self._rejections.inc(count)
+
+    def record_load_errors(self, tier: str, blocks: int) -> None:
+        """``blocks`` blocks whose load from ``tier`` failed (reported to the engine as errors)."""
+        _check_label("tier", tier, MATCH_TIERS)
+        _check_count("blocks", blocks)
+        self._load_errors.labels(tier).inc(blocks)
+
+    def set_pool_occupancy(self, tier: str, in_use: int, inactive: int, free: int) -> None:
+        """Current block counts of ``tier``'s pool."""
+        _check_label("tier", tier, TIERS)
+        counts = dict(zip(POOL_STATES, (in_use, inactive, free), strict=True))
+        for state, value in counts.items():  # all checked before any is set
+            _check_count(state, value)
+        for state, value in counts.items():
+            self._pool.labels(tier, state).set(value)
+
+    def set_pinned_bytes(self, nbytes: int) -> None:
+        """Bytes of host memory currently page-locked for G2."""
+        _check_count("nbytes", nbytes)
+        self._pinned.set(nbytes)
+
+    def hit_rate(self, tier: str) -> float:
+        """The sliding-window hit rate of ``tier`` (what ``kvtier_hit_rate`` shows)."""
+        _check_label("tier", tier, MATCH_TIERS)
+        return self._window.rate(tier)
+
+
+class MetricsServer:
+    """Serves one :class:`KvTierMetrics` over HTTP (``GET /metrics``) on a background thread."""
+
+    def __init__(self, metrics: KvTierMetrics, config: MetricsConfig) -> None:
+        self._metrics = metrics
+        self._config = config
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when the configured port was 0)."""
+        if self._server is None:
+            raise RuntimeError("MetricsServer is not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """Where to scrape."""
+        return f"http://{self._config.host}:{self.port}/metrics"
+
+    def start(self) -> MetricsServer:
+        """Bind and serve. Raises OSError naming the address when the port is taken."""
+        if self._server is not None:
+            raise RuntimeError("MetricsServer is already started")
+        try:
+            server, thread = start_http_server(
+                self._config.port, addr=self._config.host, registry=self._metrics.registry
+            )
+        except OSError as exc:
+            raise OSError(
+                f"cannot serve kvtier metrics on {self._config.host}:{self._config.port}: {exc}"
+            ) from exc
+        self._server, self._thread = server, thread
+        return self
+
+    def close(self) -> None:
+        """Stop serving and free the port. Safe to call twice."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> MetricsServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
