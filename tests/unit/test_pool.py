@@ -9,6 +9,7 @@ from kvtier.core import (
     BlockState,
     BlockStateError,
     ImmutableBlock,
+    MutableBlock,
     PoolError,
     RemoveEvent,
     StoreEvent,
@@ -16,7 +17,7 @@ from kvtier.core import (
 )
 
 
-def _full(pool: BlockPool, n: int = 1) -> list:
+def _full(pool: BlockPool, n: int = 1) -> list[MutableBlock]:
     blocks = pool.allocate(n)
     assert blocks is not None
     for b in blocks:
@@ -74,7 +75,7 @@ def test_state_transitions() -> None:
         b.append_tokens([3, 4, 5])
     assert b.tokens == (1, 2)
     b.append_tokens([3, 4])
-    assert b.state is BlockState.COMPLETE
+    assert b.state.name == "COMPLETE"
     with pytest.raises(BlockStateError, match="cannot append tokens"):
         b.append_tokens([5])
     with pytest.raises(BlockStateError, match="cannot mark block 0 complete"):
@@ -85,7 +86,7 @@ def test_state_transitions() -> None:
         0,
         42,
         (1, 2, 3, 4),
-        b.state.REGISTERED,
+        BlockState.REGISTERED,
     )
     with pytest.raises(PoolError, match="already released"):
         b.append_tokens([1])
