@@ -12,7 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["DTYPE_SIZES", "KvTierConfig", "ModelConfig"]
+__all__ = ["DEVICE_LAYOUTS", "DTYPE_SIZES", "KvTierConfig", "ModelConfig"]
+
+DEVICE_LAYOUTS: tuple[str, ...] = ("fully_contiguous", "block_first", "outer_first")
+"""Names of the G1 layouts (values of ``kvtier.storage.layout.LayoutKind``)."""
 
 DTYPE_SIZES: dict[str, int] = {
     "float32": 4,
@@ -99,6 +102,8 @@ class KvTierConfig:
     - ``device``: torch device of a self-allocated G1 (``"cpu"`` or ``"cuda:N"``).
     - ``host_pinned``: pin G2 memory; None = pin when CUDA is available.
     - ``disk_fsync``: fsync each block file before it is renamed into place (durable, slower).
+    - ``device_layout``: layout of a self-allocated G1: ``fully_contiguous``, ``block_first`` or
+      ``outer_first``.
     """
 
     model: ModelConfig
@@ -114,6 +119,7 @@ class KvTierConfig:
     device: str = "cpu"
     host_pinned: bool | None = None
     disk_fsync: bool = False
+    device_layout: str = "fully_contiguous"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelConfig):
@@ -124,6 +130,10 @@ class KvTierConfig:
         _positive("io_threads", self.io_threads)
         _positive("max_inflight_blocks", self.max_inflight_blocks)
         _positive("staging_blocks", self.staging_blocks)
+        if self.device_layout not in DEVICE_LAYOUTS:
+            raise ValueError(
+                f"device_layout must be one of {DEVICE_LAYOUTS}, got {self.device_layout!r}"
+            )
         if self.disk_blocks > 0 and not self.disk_dir:
             raise ValueError("disk_blocks > 0 needs disk_dir (the G3 directory)")
         if self.disk_dir is not None and not isinstance(self.disk_dir, str):

@@ -17,16 +17,149 @@ poll ... -> ``close()``. Also a context manager.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvtier.config import KvTierConfig
-from kvtier.storage.layout import KvLayout, LayoutKind
-from kvtier.transfer.engine import CopyEngine
+from kvtier.core.block import ImmutableBlock, MutableBlock
+from kvtier.core.pool import BlockPool
+from kvtier.core.registry import TierEvent, TierRegistry
+from kvtier.storage.device import DeviceStorage
+from kvtier.storage.disk import DiskStorage
+from kvtier.storage.host import HostStorage
+from kvtier.storage.layout import KvLayout, LayoutKind, default_layout, detect_layout
+from kvtier.storage.tiers import DevicePool, DiskPool, HostPool, TierMatch
+from kvtier.transfer.disk_io import DiskIo
+from kvtier.transfer.engine import CopyEngine, TorchCopyEngine
+from kvtier.transfer.manager import TransferError, TransferHandle, TransferManager, TransferPath
 
-__all__ = ["KvBlockManager"]
+if TYPE_CHECKING:
+    from kvtier.metrics import KvTierMetrics
+
+__all__ = [
+    "KvBlockManager",
+    "KvHandle",
+    "KvTierStats",
+    "PathCounters",
+    "TierHits",
+    "TierMatch",
+    "TransferError",
+]
+
+G1, G2, G3 = "G1", "G2", "G3"
+
+
+@dataclass(frozen=True)
+class PathCounters:
+    """Totals of one transfer path: blocks and bytes that arrived, seconds spent, blocks failed."""
+
+    blocks: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    failed_blocks: int = 0
+
+
+@dataclass(frozen=True)
+class TierHits:
+    """Prefix-lookup totals of one tier: blocks found, and blocks asked for but not found."""
+
+    hits: int = 0
+    misses: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class KvTierStats:
+    """A snapshot of the manager's counters (``paths`` keyed by ``TransferPath.value``)."""
+
+    paths: Mapping[str, PathCounters]
+    host: TierHits
+    disk: TierHits
+    filter_rejections: int
+    skipped_offloads: int
+
+
+class KvHandle:
+    """What ``offload`` and ``onboard`` return: one or two transfer batches (``parts``).
+
+    Owner's thread: ``done()`` (True once ``poll`` has applied every part), ``ok``, ``error`` (a
+    ``TransferError`` naming the failed blocks; for an onboard ``error.failed_device_block_ids``
+    are the device blocks to recompute). Any thread: ``wait_layer(l)``, ``wait_data()``,
+    ``data_done()``. ``skipped`` lists offloaded hashes that were not copied (already held, being
+    written, or no room).
+    """
+
+    def __init__(
+        self,
+        parts: Sequence[TransferHandle],
+        block_hashes: Sequence[int],
+        device_block_ids: Sequence[int],
+        num_layers: int,
+        skipped: Sequence[int] = (),
+    ) -> None:
+        self.parts = tuple(parts)
+        self.block_hashes = tuple(block_hashes)
+        self.device_block_ids = tuple(device_block_ids)
+        self.num_layers = num_layers
+        self.skipped = tuple(skipped)
+
+    def done(self) -> bool:
+        return all(p.done() for p in self.parts)
+
+    @property
+    def ok(self) -> bool:
+        return self.done() and self.error is None
+
+    @property
+    def error(self) -> TransferError | None:
+        errors = [p.error for p in self.parts if p.error is not None]
+        if not errors:
+            return None
+        if len(errors) == 1:
+            return errors[0]
+        return TransferError(
+            errors[0].path,
+            "; ".join(str(e) for e in errors),
+            [h for e in errors for h in e.failed_hashes],
+            [d for e in errors for d in e.failed_device_block_ids],
+            [h for e in errors for h in e.corrupt_hashes],
+        )
+
+    def data_done(self) -> bool:
+        return all(p.data_done() for p in self.parts)
+
+    def wait_data(self, timeout: float | None = None) -> bool:
+        return all([p.wait_data(timeout) for p in self.parts])
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range 0..{self.num_layers - 1}")
+        return all([p.wait_layer(layer, timeout) for p in self.parts])
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"KvHandle({len(self.block_hashes)} blocks, {len(self.parts)} parts, {state})"
+
+
+@dataclass
+class _Effect:
+    """What ``poll`` must do to the pools when a batch finishes."""
+
+    kind: str  # "store" (offload/cascade into ``tier``) or "onboard"
+    tier: str = ""
+    targets: list[MutableBlock] = field(default_factory=list)
+    parents: list[int | None] = field(default_factory=list)
+    priorities: list[int] = field(default_factory=list)
+    held: list[ImmutableBlock] = field(default_factory=list)  # refs released when done
 
 
 class KvBlockManager:
@@ -36,34 +169,65 @@ class KvBlockManager:
 
     - ``register_device_kv(tensors, kind=None) -> KvLayout``: adopt the engine's G1 tensors (one
       tensor = fully contiguous, dict layer_name -> tensor = layer-separate; layout detected).
+      Call before ``start``; without it ``start`` allocates ``config.device_blocks`` itself.
     - ``start()`` / ``close()`` / ``with``.
-    - ``layout``, ``device_pool``, ``host_pool``, ``disk_pool`` (None when a tier is absent).
+    - ``layout``, ``device_pool``, ``host_pool``, ``disk_pool`` (None when a tier is absent),
+      ``registry``, ``transfers``.
     - ``offload(device_block_ids, sequence_hashes, *, parent_sequence_hashes=None, priority=0,
-      gate=None) -> TransferHandle``: copy device blocks to G2 (or G3 when there is no G2) and
-      register them there when the copy lands. Blocks the target already holds, or that do not fit
-      because the target is full of blocks in use, are skipped (``handle.skipped``).
+      gate=None) -> KvHandle``: copy device blocks to G2 (or G3 when there is no G2) and register
+      them there when the copy lands. Blocks the target already holds or is already receiving, or
+      that do not fit because the target is full of blocks in use, are skipped
+      (``handle.skipped``). ``gate`` is waited on before the device blocks are read.
     - ``match(sequence_hashes) -> TierMatch``: the longest prefix held by G2, then G3 from where G2
       stopped; holds a reference on every matched block until released or onboarded.
-    - ``onboard(match, device_block_ids, *, gate=None) -> TransferHandle``: copy a match (or its
-      first ``len(device_block_ids)`` blocks) into the given device blocks; takes over the match's
-      references and releases them when the handle finishes. ``handle.wait_layer(l)`` (thread-safe)
-      returns when layer ``l`` landed (layer-wise onboarding).
-    - ``poll() -> list[TransferHandle]``: progress the queues, apply finished transfers to the
-      pools (register offloaded blocks, roll back failed ones, release onboard refs, queue the
-      G2 -> G3 cascade); returns the handles that finished in this call.
+    - ``onboard(match, device_block_ids, *, gate=None) -> KvHandle``: copy the first
+      ``len(device_block_ids)`` blocks of a match into the given device blocks; takes over the
+      match's references (the rest are released at once) and releases them when done.
+      ``handle.wait_layer(l)`` (thread-safe) returns when layer ``l`` landed.
+    - ``poll() -> list[KvHandle]``: progress the queues, apply finished transfers to the pools
+      (register offloaded blocks, roll back failed ones, release onboard references, drop corrupt
+      disk blocks, queue the G2 -> G3 cascade); returns the handles that finished in this call.
     - ``wait(handle, timeout=None)`` / ``wait_all(timeout=None)``: poll until finished.
-    - ``stats() -> KvTierStats``: blocks, bytes, seconds and failures per path; hits and misses for
-      G2 and G3.
-    - ``drain_events()``: the registry's Store/Remove events since the last call.
+    - ``stats() -> KvTierStats``; ``drain_events()``: the registry's Store/Remove events.
     """
 
-    def __init__(self, config: KvTierConfig, *, copy_engine: CopyEngine | None = None) -> None:
+    def __init__(
+        self,
+        config: KvTierConfig,
+        *,
+        copy_engine: CopyEngine | None = None,
+        metrics: KvTierMetrics | None = None,
+    ) -> None:
         """Record the config; allocate nothing, start nothing (see ``start``).
 
-        ``copy_engine`` overrides the default (``TorchCopyEngine``; the CUDA engine when the device
-        tensors live on a GPU and ``kvtier.transfer.cuda`` is importable).
+        ``copy_engine`` overrides the default ``TorchCopyEngine`` (e.g. the CUDA engine);
+        ``metrics`` receives every transfer and lookup as well as ``stats()``.
         """
-        raise NotImplementedError("being written (issue 3)")
+        if not isinstance(config, KvTierConfig):
+            raise TypeError(f"config must be a KvTierConfig, got {type(config).__name__}")
+        self.config = config
+        self.metrics = metrics
+        self.registry = TierRegistry()
+        self._engine: CopyEngine = copy_engine if copy_engine is not None else TorchCopyEngine()
+        self._device_tensors: Mapping[str, torch.Tensor] | torch.Tensor | None = None
+        self._layout: KvLayout | None = None
+        self.device_pool: DevicePool | None = None
+        self.host_pool: HostPool | None = None
+        self.disk_pool: DiskPool | None = None
+        self._disk_io: DiskIo | None = None
+        self._transfers: TransferManager | None = None
+        self._effects: dict[TransferHandle, _Effect] = {}
+        self._handles: list[KvHandle] = []
+        self._writing: dict[str, set[int]] = {G2: set(), G3: set()}
+        self._seen: dict[int, int] = {}
+        self._paths: dict[str, PathCounters] = {p.value: PathCounters() for p in TransferPath}
+        self._hits = {G2: TierHits(), G3: TierHits()}
+        self._filter_rejections = 0
+        self._skipped = 0
+        self._started = False
+        self._closed = False
+
+    # -- set-up ---------------------------------------------------------------------------------
 
     def register_device_kv(
         self,
@@ -72,15 +236,113 @@ class KvBlockManager:
         kind: LayoutKind | None = None,
     ) -> KvLayout:
         """Adopt engine-owned G1 tensors and return their detected layout. Call before ``start``."""
-        raise NotImplementedError("being written (issue 3)")
+        if self._started:
+            raise RuntimeError("register_device_kv must be called before start()")
+        layout = detect_layout(tensors, self.config.model, kind=kind)
+        self._device_tensors = tensors
+        self._layout = layout
+        return layout
+
+    @property
+    def layout(self) -> KvLayout:
+        if self._layout is None:
+            raise RuntimeError("no device KV yet: call register_device_kv() or start()")
+        return self._layout
+
+    @property
+    def transfers(self) -> TransferManager:
+        if self._transfers is None:
+            raise RuntimeError("KvBlockManager is not started")
+        return self._transfers
 
     def start(self) -> None:
         """Allocate host memory, open the disk tier (restoring its index), start worker threads."""
-        raise NotImplementedError("being written (issue 3)")
+        if self._closed:
+            raise RuntimeError("a closed KvBlockManager cannot be started again")
+        if self._started:
+            return
+        cfg = self.config
+        if self._layout is None or self._device_tensors is None:
+            if cfg.device_blocks == 0:
+                raise RuntimeError(
+                    "no device KV: call register_device_kv(tensors) or set device_blocks > 0"
+                )
+            layout = default_layout(cfg.model, LayoutKind(cfg.device_layout), cfg.device_blocks)
+            storage = DeviceStorage.allocate(layout, cfg.device)
+            self._layout = layout
+            self._device_tensors = storage.tensors
+        else:
+            layout = self._layout
+            storage = DeviceStorage(layout, self._device_tensors)
+        bs = cfg.model.block_size
+        self.device_pool = DevicePool(
+            BlockPool(layout.num_blocks, block_size=bs, tier=G1, registry=self.registry), storage
+        )
+        pinned = cfg.host_pinned if cfg.host_pinned is not None else torch.cuda.is_available()
+        if cfg.host_blocks:
+            host = HostStorage(cfg.host_blocks, layout.block_bytes, pin_memory=pinned)
+            host.allocate()
+            pool = BlockPool(cfg.host_blocks, block_size=bs, tier=G2, registry=self.registry)
+            self.host_pool = HostPool(pool, host)
+        if cfg.disk_blocks:
+            assert cfg.disk_dir is not None
+            disk = DiskStorage(
+                cfg.disk_dir,
+                layout.fingerprint,
+                layout.block_bytes,
+                o_direct=cfg.disk_o_direct,
+                fsync=cfg.disk_fsync,
+            )
+            found = disk.open()
+            pool = BlockPool(cfg.disk_blocks, block_size=bs, tier=G3, registry=self.registry)
+            self.disk_pool = DiskPool(pool, disk)
+            for block_id, entry in enumerate(found[: cfg.disk_blocks]):
+                hdr = entry.header
+                pool.restore(
+                    block_id,
+                    hdr.sequence_hash,
+                    parent_sequence_hash=hdr.parent_hash,
+                    priority=hdr.priority,
+                )
+                self.disk_pool.slot_hashes[block_id] = hdr.sequence_hash
+            self._disk_io = DiskIo(disk, cfg.io_threads)
+            self._disk_io.start()
+        self._engine.start()
+        self._transfers = TransferManager(
+            self._engine,
+            device=storage,
+            host=self.host_pool.storage if self.host_pool else None,
+            disk_io=self._disk_io,
+            block_bytes=layout.block_bytes,
+            num_layers=cfg.model.num_layers,
+            max_inflight_blocks=cfg.max_inflight_blocks,
+            staging_blocks=cfg.staging_blocks,
+        )
+        self._transfers.start()
+        self._started = True
 
-    def close(self) -> None:
-        """Finish or fail in-flight work, leave the disk tier consistent, stop threads."""
-        raise NotImplementedError("being written (issue 3)")
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish (up to ``timeout`` s) or cancel in-flight work, apply it, stop threads.
+
+        Every disk block is then either complete and registered on disk, or absent.
+        """
+        if self._closed or not self._started:
+            self._closed = True
+            return
+        self._closed = True
+        assert self._transfers is not None
+        settled = self._transfers.close(timeout)
+        self._engine.close()  # fails copies whose gate never opened
+        settled.extend(self._transfers.close(1.0))
+        if self._disk_io is not None:
+            self._disk_io.close()
+        for part in settled:
+            self._apply(part)
+        self._handles.clear()
+        if self.disk_pool is not None:
+            self.disk_pool.storage.close()
+        if self.host_pool is not None:
+            self.host_pool.storage.release()
 
     def __enter__(self) -> KvBlockManager:
         self.start()
@@ -94,6 +356,14 @@ class KvBlockManager:
     ) -> None:
         self.close()
 
+    def _check_running(self) -> TransferManager:
+        if not self._started or self._closed:
+            raise RuntimeError("KvBlockManager is not running (call start(), not after close())")
+        assert self._transfers is not None
+        return self._transfers
+
+    # -- offload --------------------------------------------------------------------------------
+
     def offload(
         self,
         device_block_ids: Sequence[int],
@@ -102,21 +372,309 @@ class KvBlockManager:
         parent_sequence_hashes: Sequence[int | None] | None = None,
         priority: int = 0,
         gate: object | None = None,
-    ) -> object:
+    ) -> KvHandle:
         """Offload device blocks; see the class docstring. ``parent_sequence_hashes`` defaults to
         the chain within the call (block i's parent is block i-1's hash; the first has none)."""
-        raise NotImplementedError("being written (issue 3)")
+        transfers = self._check_running()
+        n = len(sequence_hashes)
+        if len(device_block_ids) != n:
+            raise ValueError(f"{len(device_block_ids)} device block ids for {n} sequence hashes")
+        if parent_sequence_hashes is None:
+            parents: list[int | None] = [None, *sequence_hashes[:-1]] if n else []
+        else:
+            parents = list(parent_sequence_hashes)
+            if len(parents) != n:
+                raise ValueError(f"{len(parents)} parent hashes for {n} sequence hashes")
+        nb = self.layout.num_blocks
+        for d in device_block_ids:
+            if not 0 <= d < nb:
+                raise ValueError(f"device block id {d} out of range 0..{nb - 1}")
+        if len(set(sequence_hashes)) != n:
+            raise ValueError("sequence_hashes of one offload must be distinct")
+        tier = G2 if self.host_pool is not None else G3 if self.disk_pool is not None else None
+        if tier is None:
+            raise RuntimeError("offload needs a host or disk tier; both are disabled")
+        path = TransferPath.DEVICE_TO_HOST if tier == G2 else TransferPath.DEVICE_TO_DISK
+        picked = [
+            i
+            for i, h in enumerate(sequence_hashes)
+            if not self._pool(tier).contains(h) and h not in self._writing[tier]
+        ]
+        targets = self._allocate(tier, len(picked), [sequence_hashes[i] for i in picked])
+        chosen = picked[: len(targets)]
+        skipped = [h for i, h in enumerate(sequence_hashes) if i not in set(chosen)]
+        self._skipped += len(skipped)
+        hashes = [sequence_hashes[i] for i in chosen]
+        dids = [device_block_ids[i] for i in chosen]
+        pars = [parents[i] for i in chosen]
+        part = transfers.submit(
+            path,
+            hashes,
+            dids,
+            [b.block_id for b in targets] if tier == G2 else [],
+            parents=pars,
+            priorities=[priority] * len(hashes),
+            gate=gate,
+        )
+        self._writing[tier].update(hashes)
+        self._effects[part] = _Effect("store", tier, targets, pars, [priority] * len(hashes))
+        handle = KvHandle([part], hashes, dids, self.layout.model.num_layers, skipped)
+        self._handles.append(handle)
+        return handle
 
-    def match(self, sequence_hashes: Sequence[int]) -> object:
+    def _pool(self, tier: str) -> BlockPool:
+        owner = self.host_pool if tier == G2 else self.disk_pool
+        assert owner is not None
+        return owner.pool
+
+    def _allocate(self, tier: str, n: int, hashes: Sequence[int]) -> list[MutableBlock]:
+        """Up to ``n`` target blocks (fewer when the tier is full of blocks in use)."""
+        pool = self._pool(tier)
+        want = min(n, pool.num_free + pool.num_inactive)
+        blocks: list[MutableBlock] | None = None
+        while want > 0:
+            blocks = pool.allocate(want)
+            if blocks is not None:
+                break
+            want //= 2
+        if not blocks:
+            return []
+        if tier == G3:
+            assert self.disk_pool is not None
+            self.disk_pool.reclaim(
+                [b.block_id for b in blocks], self._writing[G3] | set(hashes[: len(blocks)])
+            )
+        return blocks
+
+    # -- match and onboard ----------------------------------------------------------------------
+
+    def match(self, sequence_hashes: Sequence[int]) -> TierMatch:
         """Cross-tier prefix match; see the class docstring."""
-        raise NotImplementedError("being written (issue 3)")
+        self._check_running()
+        host = self.host_pool.pool.match(sequence_hashes) if self.host_pool else []
+        rest = sequence_hashes[len(host) :]
+        disk = self.disk_pool.pool.match(rest) if self.disk_pool and rest else []
+        n = len(sequence_hashes)
+        if self.host_pool is not None:
+            self._hits[G2] = _add_hits(self._hits[G2], len(host), n - len(host))
+        if self.disk_pool is not None:
+            self._hits[G3] = _add_hits(self._hits[G3], len(disk), len(rest) - len(disk))
+        if self.metrics is not None:
+            self.metrics.record_lookup(n, len(host), len(disk), self.config.model.block_size)
+        return TierMatch(host, disk)
 
     def onboard(
-        self, match: object, device_block_ids: Sequence[int], *, gate: object | None = None
-    ) -> object:
+        self, match: TierMatch, device_block_ids: Sequence[int], *, gate: object | None = None
+    ) -> KvHandle:
         """Onboard a match into the given device blocks; see the class docstring."""
-        raise NotImplementedError("being written (issue 3)")
+        transfers = self._check_running()
+        if match.released:
+            raise ValueError("this match was already released or onboarded")
+        n = len(device_block_ids)
+        if n > len(match):
+            raise ValueError(f"{n} device blocks for a match of {len(match)} blocks")
+        nb = self.layout.num_blocks
+        for d in device_block_ids:
+            if not 0 <= d < nb:
+                raise ValueError(f"device block id {d} out of range 0..{nb - 1}")
+        if len(set(device_block_ids)) != n:
+            raise ValueError("device_block_ids of one onboard must be distinct")
+        host = match.host[:n]
+        disk = match.disk[: n - len(host)]
+        for extra in (*match.host[len(host) :], *match.disk[len(disk) :]):
+            extra.release()
+        match.released = True
+        parts: list[TransferHandle] = []
+        dids = list(device_block_ids)
+        if host:
+            part = transfers.submit(
+                TransferPath.HOST_TO_DEVICE,
+                [b.sequence_hash for b in host],
+                [b.block_id for b in host],
+                dids[: len(host)],
+                gate=gate,
+            )
+            self._effects[part] = _Effect("onboard", G2, held=list(host))
+            parts.append(part)
+        if disk:
+            part = transfers.submit(
+                TransferPath.DISK_TO_DEVICE,
+                [b.sequence_hash for b in disk],
+                [],
+                dids[len(host) :],
+                gate=gate,
+            )
+            self._effects[part] = _Effect("onboard", G3, held=list(disk))
+            parts.append(part)
+        hashes = [b.sequence_hash for b in (*host, *disk)]
+        handle = KvHandle(parts, hashes, dids, self.layout.model.num_layers)
+        self._handles.append(handle)
+        return handle
 
-    def poll(self) -> list[object]:
+    # -- progress -------------------------------------------------------------------------------
+
+    def poll(self) -> list[KvHandle]:
         """Progress queues and apply finished transfers; see the class docstring."""
-        raise NotImplementedError("being written (issue 3)")
+        transfers = self._check_running()
+        for part in transfers.poll():
+            self._apply(part)
+        finished = [h for h in self._handles if h.done()]
+        if finished:
+            self._handles = [h for h in self._handles if not h.done()]
+        return finished
+
+    def wait(self, handle: KvHandle, timeout: float | None = None) -> None:
+        """Poll until ``handle`` is done (raises TimeoutError after ``timeout`` s)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not handle.done():
+            self.poll()
+            if handle.done():
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{handle!r} not done after {timeout} s")
+            time.sleep(0.0002)
+
+    def wait_all(self, timeout: float | None = None) -> None:
+        """Poll until nothing is queued or in flight, cascades included."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        transfers = self._check_running()
+        while True:
+            self.poll()
+            if not transfers.pending() and not self._effects:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"transfers still pending after {timeout} s")
+            time.sleep(0.0002)
+
+    def _apply(self, part: TransferHandle) -> None:
+        effect = self._effects.pop(part, None)
+        if effect is None:
+            return
+        failed = set()
+        if part.error is not None:
+            bad = set(part.error.failed_hashes)
+            failed = {i for i, h in enumerate(part.block_hashes) if h in bad}
+        self._count(part, len(failed))
+        if effect.kind == "onboard":
+            self._apply_onboard(part, effect, failed)
+        else:
+            self._apply_store(part, effect, failed)
+
+    def _count(self, part: TransferHandle, nfailed: int) -> None:
+        key = part.path.value
+        c = self._paths[key]
+        ok = part.num_blocks - nfailed
+        nbytes = ok * self.layout.block_bytes
+        seconds = part.seconds or 0.0
+        self._paths[key] = PathCounters(
+            c.blocks + ok, c.bytes + nbytes, c.seconds + seconds, c.failed_blocks + nfailed
+        )
+        if self.metrics is not None and part.num_blocks:
+            self.metrics.record_transfer(key, ok, nbytes, seconds)
+
+    def _apply_onboard(self, part: TransferHandle, effect: _Effect, failed: set[int]) -> None:
+        for b in effect.held:
+            b.release()
+        if effect.tier == G3 and failed:
+            assert self.disk_pool is not None
+            for i in failed:
+                self.disk_pool.pool.remove(part.block_hashes[i])
+            if self.metrics is not None:
+                self.metrics.record_load_errors("disk", len(failed))
+        elif failed and self.metrics is not None:
+            self.metrics.record_load_errors("host", len(failed))
+
+    def _apply_store(self, part: TransferHandle, effect: _Effect, failed: set[int]) -> None:
+        tier = effect.tier
+        pool = self._pool(tier)
+        self._writing[tier].difference_update(part.block_hashes)
+        stored: list[ImmutableBlock] = []
+        for i, (block, h) in enumerate(zip(effect.targets, part.block_hashes, strict=True)):
+            if i in failed:
+                block.release()
+                continue
+            block.mark_complete()
+            imm = pool.register(
+                block, h, parent_sequence_hash=effect.parents[i], priority=effect.priorities[i]
+            )
+            if tier == G3:
+                assert self.disk_pool is not None
+                self.disk_pool.slot_hashes[imm.block_id] = h
+            stored.append(imm)
+        for b in effect.held:
+            b.release()
+        if tier == G2 and self.disk_pool is not None and not self._closed:
+            self._cascade(stored, effect)
+        else:
+            for imm in stored:
+                imm.release()
+
+    def _cascade(self, stored: list[ImmutableBlock], effect: _Effect) -> None:
+        """Queue G2 -> G3 writes of newly stored host blocks that pass the frequency filter."""
+        assert self.disk_pool is not None
+        picked: list[ImmutableBlock] = []
+        for imm in stored:
+            h = imm.sequence_hash
+            if self.disk_pool.pool.contains(h) or h in self._writing[G3] or not self._admit(h):
+                imm.release()
+            else:
+                picked.append(imm)
+        hashes = [b.sequence_hash for b in picked]
+        targets = self._allocate(G3, len(picked), hashes)
+        for extra in picked[len(targets) :]:
+            extra.release()
+        picked = picked[: len(targets)]
+        if not picked:
+            return
+        hashes = hashes[: len(picked)]
+        assert self._transfers is not None
+        part = self._transfers.submit(
+            TransferPath.HOST_TO_DISK,
+            hashes,
+            [b.block_id for b in picked],
+            [],
+            parents=[b.parent_sequence_hash for b in picked],
+            priorities=[b.priority for b in picked],
+        )
+        self._writing[G3].update(hashes)
+        self._effects[part] = _Effect(
+            "store",
+            G3,
+            targets,
+            [b.parent_sequence_hash for b in picked],
+            [b.priority for b in picked],
+            held=picked,
+        )
+
+    def _admit(self, sequence_hash: int) -> bool:
+        """The G2 -> G3 frequency filter (off when ``config.disk_filter`` is False)."""
+        if not self.config.disk_filter:
+            return True
+        seen = self._seen.get(sequence_hash, 0) + 1
+        self._seen[sequence_hash] = seen
+        if seen >= 2:
+            return True
+        self._filter_rejections += 1
+        if self.metrics is not None:
+            self.metrics.record_filter_rejections()
+        return False
+
+    # -- observability --------------------------------------------------------------------------
+
+    def stats(self) -> KvTierStats:
+        """A snapshot of every counter."""
+        return KvTierStats(
+            dict(self._paths),
+            self._hits[G2],
+            self._hits[G3],
+            self._filter_rejections,
+            self._skipped,
+        )
+
+    def drain_events(self) -> list[TierEvent]:
+        """The registry's Store/Remove events since the last call, oldest first."""
+        return self.registry.drain_events()
+
+
+def _add_hits(h: TierHits, hits: int, misses: int) -> TierHits:
+    return TierHits(h.hits + hits, h.misses + misses)

@@ -28,7 +28,14 @@ import xxhash
 
 from kvtier.config import ModelConfig
 
-__all__ = ["KvLayout", "LayoutKind", "byte_view", "detect_layout", "layout_fingerprint"]
+__all__ = [
+    "KvLayout",
+    "LayoutKind",
+    "byte_view",
+    "default_layout",
+    "detect_layout",
+    "layout_fingerprint",
+]
 
 FORMAT_VERSION = 1
 """Version of the canonical block byte format; part of every fingerprint."""
@@ -199,3 +206,17 @@ def detect_layout(
     if kind is LayoutKind.OUTER_FIRST and outer_first:
         return KvLayout(kind, model, nb, names, (outer, *shape[2:]))
     raise ValueError(f"KV tensor shape {shape} does not fit layout {kind}")
+
+
+def default_layout(model: ModelConfig, kind: LayoutKind, num_blocks: int) -> KvLayout:
+    """The layout kvtier uses when it allocates a G1 of ``num_blocks`` itself.
+
+    Interiors are ``[outer, tokens, heads, head_dim]`` (vLLM's GPU backends); a fully contiguous
+    tensor is ``[num_blocks, num_layers, layer_elems]``.
+    """
+    names = tuple(f"layer_{i}" for i in range(model.num_layers))
+    if kind is LayoutKind.FULLY_CONTIGUOUS:
+        interior: tuple[int, ...] = (model.layer_block_bytes // model.itemsize,)
+    else:
+        interior = (model.outer_dim, model.block_size, model.num_kv_heads, model.head_dim)
+    return KvLayout(kind, model, num_blocks, names, interior)

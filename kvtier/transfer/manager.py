@@ -1,0 +1,608 @@
+"""The transfer manager: per-path queues of batched block moves, bounded, completed by polling.
+
+Why this exists: offloads and onboards are asynchronous (copies on a copy engine, disk I/O on a
+thread pool), but the pools' metadata must only change on the owner's thread. So ``submit`` queues a
+batch and returns a ``TransferHandle``; worker threads only move bytes and mark data progress
+(thread-safe, per layer); ``poll()`` on the owner's thread starts queued batches while the in-flight
+bound allows, and returns the batches whose data finished, for the caller (``KvBlockManager``) to
+apply to the pools. A failed batch carries a ``TransferError`` naming its blocks.
+
+Paths: device->host and host->device go to the ``CopyEngine``; host->disk to ``DiskIo``;
+disk->device reads into host staging rows and then copies them to the device (chained on the I/O
+threads, so layer-wise waits never depend on anyone polling); device->disk copies to staging rows,
+then writes them (chained in ``poll``).
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from kvtier.storage.block_file import BlockHeader
+from kvtier.storage.device import DeviceStorage
+from kvtier.storage.disk import DiskBlockError
+from kvtier.storage.host import HostStorage
+from kvtier.transfer.disk_io import DiskIo
+from kvtier.transfer.engine import CopyEngine, CopyFuture, CopyHandle
+
+__all__ = ["TransferError", "TransferHandle", "TransferManager", "TransferPath"]
+
+
+class TransferPath(enum.Enum):
+    """The five paths; values match ``kvtier.metrics.PATHS``."""
+
+    DEVICE_TO_HOST = "device_to_host"
+    HOST_TO_DISK = "host_to_disk"
+    DEVICE_TO_DISK = "device_to_disk"
+    HOST_TO_DEVICE = "host_to_device"
+    DISK_TO_DEVICE = "disk_to_device"
+
+    @property
+    def is_onboard(self) -> bool:
+        return self in (TransferPath.HOST_TO_DEVICE, TransferPath.DISK_TO_DEVICE)
+
+
+_START_ORDER = (
+    TransferPath.HOST_TO_DEVICE,
+    TransferPath.DISK_TO_DEVICE,
+    TransferPath.DEVICE_TO_HOST,
+    TransferPath.DEVICE_TO_DISK,
+    TransferPath.HOST_TO_DISK,
+)
+
+
+class TransferError(RuntimeError):
+    """A batch failed. ``failed_hashes`` / ``failed_device_block_ids`` are the blocks that did not
+    arrive (for an onboard: device blocks holding no valid data; the engine must recompute them);
+    ``corrupt_hashes`` are disk blocks whose files were bad and have been removed."""
+
+    def __init__(
+        self,
+        path: TransferPath,
+        message: str,
+        failed_hashes: Sequence[int],
+        failed_device_block_ids: Sequence[int] = (),
+        corrupt_hashes: Sequence[int] = (),
+    ) -> None:
+        names = ", ".join(f"{h:016x}" for h in failed_hashes[:8])
+        more = f" (+{len(failed_hashes) - 8} more)" if len(failed_hashes) > 8 else ""
+        super().__init__(f"{path.value} of blocks [{names}{more}] failed: {message}")
+        self.path = path
+        self.failed_hashes = tuple(failed_hashes)
+        self.failed_device_block_ids = tuple(failed_device_block_ids)
+        self.corrupt_hashes = tuple(corrupt_hashes)
+
+
+@dataclass
+class _Request:
+    path: TransferPath
+    hashes: tuple[int, ...]
+    src_ids: tuple[int, ...]
+    dst_ids: tuple[int, ...]
+    parents: tuple[int | None, ...]
+    priorities: tuple[int, ...]
+    gate: object | None
+
+
+class _ChainedHandle:
+    """Data progress of a two-stage transfer: disk reads into staging, then a copy to the device.
+
+    ``set_stage2`` is called (from an I/O thread) before ``reads_done`` is set, so waiters that see
+    the reads done always find the copy handle (or None when nothing was left to copy).
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self._num_layers = num_layers
+        self.reads_done = threading.Event()
+        self.stage2: CopyHandle | None = None
+        self.read_error: BaseException | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self._num_layers
+
+    @property
+    def error(self) -> BaseException | None:
+        if self.stage2 is not None and self.stage2.error is not None:
+            return self.stage2.error
+        return self.read_error
+
+    def done(self) -> bool:
+        if not self.reads_done.is_set():
+            return False
+        return self.stage2 is None or self.stage2.done()
+
+    def wait(self, timeout: float | None = None) -> BaseException | None:
+        if not self.reads_done.wait(timeout):
+            raise TimeoutError(f"disk reads not finished after {timeout} s")
+        if self.stage2 is not None:
+            self.stage2.wait(timeout)
+        return self.error
+
+    def layer_done(self, layer: int) -> bool:
+        if not self.reads_done.is_set():
+            return False
+        return self.stage2 is None or self.stage2.layer_done(layer)
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
+        if not self.reads_done.wait(timeout):
+            raise TimeoutError(f"disk reads not finished after {timeout} s")
+        if self.stage2 is None:
+            return False
+        return self.stage2.wait_layer(layer, timeout)
+
+
+class TransferHandle:
+    """One submitted batch.
+
+    Owner's thread: ``done()`` (True once ``poll`` has settled it), ``ok``, ``error``, ``seconds``.
+    Any thread: ``data_done()``, ``wait_data()``, ``wait_layer(l)`` (True when layer ``l`` of the
+    blocks that could be loaded has landed; check ``error`` for blocks that could not).
+    """
+
+    def __init__(self, request: _Request, num_layers: int, block_bytes: int) -> None:
+        self.path = request.path
+        self.block_hashes = request.hashes
+        self.device_block_ids = (
+            request.dst_ids
+            if request.path.is_onboard
+            else request.src_ids
+            if request.path in (TransferPath.DEVICE_TO_HOST, TransferPath.DEVICE_TO_DISK)
+            else ()
+        )
+        self.num_blocks = len(request.hashes)
+        self.nbytes = self.num_blocks * block_bytes
+        self.num_layers = num_layers
+        self.skipped: tuple[int, ...] = ()
+        self.request = request
+        self.submitted_at = time.perf_counter()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.error: TransferError | None = None
+        self._settled = False
+        self._started = threading.Event()
+        self._data: CopyHandle | None = None
+
+    # -- owner's thread -------------------------------------------------------------------------
+
+    def done(self) -> bool:
+        return self._settled
+
+    @property
+    def ok(self) -> bool:
+        return self._settled and self.error is None
+
+    @property
+    def seconds(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+    # -- any thread -----------------------------------------------------------------------------
+
+    def data_done(self) -> bool:
+        data = self._data
+        return data is not None and data.done()
+
+    def wait_data(self, timeout: float | None = None) -> bool:
+        """Block until the bytes moved (or failed); True when nothing failed."""
+        if not self._started.wait(timeout):
+            raise TimeoutError(f"{self.path.value} batch not started after {timeout} s")
+        assert self._data is not None
+        return self._data.wait(timeout) is None and self.error is None
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
+        """Block until layer ``layer`` landed; a queued batch is waited for too."""
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range 0..{self.num_layers - 1}")
+        if not self._started.wait(timeout):
+            raise TimeoutError(f"{self.path.value} batch not started after {timeout} s")
+        assert self._data is not None
+        return self._data.wait_layer(layer, timeout)
+
+    def _attach(self, data: CopyHandle) -> None:
+        self._data = data
+        self.started_at = time.perf_counter()
+        self._started.set()
+
+    def _settle(self, error: TransferError | None) -> None:
+        self.error = error
+        self.finished_at = time.perf_counter()
+        self._settled = True
+        if not self._started.is_set():
+            done = CopyFuture(self.num_layers)
+            done.fail(error) if error is not None else done.complete()
+            self._attach(done)
+
+    def __repr__(self) -> str:
+        state = "done" if self._settled else "running" if self._started.is_set() else "queued"
+        return f"TransferHandle({self.path.value}, {self.num_blocks} blocks, {state})"
+
+
+@dataclass
+class _Running:
+    handle: TransferHandle
+    staging_rows: list[int] = field(default_factory=list)
+    staging: HostStorage | None = None
+    writes: list[Future[BlockHeader | None]] = field(default_factory=list)
+    stage1: CopyHandle | None = None  # device -> staging copy of a device->disk batch
+    failed: list[int] = field(default_factory=list)  # indices into the request
+    corrupt: list[int] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class TransferManager:
+    """Queues, starts and completes batches; see the module docstring.
+
+    ``device``/``host``/``disk_io`` may be None when a tier is absent (a path using it is then
+    refused at submit). ``staging_blocks`` host rows bounce disk <-> device batches; a batch larger
+    than that gets a temporary buffer of its own once nothing else uses staging.
+    """
+
+    def __init__(
+        self,
+        engine: CopyEngine,
+        *,
+        device: DeviceStorage | None,
+        host: HostStorage | None,
+        disk_io: DiskIo | None,
+        block_bytes: int,
+        num_layers: int,
+        max_inflight_blocks: int = 512,
+        staging_blocks: int = 64,
+    ) -> None:
+        self.engine = engine
+        self.device = device
+        self.host = host
+        self.disk_io = disk_io
+        self.block_bytes = block_bytes
+        self.num_layers = num_layers
+        self.max_inflight_blocks = max_inflight_blocks
+        self.staging_blocks = staging_blocks
+        self._queues: dict[TransferPath, deque[TransferHandle]] = {p: deque() for p in TransferPath}
+        self._running: list[_Running] = []
+        self._inflight_blocks = 0
+        self._staging: HostStorage | None = None
+        self._staging_free: list[int] = []
+        self._closed = False
+
+    def start(self) -> None:
+        """Allocate the staging rows (when there is a disk tier)."""
+        if self.disk_io is not None and self._staging is None:
+            self._staging = HostStorage(self.staging_blocks, self.block_bytes)
+            self._staging.allocate()
+            self._staging_free = list(range(self.staging_blocks - 1, -1, -1))
+
+    @property
+    def inflight_blocks(self) -> int:
+        return self._inflight_blocks
+
+    def pending(self) -> int:
+        """Batches queued or running."""
+        return len(self._running) + sum(len(q) for q in self._queues.values())
+
+    # -- submit ---------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        path: TransferPath,
+        sequence_hashes: Sequence[int],
+        src_ids: Sequence[int],
+        dst_ids: Sequence[int],
+        *,
+        parents: Sequence[int | None] | None = None,
+        priorities: Sequence[int] | None = None,
+        gate: object | None = None,
+    ) -> TransferHandle:
+        """Queue one batch and start it at once when the in-flight bound allows.
+
+        Ids by path: device->host (device ids, host ids), host->disk (host ids, ignored),
+        host->device (host ids, device ids), disk->device (ignored, device ids), device->disk
+        (device ids, ignored). Disk blocks are named by ``sequence_hashes``; ``parents`` and
+        ``priorities`` go into disk block headers.
+        """
+        if self._closed:
+            raise RuntimeError("transfer manager is closed")
+        n = len(sequence_hashes)
+        src = tuple(src_ids) if len(src_ids) else (-1,) * n
+        dst = tuple(dst_ids) if len(dst_ids) else (-1,) * n
+        if len(src) != n or len(dst) != n:
+            raise ValueError(f"{n} hashes but {len(src)} source and {len(dst)} target ids")
+        par = tuple(parents) if parents is not None else (None,) * n
+        pri = tuple(priorities) if priorities is not None else (0,) * n
+        if len(par) != n or len(pri) != n:
+            raise ValueError(f"{n} hashes but {len(par)} parents and {len(pri)} priorities")
+        needs_device = path is not TransferPath.HOST_TO_DISK
+        needs_host = path in (
+            TransferPath.DEVICE_TO_HOST,
+            TransferPath.HOST_TO_DISK,
+            TransferPath.HOST_TO_DEVICE,
+        )
+        needs_disk = path in (
+            TransferPath.HOST_TO_DISK,
+            TransferPath.DISK_TO_DEVICE,
+            TransferPath.DEVICE_TO_DISK,
+        )
+        for needed, what in (
+            (needs_device and self.device is None, "device"),
+            (needs_host and self.host is None, "host"),
+            (needs_disk and self.disk_io is None, "disk"),
+        ):
+            if needed:
+                raise ValueError(f"path {path.value} needs a {what} tier, which is not configured")
+        request = _Request(path, tuple(sequence_hashes), src, dst, par, pri, gate)
+        handle = TransferHandle(request, self.num_layers, self.block_bytes)
+        self._queues[path].append(handle)
+        self._pump()
+        return handle
+
+    # -- progress -------------------------------------------------------------------------------
+
+    def poll(self) -> list[TransferHandle]:
+        """Start what fits, advance two-stage batches, return the batches settled now."""
+        finished: list[TransferHandle] = []
+        still: list[_Running] = []
+        for run in self._running:
+            if self._advance(run):
+                self._finish(run)
+                finished.append(run.handle)
+            else:
+                still.append(run)
+        self._running = still
+        self._pump()
+        return finished
+
+    def _pump(self) -> None:
+        for path in _START_ORDER:
+            queue = self._queues[path]
+            while queue:
+                n = queue[0].num_blocks
+                if self._inflight_blocks and self._inflight_blocks + n > self.max_inflight_blocks:
+                    return
+                staged = path in (TransferPath.DISK_TO_DEVICE, TransferPath.DEVICE_TO_DISK)
+                rows: list[int] = []
+                staging = self._staging
+                if staged and n:
+                    if n <= len(self._staging_free):
+                        rows = [self._staging_free.pop() for _ in range(n)]
+                    elif n > self.staging_blocks and len(self._staging_free) == self.staging_blocks:
+                        staging = HostStorage(n, self.block_bytes)
+                        staging.allocate()
+                        rows = list(range(n))
+                    else:
+                        break  # wait for staging rows
+                handle = queue.popleft()
+                run = _Running(handle, rows, staging)
+                self._inflight_blocks += n
+                self._start(run)
+                self._running.append(run)
+
+    def _start(self, run: _Running) -> None:
+        h = run.handle
+        req = h.request
+        n = h.num_blocks
+        if n == 0:
+            done = CopyFuture(self.num_layers)
+            done.complete()
+            h._attach(done)
+            return
+        try:
+            if req.path is TransferPath.DEVICE_TO_HOST:
+                assert self.device is not None and self.host is not None
+                h._attach(
+                    self.engine.device_to_host(
+                        self.device, self.host, req.src_ids, req.dst_ids, req.gate
+                    )
+                )
+            elif req.path is TransferPath.HOST_TO_DEVICE:
+                assert self.device is not None and self.host is not None
+                h._attach(
+                    self.engine.host_to_device(
+                        self.host, self.device, req.src_ids, req.dst_ids, req.gate
+                    )
+                )
+            elif req.path is TransferPath.HOST_TO_DISK:
+                assert self.host is not None
+                self._start_writes(run, self.host, list(req.src_ids))
+            elif req.path is TransferPath.DEVICE_TO_DISK:
+                assert self.device is not None and run.staging is not None
+                run.stage1 = self.engine.device_to_host(
+                    self.device, run.staging, req.src_ids, run.staging_rows, req.gate
+                )
+                h._attach(_Stage1Pending(self.num_layers))
+            else:
+                self._start_disk_to_device(run)
+        except Exception as exc:
+            failed = CopyFuture(self.num_layers)
+            failed.fail(exc)
+            run.failed = list(range(n))
+            run.messages.append(str(exc))
+            if not h._started.is_set():
+                h._attach(failed)
+
+    def _start_writes(self, run: _Running, source: HostStorage, rows: list[int]) -> None:
+        assert self.disk_io is not None
+        req = run.handle.request
+        data = CopyFuture(1)
+        tensors = [source.rows[r] for r in rows]
+        futures = self.disk_io.write(req.hashes, tensors, req.parents, req.priorities)
+        run.writes = futures
+        remaining = [len(futures)]
+
+        def one_done(_: Future[BlockHeader | None]) -> None:
+            with run.lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                data.complete()
+
+        if isinstance(run.handle._data, _Stage1Pending):
+            run.handle._data.inner = data
+        else:
+            run.handle._attach(data)
+        for f in futures:
+            f.add_done_callback(one_done)
+
+    def _start_disk_to_device(self, run: _Running) -> None:
+        assert self.disk_io is not None and self.device is not None and run.staging is not None
+        req = run.handle.request
+        staging = run.staging
+        chained = _ChainedHandle(self.num_layers)
+        rows = run.staging_rows
+        futures = self.disk_io.read(req.hashes, [staging.rows[r] for r in rows])
+        remaining = [len(futures)]
+        engine, device = self.engine, self.device
+
+        def one_done(_: Future[BlockHeader | None]) -> None:
+            with run.lock:
+                remaining[0] -= 1
+                if remaining[0]:
+                    return
+            good = [i for i, f in enumerate(futures) if f.exception() is None]
+            try:
+                if good:
+                    chained.stage2 = engine.host_to_device(
+                        staging,
+                        device,
+                        [rows[i] for i in good],
+                        [req.dst_ids[i] for i in good],
+                        req.gate,
+                    )
+            except Exception as exc:  # reported through the handle
+                chained.read_error = exc
+            finally:
+                chained.reads_done.set()
+
+        run.writes = futures
+        run.handle._attach(chained)
+        for f in futures:
+            f.add_done_callback(one_done)
+
+    def _advance(self, run: _Running) -> bool:
+        """True when the batch's data is final (moved or failed)."""
+        h = run.handle
+        if run.stage1 is not None:
+            if not run.stage1.done():
+                return False
+            err = run.stage1.error
+            run.stage1 = None
+            if err is not None:
+                run.failed = list(range(h.num_blocks))
+                run.messages.append(str(err))
+                assert isinstance(h._data, _Stage1Pending)
+                h._data.inner = CopyFuture(1)
+                h._data.inner.fail(err)
+                return True
+            assert run.staging is not None
+            try:
+                self._start_writes(run, run.staging, run.staging_rows)
+            except Exception as exc:
+                run.failed = list(range(h.num_blocks))
+                run.messages.append(str(exc))
+                return True
+            return False
+        data = h._data
+        return data is not None and data.done()
+
+    def _finish(self, run: _Running) -> None:
+        h = run.handle
+        req = h.request
+        if not run.failed and h._data is not None and h._data.error is not None and not run.writes:
+            run.failed = list(range(h.num_blocks))
+            run.messages.append(str(h._data.error))
+        for i, f in enumerate(run.writes):
+            exc = f.exception()
+            if exc is not None:
+                run.failed.append(i)
+                run.messages.append(str(exc))
+                if isinstance(exc, DiskBlockError) and exc.corrupt:
+                    run.corrupt.append(i)
+        if (
+            req.path is TransferPath.DISK_TO_DEVICE
+            and isinstance(h._data, _ChainedHandle)
+            and h._data.error is not None
+        ):
+            ok = set(range(h.num_blocks)) - set(run.failed)
+            run.failed.extend(sorted(ok))
+            run.messages.append(str(h._data.error))
+        error = None
+        if run.failed:
+            failed = sorted(set(run.failed))
+            dev_ids = [h.device_block_ids[i] for i in failed] if h.device_block_ids else []
+            error = TransferError(
+                h.path,
+                "; ".join(dict.fromkeys(run.messages)) or "unknown error",
+                [req.hashes[i] for i in failed],
+                dev_ids,
+                [req.hashes[i] for i in sorted(set(run.corrupt))],
+            )
+        if run.staging is self._staging:
+            self._staging_free.extend(run.staging_rows)
+        self._inflight_blocks -= h.num_blocks
+        h._settle(error)
+
+    def failed_indices(self, handle: TransferHandle) -> set[int]:
+        """Indices into the batch of blocks that failed (empty when the batch succeeded)."""
+        if handle.error is None:
+            return set()
+        bad = set(handle.error.failed_hashes)
+        return {i for i, h in enumerate(handle.block_hashes) if h in bad}
+
+    def close(self, timeout: float = 30.0) -> list[TransferHandle]:
+        """Wait (up to ``timeout`` s) for running batches; fail queued ones; return all settled."""
+        self._closed = True
+        settled: list[TransferHandle] = []
+        for path in _START_ORDER:
+            while self._queues[path]:
+                h = self._queues[path].popleft()
+                h._settle(
+                    TransferError(
+                        path, "cancelled: manager closed", h.block_hashes, h.device_block_ids
+                    )
+                )
+                settled.append(h)
+        deadline = time.monotonic() + timeout
+        while self._running and time.monotonic() < deadline:
+            settled.extend(self.poll())
+            if self._running:
+                time.sleep(0.001)
+        return settled
+
+
+class _Stage1Pending:
+    """Data progress of a device->disk batch: pending until its disk writes finish."""
+
+    def __init__(self, num_layers: int) -> None:
+        self._num_layers = num_layers
+        self.inner: CopyFuture | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self._num_layers
+
+    @property
+    def error(self) -> BaseException | None:
+        return None if self.inner is None else self.inner.error
+
+    def done(self) -> bool:
+        return self.inner is not None and self.inner.done()
+
+    def wait(self, timeout: float | None = None) -> BaseException | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.inner is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"device->disk batch not finished after {timeout} s")
+            time.sleep(0.0005)
+        return self.inner.wait(timeout)
+
+    def layer_done(self, layer: int) -> bool:
+        return self.done()
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
+        return self.wait(timeout) is None
