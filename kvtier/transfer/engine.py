@@ -34,7 +34,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -209,11 +209,13 @@ class _Job:
     future: CopyFuture
 
 
-def _open_gate(gate: object | None) -> None:
+def _open_gate(gate: object | None, closed: Callable[[], bool]) -> None:
     if gate is None:
         return
     if isinstance(gate, threading.Event):
-        gate.wait()
+        while not gate.wait(0.01):
+            if closed():
+                raise RuntimeError("copy engine closed before the gate opened")
         return
     sync = getattr(gate, "synchronize", None)
     if callable(sync):
@@ -303,7 +305,7 @@ class TorchCopyEngine:
             if job is None:
                 return
             try:
-                _open_gate(job.gate)
+                _open_gate(job.gate, lambda: self._closed)
                 copy_batch(
                     job.to_host, job.device, job.host, job.device_ids, job.host_ids, job.future
                 )
