@@ -1,0 +1,288 @@
+"""Every user-facing knob of kvtier, parsed in one place from one table.
+
+Why this exists: users configure kvtier through vLLM's ``kv_connector_extra_config``, through
+``KVTIER_*`` environment variables, or (when they switch from NVIDIA Dynamo) through the
+``DYN_KVBM_*`` names they already use. One table (``KNOBS``) lists each knob once with its three
+spellings, its parser and its documentation; ``load_settings`` resolves them all and refuses a bad
+value at start with a message that names the knob and where the value came from. The reference
+table in the docs is generated from ``KNOBS``.
+
+Precedence, highest first: ``kv_connector_extra_config`` key, ``KVTIER_*`` variable, ``DYN_KVBM_*``
+variable, the default. Sizes in blocks override sizes in GB, whichever source each came from.
+Unknown ``kv_connector_extra_config`` keys are refused (a typo must not silently do nothing).
+
+Adding a knob: add a field to ``KvTierSettings`` and a ``Knob`` row to ``KNOBS`` naming that field.
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = [
+    "KNOBS",
+    "Knob",
+    "KvTierSettings",
+    "SettingsError",
+    "load_settings",
+]
+
+
+class SettingsError(ValueError):
+    """A knob has a bad value; the message names the knob and its source."""
+
+
+def _parse_gb(text: object) -> float:
+    if isinstance(text, bool):
+        raise ValueError("expected a number of GB, got a boolean")
+    value = float(text) if isinstance(text, int | float) else float(str(text).strip())
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"expected a finite number of GB >= 0, got {text!r}")
+    return value
+
+
+def _parse_count(text: object) -> int:
+    if isinstance(text, bool):
+        raise ValueError("expected a whole number, got a boolean")
+    if isinstance(text, float):
+        if not text.is_integer():
+            raise ValueError(f"expected a whole number, got {text!r}")
+        text = int(text)
+    value = text if isinstance(text, int) else int(str(text).strip())
+    if value < 0:
+        raise ValueError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def _parse_positive(text: object) -> int:
+    value = _parse_count(text)
+    if value == 0:
+        raise ValueError("expected a whole number >= 1, got 0")
+    return value
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse_bool(text: object) -> bool:
+    if isinstance(text, bool):
+        return text
+    if isinstance(text, int) and text in (0, 1):
+        return bool(text)
+    word = str(text).strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f"expected one of 1/0, true/false, yes/no, on/off, got {text!r}")
+
+
+def _parse_dir(text: object) -> str:
+    if not isinstance(text, str | os.PathLike):
+        raise ValueError(f"expected a directory path, got {type(text).__name__}")
+    path = os.fspath(text).strip()
+    if not path:
+        raise ValueError("expected a directory path, got an empty string")
+    return path
+
+
+def _parse_policy(text: object) -> str:
+    word = str(text).strip().lower()
+    if word not in ("recompute", "fail"):
+        raise ValueError(f"expected 'recompute' or 'fail', got {text!r}")
+    return word
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One knob: the settings field it fills and its three spellings.
+
+    ``dynamo_inverted``: the Dynamo variable means the opposite (``DYN_KVBM_DISABLE_...=1`` sets
+    the kvtier knob to False).
+    """
+
+    field: str
+    extra_key: str
+    env: str
+    parse: Callable[[object], Any]
+    doc: str
+    dynamo_env: str | None = None
+    dynamo_inverted: bool = False
+
+
+@dataclass(frozen=True)
+class KvTierSettings:
+    """Resolved knobs (see ``KNOBS`` for each one's meaning and spellings)."""
+
+    cpu_cache_gb: float = 0.0
+    cpu_cache_blocks: int | None = None
+    disk_cache_gb: float = 0.0
+    disk_cache_blocks: int | None = None
+    disk_dir: str | None = None
+    disk_o_direct: bool = True
+    disk_filter: bool = True
+    layerwise_onboard: bool = False
+    load_failure_policy: str = "recompute"
+    io_threads: int = 4
+
+    def __post_init__(self) -> None:
+        disk_wanted = self.disk_cache_blocks != 0 and (
+            self.disk_cache_blocks is not None or self.disk_cache_gb > 0
+        )
+        if disk_wanted and self.disk_dir is None:
+            raise SettingsError(
+                "disk_dir (KVTIER_DISK_DIR / DYN_KVBM_DISK_CACHE_DIR) must be set when a disk "
+                "cache size is given (disk_cache_gb / disk_cache_blocks)"
+            )
+
+    def host_blocks(self, block_bytes: int) -> int:
+        """G2 capacity in blocks: the block count if given, else the GB size (decimal GB)."""
+        return _blocks(self.cpu_cache_blocks, self.cpu_cache_gb, block_bytes)
+
+    def disk_blocks(self, block_bytes: int) -> int:
+        """G3 capacity in blocks: the block count if given, else the GB size (decimal GB)."""
+        return _blocks(self.disk_cache_blocks, self.disk_cache_gb, block_bytes)
+
+
+def _blocks(count: int | None, gigabytes: float, block_bytes: int) -> int:
+    if block_bytes <= 0:
+        raise ValueError(f"block_bytes must be > 0, got {block_bytes}")
+    if count is not None:
+        return count
+    return int(gigabytes * 1e9) // block_bytes
+
+
+KNOBS: tuple[Knob, ...] = (
+    Knob(
+        "cpu_cache_gb",
+        "cpu_cache_gb",
+        "KVTIER_CPU_CACHE_GB",
+        _parse_gb,
+        "G2 host cache size in decimal GB (0 = no host tier).",
+        "DYN_KVBM_CPU_CACHE_GB",
+    ),
+    Knob(
+        "cpu_cache_blocks",
+        "cpu_cache_blocks",
+        "KVTIER_CPU_CACHE_BLOCKS",
+        _parse_count,
+        "G2 host cache size in blocks; overrides cpu_cache_gb.",
+        "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS",
+    ),
+    Knob(
+        "disk_cache_gb",
+        "disk_cache_gb",
+        "KVTIER_DISK_CACHE_GB",
+        _parse_gb,
+        "G3 disk cache size in decimal GB (0 = no disk tier).",
+        "DYN_KVBM_DISK_CACHE_GB",
+    ),
+    Knob(
+        "disk_cache_blocks",
+        "disk_cache_blocks",
+        "KVTIER_DISK_CACHE_BLOCKS",
+        _parse_count,
+        "G3 disk cache size in blocks; overrides disk_cache_gb.",
+        "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS",
+    ),
+    Knob(
+        "disk_dir",
+        "disk_dir",
+        "KVTIER_DISK_DIR",
+        _parse_dir,
+        "Directory of the G3 disk cache (created if missing; reused across restarts).",
+        "DYN_KVBM_DISK_CACHE_DIR",
+    ),
+    Knob(
+        "disk_o_direct",
+        "disk_o_direct",
+        "KVTIER_DISK_O_DIRECT",
+        _parse_bool,
+        "Read and write G3 block files with O_DIRECT where the filesystem allows it.",
+        "DYN_KVBM_DISK_DISABLE_O_DIRECT",
+        dynamo_inverted=True,
+    ),
+    Knob(
+        "disk_filter",
+        "disk_filter",
+        "KVTIER_DISK_FILTER",
+        _parse_bool,
+        "Copy a block from G2 to G3 only once it has been seen twice (frequency filter; "
+        "protects SSD lifetime). False writes every G2 block through to G3.",
+        "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER",
+        dynamo_inverted=True,
+    ),
+    Knob(
+        "layerwise_onboard",
+        "layerwise_onboard",
+        "KVTIER_LAYERWISE_ONBOARD",
+        _parse_bool,
+        "Onboard inside the forward pass, layer by layer (layer i's attention waits only for "
+        "layer i). False: onboard asynchronously before the request is scheduled.",
+    ),
+    Knob(
+        "load_failure_policy",
+        "load_failure_policy",
+        "KVTIER_LOAD_FAILURE_POLICY",
+        _parse_policy,
+        "What vLLM does with a block kvtier failed to load: 'recompute' (default; a cache miss "
+        "is never fatal) or 'fail' the request. Sets vLLM's kv_load_failure_policy.",
+    ),
+    Knob(
+        "io_threads",
+        "io_threads",
+        "KVTIER_IO_THREADS",
+        _parse_positive,
+        "Threads doing G3 disk reads and writes in each worker.",
+    ),
+)
+
+
+def _check_table() -> None:
+    names = {f.name for f in fields(KvTierSettings)}
+    for knob in KNOBS:
+        if knob.field not in names:
+            raise AssertionError(f"knob {knob.env} fills unknown settings field {knob.field!r}")
+
+
+_check_table()
+
+
+def load_settings(
+    extra_config: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> KvTierSettings:
+    """Resolve every knob (see the module docstring for precedence); raise ``SettingsError``."""
+    env = os.environ if environ is None else environ
+    extra = dict(extra_config or {})
+    known = {k.extra_key for k in KNOBS}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise SettingsError(
+            f"unknown kv_connector_extra_config key(s) {unknown}; known keys: {sorted(known)}"
+        )
+    values: dict[str, Any] = {}
+    for knob in KNOBS:
+        if knob.extra_key in extra:
+            source, raw, invert = (
+                f"kv_connector_extra_config[{knob.extra_key!r}]",
+                extra[knob.extra_key],
+                False,
+            )
+        elif env.get(knob.env, "") != "":
+            source, raw, invert = knob.env, env[knob.env], False
+        elif knob.dynamo_env is not None and env.get(knob.dynamo_env, "") != "":
+            source, raw, invert = knob.dynamo_env, env[knob.dynamo_env], knob.dynamo_inverted
+        else:
+            continue
+        try:
+            value = knob.parse(raw)
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(f"bad value for {source} ({knob.field}): {exc}") from None
+        values[knob.field] = (not value) if invert else value
+    return KvTierSettings(**values)

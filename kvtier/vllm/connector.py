@@ -1,0 +1,284 @@
+"""``KvTierConnector``: kvtier as a vLLM V1 KV connector (``KVConnectorBase_V1``).
+
+Why this exists: this is how people use kvtier. vLLM builds this class once with role SCHEDULER
+(in the engine-core process) and once per worker with role WORKER (in the same process for the
+in-process engine, in separate processes for the multi-process one). Each role delegates to its
+half: ``KvTierScheduler`` (no torch; owns the G2/G3 index and plans every copy) or
+``KvTierWorker`` (owns the bytes; executes the plan). They talk only through vLLM's channels: the
+connector metadata (scheduler -> workers, a ``StepPlan``) and the worker metadata / finished sets /
+load errors (workers -> scheduler), so the design is the same in both process models.
+
+Load it with::
+
+    --kv-transfer-config '{"kv_connector":"KvTierConnector",
+      "kv_connector_module_path":"kvtier.vllm","kv_role":"kv_both","kv_connector_extra_config":{"cpu_cache_gb":4,"disk_cache_gb":100,
+      "disk_dir":"/path"}}'
+
+Knobs: ``kvtier.settings`` (extra-config keys, ``KVTIER_*`` and Dynamo ``DYN_KVBM_*`` variables).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from kvtier.config import ModelConfig
+from kvtier.settings import KvTierSettings, load_settings
+from kvtier.vllm.metadata import StepPlan, WorkerReport
+from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+    from kvtier.vllm.worker import KvTierWorker
+
+__all__ = ["KvTierConnector", "KvTierConnectorMetadata", "KvTierWorkerMetadata"]
+
+
+class KvTierConnectorMetadata(KVConnectorMetadata):
+    """vLLM's wrapper around one step's ``StepPlan`` (plain data)."""
+
+    def __init__(self, plan: StepPlan) -> None:
+        self.plan = plan
+
+
+class KvTierWorkerMetadata(KVConnectorWorkerMetadata):
+    """vLLM's wrapper around the workers' ``WorkerReport``s of one step (plain data)."""
+
+    def __init__(self, reports: list[WorkerReport]) -> None:
+        self.reports = reports
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if not isinstance(other, KvTierWorkerMetadata):
+            raise TypeError(f"cannot aggregate kvtier worker metadata with {type(other).__name__}")
+        return KvTierWorkerMetadata(self.reports + other.reports)
+
+
+def model_config_from(kv_cache_config: KVCacheConfig) -> ModelConfig:
+    """The KV geometry of one rank, from vLLM's KV cache config (one attention group only)."""
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError(
+            f"kvtier supports models with one KV cache group (full attention); this model has "
+            f"{len(groups)}"
+        )
+    spec: Any = groups[0].kv_cache_spec
+    dtype = str(spec.dtype).removeprefix("torch.")
+    outer = 1 if type(spec).__name__ == "MLAAttentionSpec" else 2
+    model = ModelConfig(
+        num_layers=len(groups[0].layer_names),
+        block_size=spec.block_size,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_size,
+        dtype=dtype,
+        outer_dim=outer,
+    )
+    if model.layer_block_bytes != spec.page_size_bytes:
+        raise ValueError(
+            f"vLLM's KV page is {spec.page_size_bytes} bytes per layer, kvtier computes "
+            f"{model.layer_block_bytes} for {model}; padded pages are not supported"
+        )
+    return model
+
+
+class KvTierConnector(KVConnectorBase_V1):
+    """kvtier's vLLM V1 connector (see the module docstring)."""
+
+    _cache_hit_source = CacheHitSource.HOST
+
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        self.settings: KvTierSettings = load_settings(extra)
+        self.model = model_config_from(kv_cache_config)
+        world = vllm_config.parallel_config.world_size
+        self.host_blocks = self.settings.host_blocks(self.model.block_bytes)
+        self.disk_blocks = self.settings.disk_blocks(self.model.block_bytes)
+        self.scheduler: KvTierScheduler | None = None
+        self.worker: KvTierWorker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            # A failed kvtier load is a cache miss: vLLM recomputes unless told to fail.
+            self._kv_transfer_config.kv_load_failure_policy = (
+                self.settings.load_failure_policy  # type: ignore[assignment]
+            )
+            self.scheduler = KvTierScheduler(
+                SchedulerConfig(
+                    block_size=self.model.block_size,
+                    host_blocks=self.host_blocks,
+                    disk_blocks=self.disk_blocks,
+                    disk_filter=self.settings.disk_filter,
+                    layerwise_onboard=self.settings.layerwise_onboard,
+                    num_workers=world,
+                )
+            )
+        else:
+            from kvtier.vllm.worker import KvTierWorker, WorkerConfig
+
+            rank = 0
+            disk_dir = self.settings.disk_dir
+            if world > 1:
+                from vllm.distributed.parallel_state import get_world_group
+
+                rank = get_world_group().rank_in_group
+                if disk_dir is not None:
+                    disk_dir = os.path.join(disk_dir, f"rank{rank}")
+            self.worker = KvTierWorker(
+                WorkerConfig(
+                    rank=rank,
+                    host_blocks=self.host_blocks,
+                    disk_blocks=self.disk_blocks,
+                    disk_dir=disk_dir,
+                    disk_o_direct=self.settings.disk_o_direct,
+                    io_threads=self.settings.io_threads,
+                )
+            )
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        # A best-effort cache: a dropped store is a future miss, never a lost result.
+        return False
+
+    # -- worker side ----------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if self.worker is not None:
+            self.worker.register_kv_caches(kv_caches, self.model)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker is not None:
+            if not isinstance(connector_metadata, KvTierConnectorMetadata):
+                raise TypeError(f"expected kvtier metadata, got {type(connector_metadata)}")
+            self.worker.bind(connector_metadata.plan)
+
+    def clear_connector_metadata(self) -> None:
+        super().clear_connector_metadata()
+        if self.worker is not None:
+            self.worker.clear()
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        if self.worker is not None:
+            self.worker.start_load_kv()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if self.worker is not None:
+            self.worker.wait_for_layer_load(layer_name)
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        # Stores copy whole blocks after the pass in wait_for_save (see KvTierWorker).
+        return
+
+    def wait_for_save(self) -> None:
+        if self.worker is not None:
+            self.worker.wait_for_save()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self.worker is None:
+            return None, None
+        return self.worker.get_finished()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        if self.worker is None:
+            return set()
+        return self.worker.take_load_errors()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if self.worker is None:
+            return None
+        report = self.worker.take_report()
+        return None if report is None else KvTierWorkerMetadata([report])
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+    # -- scheduler side -------------------------------------------------------------------------
+
+    def _sched(self) -> KvTierScheduler:
+        if self.scheduler is None:
+            raise RuntimeError("KvTierConnector: scheduler-side call on a worker connector")
+        return self.scheduler
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        return self._sched().get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        block_ids = blocks.get_block_ids()[0] if num_external_tokens else []
+        self._sched().update_state_after_alloc(request, block_ids, num_external_tokens)
+
+    def get_external_cache_hit_sources(
+        self, request: Request, num_external_tokens: int
+    ) -> dict[CacheHitSource, int]:
+        host, disk = self._sched().external_hit_split(request.request_id)
+        if host + disk != num_external_tokens:
+            return super().get_external_cache_hit_sources(request, num_external_tokens)
+        out = {CacheHitSource.HOST: host, CacheHitSource.DISK: disk}
+        return {k: v for k, v in out.items() if v}
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        cached = scheduler_output.scheduled_cached_reqs
+        new = [
+            (r.req_id, r.block_ids[0] if r.block_ids else [], r.num_computed_tokens)
+            for r in scheduler_output.scheduled_new_reqs
+        ]
+        cached_rows: list[tuple[str, list[int] | None, int, bool]] = []
+        for i, rid in enumerate(cached.req_ids):
+            ids = cached.new_block_ids[i]
+            cached_rows.append(
+                (
+                    rid,
+                    ids[0] if ids else None,
+                    cached.num_computed_tokens[i],
+                    rid in cached.resumed_req_ids,
+                )
+            )
+        plan = self._sched().build_step_plan(
+            new, cached_rows, scheduler_output.num_scheduled_tokens
+        )
+        return KvTierConnectorMetadata(plan)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        sched = self._sched()
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, KvTierWorkerMetadata):
+            sched.process_reports(meta.reports)
+        if connector_output.finished_sending:
+            sched.finished_sending(connector_output.finished_sending)
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        return self._sched().request_finished(request), None
+
+    def has_pending_push_work(self) -> bool:
+        # Keep the engine stepping until in-flight stores and loads have been reported, so the
+        # G2/G3 index is current and nothing stays pinned while the engine is idle.
+        return self.scheduler is not None and self.scheduler.has_pending_work()

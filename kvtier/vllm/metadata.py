@@ -1,0 +1,133 @@
+"""What the scheduler half tells the workers each step, and what the workers report back.
+
+Why this exists: in vLLM the scheduler and the workers may live in different processes, and vLLM
+pickles these objects between them. They are therefore plain data only (ints, strs and lists of
+them in frozen dataclasses): nothing that runs code when loaded, nothing that refers to live
+objects. The scheduler half decides everything (which G2 slot or G3 file, which GPU block); the
+worker half only moves bytes and reports completions and failures. Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = [
+    "DiskWrite",
+    "LoadJob",
+    "StepPlan",
+    "StoreBatch",
+    "WorkerReport",
+]
+
+
+@dataclass(frozen=True)
+class LoadJob:
+    """Onboard blocks of one request into its GPU blocks.
+
+    ``host_slots[i]`` -> ``host_gpu_blocks[i]`` (G2 -> G1) and ``disk_hashes[i]`` ->
+    ``disk_gpu_blocks[i]`` (G3 -> G1). ``is_async``: the request waits outside the forward pass
+    and is reported in ``get_finished``; otherwise the load runs inside this step's forward pass,
+    layer by layer.
+    """
+
+    job_id: int
+    req_id: str
+    is_async: bool
+    host_slots: list[int] = field(default_factory=list)
+    host_gpu_blocks: list[int] = field(default_factory=list)
+    disk_hashes: list[int] = field(default_factory=list)
+    disk_gpu_blocks: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.host_slots) != len(self.host_gpu_blocks):
+            raise ValueError("LoadJob: host_slots and host_gpu_blocks differ in length")
+        if len(self.disk_hashes) != len(self.disk_gpu_blocks):
+            raise ValueError("LoadJob: disk_hashes and disk_gpu_blocks differ in length")
+
+    @property
+    def gpu_blocks(self) -> list[int]:
+        return self.host_gpu_blocks + self.disk_gpu_blocks
+
+
+@dataclass(frozen=True)
+class StoreBatch:
+    """Copy GPU blocks into G2 slots after this step's forward pass wrote them."""
+
+    gpu_blocks: list[int] = field(default_factory=list)
+    host_slots: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not len(self.gpu_blocks) == len(self.host_slots) == len(self.hashes):
+            raise ValueError("StoreBatch: gpu_blocks, host_slots and hashes differ in length")
+
+
+@dataclass(frozen=True)
+class DiskWrite:
+    """Write one block to G3, from a G2 slot (``host_slot >= 0``, read after this step's G2
+    stores landed) or straight from a GPU block (``gpu_block >= 0``, when there is no G2 slot)."""
+
+    seq_hash: int
+    parent_hash: int | None
+    host_slot: int = -1
+    gpu_block: int = -1
+
+    def __post_init__(self) -> None:
+        if (self.host_slot >= 0) == (self.gpu_block >= 0):
+            raise ValueError("DiskWrite needs exactly one source: host_slot or gpu_block")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything the workers do for kvtier in one engine step."""
+
+    step: int
+    loads: list[LoadJob] = field(default_factory=list)
+    stores: StoreBatch = field(default_factory=StoreBatch)
+    disk_writes: list[DiskWrite] = field(default_factory=list)
+    disk_deletes: list[int] = field(default_factory=list)
+    delayed_free: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (
+            self.loads
+            or self.stores.gpu_blocks
+            or self.disk_writes
+            or self.disk_deletes
+            or self.delayed_free
+        )
+
+
+@dataclass
+class WorkerReport:
+    """One worker's completions since its last report (hashes are sequence hashes).
+
+    ``restored`` is the G3 index found on disk at start (sent once, in the first report; None in
+    the others), newest first. ``stores_read_step``: the last step whose stores no longer read GPU
+    memory.
+    """
+
+    rank: int
+    host_stored: list[int] = field(default_factory=list)
+    host_store_failed: list[int] = field(default_factory=list)
+    disk_stored: list[int] = field(default_factory=list)
+    disk_store_failed: list[int] = field(default_factory=list)
+    loads_done: list[int] = field(default_factory=list)
+    disk_bad: list[int] = field(default_factory=list)
+    load_failed_blocks: int = 0
+    stores_read_step: int = -1
+    restored: list[int] | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return not (
+            self.host_stored
+            or self.host_store_failed
+            or self.disk_stored
+            or self.disk_store_failed
+            or self.loads_done
+            or self.disk_bad
+            or self.load_failed_blocks
+            or self.restored is not None
+        )

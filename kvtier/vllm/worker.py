@@ -1,0 +1,351 @@
+"""The worker half of the connector: moves bytes exactly as the scheduler half planned.
+
+Why this exists: the worker owns the data (vLLM's KV tensors, the G2 host rows, the G3 files) but
+decides nothing; it executes each step's ``StepPlan`` with the data plane's pieces
+(``DeviceStorage``/``HostStorage`` views, the ``TorchCopyEngine``, ``DiskStorage`` on ``DiskIo``
+threads) and reports back what landed and what failed.
+
+Ordering rules (where the races hide):
+
+- Stores copy GPU blocks out in ``wait_for_save``, after the step's forward pass wrote them, and
+  wait for the copy there, so a block vLLM frees after the step is never read later. G3 writes
+  from a G2 slot are queued only after that slot's copy landed.
+- Layer-wise loads (``layerwise_onboard``) start in ``start_load_kv``, before the forward pass;
+  ``wait_for_layer_load(layer)`` waits for that layer only. Asynchronous loads run in the
+  background and are reported by ``get_finished``.
+- A G3 block that is missing or fails its checksum is not copied; its GPU block is reported by
+  ``get_block_ids_with_load_errors`` so vLLM recomputes it. If a layer-wise load fails, that
+  step's stores are dropped (they may have attended to the unloaded block).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvtier.config import ModelConfig
+from kvtier.storage.block_file import BlockHeader
+from kvtier.storage.device import DeviceStorage
+from kvtier.storage.disk import DiskStorage
+from kvtier.storage.host import HostStorage
+from kvtier.storage.layout import KvLayout, LayoutKind, detect_layout
+from kvtier.transfer.disk_io import DiskIo
+from kvtier.transfer.engine import CopyFuture, CopyHandle, TorchCopyEngine
+from kvtier.vllm.metadata import LoadJob, StepPlan, WorkerReport
+
+__all__ = ["KvTierWorker", "WorkerConfig"]
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What one worker needs: its rank, the tier sizes (same as the scheduler half's) and G3."""
+
+    rank: int
+    host_blocks: int
+    disk_blocks: int
+    disk_dir: str | None
+    disk_o_direct: bool = True
+    io_threads: int = 4
+
+    def __post_init__(self) -> None:
+        if self.rank < 0 or self.host_blocks < 0 or self.disk_blocks < 0 or self.io_threads <= 0:
+            raise ValueError(f"bad WorkerConfig {self}")
+        if self.disk_blocks and not self.disk_dir:
+            raise ValueError("WorkerConfig: disk_blocks > 0 needs disk_dir")
+
+
+@dataclass
+class _LoadRun:
+    """One ``LoadJob`` in flight: its G2 part and its G3 part, each with per-layer progress."""
+
+    job: LoadJob
+    host_handle: CopyHandle | None
+    disk_future: CopyFuture | None
+    failed_gpu_blocks: list[int] = field(default_factory=list)
+    bad_hashes: list[int] = field(default_factory=list)
+
+    def done(self) -> bool:
+        return all(h is None or h.done() for h in (self.host_handle, self.disk_future))
+
+    def wait_layer(self, layer: int) -> None:
+        for h in (self.host_handle, self.disk_future):
+            if h is not None:
+                h.wait_layer(layer)
+
+    def wait(self) -> None:
+        for h in (self.host_handle, self.disk_future):
+            if h is not None:
+                h.wait()
+
+    def finish(self) -> list[int]:
+        """GPU blocks that did not load (call once ``done()``)."""
+        failed = list(self.failed_gpu_blocks)
+        if self.host_handle is not None and self.host_handle.error is not None:
+            failed.extend(self.job.host_gpu_blocks)
+        if self.disk_future is not None and self.disk_future.error is not None:
+            failed.extend(b for b in self.job.disk_gpu_blocks if b not in failed)
+        return failed
+
+
+class KvTierWorker:
+    """Worker half (see the module docstring). Called from the model runner's thread."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        """Record the config only; ``register_kv_caches`` allocates and starts threads."""
+        self.config = config
+        self.layout: KvLayout | None = None
+        self._device: DeviceStorage | None = None
+        self._host: HostStorage | None = None
+        self._disk: DiskStorage | None = None
+        self._disk_io: DiskIo | None = None
+        self._engine: TorchCopyEngine | None = None
+        self._onboarder: ThreadPoolExecutor | None = None
+        self._layer_index: dict[str, int] = {}
+        self._plan: StepPlan | None = None
+        self._sync_runs: list[_LoadRun] = []
+        self._async_runs: list[_LoadRun] = []
+        self._writes: list[tuple[int, Future[BlockHeader | None]]] = []
+        self._load_errors: set[int] = set()
+        self._report = WorkerReport(rank=config.rank)
+        self._lock = threading.Lock()
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor], model: ModelConfig) -> None:
+        """Detect the layout of vLLM's KV tensors, allocate G2, open G3 and start threads."""
+        layout = detect_layout(kv_caches, model)
+        if layout.kind is LayoutKind.FULLY_CONTIGUOUS:
+            raise ValueError("kvtier's vLLM worker expects one KV tensor per layer")
+        self.layout = layout
+        self._layer_index = {name: i for i, name in enumerate(layout.layer_names)}
+        self._device = DeviceStorage.wrap(kv_caches, layout)
+        if self.config.host_blocks:
+            self._host = HostStorage(self.config.host_blocks, layout.block_bytes)
+            self._host.allocate()
+        self._engine = TorchCopyEngine()
+        self._engine.start()
+        self._onboarder = ThreadPoolExecutor(1, thread_name_prefix="kvtier-onboard")
+        restored: list[int] = []
+        if self.config.disk_blocks:
+            assert self.config.disk_dir is not None
+            self._disk = DiskStorage(
+                Path(self.config.disk_dir),
+                layout.fingerprint,
+                layout.block_bytes,
+                o_direct=self.config.disk_o_direct,
+            )
+            restored = [s.header.sequence_hash for s in self._disk.open()]
+            self._disk_io = DiskIo(self._disk, self.config.io_threads)
+            self._disk_io.start()
+        self._report.restored = restored
+
+    def close(self) -> None:
+        """Finish in-flight copies and disk writes (files end complete or absent); stop threads."""
+        for run in self._sync_runs + self._async_runs:
+            run.wait()
+        if self._onboarder is not None:
+            self._onboarder.shutdown(wait=True)
+            self._onboarder = None
+        if self._disk_io is not None:
+            self._disk_io.close()
+            self._disk_io = None
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        if self._disk is not None:
+            self._disk.close()
+
+    # -- per step -----------------------------------------------------------------------------
+
+    def bind(self, plan: StepPlan) -> None:
+        self._plan = plan
+
+    def clear(self) -> None:
+        self._plan = None
+
+    def start_load_kv(self) -> None:
+        """Apply G3 deletions, then start this step's loads."""
+        plan = self._plan
+        if plan is None:
+            return
+        if self._disk is not None:
+            for h in plan.disk_deletes:
+                self._disk.remove(h)
+        for job in plan.loads:
+            run = self._start_load(job)
+            (self._async_runs if job.is_async else self._sync_runs).append(run)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Block until layer ``layer_name`` of every layer-wise load of this step has landed."""
+        if not self._sync_runs:
+            return
+        layer = self._layer_index.get(layer_name)
+        if layer is None:
+            return
+        for run in self._sync_runs:
+            run.wait_layer(layer)
+
+    def wait_for_save(self) -> None:
+        """Finish layer-wise loads, copy this step's stores out, queue its G3 writes."""
+        plan = self._plan
+        step_failed = False
+        for run in self._sync_runs:
+            run.wait()
+            if self._finish_load(run):
+                step_failed = True
+        self._sync_runs = []
+        if plan is None:
+            return
+        failed_hashes = self._store_host(plan, step_failed)
+        self._queue_disk_writes(plan, step_failed, failed_hashes)
+        self._report.stores_read_step = plan.step
+
+    def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
+        """(requests whose delayed-free stores are done, requests whose async loads are done)."""
+        recving: set[str] = set()
+        still: list[_LoadRun] = []
+        for run in self._async_runs:
+            if run.done():
+                self._finish_load(run)
+                recving.add(run.job.req_id)
+            else:
+                still.append(run)
+        self._async_runs = still
+        pending: list[tuple[int, Future[BlockHeader | None]]] = []
+        for h, fut in self._writes:
+            if fut.done():
+                if fut.exception() is None:
+                    self._report.disk_stored.append(h)
+                else:
+                    self._report.disk_store_failed.append(h)
+            else:
+                pending.append((h, fut))
+        self._writes = pending
+        # Stores read GPU memory synchronously inside ``wait_for_save``, so a request whose
+        # blocks were kept for them is done as soon as the scheduler names it.
+        sending = set(self._plan.delayed_free) if self._plan is not None else set()
+        return (sending or None), (recving or None)
+
+    def take_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def take_report(self) -> WorkerReport | None:
+        report, self._report = self._report, WorkerReport(rank=self.config.rank)
+        return None if report.is_empty else report
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._async_runs) + len(self._writes) + len(self._sync_runs)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _start_load(self, job: LoadJob) -> _LoadRun:
+        assert self._engine is not None and self._device is not None
+        host_handle: CopyHandle | None = None
+        if job.host_slots:
+            if self._host is None:
+                raise RuntimeError("kvtier: a G2 load was planned but this worker has no G2")
+            host_handle = self._engine.host_to_device(
+                self._host, self._device, job.host_slots, job.host_gpu_blocks
+            )
+        run = _LoadRun(job, host_handle, None)
+        if job.disk_hashes:
+            run.disk_future = CopyFuture(self._device.layout.model.num_layers)
+            assert self._onboarder is not None
+            self._onboarder.submit(self._load_from_disk, run)
+        return run
+
+    def _load_from_disk(self, run: _LoadRun) -> None:
+        """Onboard thread: read and verify the G3 files, then copy the good ones layer by layer."""
+        fut = run.disk_future
+        assert fut is not None
+        try:
+            assert self._disk_io is not None and self._engine is not None
+            assert self._device is not None
+            job = run.job
+            staging = HostStorage(len(job.disk_hashes), self._device.layout.block_bytes)
+            staging.allocate()
+            reads = self._disk_io.read(
+                job.disk_hashes, [staging.row(i) for i in range(len(job.disk_hashes))]
+            )
+            good_rows: list[int] = []
+            good_gpu: list[int] = []
+            for i, read in enumerate(reads):
+                err = read.exception()
+                if err is None:
+                    good_rows.append(i)
+                    good_gpu.append(job.disk_gpu_blocks[i])
+                else:
+                    run.failed_gpu_blocks.append(job.disk_gpu_blocks[i])
+                    run.bad_hashes.append(job.disk_hashes[i])
+            handle = self._engine.host_to_device(staging, self._device, good_rows, good_gpu)
+            for layer in range(fut.num_layers):
+                handle.wait_layer(layer)
+                fut.complete_layer(layer)
+            if handle.error is not None:
+                fut.fail(handle.error)
+        except BaseException as exc:  # the run carries the failure to the model runner thread
+            fut.fail(exc)
+
+    def _finish_load(self, run: _LoadRun) -> bool:
+        """Record a finished load's outcome; True if any of its blocks failed."""
+        failed = run.finish()
+        self._load_errors.update(failed)
+        self._report.loads_done.append(run.job.job_id)
+        self._report.disk_bad.extend(run.bad_hashes)
+        self._report.load_failed_blocks += len(failed)
+        return bool(failed)
+
+    def _store_host(self, plan: StepPlan, step_failed: bool) -> set[int]:
+        """Copy this step's G2 stores out of the GPU and wait; returns the hashes that failed."""
+        batch = plan.stores
+        if not batch.gpu_blocks:
+            return set()
+        if step_failed or self._host is None or self._engine is None or self._device is None:
+            self._report.host_store_failed.extend(batch.hashes)
+            return set(batch.hashes)
+        handle = self._engine.device_to_host(
+            self._device, self._host, batch.gpu_blocks, batch.host_slots
+        )
+        if handle.wait() is not None:
+            self._report.host_store_failed.extend(batch.hashes)
+            return set(batch.hashes)
+        self._report.host_stored.extend(batch.hashes)
+        return set()
+
+    def _queue_disk_writes(self, plan: StepPlan, step_failed: bool, failed: set[int]) -> None:
+        if not plan.disk_writes:
+            return
+        io = self._disk_io
+        from_gpu = [w for w in plan.disk_writes if w.gpu_block >= 0]
+        staging: HostStorage | None = None
+        gpu_ok = False
+        if from_gpu and io is not None and not step_failed:
+            assert self._engine is not None and self._device is not None
+            staging = HostStorage(len(from_gpu), self._device.layout.block_bytes)
+            staging.allocate()
+            handle = self._engine.device_to_host(
+                self._device, staging, [w.gpu_block for w in from_gpu], list(range(len(from_gpu)))
+            )
+            gpu_ok = handle.wait() is None
+        gpu_row = {w.seq_hash: i for i, w in enumerate(from_gpu)}
+        for w in plan.disk_writes:
+            row: torch.Tensor | None = None
+            if io is None:
+                row = None
+            elif w.host_slot >= 0:
+                if w.seq_hash not in failed and self._host is not None:
+                    row = self._host.row(w.host_slot)
+            elif gpu_ok and staging is not None:
+                row = staging.row(gpu_row[w.seq_hash])
+            if row is None or io is None:
+                self._report.disk_store_failed.append(w.seq_hash)
+                continue
+            (fut,) = io.write([w.seq_hash], [row], [w.parent_hash], [0])
+            self._writes.append((w.seq_hash, fut))
