@@ -27,6 +27,8 @@ import torch
 
 from kvtier.config import KvTierConfig
 from kvtier.core.block import ImmutableBlock, MutableBlock
+from kvtier.core.filter import FrequencyFilter, FrequencyFilterConfig
+from kvtier.core.offload import OffloadQueue
 from kvtier.core.pool import BlockPool
 from kvtier.core.registry import TierEvent, TierRegistry
 from kvtier.storage.device import DeviceStorage
@@ -219,7 +221,9 @@ class KvBlockManager:
         self._effects: dict[TransferHandle, _Effect] = {}
         self._handles: list[KvHandle] = []
         self._writing: dict[str, set[int]] = {G2: set(), G3: set()}
-        self._seen: dict[int, int] = {}
+        self._filter = FrequencyFilter(FrequencyFilterConfig(enabled=config.disk_filter))
+        self._cascade_queue: OffloadQueue[ImmutableBlock] | None = None
+        self._cascade_inflight = 0
         self._paths: dict[str, PathCounters] = {p.value: PathCounters() for p in TransferPath}
         self._hits = {G2: TierHits(), G3: TierHits()}
         self._filter_rejections = 0
@@ -305,6 +309,7 @@ class KvBlockManager:
                     priority=hdr.priority,
                 )
                 self.disk_pool.slot_hashes[block_id] = hdr.sequence_hash
+            self._cascade_queue = OffloadQueue(pool)
             self._disk_io = DiskIo(disk, cfg.io_threads)
             self._disk_io.start()
         self._engine.start()
@@ -331,6 +336,10 @@ class KvBlockManager:
             return
         self._closed = True
         assert self._transfers is not None
+        if self._cascade_queue is not None:
+            left = self._cascade_queue.pop(len(self._cascade_queue))
+            for req in (*left.ready, *left.skipped):
+                req.payload.release()
         settled = self._transfers.close(timeout)
         self._engine.close()  # fails copies whose gate never opened
         settled.extend(self._transfers.close(1.0))
@@ -395,14 +404,18 @@ class KvBlockManager:
         if tier is None:
             raise RuntimeError("offload needs a host or disk tier; both are disabled")
         path = TransferPath.DEVICE_TO_HOST if tier == G2 else TransferPath.DEVICE_TO_DISK
-        picked = [
-            i
-            for i, h in enumerate(sequence_hashes)
-            if not self._pool(tier).contains(h) and h not in self._writing[tier]
-        ]
+        target_pool = self._pool(tier)
+        picked = []
+        for i, h in enumerate(sequence_hashes):
+            if target_pool.contains(h):
+                if tier == G2:
+                    self._sighted_in_host(h)
+            elif h not in self._writing[tier]:
+                picked.append(i)
         targets = self._allocate(tier, len(picked), [sequence_hashes[i] for i in picked])
         chosen = picked[: len(targets)]
-        skipped = [h for i, h in enumerate(sequence_hashes) if i not in set(chosen)]
+        chosen_set = set(chosen)
+        skipped = [h for i, h in enumerate(sequence_hashes) if i not in chosen_set]
         self._skipped += len(skipped)
         hashes = [sequence_hashes[i] for i in chosen]
         dids = [device_block_ids[i] for i in chosen]
@@ -518,6 +531,7 @@ class KvBlockManager:
         transfers = self._check_running()
         for part in transfers.poll():
             self._apply(part)
+        self._pump_cascade()
         finished = [h for h in self._handles if h.done()]
         if finished:
             self._handles = [h for h in self._handles if not h.done()]
@@ -540,7 +554,8 @@ class KvBlockManager:
         transfers = self._check_running()
         while True:
             self.poll()
-            if not transfers.pending() and not self._effects:
+            queued = len(self._cascade_queue) if self._cascade_queue is not None else 0
+            if not transfers.pending() and not self._effects and not queued:
                 return
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"transfers still pending after {timeout} s")
@@ -588,6 +603,8 @@ class KvBlockManager:
         tier = effect.tier
         pool = self._pool(tier)
         self._writing[tier].difference_update(part.block_hashes)
+        if part.path is TransferPath.HOST_TO_DISK:
+            self._cascade_inflight -= part.num_blocks
         stored: list[ImmutableBlock] = []
         for i, (block, h) in enumerate(zip(effect.targets, part.block_hashes, strict=True)):
             if i in failed:
@@ -604,21 +621,52 @@ class KvBlockManager:
         for b in effect.held:
             b.release()
         if tier == G2 and self.disk_pool is not None and not self._closed:
-            self._cascade(stored, effect)
+            self._cascade(stored)
         else:
             for imm in stored:
                 imm.release()
 
-    def _cascade(self, stored: list[ImmutableBlock], effect: _Effect) -> None:
-        """Queue G2 -> G3 writes of newly stored host blocks that pass the frequency filter."""
-        assert self.disk_pool is not None
-        picked: list[ImmutableBlock] = []
+    def _cascade(self, stored: list[ImmutableBlock]) -> None:
+        """Queue G2 -> G3 writes of host blocks that pass the frequency filter, keeping a ref on
+        each host block until its write settles; the rest are released."""
+        assert self.disk_pool is not None and self._cascade_queue is not None
         for imm in stored:
             h = imm.sequence_hash
-            if self.disk_pool.pool.contains(h) or h in self._writing[G3] or not self._admit(h):
+            if self.disk_pool.pool.contains(h) or h in self._writing[G3]:
                 imm.release()
-            else:
-                picked.append(imm)
+            elif not self._filter.should_offload(h):
+                imm.release()
+                self._filter_rejections += 1
+                if self.metrics is not None:
+                    self.metrics.record_filter_rejections()
+            elif not self._cascade_queue.push(h, imm, priority=imm.priority):
+                imm.release()
+
+    def _sighted_in_host(self, sequence_hash: int) -> None:
+        """An offload of a block G2 already holds: a sighting for the filter, maybe a cascade."""
+        if self.host_pool is None or self.disk_pool is None or self._cascade_queue is None:
+            return
+        if self.disk_pool.pool.contains(sequence_hash) or sequence_hash in self._writing[G3]:
+            return
+        if sequence_hash in self._cascade_queue:
+            return
+        held = self.host_pool.pool.match([sequence_hash])
+        self._cascade(held)
+
+    def _pump_cascade(self) -> None:
+        """Submit queued G2 -> G3 writes, highest priority first, in half the in-flight bound."""
+        queue = self._cascade_queue
+        if queue is None or not len(queue) or self._closed:
+            return
+        budget = max(1, self.config.max_inflight_blocks // 2) - self._cascade_inflight
+        if budget <= 0:
+            return
+        batch = queue.pop(budget)
+        for req in batch.skipped:
+            req.payload.release()
+        picked = [r.payload for r in batch.ready]
+        if not picked:
+            return
         hashes = [b.sequence_hash for b in picked]
         targets = self._allocate(G3, len(picked), hashes)
         for extra in picked[len(targets) :]:
@@ -636,6 +684,7 @@ class KvBlockManager:
             parents=[b.parent_sequence_hash for b in picked],
             priorities=[b.priority for b in picked],
         )
+        self._cascade_inflight += len(picked)
         self._writing[G3].update(hashes)
         self._effects[part] = _Effect(
             "store",
@@ -645,19 +694,6 @@ class KvBlockManager:
             [b.priority for b in picked],
             held=picked,
         )
-
-    def _admit(self, sequence_hash: int) -> bool:
-        """The G2 -> G3 frequency filter (off when ``config.disk_filter`` is False)."""
-        if not self.config.disk_filter:
-            return True
-        seen = self._seen.get(sequence_hash, 0) + 1
-        self._seen[sequence_hash] = seen
-        if seen >= 2:
-            return True
-        self._filter_rejections += 1
-        if self.metrics is not None:
-            self.metrics.record_filter_rejections()
-        return False
 
     # -- observability --------------------------------------------------------------------------
 
