@@ -1,0 +1,629 @@
+"""``CudaCopyEngine``: the ``CopyEngine`` protocol on CUDA streams, events and gather kernels.
+
+Why this exists: on a GPU server kvtier's value is how fast it moves KV over PCIe and how little
+it disturbs the model. Measured on the lent H200 (benchmarks/transfer_candidates.py): one DMA per
+(block, layer) piece reaches 1.6 GB/s; gathering the pieces on the device into a staging buffer of
+canonical rows and crossing PCIe as large DMAs reaches 0.90-0.98 of the limit, both directions at
+once 0.9+ of the two-way limit, and leaves the SMs to the model (a matmul stream slowed by under
+3%). A small-grid kernel writing mapped pinned memory reaches 0.92-0.95 one way but only 60 GB/s
+both ways and slows the matmuls by 10%; it stays available as ``mode="kernel"`` because it lands
+layers progressively (true layer-wise onboarding).
+
+How a batch moves (``mode="dma"``, the default), per direction:
+
+- two streams: a kernel stream (gather/scatter on the device) and a DMA stream; onboarding's pair
+  runs at the highest stream priority;
+- the batch is cut into chunks of ``slot rows`` blocks; two staging slots alternate, so chunk k+1
+  is gathered while chunk k crosses PCIe; each slot's reuse waits on the event that freed it;
+- device->host: the kernel stream waits on the ``gate`` event (the forward pass or layer that wrote
+  the blocks), gathers, and the DMA stream copies runs of consecutive host rows (split where the
+  pinned registration changes); host->device: DMA into staging, then per-layer scatter, recording
+  one event per layer of the last chunk;
+- completion is polled with ``event.query()``; nothing calls back into the caller's metadata.
+
+Host rows must be page-locked: either the storage was allocated pinned, or a ``ChunkedPinner`` was
+attached with ``attach_pinner``. Any other row fails the copy with ``PinningError``; kvtier never
+falls back to a pageable copy silently.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvtier.storage.device import DeviceStorage
+from kvtier.storage.host import HostStorage
+from kvtier.storage.pinned import ChunkedPinner, PinningError
+from kvtier.transfer.cuda_plan import (
+    Segment,
+    segments_of,
+    torch_gather,
+    torch_scatter,
+    triton_available,
+)
+from kvtier.transfer.engine import CopyDirection, CopyError, CopyHandle, check_ids
+
+__all__ = ["CudaCopyConfig", "CudaCopyEngine", "CudaCopyHandle"]
+
+
+def _new_event() -> torch.cuda.Event:
+    return torch.cuda.Event()  # type: ignore[no-untyped-call]
+
+
+def _query(event: torch.cuda.Event) -> bool:
+    return bool(event.query())  # type: ignore[no-untyped-call]
+
+
+def _stream(device: torch.device, priority: int = 0) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device, priority=priority)  # type: ignore[no-untyped-call]
+
+
+_MODES = ("dma", "kernel")
+_GATHERS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class CudaCopyConfig:
+    """Knobs of the CUDA engine.
+
+    - ``mode``: ``"dma"`` (device gather + large DMAs; default) or ``"kernel"`` (a small-grid
+      Triton kernel reading/writing mapped pinned memory, layer by layer).
+    - ``gather``: device gather/scatter implementation for ``dma``: ``"triton"``, ``"torch"``
+      (indexing ops) or ``"auto"`` (Triton when importable and the geometry is 4-byte aligned).
+    - ``staging_bytes``: device staging per direction (two slots of half each).
+    - ``kernel_programs``: grid of the mapped-memory kernel (bounds the SMs it takes).
+    - ``gather_programs``: grid of the device gather; 0 = one program per SM.
+    """
+
+    mode: str = "dma"
+    gather: str = "auto"
+    staging_bytes: int = 256 << 20
+    kernel_programs: int = 16
+    gather_programs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
+        if self.gather not in _GATHERS:
+            raise ValueError(f"gather must be one of {_GATHERS}, got {self.gather!r}")
+        for name in ("staging_bytes", "kernel_programs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        v = self.gather_programs
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"gather_programs must be an int >= 0, got {v!r}")
+
+
+class CudaCopyHandle:
+    """Completion of one batch: per-layer CUDA events, polled with ``query()``.
+
+    Until the batch is enqueued (a ``threading.Event`` gate not yet set) nothing is done. After a
+    failure every layer reports done and ``error`` says why. ``source_released()`` tells when the
+    source blocks may be overwritten (device->host: after the device gather, well before PCIe).
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self._num_layers = num_layers
+        self._enqueued = threading.Event()
+        self._layer_events: list[torch.cuda.Event] = []
+        self._released: torch.cuda.Event | None = None
+        self._error: BaseException | None = None
+        self._keep: list[Any] = []  # tensors the GPU still reads; dropped once done
+        self.submitted_at = time.perf_counter()
+
+    @property
+    def num_layers(self) -> int:
+        return self._num_layers
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def _set(
+        self, layer_events: list[torch.cuda.Event], released: torch.cuda.Event, keep: list[Any]
+    ) -> None:
+        self._layer_events = layer_events
+        self._released = released
+        self._keep = keep
+        self._enqueued.set()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self._enqueued.set()
+
+    def layer_done(self, layer: int) -> bool:
+        if not 0 <= layer < self._num_layers:
+            raise IndexError(f"layer {layer} out of range 0..{self._num_layers - 1}")
+        if self._error is not None:
+            return True
+        if not self._enqueued.is_set():
+            return False
+        return bool(_query(self._layer_events[layer]))
+
+    def done(self) -> bool:
+        if self._error is not None:
+            return True
+        if not self._enqueued.is_set() or not _query(self._layer_events[-1]):
+            return False
+        self._keep = []
+        return True
+
+    def source_released(self) -> bool:
+        if self._error is not None:
+            return True
+        return self._released is not None and bool(_query(self._released))
+
+    def _wait_event(self, ev_of: Any, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        if not self._enqueued.wait(timeout):
+            return False
+        if self._error is not None:
+            return True
+        ev: torch.cuda.Event = ev_of()
+        if deadline is None:
+            ev.synchronize()
+            return True
+        pause = 20e-6
+        while not _query(ev):
+            if time.perf_counter() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+        return True
+
+    def wait(self, timeout: float | None = None) -> BaseException | None:
+        if not self._wait_event(lambda: self._layer_events[-1], timeout):
+            raise TimeoutError(f"copy not finished after {timeout} s")
+        self.done()
+        return self._error
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
+        if not 0 <= layer < self._num_layers:
+            raise IndexError(f"layer {layer} out of range 0..{self._num_layers - 1}")
+        if not self._wait_event(lambda: self._layer_events[layer], timeout):
+            raise TimeoutError(f"layer {layer} not landed after {timeout} s")
+        return self._error is None
+
+    def stream_wait_layer(self, layer: int, stream: torch.cuda.Stream | None = None) -> None:
+        """Make ``stream`` (default: current) wait for layer ``layer`` without blocking the CPU.
+
+        This is how attention on a compute stream is gated on an onboard; it blocks the CPU only
+        until the batch is enqueued (a threading gate).
+        """
+        self._enqueued.wait()
+        if self._error is not None:
+            raise self._error
+        s = stream if stream is not None else torch.cuda.current_stream()
+        s.wait_event(self._layer_events[layer])
+
+
+@dataclass
+class _Lane:
+    """One direction's streams, staging slots and the events that free them."""
+
+    kernel_stream: torch.cuda.Stream
+    dma_stream: torch.cuda.Stream
+    lock: threading.Lock
+    staging: torch.Tensor | None = None  # [2, slot_rows, row_bytes] uint8 on the device
+    slot_rows: int = 0
+    slot_free: list[torch.cuda.Event | None] | None = None
+    next_slot: int = 0
+
+
+class CudaCopyEngine:
+    """``CopyEngine`` for device tensors on a CUDA GPU (see the module docstring).
+
+    The constructor only validates and records; ``start()`` creates streams; ``close()`` waits for
+    every enqueued copy, fails those whose threading gate never opened, and frees staging.
+    """
+
+    def __init__(
+        self, config: CudaCopyConfig | None = None, *, device: torch.device | str | None = None
+    ) -> None:
+        self.config = config or CudaCopyConfig()
+        self._device_arg = device
+        self.device: torch.device | None = None
+        self._lanes: dict[bool, _Lane] = {}
+        self._pinners: dict[int, ChunkedPinner] = {}
+        self._segments: dict[int, tuple[DeviceStorage, list[Segment] | None]] = {}
+        self._waiters: list[tuple[threading.Thread, CudaCopyHandle]] = []
+        self._closing = threading.Event()
+        self._started = False
+        self._use_triton = False
+        self._sm_count = 0
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._started:
+            return
+        if not torch.cuda.is_available():
+            raise RuntimeError("CudaCopyEngine needs a CUDA GPU; use TorchCopyEngine on CPU")
+        dev = torch.device(self._device_arg if self._device_arg is not None else "cuda")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
+        want_triton = self.config.mode == "kernel" or self.config.gather in ("auto", "triton")
+        self._use_triton = want_triton and triton_available()
+        if not self._use_triton and (
+            self.config.mode == "kernel" or self.config.gather == "triton"
+        ):
+            raise RuntimeError(
+                "CudaCopyConfig asks for Triton kernels but triton is not importable"
+            )
+        # (least, greatest) priority; a lower number runs first.
+        high = int(torch.cuda.Stream.priority_range()[1])  # type: ignore[call-arg]
+        with torch.cuda.device(dev):
+            self._sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
+            self._lanes = {
+                True: _Lane(_stream(dev), _stream(dev), threading.Lock()),
+                False: _Lane(
+                    _stream(dev, high),
+                    _stream(dev, high),
+                    threading.Lock(),
+                ),
+            }
+        self._closing.clear()
+        self._started = True
+
+    def close(self) -> None:
+        if not self._started:
+            return
+        self._closing.set()
+        for thread, handle in self._waiters:
+            thread.join(timeout=0.5)
+            if thread.is_alive() or not handle._enqueued.is_set():
+                handle._fail(RuntimeError("copy engine closed before the gate opened"))
+        self._waiters.clear()
+        for lane in self._lanes.values():
+            lane.kernel_stream.synchronize()
+            lane.dma_stream.synchronize()
+        self._lanes = {}
+        self._segments.clear()
+        self._started = False
+
+    def __enter__(self) -> CudaCopyEngine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def attach_pinner(self, host: HostStorage, pinner: ChunkedPinner) -> None:
+        """Declare that ``host``'s rows are page-locked by ``pinner`` (rows below its progress)."""
+        if pinner.rows.data_ptr() != host.rows.data_ptr() or pinner.total_rows != host.num_blocks:
+            raise ValueError("the pinner does not cover this host storage's rows")
+        self._pinners[host.rows.data_ptr()] = pinner
+
+    @property
+    def uses_triton(self) -> bool:
+        """Whether gathers/scatters run as Triton kernels (False: torch indexing ops)."""
+        return self._use_triton
+
+    # -- the protocol -------------------------------------------------------------------------
+
+    def device_to_host(
+        self,
+        device: DeviceStorage,
+        host: HostStorage,
+        device_ids: Sequence[int],
+        host_ids: Sequence[int],
+        gate: object | None = None,
+    ) -> CopyHandle:
+        return self._submit(True, device, host, device_ids, host_ids, gate)
+
+    def host_to_device(
+        self,
+        host: HostStorage,
+        device: DeviceStorage,
+        host_ids: Sequence[int],
+        device_ids: Sequence[int],
+        gate: object | None = None,
+    ) -> CopyHandle:
+        return self._submit(False, device, host, device_ids, host_ids, gate)
+
+    # -- submission ---------------------------------------------------------------------------
+
+    def _submit(
+        self,
+        to_host: bool,
+        device: DeviceStorage,
+        host: HostStorage,
+        device_ids: Sequence[int],
+        host_ids: Sequence[int],
+        gate: object | None,
+    ) -> CudaCopyHandle:
+        if not self._started:
+            raise RuntimeError("CudaCopyEngine is not started")
+        check_ids(device, host, device_ids, host_ids)
+        if device.device.type != "cuda" or device.device != self.device:
+            raise ValueError(
+                f"device storage lives on {device.device}, this engine on {self.device}"
+            )
+        if len(set(device_ids if not to_host else host_ids)) != len(device_ids):
+            raise ValueError("a target block id appears twice in one batch")
+        handle = CudaCopyHandle(device.layout.model.num_layers)
+        dids, hids = tuple(int(d) for d in device_ids), tuple(int(h) for h in host_ids)
+        if not dids:
+            with torch.cuda.device(self.device):
+                ev = _new_event()
+                ev.record(self._lanes[to_host].dma_stream)
+            handle._set([ev] * handle.num_layers, ev, [])
+            return handle
+        if isinstance(gate, threading.Event) and not gate.is_set():
+            t = threading.Thread(
+                target=self._after_gate,
+                args=(gate, to_host, device, host, dids, hids, handle),
+                name="kvtier-cuda-gate",
+                daemon=True,
+            )
+            self._waiters = [(w, h) for w, h in self._waiters if w.is_alive()]
+            self._waiters.append((t, handle))
+            t.start()
+            return handle
+        if isinstance(gate, threading.Event):
+            gate = None
+        elif gate is not None and not isinstance(gate, torch.cuda.Event):
+            raise TypeError(
+                f"gate must be None, a threading.Event or a torch.cuda.Event, got {type(gate)}"
+            )
+        self._enqueue(to_host, device, host, dids, hids, gate, handle)
+        return handle
+
+    def _after_gate(
+        self,
+        gate: threading.Event,
+        to_host: bool,
+        device: DeviceStorage,
+        host: HostStorage,
+        dids: tuple[int, ...],
+        hids: tuple[int, ...],
+        handle: CudaCopyHandle,
+    ) -> None:
+        while not gate.wait(0.05):
+            if self._closing.is_set():
+                return
+        self._enqueue(to_host, device, host, dids, hids, None, handle)
+
+    def _enqueue(
+        self,
+        to_host: bool,
+        device: DeviceStorage,
+        host: HostStorage,
+        dids: tuple[int, ...],
+        hids: tuple[int, ...],
+        gate: torch.cuda.Event | None,
+        handle: CudaCopyHandle,
+    ) -> None:
+        lane = self._lanes[to_host]
+        try:
+            self._check_pinned(host, hids)
+            with lane.lock, torch.cuda.device(self.device):
+                if self.config.mode == "kernel" and self._segs(device) is not None:
+                    self._enqueue_kernel(lane, to_host, device, host, dids, hids, gate, handle)
+                else:
+                    self._enqueue_dma(lane, to_host, device, host, dids, hids, gate, handle)
+        except Exception as exc:
+            # Let whatever was enqueued drain so that a failed handle means "nothing moves".
+            lane.kernel_stream.synchronize()
+            lane.dma_stream.synchronize()
+            direction = CopyDirection.D2H if to_host else CopyDirection.H2D
+            err = CopyError(
+                f"{direction} copy of device blocks {list(dids)} / host blocks {list(hids)} "
+                f"failed: {exc}",
+                dids,
+                hids,
+            )
+            err.__cause__ = exc
+            handle._fail(err)
+
+    def _check_pinned(self, host: HostStorage, hids: tuple[int, ...]) -> None:
+        rows = host.rows
+        pinner = self._pinners.get(rows.data_ptr())
+        if pinner is not None:
+            pinner.check_rows(hids)
+            return
+        if host.pin_memory and rows.is_pinned():
+            return
+        for h in hids:
+            if not rows[h].is_pinned():
+                raise PinningError(
+                    f"host row {h} is not page-locked; refusing a pageable copy (allocate the "
+                    "host storage pinned, or attach the ChunkedPinner that registers it)"
+                )
+
+    def _segs(self, device: DeviceStorage) -> list[Segment] | None:
+        hit = self._segments.get(id(device))
+        if hit is None or hit[0] is not device:
+            hit = (device, segments_of(device) if self._use_triton else None)
+            self._segments[id(device)] = hit
+        return hit[1]
+
+    def _ids(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upload ids on the current stream; returns (device tensor, pinned source to keep)."""
+        src = torch.tensor(ids, dtype=torch.int64).pin_memory()
+        return src.to(self.device, non_blocking=True), src
+
+    def _host_runs(
+        self, host: HostStorage, hids: Sequence[int], offset: int
+    ) -> list[tuple[int, int, int]]:
+        """(host row, staging row, count) runs of consecutive rows inside one registration."""
+        pinner = self._pinners.get(host.rows.data_ptr())
+        whole = pinner is None and host.pin_memory
+        out: list[tuple[int, int, int]] = []
+        j = 0
+        while j < len(hids):
+            k = j + 1
+            if whole or pinner is not None:
+                while k < len(hids) and hids[k] == hids[k - 1] + 1:
+                    k += 1
+            if pinner is not None:
+                out.extend((r, offset + j + o, c) for r, o, c in pinner.runs(hids[j], k - j))
+            else:
+                out.append((hids[j], offset + j, k - j))
+            j = k
+        return out
+
+    def _staging(self, lane: _Lane, row_bytes: int) -> tuple[torch.Tensor, int]:
+        if lane.staging is None or lane.staging.shape[2] != row_bytes:
+            if lane.staging is not None:
+                lane.kernel_stream.synchronize()
+                lane.dma_stream.synchronize()
+            rows = max(1, self.config.staging_bytes // 2 // row_bytes)
+            lane.staging = torch.empty((2, rows, row_bytes), dtype=torch.uint8, device=self.device)
+            lane.slot_rows = rows
+            lane.slot_free = [None, None]
+            lane.next_slot = 0
+        return lane.staging, lane.slot_rows
+
+    def _move_rows(
+        self,
+        device: DeviceStorage,
+        idx: torch.Tensor,
+        staging_slot: torch.Tensor,
+        *,
+        to_rows: bool,
+        layer_events: list[torch.cuda.Event] | None,
+    ) -> None:
+        """Gather (to_rows) or scatter blocks ``idx`` <-> the first rows of a staging slot."""
+        segs = self._segs(device)
+        if segs is None:
+            (torch_gather if to_rows else torch_scatter)(device, idx, staging_slot)
+            if layer_events is not None:
+                for ev in layer_events:
+                    ev.record()
+            return
+        from kvtier.transfer.cuda_kernels import launch_segment
+
+        n = idx.numel()
+        ar = torch.arange(n, dtype=torch.int64, device=self.device)
+        rows_w = staging_slot.view(-1).view(torch.int32)
+        row_words = staging_slot.shape[1] // 4
+        programs = self.config.gather_programs or self._sm_count
+        done_upto = 0
+        for seg in segs:
+            launch_segment(seg, rows_w, row_words, idx, ar, to_rows=to_rows, programs=programs)
+            if layer_events is not None:
+                while done_upto <= seg.last_layer:
+                    layer_events[done_upto].record()
+                    done_upto += 1
+
+    def _enqueue_dma(
+        self,
+        lane: _Lane,
+        to_host: bool,
+        device: DeviceStorage,
+        host: HostStorage,
+        dids: tuple[int, ...],
+        hids: tuple[int, ...],
+        gate: torch.cuda.Event | None,
+        handle: CudaCopyHandle,
+    ) -> None:
+        staging, slot_rows = self._staging(lane, host.block_bytes)
+        assert lane.slot_free is not None
+        ks, ds = lane.kernel_stream, lane.dma_stream
+        nl = handle.num_layers
+        keep: list[Any] = []
+        if gate is not None:
+            ks.wait_event(gate)
+            ds.wait_event(gate)
+        with torch.cuda.stream(ks):
+            didx_all, src = self._ids(dids)
+        keep += [didx_all, src]
+        layer_events = [_new_event() for _ in range(nl)]
+        released = _new_event()
+        n = len(dids)
+        for start in range(0, n, slot_rows):
+            end = min(n, start + slot_rows)
+            last = end == n
+            slot = lane.next_slot
+            lane.next_slot ^= 1
+            stg = staging[slot]
+            free = lane.slot_free[slot]
+            idx = didx_all[start:end]
+            runs = self._host_runs(host, hids[start:end], 0)
+            if to_host:
+                if free is not None:
+                    ks.wait_event(free)
+                with torch.cuda.stream(ks):
+                    self._move_rows(device, idx, stg, to_rows=True, layer_events=None)
+                    gathered = _new_event()
+                    gathered.record()
+                    if last:
+                        released.record()
+                ds.wait_event(gathered)
+                with torch.cuda.stream(ds):
+                    for h, j, c in runs:
+                        host.rows[h : h + c].copy_(stg[j : j + c], non_blocking=True)
+                    freed = _new_event()
+                    freed.record()
+                    if last:
+                        for ev in layer_events:
+                            ev.record()
+            else:
+                if free is not None:
+                    ds.wait_event(free)
+                with torch.cuda.stream(ds):
+                    for h, j, c in runs:
+                        stg[j : j + c].copy_(host.rows[h : h + c], non_blocking=True)
+                    landed = _new_event()
+                    landed.record()
+                    if last:
+                        released.record()
+                ks.wait_event(landed)
+                with torch.cuda.stream(ks):
+                    self._move_rows(
+                        device, idx, stg, to_rows=False, layer_events=layer_events if last else None
+                    )
+                    freed = _new_event()
+                    freed.record()
+            lane.slot_free[slot] = freed
+        handle._set(layer_events, released, keep)
+
+    def _enqueue_kernel(
+        self,
+        lane: _Lane,
+        to_host: bool,
+        device: DeviceStorage,
+        host: HostStorage,
+        dids: tuple[int, ...],
+        hids: tuple[int, ...],
+        gate: torch.cuda.Event | None,
+        handle: CudaCopyHandle,
+    ) -> None:
+        from kvtier.transfer.cuda_kernels import launch_segment
+
+        segs = self._segs(device)
+        assert segs is not None
+        ks = lane.kernel_stream
+        if gate is not None:
+            ks.wait_event(gate)
+        layer_events = [_new_event() for _ in range(handle.num_layers)]
+        rows_w = host.rows.view(-1).view(torch.int32)
+        row_words = host.block_bytes // 4
+        with torch.cuda.stream(ks):
+            didx, dsrc = self._ids(dids)
+            hidx, hsrc = self._ids(hids)
+            done_upto = 0
+            for seg in segs:
+                launch_segment(
+                    seg,
+                    rows_w,
+                    row_words,
+                    didx,
+                    hidx,
+                    to_rows=to_host,
+                    programs=self.config.kernel_programs,
+                )
+                while done_upto <= seg.last_layer:
+                    layer_events[done_upto].record()
+                    done_upto += 1
+        released = layer_events[-1]
+        handle._set(layer_events, released, [didx, dsrc, hidx, hsrc])
