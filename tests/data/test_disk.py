@@ -71,7 +71,7 @@ def test_write_read_round_trip(tmp_path: Path, o_direct: bool, model: object) ->
         hdr = st.read(100 + i, dst.rows[i])
         assert hdr.sequence_hash == 100 + i and hdr.priority == i
         assert hdr.parent_hash == (99 + i if i else None)
-        assert hdr.checksum == payload_checksum(memoryview(src.rows[i].numpy()))
+        assert hdr.checksum == payload_checksum(src.rows[i].numpy().tobytes())
     assert torch.equal(dst.rows, src.rows)
     st.close()
 
