@@ -1,0 +1,443 @@
+"""``kvtier demo`` (``make demo``): a multi-turn chat on vLLM's CPU build, with and without kvtier.
+
+Why this workload: it is where a KV tier pays off. Several users chat in turns; every prompt is a
+long shared system prompt, the user's whole history, and a new message. The engine's own KV pool
+(G1) is made deliberately small, so by the time a user comes back their history was evicted from
+G1: without kvtier it is recomputed; with kvtier it comes back from G2 (host) or G3 (disk).
+
+Both runs replay the same token ids on the same tiny random-weight Llama (built offline by
+:mod:`kvtier.tinymodel`), each in a fresh process (no state leaks from one engine to the next).
+The kvtier run serves its Prometheus metrics, and the demo reads the per-tier hit rates from that
+endpoint. Reported: time to first token per turn and overall, prompt tokens recomputed, hit rate
+per tier, whether the greedy outputs of both runs are identical; plus a PNG plot of both runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+MODES: tuple[str, ...] = ("baseline", "kvtier")
+"""The two runs: vLLM alone, then vLLM with kvtier."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo workload and the engine's sizes (defaults: a few minutes on a 2-core machine).
+
+    ``g1_blocks`` is the engine's own KV pool in blocks of ``BLOCK_TOKENS`` tokens: big enough for
+    one conversation, too small for all users' histories. ``host_blocks`` / ``disk_blocks`` size
+    kvtier's G2 and G3 (0 disables a tier).
+    """
+
+    users: int = 4
+    turns: int = 4
+    system_tokens: int = 512
+    user_tokens: int = 384
+    reply_tokens: int = 32
+    g1_blocks: int = 20
+    host_blocks: int = 32
+    disk_blocks: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "users",
+            "turns",
+            "system_tokens",
+            "user_tokens",
+            "reply_tokens",
+            "g1_blocks",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"demo {name} must be a positive int, got {value!r}")
+        for name in ("host_blocks", "disk_blocks", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"demo {name} must be an int >= 0, got {value!r}")
+        if self.host_blocks == 0 and self.disk_blocks == 0:
+            raise ValueError("demo needs at least one kvtier tier (host_blocks or disk_blocks)")
+        longest = self.max_prompt_tokens + self.reply_tokens
+        if longest > self.g1_blocks * BLOCK_TOKENS:
+            raise ValueError(
+                f"demo g1_blocks={self.g1_blocks} ({self.g1_blocks * BLOCK_TOKENS} tokens) cannot "
+                f"hold the longest conversation ({longest} tokens)"
+            )
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Tokens of the last turn's prompt."""
+        per_turn = self.user_tokens + self.reply_tokens
+        return self.system_tokens + (self.turns - 1) * per_turn + self.user_tokens
+
+
+BLOCK_TOKENS = 128
+"""vLLM's CPU block size (tokens per KV block)."""
+VOCAB = 4096
+"""Vocabulary of the demo model; token ids are drawn from [3, VOCAB)."""
+
+
+def demo_model_spec() -> Any:
+    """The demo's model: bigger than the test model, so that recomputing a prefix costs time."""
+    from kvtier.tinymodel import TinyLlamaSpec
+
+    return TinyLlamaSpec(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=8192,
+    )
+
+
+@dataclass
+class Turn:
+    """One request as measured: who, which turn, its size, TTFT, cache hits, and its output."""
+
+    user: int
+    turn: int
+    prompt_tokens: int
+    cached_tokens: int
+    ttft_s: float
+    output: list[int]
+
+
+@dataclass
+class RunResult:
+    """One run (one mode) of the workload."""
+
+    mode: str
+    engine_start_s: float
+    turns: list[Turn] = field(default_factory=list)
+    kvtier_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def recomputed_tokens(self) -> int:
+        """Prompt tokens the engine had to compute (not served by G1 or kvtier)."""
+        return sum(t.prompt_tokens - t.cached_tokens for t in self.turns)
+
+
+def _messages(cfg: DemoConfig) -> tuple[list[int], list[list[list[int]]]]:
+    rng = random.Random(cfg.seed)
+    system = [rng.randrange(3, VOCAB) for _ in range(cfg.system_tokens)]
+    msgs = [
+        [[rng.randrange(3, VOCAB) for _ in range(cfg.user_tokens)] for _ in range(cfg.turns)]
+        for _ in range(cfg.users)
+    ]
+    return system, msgs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if not s.name.startswith("kvtier_") or s.name.endswith(("_bucket", "_created")):
+                continue
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = float(s.value)
+    return out
+
+
+def run_mode(mode: str, cfg: DemoConfig, work: Path) -> RunResult:
+    """Run the whole workload in this process on a fresh engine (the child side of the demo)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown demo mode {mode!r}; expected one of {', '.join(MODES)}")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from kvtier.tinymodel import build_tiny_llama
+
+    model = build_tiny_llama(work / "model", demo_model_spec())
+    port = _free_port()
+    kwargs: dict[str, Any] = {}
+    if mode == "kvtier":
+        os.environ["KVTIER_METRICS"] = "1"
+        os.environ["KVTIER_METRICS_PORT"] = str(port)
+        from vllm.config import KVTransferConfig
+
+        extra: dict[str, Any] = {"disk_filter": False}
+        if cfg.host_blocks:
+            extra["cpu_cache_blocks"] = cfg.host_blocks
+        if cfg.disk_blocks:
+            extra["disk_cache_blocks"] = cfg.disk_blocks
+            extra["disk_dir"] = str(work / "g3")
+        kwargs["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="KvTierConnector",
+            kv_connector_module_path="kvtier.vllm",
+            kv_role="kv_both",
+            kv_connector_extra_config=extra,
+        )
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    start = time.perf_counter()
+    llm = LLM(
+        model=str(model),
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+        max_model_len=cfg.g1_blocks * BLOCK_TOKENS,
+        kv_cache_memory_bytes=cfg.g1_blocks * _block_bytes(),
+        disable_log_stats=False,
+        seed=cfg.seed,
+        **kwargs,
+    )
+    result = RunResult(mode, time.perf_counter() - start)
+    params = SamplingParams(max_tokens=cfg.reply_tokens, temperature=0.0, ignore_eos=True)
+    system, msgs = _messages(cfg)
+    # Warm-up (first-call kernel set-up), on tokens no conversation uses.
+    warm = [VOCAB - 1 - (i % 7) for i in range(cfg.user_tokens)]
+    llm.generate([TokensPrompt(prompt_token_ids=warm)], params, use_tqdm=False)
+    history: list[list[int]] = [[] for _ in range(cfg.users)]
+    for turn in range(cfg.turns):
+        for user in range(cfg.users):
+            prompt = system + history[user] + msgs[user][turn]
+            t0 = time.perf_counter()
+            out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)[0]
+            wall = time.perf_counter() - t0
+            metrics = out.metrics
+            ttft = getattr(metrics, "first_token_latency", 0.0) or wall
+            reply = list(out.outputs[0].token_ids)
+            history[user] = history[user] + msgs[user][turn] + reply
+            result.turns.append(
+                Turn(user, turn, len(prompt), int(out.num_cached_tokens or 0), ttft, reply)
+            )
+            print(f"{mode} turn {turn} user {user}: ttft {ttft * 1000:.0f} ms", flush=True)
+    if mode == "kvtier":
+        result.kvtier_metrics = _scrape(port)
+    return result
+
+
+def _block_bytes() -> int:
+    spec = demo_model_spec()
+    elem = 4  # the tiny model is float32
+    return int(
+        BLOCK_TOKENS * spec.num_hidden_layers * 2 * spec.num_key_value_heads * spec.head_dim * elem
+    )
+
+
+# -- the parent side: run both modes, report, plot ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The demo's figures, as printed and written to ``demo.json``."""
+
+    config: dict[str, Any]
+    ttft_per_turn_ms: dict[str, list[float]]
+    ttft_overall_ms: dict[str, float]
+    recomputed_tokens: dict[str, int]
+    prompt_tokens: int
+    hit_rate: dict[str, float]
+    identical_outputs: int
+    requests: int
+    engine_start_s: dict[str, float]
+
+
+def summarize(cfg: DemoConfig, runs: dict[str, RunResult]) -> Summary:
+    """Per-turn and overall mean TTFT, recompute, hit rates (from the kvtier metrics)."""
+    per_turn = {
+        mode: [
+            1000 * sum(t.ttft_s for t in r.turns if t.turn == k) / cfg.users
+            for k in range(cfg.turns)
+        ]
+        for mode, r in runs.items()
+    }
+    overall = {
+        mode: 1000 * sum(t.ttft_s for t in r.turns) / len(r.turns) for mode, r in runs.items()
+    }
+    m = runs["kvtier"].kvtier_metrics
+    looked = m.get("kvtier_lookup_tokens_total", 0.0)
+    hit = {
+        tier: (
+            m.get(f"kvtier_matched_tokens_total{{tier={tier}}}", 0.0) / looked if looked else 0.0
+        )
+        for tier in ("host", "disk")
+    }
+    prompt_total = sum(t.prompt_tokens for t in runs["baseline"].turns)
+    hit["device (vLLM prefix cache)"] = (
+        sum(t.cached_tokens for t in runs["baseline"].turns) / prompt_total if prompt_total else 0.0
+    )
+    same = sum(
+        a.output == b.output
+        for a, b in zip(runs["baseline"].turns, runs["kvtier"].turns, strict=True)
+    )
+    return Summary(
+        config=asdict(cfg),
+        ttft_per_turn_ms=per_turn,
+        ttft_overall_ms=overall,
+        recomputed_tokens={mode: r.recomputed_tokens for mode, r in runs.items()},
+        prompt_tokens=prompt_total,
+        hit_rate=hit,
+        identical_outputs=same,
+        requests=len(runs["baseline"].turns),
+        engine_start_s={mode: r.engine_start_s for mode, r in runs.items()},
+    )
+
+
+def plot(cfg: DemoConfig, runs: dict[str, RunResult], path: Path) -> None:
+    """TTFT of every request of both runs, and the mean per turn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = {"baseline": "#c0504d", "kvtier": "#3b7dd8"}
+    for mode, r in runs.items():
+        left.plot(
+            range(len(r.turns)),
+            [1000 * t.ttft_s for t in r.turns],
+            marker="o",
+            color=colors[mode],
+            label=mode,
+        )
+        means = [
+            1000 * sum(t.ttft_s for t in r.turns if t.turn == k) / cfg.users
+            for k in range(cfg.turns)
+        ]
+        right.plot(range(1, cfg.turns + 1), means, marker="o", color=colors[mode], label=mode)
+    left.set_xlabel("request (turn by turn, users round-robin)")
+    left.set_ylabel("time to first token (ms)")
+    left.set_title("every request")
+    right.set_xlabel("turn")
+    right.set_ylabel("mean time to first token (ms)")
+    right.set_title("mean per turn")
+    right.set_xticks(range(1, cfg.turns + 1))
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_ylim(bottom=0)
+    fig.suptitle(
+        f"vLLM CPU, tiny Llama: {cfg.users} users x {cfg.turns} turns, "
+        f"{cfg.system_tokens}-token system prompt, G1 {cfg.g1_blocks} blocks"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _run_child(mode: str, cfg: DemoConfig, work: Path, log: Path) -> RunResult:
+    result_path = work / f"{mode}.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvtier.demo",
+        "--child",
+        mode,
+        "--config-json",
+        json.dumps(asdict(cfg)),
+        "--work",
+        str(work),
+    ]
+    with open(log, "w") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"demo {mode} run failed (exit {proc.returncode}); log {log}:\n{tail}")
+    doc = json.loads(result_path.read_text())
+    return RunResult(
+        doc["mode"],
+        doc["engine_start_s"],
+        [Turn(**t) for t in doc["turns"]],
+        doc["kvtier_metrics"],
+    )
+
+
+def run_demo(cfg: DemoConfig, out_dir: Path, console: Console) -> Summary:
+    """Both runs in child processes, then the report, ``demo.json`` and ``demo.png``."""
+    from rich.table import Table
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, RunResult] = {}
+    with tempfile.TemporaryDirectory(prefix="kvtier-demo-") as tmp:
+        work = Path(tmp)
+        for mode in MODES:
+            with console.status(
+                f"running the workload {mode} (engine start + {cfg.users * cfg.turns} requests)"
+            ):
+                runs[mode] = _run_child(mode, cfg, work, out_dir / f"demo-{mode}.log")
+            console.print(f"{mode}: done ({runs[mode].recomputed_tokens} prompt tokens recomputed)")
+    summary = summarize(cfg, runs)
+    table = Table(title="time to first token (mean per turn, ms)")
+    table.add_column("turn", justify="right")
+    table.add_column("vLLM alone", justify="right")
+    table.add_column("vLLM + kvtier", justify="right")
+    table.add_column("speed-up", justify="right")
+    rows = [*[str(k + 1) for k in range(cfg.turns)], "overall"]
+    base = [*summary.ttft_per_turn_ms["baseline"], summary.ttft_overall_ms["baseline"]]
+    kvt = [*summary.ttft_per_turn_ms["kvtier"], summary.ttft_overall_ms["kvtier"]]
+    for label, b, k in zip(rows, base, kvt, strict=True):
+        table.add_row(label, f"{b:.0f}", f"{k:.0f}", f"{b / k:.2f}x" if k else "-")
+    console.print(table)
+    console.print(
+        f"prompt tokens recomputed: vLLM alone {summary.recomputed_tokens['baseline']}, "
+        f"with kvtier {summary.recomputed_tokens['kvtier']} (of {summary.prompt_tokens})"
+    )
+    rates = ", ".join(f"{tier} {rate:.1%}" for tier, rate in summary.hit_rate.items())
+    console.print(f"hit rate per tier (tokens looked up in kvtier): {rates}")
+    console.print(f"identical greedy outputs: {summary.identical_outputs}/{summary.requests}")
+    (out_dir / "demo.json").write_text(json.dumps(asdict(summary), indent=2))
+    plot(cfg, runs, out_dir / "demo.png")
+    console.print(f"wrote {out_dir / 'demo.json'} and {out_dir / 'demo.png'}")
+    return summary
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``kvtier demo`` (every DemoConfig field, plus the output folder)."""
+    defaults = DemoConfig()
+    for name, value in asdict(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=value)
+    parser.add_argument("--out", default="demo-out", help="folder for demo.json, demo.png, logs")
+
+
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    """The DemoConfig named by parsed ``kvtier demo`` options."""
+    return DemoConfig(**{name: getattr(args, name) for name in asdict(DemoConfig())})
+
+
+def run_cli(args: argparse.Namespace, console: Console) -> int:
+    """``kvtier demo``: run, print, write; exit status 0."""
+    run_demo(config_from_args(args), Path(args.out), console)
+    return 0
+
+
+def _child_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvtier.demo")
+    parser.add_argument("--child", choices=MODES, required=True)
+    parser.add_argument("--config-json", required=True)
+    parser.add_argument("--work", required=True)
+    args = parser.parse_args(argv)
+    cfg = DemoConfig(**json.loads(args.config_json))
+    work = Path(args.work)
+    result = run_mode(args.child, cfg, work)
+    (work / f"{args.child}.json").write_text(json.dumps(asdict(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Helpers behind the ``kvtier`` command line: benchmarks, disk-tier scans, plots."""

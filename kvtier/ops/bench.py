@@ -1,0 +1,168 @@
+"""``kvtier bench``: run the project's benchmark scripts and gather their figures.
+
+Why subprocesses: each benchmark is a standalone script under ``benchmarks/`` (one command each,
+printing ratios against a baseline measured in the same run). Running them in fresh interpreters
+keeps one benchmark's allocations, threads and CUDA state from skewing the next, and lets the CLI
+show progress and keep going when one fails.
+
+A figure is any output line of the form ``<label> ... ratio <number>`` (case-insensitive, ``=``
+or ``:`` allowed); when a script accepts ``--json PATH`` it may instead write a JSON list of
+``{"name": str, "ratio": float}`` objects there, which is preferred.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+BENCHMARKS: tuple[str, ...] = ("control_plane", "tiers", "transfer")
+"""Benchmark scripts ``benchmarks/<name>.py``, in the order ``kvtier bench`` runs them."""
+
+_RATIO = re.compile(
+    r"^\s*(?P<label>.*?\S)[\s:=,]*\bratio\b\s*[:=]?\s*(?P<value>-?\d+(?:\.\d+)?)", re.I
+)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One named ratio a benchmark reported (kvtier against the baseline of the same run)."""
+
+    name: str
+    ratio: float
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """What one benchmark script did: exit status, time taken, figures, and its full output."""
+
+    name: str
+    script: str
+    returncode: int
+    seconds: float
+    figures: tuple[Figure, ...] = field(default_factory=tuple)
+    output: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when the script exited with status 0."""
+        return self.returncode == 0
+
+
+def default_bench_dir() -> Path:
+    """``benchmarks/`` of the source checkout this package was installed from."""
+    return Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def parse_figures(output: str) -> tuple[Figure, ...]:
+    """Every ``<label> ... ratio <number>`` line of ``output``, in order."""
+    figures = []
+    for line in output.splitlines():
+        m = _RATIO.match(line)
+        if m:
+            figures.append(Figure(m.group("label").strip(" :=,"), float(m.group("value"))))
+    return tuple(figures)
+
+
+def _figures_from_json(path: Path) -> tuple[Figure, ...] | None:
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of {{name, ratio}} objects")
+    return tuple(Figure(str(item["name"]), float(item["ratio"])) for item in data)
+
+
+def run_benchmark(
+    name: str,
+    bench_dir: Path,
+    work_dir: Path,
+    extra_args: Sequence[str] = (),
+    timeout_s: float = 1800,
+) -> BenchResult:
+    """Run ``benchmarks/<name>.py`` to completion and collect what it reported."""
+    script = bench_dir / f"{name}.py"
+    if not script.is_file():
+        return BenchResult(name, str(script), 127, 0.0, (), f"benchmark script not found: {script}")
+    json_path = work_dir / f"{name}.figures.json"
+    json_path.unlink(missing_ok=True)
+    help_text = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120
+    ).stdout
+    args = [sys.executable, str(script), *extra_args]
+    if "--json" in help_text:
+        args += ["--json", str(json_path)]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s)
+        code, output = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout if isinstance(exc.stdout, str) else ""
+        code, output = 124, out + f"\ntimed out after {timeout_s:g} s"
+    seconds = time.perf_counter() - start
+    figures = _figures_from_json(json_path) or parse_figures(output)
+    return BenchResult(name, str(script), code, seconds, figures, output)
+
+
+def run_benchmarks(
+    names: Sequence[str],
+    bench_dir: Path,
+    work_dir: Path,
+    on_start: Callable[[str], None] = lambda _: None,
+    on_done: Callable[[BenchResult], None] = lambda _: None,
+) -> list[BenchResult]:
+    """Run each named benchmark in turn (unknown names are refused before anything runs)."""
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise ValueError(
+            f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}"
+        )
+    work_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in names:
+        on_start(name)
+        result = run_benchmark(name, bench_dir, work_dir)
+        on_done(result)
+        results.append(result)
+    return results
+
+
+def write_json(results: Sequence[BenchResult], path: Path) -> None:
+    """All results (figures and full outputs) as one JSON document."""
+    doc = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": []}
+    for r in results:
+        item = asdict(r)
+        item["figures"] = [asdict(f) for f in r.figures]
+        doc["results"].append(item)  # type: ignore[attr-defined]
+    path.write_text(json.dumps(doc, indent=2))
+
+
+def plot(results: Sequence[BenchResult], path: Path) -> None:
+    """A horizontal bar chart of every figure (ratio against its same-run baseline)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(f"{r.name}: {f.name}", f.ratio) for r in results for f in r.figures]
+    height = max(2.5, 0.35 * len(rows) + 1.2)
+    fig, ax = plt.subplots(figsize=(10, height))
+    if rows:
+        labels, values = zip(*rows, strict=True)
+        ax.barh(range(len(rows)), values, color="#3b7dd8")
+        ax.set_yticks(range(len(rows)), labels=[lbl[:70] for lbl in labels], fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xlabel("ratio to the baseline measured in the same run")
+    else:
+        ax.text(0.5, 0.5, "no figures reported", ha="center", va="center")
+        ax.set_axis_off()
+    ax.set_title("kvtier bench")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
