@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
@@ -37,7 +37,7 @@ class Slot:
 
     block_id: int
     state: BlockState = BlockState.RESET
-    tokens: list[int] = field(default_factory=list)
+    tokens: tuple[int, ...] = ()  # a tuple: not tracked by the GC, unlike a list per slot
     sequence_hash: int = 0
     parent_sequence_hash: int | None = None
     block_hash: int | None = None
@@ -99,7 +99,7 @@ class MutableBlock(_Handle):
 
     @property
     def tokens(self) -> tuple[int, ...]:
-        return tuple(self._slot.tokens)
+        return self._slot.tokens
 
     @property
     def block_size(self) -> int:
@@ -111,7 +111,7 @@ class MutableBlock(_Handle):
         Overfilling raises and leaves the block unchanged.
         """
         slot = self._check_alive()
-        new = list(tokens)
+        new = tuple(tokens)
         if slot.state not in (BlockState.RESET, BlockState.PARTIAL):
             raise BlockStateError(
                 f"cannot append tokens to block {slot.block_id} in state {slot.state.name}"
@@ -121,7 +121,7 @@ class MutableBlock(_Handle):
             raise BlockStateError(
                 f"block {slot.block_id} has room for {room} more tokens, got {len(new)}"
             )
-        slot.tokens.extend(new)
+        slot.tokens += new
         if len(slot.tokens) == self._pool.block_size:
             slot.state = BlockState.COMPLETE
         elif slot.tokens:
@@ -139,7 +139,7 @@ class MutableBlock(_Handle):
     def reset(self) -> None:
         """Back to RESET (contents discarded), keeping ownership of the slot."""
         slot = self._check_alive()
-        slot.tokens.clear()
+        slot.tokens = ()
         slot.state = BlockState.RESET
 
 
@@ -173,4 +173,4 @@ class ImmutableBlock(_Handle):
 
     @property
     def tokens(self) -> tuple[int, ...]:
-        return tuple(self._slot.tokens)
+        return self._slot.tokens

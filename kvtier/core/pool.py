@@ -26,6 +26,8 @@ _U64_MAX = 2**64 - 1
 
 
 def _check_hash(name: str, value: int | None, *, optional: bool = False) -> None:
+    if type(value) is int and 0 <= value <= _U64_MAX:  # the common case, checked cheaply
+        return
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _U64_MAX:
@@ -184,14 +186,19 @@ class BlockPool:
 
     def match(self, sequence_hashes: Sequence[int]) -> list[ImmutableBlock]:
         """Handles on the longest registered prefix of ``sequence_hashes`` (stops at first miss)."""
-        by_hash = self._by_hash
-        handles = []
+        get = self._by_hash.get
+        handles: list[ImmutableBlock] = []
+        append = handles.append
+        woken = 0  # blocks that go from inactive to active (inlined _acquire: this is the hot loop)
         for h in sequence_hashes:
-            slot = by_hash.get(h)
+            slot = get(h)
             if slot is None:
                 break
-            self._acquire(slot)
-            handles.append(ImmutableBlock(self, slot))
+            if not slot.ref_count:
+                woken += 1
+            slot.ref_count += 1
+            append(ImmutableBlock(self, slot))
+        self._num_inactive -= woken
         return handles
 
     def contains(self, sequence_hash: int) -> bool:
@@ -284,7 +291,7 @@ class BlockPool:
 
     def _free_slot(self, slot: Slot) -> None:
         slot.state = BlockState.RESET
-        slot.tokens = []
+        slot.tokens = ()
         del self._slots[slot.block_id]
         self._free.put(slot.block_id)
 

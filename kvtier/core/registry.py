@@ -51,7 +51,7 @@ class TierRegistry:
         if max_pending_events <= 0:
             raise ValueError(f"max_pending_events must be > 0, got {max_pending_events}")
         self._record_events = record_events
-        self._holders: dict[int, list[str]] = {}
+        self._holders: dict[int, tuple[str, ...]] = {}  # tuples of str: invisible to the GC
         self._counts: dict[str, int] = {}
         self._events: deque[TierEvent] = deque(maxlen=max_pending_events)
         self._next_event_id = 1
@@ -59,7 +59,7 @@ class TierRegistry:
 
     def tiers_of(self, sequence_hash: int) -> tuple[str, ...]:
         """Tiers holding ``sequence_hash``, sorted by name (G1, G2, G3, ...)."""
-        return tuple(self._holders.get(sequence_hash, ()))
+        return self._holders.get(sequence_hash, ())
 
     def holds(self, tier: str, sequence_hash: int) -> bool:
         return tier in self._holders.get(sequence_hash, ())
@@ -75,11 +75,10 @@ class TierRegistry:
         parent_sequence_hash: int | None = None,
         block_hash: int | None = None,
     ) -> None:
-        tiers = self._holders.setdefault(sequence_hash, [])
+        tiers = self._holders.get(sequence_hash, ())
         if tier in tiers:
             raise RegistryError(f"tier {tier!r} already holds sequence hash {sequence_hash}")
-        tiers.append(tier)
-        tiers.sort()
+        self._holders[sequence_hash] = (tier,) if not tiers else tuple(sorted((*tiers, tier)))
         self._counts[tier] = self._counts.get(tier, 0) + 1
         self._emit(
             StoreEvent(self._next_event_id, tier, sequence_hash, parent_sequence_hash, block_hash)
@@ -89,8 +88,10 @@ class TierRegistry:
         tiers = self._holders.get(sequence_hash)
         if tiers is None or tier not in tiers:
             raise RegistryError(f"tier {tier!r} does not hold sequence hash {sequence_hash}")
-        tiers.remove(tier)
-        if not tiers:
+        rest = tuple(t for t in tiers if t != tier)
+        if rest:
+            self._holders[sequence_hash] = rest
+        else:
             del self._holders[sequence_hash]
         self._counts[tier] -= 1
         self._emit(RemoveEvent(self._next_event_id, tier, sequence_hash))
