@@ -98,6 +98,31 @@ def _parse_policy(text: object) -> str:
     return word
 
 
+def _parse_port(text: object) -> int:
+    value = _parse_count(text)
+    if value > 65535:
+        raise ValueError(f"expected a TCP port 0..65535, got {text!r}")
+    return value
+
+
+def _parse_host(text: object) -> str:
+    host = str(text).strip()
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"expected a host name or IP address, got {text!r}")
+    return host
+
+
+def _parse_zmq_endpoint(text: object) -> str:
+    url = str(text).strip()
+    if not url.startswith(("tcp://", "ipc://", "inproc://")):
+        raise ValueError(f"expected a tcp://, ipc:// or inproc:// ZMQ endpoint, got {text!r}")
+    return url
+
+
+def _parse_topic(text: object) -> str:
+    return str(text)
+
+
 @dataclass(frozen=True)
 class Knob:
     """One knob: the settings field it fills and its three spellings.
@@ -129,6 +154,13 @@ class KvTierSettings:
     layerwise_onboard: bool = False
     load_failure_policy: str = "recompute"
     io_threads: int = 4
+    metrics: bool = False
+    metrics_port: int = 6880
+    metrics_host: str = "127.0.0.1"
+    events: bool = False
+    events_endpoint: str = "tcp://127.0.0.1:5557"
+    events_replay_endpoint: str | None = None
+    events_topic: str = ""
 
     def __post_init__(self) -> None:
         disk_wanted = self.disk_cache_blocks != 0 and (
@@ -239,6 +271,62 @@ KNOBS: tuple[Knob, ...] = (
         "KVTIER_IO_THREADS",
         _parse_positive,
         "Threads doing G3 disk reads and writes in each worker.",
+    ),
+    Knob(
+        "metrics",
+        "metrics",
+        "KVTIER_METRICS",
+        _parse_bool,
+        "Serve Prometheus metrics over HTTP from the engine-core process (where the scheduler "
+        "half and its counters live).",
+        "DYN_KVBM_METRICS",
+    ),
+    Knob(
+        "metrics_port",
+        "metrics_port",
+        "KVTIER_METRICS_PORT",
+        _parse_port,
+        "TCP port of the metrics endpoint (GET /metrics); 0 picks a free port.",
+        "DYN_KVBM_METRICS_PORT",
+    ),
+    Knob(
+        "metrics_host",
+        "metrics_host",
+        "KVTIER_METRICS_HOST",
+        _parse_host,
+        "Address the metrics endpoint binds; the default serves this machine only, 0.0.0.0 "
+        "serves every interface.",
+    ),
+    Knob(
+        "events",
+        "events",
+        "KVTIER_EVENTS",
+        _parse_bool,
+        "Publish KV events (vLLM's wire format: BlockStored/BlockRemoved, medium CPU for G2 and "
+        "DISK for G3) on a ZMQ PUB socket for cache-aware routers.",
+    ),
+    Knob(
+        "events_endpoint",
+        "events_endpoint",
+        "KVTIER_EVENTS_ENDPOINT",
+        _parse_zmq_endpoint,
+        "ZMQ endpoint the event publisher binds (localhost only by default; tcp://*:5557 opens "
+        "it to other hosts).",
+    ),
+    Knob(
+        "events_replay_endpoint",
+        "events_replay_endpoint",
+        "KVTIER_EVENTS_REPLAY_ENDPOINT",
+        _parse_zmq_endpoint,
+        "Optional ZMQ ROUTER endpoint answering replay requests for missed event batches "
+        "(unset: no replay).",
+    ),
+    Knob(
+        "events_topic",
+        "events_topic",
+        "KVTIER_EVENTS_TOPIC",
+        _parse_topic,
+        "Topic frame of every published event batch (empty by default, as in vLLM).",
     ),
 )
 
