@@ -39,6 +39,7 @@ import torch
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.pinned import ChunkedPinner, PinningError
+from kvtier.transfer.cuda_ids import IdRing
 from kvtier.transfer.cuda_plan import (
     Segment,
     segments_of,
@@ -78,6 +79,8 @@ class CudaCopyConfig:
     - ``staging_bytes``: device staging per direction (two slots of half each).
     - ``kernel_programs``: grid of the mapped-memory kernel (bounds the SMs it takes).
     - ``gather_programs``: grid of the device gather; 0 = one program per SM.
+    - ``dma_streams``: DMA streams per direction; runs of host rows alternate between them, so
+      one copy engine's per-copy set-up hides behind another's transfer (scattered host rows).
     """
 
     mode: str = "dma"
@@ -85,13 +88,14 @@ class CudaCopyConfig:
     staging_bytes: int = 256 << 20
     kernel_programs: int = 16
     gather_programs: int = 0
+    dma_streams: int = 2
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
         if self.gather not in _GATHERS:
             raise ValueError(f"gather must be one of {_GATHERS}, got {self.gather!r}")
-        for name in ("staging_bytes", "kernel_programs"):
+        for name in ("staging_bytes", "kernel_programs", "dma_streams"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -209,8 +213,9 @@ class _Lane:
     """One direction's streams, staging slots and the events that free them."""
 
     kernel_stream: torch.cuda.Stream
-    dma_stream: torch.cuda.Stream
+    dma_streams: list[torch.cuda.Stream]
     lock: threading.Lock
+    ids: IdRing
     staging: torch.Tensor | None = None  # [2, slot_rows, row_bytes] uint8 on the device
     slot_rows: int = 0
     slot_free: list[torch.cuda.Event | None] | None = None
@@ -262,14 +267,20 @@ class CudaCopyEngine:
         high = int(torch.cuda.Stream.priority_range()[1])  # type: ignore[call-arg]
         with torch.cuda.device(dev):
             self._sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
+            k = self.config.dma_streams
             self._lanes = {
-                True: _Lane(_stream(dev), _stream(dev), threading.Lock()),
+                True: _Lane(
+                    _stream(dev), [_stream(dev) for _ in range(k)], threading.Lock(), IdRing(dev)
+                ),
                 False: _Lane(
                     _stream(dev, high),
-                    _stream(dev, high),
+                    [_stream(dev, high) for _ in range(k)],
                     threading.Lock(),
+                    IdRing(dev),
                 ),
             }
+            for lane in self._lanes.values():
+                lane.ids.reserve()
         self._closing.clear()
         self._started = True
 
@@ -284,7 +295,8 @@ class CudaCopyEngine:
         self._waiters.clear()
         for lane in self._lanes.values():
             lane.kernel_stream.synchronize()
-            lane.dma_stream.synchronize()
+            for ds in lane.dma_streams:
+                ds.synchronize()
         self._lanes = {}
         self._segments.clear()
         self._started = False
@@ -354,7 +366,7 @@ class CudaCopyEngine:
         if not dids:
             with torch.cuda.device(self.device):
                 ev = _new_event()
-                ev.record(self._lanes[to_host].dma_stream)
+                ev.record(self._lanes[to_host].kernel_stream)
             handle._set([ev] * handle.num_layers, ev, [])
             return handle
         if isinstance(gate, threading.Event) and not gate.is_set():
@@ -413,7 +425,8 @@ class CudaCopyEngine:
         except Exception as exc:
             # Let whatever was enqueued drain so that a failed handle means "nothing moves".
             lane.kernel_stream.synchronize()
-            lane.dma_stream.synchronize()
+            for ds in lane.dma_streams:
+                ds.synchronize()
             direction = CopyDirection.D2H if to_host else CopyDirection.H2D
             err = CopyError(
                 f"{direction} copy of device blocks {list(dids)} / host blocks {list(hids)} "
@@ -446,11 +459,6 @@ class CudaCopyEngine:
             self._segments[id(device)] = hit
         return hit[1]
 
-    def _ids(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Upload ids on the current stream; returns (device tensor, pinned source to keep)."""
-        src = torch.tensor(ids, dtype=torch.int64).pin_memory()
-        return src.to(self.device, non_blocking=True), src
-
     def _host_runs(
         self, host: HostStorage, hids: Sequence[int], offset: int
     ) -> list[tuple[int, int, int]]:
@@ -475,7 +483,8 @@ class CudaCopyEngine:
         if lane.staging is None or lane.staging.shape[2] != row_bytes:
             if lane.staging is not None:
                 lane.kernel_stream.synchronize()
-                lane.dma_stream.synchronize()
+                for ds in lane.dma_streams:
+                    ds.synchronize()
             rows = max(1, self.config.staging_bytes // 2 // row_bytes)
             lane.staging = torch.empty((2, rows, row_bytes), dtype=torch.uint8, device=self.device)
             lane.slot_rows = rows
@@ -528,15 +537,15 @@ class CudaCopyEngine:
     ) -> None:
         staging, slot_rows = self._staging(lane, host.block_bytes)
         assert lane.slot_free is not None
-        ks, ds = lane.kernel_stream, lane.dma_stream
+        ks, dss = lane.kernel_stream, lane.dma_streams
+        ds = dss[0]  # joins the others before it records anything that frees a slot
         nl = handle.num_layers
         keep: list[Any] = []
+        didx_all = lane.ids.upload(dids, ks)  # before the gate: the upload never waits on it
         if gate is not None:
             ks.wait_event(gate)
-            ds.wait_event(gate)
-        with torch.cuda.stream(ks):
-            didx_all, src = self._ids(dids)
-        keep += [didx_all, src]
+            for d in dss:
+                d.wait_event(gate)
         layer_events = [_new_event() for _ in range(nl)]
         released = _new_event()
         n = len(dids)
@@ -558,10 +567,13 @@ class CudaCopyEngine:
                     gathered.record()
                     if last:
                         released.record()
-                ds.wait_event(gathered)
-                with torch.cuda.stream(ds):
-                    for h, j, c in runs:
+                for d in dss:
+                    d.wait_event(gathered)
+                for i, (h, j, c) in enumerate(runs):
+                    with torch.cuda.stream(dss[i % len(dss)]):
                         host.rows[h : h + c].copy_(stg[j : j + c], non_blocking=True)
+                self._join(dss)
+                with torch.cuda.stream(ds):
                     freed = _new_event()
                     freed.record()
                     if last:
@@ -569,10 +581,13 @@ class CudaCopyEngine:
                             ev.record()
             else:
                 if free is not None:
-                    ds.wait_event(free)
-                with torch.cuda.stream(ds):
-                    for h, j, c in runs:
+                    for d in dss:
+                        d.wait_event(free)
+                for i, (h, j, c) in enumerate(runs):
+                    with torch.cuda.stream(dss[i % len(dss)]):
                         stg[j : j + c].copy_(host.rows[h : h + c], non_blocking=True)
+                self._join(dss)
+                with torch.cuda.stream(ds):
                     landed = _new_event()
                     landed.record()
                     if last:
@@ -586,6 +601,14 @@ class CudaCopyEngine:
                     freed.record()
             lane.slot_free[slot] = freed
         handle._set(layer_events, released, keep)
+
+    @staticmethod
+    def _join(streams: list[torch.cuda.Stream]) -> None:
+        """Make ``streams[0]`` wait for everything enqueued so far on the others."""
+        for other in streams[1:]:
+            ev = _new_event()
+            ev.record(other)
+            streams[0].wait_event(ev)
 
     def _enqueue_kernel(
         self,
@@ -603,14 +626,14 @@ class CudaCopyEngine:
         segs = self._segs(device)
         assert segs is not None
         ks = lane.kernel_stream
+        didx = lane.ids.upload(dids, ks)
+        hidx = lane.ids.upload(hids, ks)
         if gate is not None:
             ks.wait_event(gate)
         layer_events = [_new_event() for _ in range(handle.num_layers)]
         rows_w = host.rows.view(-1).view(torch.int32)
         row_words = host.block_bytes // 4
         with torch.cuda.stream(ks):
-            didx, dsrc = self._ids(dids)
-            hidx, hsrc = self._ids(hids)
             done_upto = 0
             for seg in segs:
                 launch_segment(
@@ -626,4 +649,4 @@ class CudaCopyEngine:
                     layer_events[done_upto].record()
                     done_upto += 1
         released = layer_events[-1]
-        handle._set(layer_events, released, [didx, dsrc, hidx, hsrc])
+        handle._set(layer_events, released, [])

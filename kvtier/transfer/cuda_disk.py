@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage
@@ -97,7 +99,10 @@ class DiskToDeviceLoader:
         if self._thread is not None:
             return
         g = self.config.group_blocks
-        self._bounce = HostStorage(2 * g, self.disk.block_bytes, pin_memory=True)
+        # Page-locked whenever CUDA exists (the CUDA engine refuses anything else); plain memory
+        # only on a machine without CUDA, where the engine is the CPU one.
+        pin = torch.cuda.is_available()
+        self._bounce = HostStorage(2 * g, self.disk.block_bytes, pin_memory=pin)
         self._bounce.allocate()
         self._pool = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="kvtier-dread")
         self._thread = threading.Thread(target=self._run, name="kvtier-disk2dev", daemon=True)

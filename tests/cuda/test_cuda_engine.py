@@ -157,7 +157,7 @@ def test_bad_batches_are_refused_at_submit() -> None:
 
 
 def test_not_started_engine_refuses() -> None:
-    dev = gpu_device("block_first", MODEL, 2, seed=1)
-    host = pinned_host(2, dev.layout.block_bytes)
+    dev = gpu_device("block_first", MODEL, 3, seed=1)
+    host = pinned_host(3, dev.layout.block_bytes)
     with pytest.raises(RuntimeError, match="not started"):
         CudaCopyEngine().device_to_host(dev, host, [0], [0])
