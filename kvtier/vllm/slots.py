@@ -207,6 +207,7 @@ class FrequencyFilter:
         self._clock = clock
         self._decay_s = decay_s
         self._counts: dict[int, tuple[int, float]] = {}
+        self.rejections = 0  # sightings that did not admit the block (read by metrics)
 
     def sighting(self, seq_hash: int) -> bool:
         """Record one sighting; return True when the block should go to G3."""
@@ -217,6 +218,8 @@ class FrequencyFilter:
         count = max(0, count - int((now - last) // self._decay_s))
         count = 1 if count == 0 else count * 2
         self._counts[seq_hash] = (count, now)
+        if count < 2:
+            self.rejections += 1
         return count >= 2
 
     def forget(self, seq_hash: int) -> None:

@@ -20,6 +20,7 @@ Ordering rules (where the races hide):
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +40,8 @@ from kvtier.transfer.engine import CopyFuture, CopyHandle, TorchCopyEngine
 from kvtier.vllm.metadata import LoadJob, StepPlan, WorkerReport
 
 __all__ = ["KvTierWorker", "WorkerConfig"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,8 @@ class KvTierWorker:
         self._device = DeviceStorage.wrap(kv_caches, layout)
         if self.config.host_blocks:
             self._host = HostStorage(self.config.host_blocks, layout.block_bytes)
-            self._host.allocate()
+            with torch.inference_mode(False):
+                self._host.allocate()
         self._engine = TorchCopyEngine()
         self._engine.start()
         self._onboarder = ThreadPoolExecutor(1, thread_name_prefix="kvtier-onboard")
@@ -219,9 +223,11 @@ class KvTierWorker:
         pending: list[tuple[int, Future[BlockHeader | None]]] = []
         for h, fut in self._writes:
             if fut.done():
-                if fut.exception() is None:
+                err = fut.exception()
+                if err is None:
                     self._report.disk_stored.append(h)
                 else:
+                    logger.warning("kvtier: G3 write of block %016x failed: %s", h, err)
                     self._report.disk_store_failed.append(h)
             else:
                 pending.append((h, fut))
@@ -329,11 +335,16 @@ class KvTierWorker:
         if from_gpu and io is not None and not step_failed:
             assert self._engine is not None and self._device is not None
             staging = HostStorage(len(from_gpu), self._device.layout.block_bytes)
-            staging.allocate()
+            # The copy thread runs outside vLLM's inference mode: no inference tensors there.
+            with torch.inference_mode(False):
+                staging.allocate()
             handle = self._engine.device_to_host(
                 self._device, staging, [w.gpu_block for w in from_gpu], list(range(len(from_gpu)))
             )
-            gpu_ok = handle.wait() is None
+            err = handle.wait()
+            gpu_ok = err is None
+            if err is not None:
+                logger.warning("kvtier: staging copy for G3 writes failed: %s", err)
         gpu_row = {w.seq_hash: i for i, w in enumerate(from_gpu)}
         for w in plan.disk_writes:
             row: torch.Tensor | None = None
@@ -345,6 +356,9 @@ class KvTierWorker:
             elif gpu_ok and staging is not None:
                 row = staging.row(gpu_row[w.seq_hash])
             if row is None or io is None:
+                logger.warning(
+                    "kvtier: G3 write of block %016x skipped: its source copy failed", w.seq_hash
+                )
                 self._report.disk_store_failed.append(w.seq_hash)
                 continue
             (fut,) = io.write([w.seq_hash], [row], [w.parent_hash], [0])
