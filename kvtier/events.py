@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -30,10 +30,16 @@ from typing import Any
 import msgpack
 import zmq
 
+from kvtier.core.registry import RemoveEvent, StoreEvent, TierEvent
+
 MEDIUM_HOST = "CPU"
 """Medium of G2 (pinned host memory) in events, as vLLM names its CPU offload tier."""
 MEDIUM_DISK = "DISK"
 """Medium of G3 (the disk tier) in events, as Dynamo's KVBM names it."""
+MEDIUM_DEVICE = "GPU"
+"""Medium of G1 (vLLM publishes its own G1 events; kvtier's are off by default)."""
+TIER_MEDIUM: dict[str, str] = {"G1": MEDIUM_DEVICE, "G2": MEDIUM_HOST, "G3": MEDIUM_DISK}
+"""Medium of each registry tier name."""
 END_SEQ = -1
 """Sequence number of the replay socket's end-of-replay marker."""
 
@@ -50,7 +56,11 @@ def _check_hashes(name: str, hashes: Sequence[int]) -> None:
 
 @dataclass(frozen=True)
 class BlockStored:
-    """Blocks now held by ``medium``; ``token_ids`` are all their tokens, block after block."""
+    """Blocks now held by ``medium``; ``token_ids`` are all their tokens, block after block.
+
+    ``token_ids`` is empty when the publisher does not know the tokens (kvtier's tiers store
+    blocks by sequence hash; the connector fills the tokens in when it has them).
+    """
 
     block_hashes: tuple[int, ...]
     parent_block_hash: int | None
@@ -63,7 +73,7 @@ class BlockStored:
         _check_hashes("BlockStored", self.block_hashes)
         if self.block_size <= 0:
             raise ValueError(f"BlockStored: block_size must be positive, got {self.block_size}")
-        if len(self.token_ids) != len(self.block_hashes) * self.block_size:
+        if self.token_ids and len(self.token_ids) != len(self.block_hashes) * self.block_size:
             raise ValueError(
                 f"BlockStored: {len(self.token_ids)} token ids for {len(self.block_hashes)} "
                 f"blocks of {self.block_size} tokens"
@@ -166,6 +176,61 @@ def decode_batch(payload: bytes) -> EventBatch:
     return EventBatch(
         ts=float(obj[0]), events=tuple(_event_from_wire(e) for e in obj[1]), data_parallel_rank=rank
     )
+
+
+def events_from_tier_events(
+    tier_events: Iterable[TierEvent],
+    block_size: int,
+    tokens_of: Callable[[int], Sequence[int] | None] | None = None,
+    tiers: Collection[str] = ("G2", "G3"),
+) -> list[KvEvent]:
+    """Map the registry's Store/Remove events to wire events, order kept.
+
+    Consecutive stores in one tier that form a chain (each one's parent is the previous one's
+    hash) become one ``BlockStored`` whose ``parent_block_hash`` is the first one's parent, as
+    vLLM batches a request's blocks; consecutive removes in one tier become one
+    ``BlockRemoved``. ``tokens_of(sequence_hash)`` gives a block's tokens when known; the batch
+    carries token ids only when every block's are known. Tiers not in ``tiers`` are left out
+    (G1 by default: vLLM publishes its own).
+    """
+    out: list[KvEvent] = []
+    run: list[TierEvent] = []
+
+    def flush() -> None:
+        if not run:
+            return
+        first = run[0]
+        medium = TIER_MEDIUM.get(first.tier, first.tier)
+        hashes = tuple(e.sequence_hash for e in run)
+        if isinstance(first, RemoveEvent):
+            out.append(BlockRemoved(hashes, medium))
+        else:
+            tokens: list[int] = []
+            for h in hashes:
+                got = tokens_of(h) if tokens_of is not None else None
+                if got is None or len(got) != block_size:
+                    tokens = []
+                    break
+                tokens.extend(got)
+            out.append(
+                BlockStored(hashes, first.parent_sequence_hash, tuple(tokens), block_size, medium)
+            )
+        run.clear()
+
+    for ev in tier_events:
+        if ev.tier not in tiers:
+            continue
+        if run:
+            last = run[-1]
+            same_kind = type(last) is type(ev) and last.tier == ev.tier
+            chained = (
+                not isinstance(ev, StoreEvent) or ev.parent_sequence_hash == last.sequence_hash
+            )
+            if not (same_kind and chained):
+                flush()
+        run.append(ev)
+    flush()
+    return out
 
 
 @dataclass(frozen=True)

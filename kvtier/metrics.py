@@ -13,6 +13,7 @@ What is measured (label values in brackets):
 - ``kvtier_pool_blocks`` [tier, state]: pool occupancy (in_use / inactive / free);
 - ``kvtier_disk_filter_rejections_total``: G2 -> G3 offloads refused by the frequency filter;
 - ``kvtier_load_errors_total`` [tier]: blocks whose load failed (recomputed, never served);
+  tier ``unknown`` when the reporter does not know the source (the vLLM workers' reports);
 - ``kvtier_pinned_bytes``: host memory page-locked for G2.
 
 The Dynamo KVBM names (``kvbm_offload_blocks_d2h`` ...) are exported beside them, so dashboards
@@ -43,6 +44,8 @@ TIERS: tuple[str, ...] = ("device", "host", "disk")
 """Tiers as metric labels: G1, G2, G3."""
 MATCH_TIERS: tuple[str, ...] = ("host", "disk")
 """Tiers a lookup can match in (G1 hits are the engine's own prefix cache)."""
+ERROR_TIERS: tuple[str, ...] = ("host", "disk", "unknown")
+"""Sources of a failed load as metric labels (``unknown``: the reporter does not say)."""
 POOL_STATES: tuple[str, ...] = ("in_use", "inactive", "free")
 """Block states of a pool: referenced, registered but unreferenced (matchable), empty."""
 
@@ -187,7 +190,7 @@ class KvTierMetrics:
         )
         self._load_errors = Counter(
             "kvtier_load_errors",
-            "Blocks whose load failed and were recomputed, per source tier.",
+            "Blocks whose load failed (the engine recomputes them), per source tier.",
             ["tier"],
             registry=reg,
         )
@@ -221,6 +224,7 @@ class KvTierMetrics:
             self._latency.labels(path)
         for tier in MATCH_TIERS:
             self._matched.labels(tier)
+        for tier in ERROR_TIERS:
             self._load_errors.labels(tier)
         for tier in TIERS:
             for state in POOL_STATES:
@@ -269,8 +273,8 @@ class KvTierMetrics:
         self._rejections.inc(count)
 
     def record_load_errors(self, tier: str, blocks: int) -> None:
-        """``blocks`` blocks whose load from ``tier`` failed (reported to the engine as errors)."""
-        _check_label("tier", tier, MATCH_TIERS)
+        """``blocks`` blocks whose load from ``tier`` failed (the engine recomputes them)."""
+        _check_label("tier", tier, ERROR_TIERS)
         _check_count("blocks", blocks)
         self._load_errors.labels(tier).inc(blocks)
 

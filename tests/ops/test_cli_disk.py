@@ -107,8 +107,10 @@ def test_fsck_catches_a_renamed_block(tmp_path: Path) -> None:
     assert bad.reason == "holds sequence hash 0000000000000001, named 0000000000000002.kvb"
 
 
-def test_cli_inspect_and_fsck(tier: tuple[Path, DiskStorage], capsys: pytest.CaptureFixture[str]) -> None:
-    root, disk = tier
+def test_cli_inspect_and_fsck(
+    tier: tuple[Path, DiskStorage], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, _ = tier
     out_json = root / "inspect.json"
     assert main(["inspect", str(root), "--json", str(out_json)]) == 0
     text = capsys.readouterr().out
@@ -125,7 +127,9 @@ def test_cli_inspect_and_fsck(tier: tuple[Path, DiskStorage], capsys: pytest.Cap
     assert "checked 7 block files: 7 good, 0 bad" in capsys.readouterr().out
 
 
-def test_cli_refuses_a_missing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_refuses_a_missing_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["fsck", str(tmp_path / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().out
     (tmp_path / "file").write_text("x")

@@ -180,3 +180,57 @@ def test_bind_failure_is_a_clear_error() -> None:
         taken = first.endpoint
         with pytest.raises(OSError, match="cannot bind KV event sockets"):
             KvEventPublisher(EventsConfig(endpoint=taken)).start()
+
+
+def test_registry_events_map_to_wire_events_in_order() -> None:
+    from kvtier.core.registry import TierRegistry
+    from kvtier.events import events_from_tier_events
+
+    reg = TierRegistry()
+    reg.record_store("G1", 10, None)  # G1: vLLM publishes its own, left out
+    reg.record_store("G2", 10, None)
+    reg.record_store("G2", 11, 10)
+    reg.record_store("G2", 12, 11)
+    reg.record_store("G2", 20, None)  # a new chain: a new batch
+    reg.record_store("G3", 10, None)
+    reg.record_remove("G2", 12)
+    reg.record_remove("G2", 20)
+    reg.record_remove("G3", 10)
+    tokens = {10: [1, 2], 11: [3, 4], 12: [5, 6]}
+    got = events_from_tier_events(reg.drain_events(), block_size=2, tokens_of=tokens.get)
+    assert got == [
+        BlockStored((10, 11, 12), None, (1, 2, 3, 4, 5, 6), 2, MEDIUM_HOST),
+        BlockStored((20,), None, (), 2, MEDIUM_HOST),  # tokens unknown: none sent
+        BlockStored((10,), None, (1, 2), 2, MEDIUM_DISK),
+        BlockRemoved((12, 20), MEDIUM_HOST),
+        BlockRemoved((10,), MEDIUM_DISK),
+    ]
+
+
+def test_events_of_a_real_registry_reach_a_subscriber() -> None:
+    from kvtier.core.pool import BlockPool
+    from kvtier.core.registry import TierRegistry
+    from kvtier.events import events_from_tier_events
+
+    reg = TierRegistry()
+    pool = BlockPool(2, block_size=4, tier="G2", registry=reg)
+    (blk,) = pool.allocate(1) or []
+    blk.append_tokens([1, 2, 3, 4])
+    pub = KvEventPublisher(EventsConfig(endpoint="tcp://127.0.0.1:0")).start()
+    with pub, KvEventSubscriber(pub.endpoint) as sub:
+        for _ in range(100):  # until the subscription has propagated
+            pub.publish([AllBlocksCleared()])
+            if sub.receive(0.05) is not None:
+                break
+        while sub.receive(0.2) is not None:
+            pass
+        imm = pool.register(blk, 0xABC)
+        pool.release(imm)
+        assert pool.remove(0xABC)
+        for ev in events_from_tier_events(reg.drain_events(), block_size=4):
+            pub.publish([ev])
+        first, second = sub.receive(5.0), sub.receive(5.0)
+        assert first is not None and second is not None
+        assert first.batch.events == (BlockStored((0xABC,), None, (), 4, MEDIUM_HOST),)
+        assert second.batch.events == (BlockRemoved((0xABC,), MEDIUM_HOST),)
+        assert second.seq == first.seq + 1 and sub.gaps == []

@@ -72,7 +72,7 @@ def test_pool_filter_errors_pinned() -> None:
     m.set_pinned_bytes(1 << 30)
     assert value(m, "kvtier_disk_filter_rejections_total") == 4
     assert value(m, "kvtier_load_errors_total", tier="disk") == 2
-    assert value(m, "kvtier_load_errors_total", tier="host") == 0
+    assert value(m, "kvtier_load_errors_total", tier="unknown") == 0
     assert value(m, "kvtier_pinned_bytes") == 1 << 30
 
 
