@@ -32,6 +32,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.config import ModelConfig
+from kvtier.ops.telemetry import ConnectorTelemetry
 from kvtier.settings import KvTierSettings, load_settings
 from kvtier.vllm.metadata import StepPlan, WorkerReport
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
@@ -114,6 +115,7 @@ class KvTierConnector(KVConnectorBase_V1):
         self.disk_blocks = self.settings.disk_blocks(self.model.block_bytes)
         self.scheduler: KvTierScheduler | None = None
         self.worker: KvTierWorker | None = None
+        self.telemetry: ConnectorTelemetry | None = None
         if role == KVConnectorRole.SCHEDULER:
             # A failed kvtier load is a cache miss: vLLM recomputes unless told to fail.
             self._kv_transfer_config.kv_load_failure_policy = (
@@ -128,6 +130,15 @@ class KvTierConnector(KVConnectorBase_V1):
                     layerwise_onboard=self.settings.layerwise_onboard,
                     num_workers=world,
                 )
+            )
+            # Metrics and KV events live with the scheduler half (engine-core process); started
+            # on the first step, fed with every plan and worker report (kvtier.ops.telemetry).
+            self.telemetry = ConnectorTelemetry(
+                self.settings,
+                block_size=self.model.block_size,
+                block_bytes=self.model.block_bytes,
+                num_workers=world,
+                data_parallel_rank=vllm_config.parallel_config.data_parallel_rank,
             )
         else:
             from kvtier.vllm.worker import KvTierWorker, WorkerConfig
@@ -215,6 +226,8 @@ class KvTierConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self.worker is not None:
             self.worker.close()
+        if self.telemetry is not None:
+            self.telemetry.close()
 
     # -- scheduler side -------------------------------------------------------------------------
 
@@ -263,13 +276,20 @@ class KvTierConnector(KVConnectorBase_V1):
         plan = self._sched().build_step_plan(
             new, cached_rows, scheduler_output.num_scheduled_tokens
         )
+        if self.telemetry is not None:
+            if self.telemetry.server is None and self.telemetry.publisher is None:
+                self.telemetry.start()
+            self.telemetry.on_plan(plan)
         return KvTierConnectorMetadata(plan)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         sched = self._sched()
         meta = connector_output.kv_connector_worker_meta
-        if isinstance(meta, KvTierWorkerMetadata):
-            sched.process_reports(meta.reports)
+        reports = meta.reports if isinstance(meta, KvTierWorkerMetadata) else []
+        if reports:
+            sched.process_reports(reports)
+        if self.telemetry is not None:
+            self.telemetry.on_reports(reports, sched)
         if connector_output.finished_sending:
             sched.finished_sending(connector_output.finished_sending)
 

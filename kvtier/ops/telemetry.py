@@ -1,0 +1,297 @@
+"""Metrics and KV events of the vLLM connector, fed from the plans and reports it already has.
+
+Why here, and why from plans and reports: in vLLM's multi-process engine the workers may live in
+other processes than the scheduler, and the scheduler half (in the engine-core process) is the
+one place that sees everything: every copy it plans (``StepPlan``) and every completion the
+workers report (``WorkerReport``). So the metrics server and the event publisher run there, next
+to the scheduler half, and take their figures from those two plain-data messages; nothing extra
+crosses a process boundary. The same design holds for one worker or many (tensor parallel): a
+copy counts once all workers reported it.
+
+What is derived:
+
+- blocks, bytes and latency per path: a copy counts when the last worker reports it; its latency
+  is from the step that planned it to that report (what the engine waits, queueing included);
+- lookups and matched tokens: from the scheduler half's counters (deltas per step);
+- occupancy per tier (in use = pinned by a copy, inactive = matchable, free), refreshed at most
+  once per ``occupancy_interval_s``;
+- events: ``BlockStored`` when a G2 store or G3 write lands; ``BlockRemoved`` when a G2 slot is
+  reused for another block (eviction), a G3 block is deleted, or a G3 block read back corrupt.
+
+No torch (this runs in the scheduler half).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol
+
+from kvtier.events import (
+    MEDIUM_DISK,
+    MEDIUM_HOST,
+    BlockRemoved,
+    BlockStored,
+    EventsConfig,
+    KvEvent,
+    KvEventPublisher,
+)
+from kvtier.metrics import KvTierMetrics, MetricsConfig, MetricsServer
+from kvtier.settings import KvTierSettings
+from kvtier.vllm.metadata import StepPlan, WorkerReport
+
+
+class _Counters(Protocol):
+    lookup_blocks: int
+    host_hit_blocks: int
+    disk_hit_blocks: int
+    load_failures: int
+
+
+class _Index(Protocol):
+    num_slots: int
+
+    def __len__(self) -> int: ...
+
+    @property
+    def num_pinned(self) -> int: ...
+
+
+class _Filter(Protocol):
+    rejections: int
+
+
+class SchedulerView(Protocol):
+    """What telemetry reads from the scheduler half (``KvTierScheduler`` has all of it)."""
+
+    @property
+    def counters(self) -> _Counters: ...
+
+    @property
+    def host(self) -> _Index: ...
+
+    @property
+    def disk(self) -> _Index: ...
+
+    @property
+    def filter(self) -> _Filter: ...
+
+
+@dataclass
+class _Pending:
+    started: float
+    reports: int = 0
+    failed: bool = False
+    host_blocks: int = 0
+    disk_blocks: int = 0
+    parent: int | None = None
+    from_host: bool = False
+
+
+class ConnectorTelemetry:
+    """Metrics server + event publisher of one connector (scheduler role).
+
+    ``metrics`` always counts (cheap); it is served only when ``settings.metrics`` is on, and
+    events are published only when ``settings.events`` is on. Constructing it does nothing;
+    :meth:`start` binds the ports.
+    """
+
+    def __init__(
+        self,
+        settings: KvTierSettings,
+        *,
+        block_size: int,
+        block_bytes: int,
+        num_workers: int = 1,
+        data_parallel_rank: int = 0,
+        occupancy_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.metrics = KvTierMetrics(clock=clock)
+        self._settings = settings
+        self._block_size = block_size
+        self._block_bytes = block_bytes
+        self._workers = num_workers
+        self._dp_rank = data_parallel_rank
+        self._interval = occupancy_interval_s
+        self._clock = clock
+        self.server: MetricsServer | None = None
+        self.publisher: KvEventPublisher | None = None
+        self._loads: dict[int, _Pending] = {}
+        self._host: dict[int, _Pending] = {}
+        self._disk: dict[int, _Pending] = {}
+        self._host_slot_hash: dict[int, int] = {}
+        self._host_announced: set[int] = set()
+        self._disk_announced: set[int] = set()
+        self._last: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+        self._last_occupancy = float("-inf")
+
+    def start(self) -> ConnectorTelemetry:
+        """Serve metrics and open the event socket, as the settings ask."""
+        s = self._settings
+        if s.metrics and self.server is None:
+            cfg = MetricsConfig(enabled=True, port=s.metrics_port, host=s.metrics_host)
+            self.server = MetricsServer(self.metrics, cfg).start()
+        if s.events and self.publisher is None:
+            ecfg = EventsConfig(
+                endpoint=s.events_endpoint,
+                replay_endpoint=s.events_replay_endpoint,
+                topic=s.events_topic,
+                data_parallel_rank=self._dp_rank,
+            )
+            try:
+                self.publisher = KvEventPublisher(ecfg).start()
+            except OSError:
+                self.close()
+                raise
+        return self
+
+    def close(self) -> None:
+        """Stop serving and publishing. Safe to call twice."""
+        if self.publisher is not None:
+            self.publisher.close()
+            self.publisher = None
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    def __enter__(self) -> ConnectorTelemetry:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- feeding ------------------------------------------------------------------------------
+
+    def on_plan(self, plan: StepPlan) -> None:
+        """Note the copies one step plans (call with every plan sent to the workers)."""
+        now = self._clock()
+        events: list[KvEvent] = []
+        for job in plan.loads:
+            self._loads[job.job_id] = _Pending(
+                now, host_blocks=len(job.host_slots), disk_blocks=len(job.disk_hashes)
+            )
+        evicted: list[int] = []
+        for slot, h in zip(plan.stores.host_slots, plan.stores.hashes, strict=True):
+            old = self._host_slot_hash.get(slot)
+            if old is not None and old != h and old in self._host_announced:
+                self._host_announced.discard(old)
+                evicted.append(old)
+            self._host_slot_hash[slot] = h
+            self._host[h] = _Pending(now)
+        if evicted:
+            events.append(BlockRemoved(tuple(evicted), MEDIUM_HOST))
+        for w in plan.disk_writes:
+            self._disk[w.seq_hash] = _Pending(now, parent=w.parent_hash, from_host=w.host_slot >= 0)
+        gone = [h for h in plan.disk_deletes if h in self._disk_announced]
+        if gone:
+            self._disk_announced.difference_update(gone)
+            events.append(BlockRemoved(tuple(gone), MEDIUM_DISK))
+        self._publish(events)
+
+    def on_reports(self, reports: Sequence[WorkerReport], scheduler: SchedulerView) -> None:
+        """Count what the workers finished, then refresh the scheduler-derived figures."""
+        now = self._clock()
+        events: list[KvEvent] = []
+        stored_host: list[int] = []
+        for r in reports:
+            for job_id in r.loads_done:
+                p = self._landed(self._loads, job_id)
+                if p is not None:
+                    if p.host_blocks:
+                        self._transfer("host_to_device", p.host_blocks, now - p.started)
+                    if p.disk_blocks:
+                        self._transfer("disk_to_device", p.disk_blocks, now - p.started)
+            for h in r.host_stored:
+                p = self._landed(self._host, h)
+                if p is not None and not p.failed:
+                    self._transfer("device_to_host", 1, now - p.started)
+                    self._host_announced.add(h)
+                    stored_host.append(h)
+            for h in r.host_store_failed:
+                self._fail(self._host, h)
+            for h in r.disk_stored:
+                p = self._landed(self._disk, h)
+                if p is not None and not p.failed:
+                    path = "host_to_disk" if p.from_host else "device_to_disk"
+                    self._transfer(path, 1, now - p.started)
+                    self._disk_announced.add(h)
+                    events.append(BlockStored((h,), p.parent, (), self._block_size, MEDIUM_DISK))
+            for h in r.disk_store_failed:
+                self._fail(self._disk, h)
+            bad = [h for h in r.disk_bad if h in self._disk_announced]
+            if bad:
+                self._disk_announced.difference_update(bad)
+                events.append(BlockRemoved(tuple(bad), MEDIUM_DISK))
+            if r.restored:
+                fresh = [h for h in r.restored if h not in self._disk_announced]
+                self._disk_announced.update(fresh)
+                events.extend(
+                    BlockStored((h,), None, (), self._block_size, MEDIUM_DISK) for h in fresh
+                )
+        if stored_host:
+            events.insert(
+                0, BlockStored(tuple(stored_host), None, (), self._block_size, MEDIUM_HOST)
+            )
+        self._publish(events)
+        self._observe(scheduler, now)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _landed(self, table: dict[int, _Pending], key: int) -> _Pending | None:
+        """Count one worker's report; return the entry once every worker reported it."""
+        p = table.get(key)
+        if p is None:
+            return None
+        p.reports += 1
+        if p.reports < self._workers:
+            return None
+        del table[key]
+        return p
+
+    def _fail(self, table: dict[int, _Pending], key: int) -> None:
+        p = table.get(key)
+        if p is not None:
+            p.failed = True
+            self._landed(table, key)
+
+    def _transfer(self, path: str, blocks: int, seconds: float) -> None:
+        nbytes = blocks * self._block_bytes * self._workers
+        self.metrics.record_transfer(path, blocks, nbytes, max(0.0, seconds))
+
+    def _observe(self, scheduler: SchedulerView, now: float) -> None:
+        c = scheduler.counters
+        cur = (
+            c.lookup_blocks,
+            c.host_hit_blocks,
+            c.disk_hit_blocks,
+            c.load_failures,
+            scheduler.filter.rejections,
+        )
+        d = [a - b for a, b in zip(cur, self._last, strict=True)]
+        self._last = cur
+        looked, host, disk, errors, rejected = d
+        if looked or host or disk:
+            # A lookup and the allocation that loads its hits fall in the same step; clamp in
+            # case a retried lookup was counted without its hits, or the other way round.
+            self.metrics.record_lookup(max(looked, host + disk), host, disk, self._block_size)
+        if errors:
+            self.metrics.record_load_errors("unknown", errors)
+        if rejected:
+            self.metrics.record_filter_rejections(rejected)
+        if now - self._last_occupancy >= self._interval:
+            self._last_occupancy = now
+            for tier, index in (("host", scheduler.host), ("disk", scheduler.disk)):
+                held, pinned = len(index), index.num_pinned
+                self.metrics.set_pool_occupancy(tier, pinned, held - pinned, index.num_slots - held)
+
+    def _publish(self, events: list[KvEvent]) -> None:
+        if events and self.publisher is not None:
+            self.publisher.publish(events)

@@ -1,0 +1,142 @@
+"""Connector telemetry: metrics and events derived from step plans and worker reports."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from kvtier.events import MEDIUM_DISK, MEDIUM_HOST, BlockRemoved, BlockStored, KvEventSubscriber
+from kvtier.ops.telemetry import ConnectorTelemetry
+from kvtier.settings import load_settings
+from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, StoreBatch, WorkerReport
+from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(workers: int = 1, **env: str) -> tuple[ConnectorTelemetry, KvTierScheduler, Clock]:
+    clock = Clock()
+    settings = load_settings({}, {"KVTIER_METRICS_PORT": "0", **env})
+    sched = KvTierScheduler(SchedulerConfig(block_size=4, host_blocks=2, disk_blocks=4))
+    tel = ConnectorTelemetry(
+        settings, block_size=4, block_bytes=1000, num_workers=workers, clock=clock
+    )
+    return tel, sched, clock
+
+
+def sample(tel: ConnectorTelemetry, name: str, **labels: str) -> float | None:
+    return tel.metrics.registry.get_sample_value(name, labels)
+
+
+def test_transfers_count_once_all_workers_report_with_plan_to_report_latency() -> None:
+    tel, sched, clock = make(workers=2)
+    tel.on_plan(
+        StepPlan(
+            step=1,
+            loads=[
+                LoadJob(
+                    7,
+                    0,
+                    True,
+                    host_slots=[0, 1],
+                    host_gpu_blocks=[5, 6],
+                    disk_hashes=[33],
+                    disk_gpu_blocks=[7],
+                )
+            ],
+            stores=StoreBatch(gpu_blocks=[1, 2], host_slots=[0, 1], hashes=[11, 12]),
+            disk_writes=[DiskWrite(11, None, host_slot=0), DiskWrite(13, 12, gpu_block=3)],
+        )
+    )
+    clock.now += 0.125
+    tel.on_reports([WorkerReport(0, host_stored=[11, 12], loads_done=[7])], sched)
+    assert sample(tel, "kvtier_blocks_total", path="device_to_host") == 0  # one of two workers
+    clock.now += 0.125
+    tel.on_reports(
+        [
+            WorkerReport(1, host_stored=[11, 12], loads_done=[7], disk_stored=[11, 13]),
+            WorkerReport(0, disk_stored=[11], disk_store_failed=[13]),
+        ],
+        sched,
+    )
+    assert sample(tel, "kvtier_blocks_total", path="device_to_host") == 2
+    assert sample(tel, "kvtier_bytes_total", path="device_to_host") == 2 * 1000 * 2
+    assert sample(tel, "kvtier_blocks_total", path="host_to_device") == 2
+    assert sample(tel, "kvtier_blocks_total", path="disk_to_device") == 1
+    assert sample(tel, "kvtier_blocks_total", path="host_to_disk") == 1
+    assert sample(tel, "kvtier_blocks_total", path="device_to_disk") == 0  # one worker failed
+    assert sample(tel, "kvtier_transfer_seconds_sum", path="host_to_device") == 0.25
+    assert sample(tel, "kvtier_transfer_seconds_bucket", path="device_to_host", le="0.1") == 0
+    assert sample(tel, "kvtier_transfer_seconds_bucket", path="device_to_host", le="0.25") == 2
+
+
+def test_lookups_filter_errors_and_occupancy_come_from_the_scheduler() -> None:
+    tel, sched, _ = make()
+    sched.counters.lookup_blocks += 10
+    sched.counters.host_hit_blocks += 4
+    sched.counters.disk_hit_blocks += 1
+    sched.counters.load_failures += 2
+    for h in (1, 1, 2):
+        sched.filter.sighting(h)  # first sightings are rejected (the filter is on by default)
+    slot = sched.host.reserve(99)
+    assert slot is not None
+    tel.on_reports([], sched)
+    assert sample(tel, "kvtier_lookup_tokens_total") == 40
+    assert sample(tel, "kvtier_matched_tokens_total", tier="host") == 16
+    assert sample(tel, "kvtier_matched_tokens_total", tier="disk") == 4
+    assert tel.metrics.hit_rate("host") == 0.4
+    assert sample(tel, "kvtier_load_errors_total", tier="unknown") == 2
+    assert sample(tel, "kvtier_disk_filter_rejections_total") == 2
+    assert sample(tel, "kvtier_pool_blocks", tier="host", state="in_use") == 1
+    assert sample(tel, "kvtier_pool_blocks", tier="host", state="free") == 1
+    assert sample(tel, "kvtier_pool_blocks", tier="disk", state="free") == 4
+    tel.on_reports([], sched)  # no change: nothing counted twice
+    assert sample(tel, "kvtier_lookup_tokens_total") == 40
+
+
+def test_events_stream_and_metrics_endpoint() -> None:
+    tel, sched, _ = make(
+        KVTIER_METRICS="1", KVTIER_EVENTS="1", KVTIER_EVENTS_ENDPOINT="tcp://127.0.0.1:0"
+    )
+    assert tel.server is None and tel.publisher is None  # nothing before start()
+    with tel:
+        assert tel.server is not None and tel.publisher is not None
+        with KvEventSubscriber(tel.publisher.endpoint) as sub:
+            for i in range(100):  # until the subscription has propagated
+                tel.on_reports([WorkerReport(0, restored=[1000 + i])], sched)
+                if sub.receive(0.05) is not None:
+                    break
+            while sub.receive(0.2) is not None:
+                pass
+            tel.on_plan(StepPlan(1, stores=StoreBatch([1, 2], [0, 1], [11, 12])))
+            tel.on_reports([WorkerReport(0, host_stored=[11, 12])], sched)
+            tel.on_plan(
+                StepPlan(
+                    2,
+                    stores=StoreBatch([3], [0], [13]),  # slot 0 reused: 11 was evicted
+                    disk_writes=[DiskWrite(12, 11, host_slot=1)],
+                )
+            )
+            tel.on_reports([WorkerReport(0, host_stored=[13], disk_stored=[12])], sched)
+            tel.on_plan(StepPlan(3, disk_deletes=[12, 777]))  # 777 was never announced
+            got = []
+            while (b := sub.receive(1.0)) is not None:
+                got.extend(b.batch.events)
+            assert got == [
+                BlockStored((11, 12), None, (), 4, MEDIUM_HOST),
+                BlockRemoved((11,), MEDIUM_HOST),
+                BlockStored((13,), None, (), 4, MEDIUM_HOST),
+                BlockStored((12,), 11, (), 4, MEDIUM_DISK),
+                BlockRemoved((12,), MEDIUM_DISK),
+            ]
+            assert sub.gaps == []
+        with urllib.request.urlopen(tel.server.url, timeout=5) as resp:
+            text = resp.read().decode()
+        assert 'kvtier_blocks_total{path="device_to_host"} 3.0' in text
+        assert 'kvtier_blocks_total{path="host_to_disk"} 1.0' in text
+    assert tel.server is None and tel.publisher is None
