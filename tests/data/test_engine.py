@@ -12,7 +12,14 @@ from dataplane_helpers import LAYOUT_KINDS, MODEL, engine_tensors, random_rows
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import detect_layout
-from kvtier.transfer.engine import CopyEngine, CopyError, CopyFuture, CopyHandle, TorchCopyEngine
+from kvtier.transfer.engine import (
+    CopyEngine,
+    CopyError,
+    CopyFuture,
+    CopyHandle,
+    TorchCopyEngine,
+    runs,
+)
 
 
 @pytest.fixture
@@ -140,3 +147,28 @@ def test_not_started() -> None:
     host = HostStorage(1, dev.layout.block_bytes)
     with pytest.raises(RuntimeError, match="not started"):
         TorchCopyEngine().device_to_host(dev, host, [0], [0])
+
+
+def test_runs_group_consecutive_pairs() -> None:
+    assert runs([4, 5, 6, 9, 1, 2], [0, 1, 2, 3, 7, 9]) == [
+        (4, 0, 3),
+        (9, 3, 1),
+        (1, 7, 1),
+        (2, 9, 1),
+    ]
+    assert runs([], []) == []
+
+
+@pytest.mark.parametrize("kind", LAYOUT_KINDS)
+def test_round_trip_with_runs(kind: str, engine: TorchCopyEngine) -> None:
+    dev = _device(kind, seed=2)
+    before = [dev.read_block(i) for i in range(7)]
+    host = HostStorage(6, dev.layout.block_bytes)
+    host.allocate()
+    assert engine.device_to_host(dev, host, [1, 2, 3, 5], [2, 3, 4, 0]).wait(5) is None
+    for h, d in ((2, 1), (3, 2), (4, 3), (0, 5)):
+        assert torch.equal(host.rows[h], before[d])
+    assert engine.host_to_device(host, dev, [2, 3, 4], [4, 5, 6]).wait(5) is None
+    for d, src in ((4, 1), (5, 2), (6, 3)):
+        assert torch.equal(dev.read_block(d), before[src])
+    assert torch.equal(dev.read_block(0), before[0])
