@@ -15,14 +15,21 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
-from kvtier.core.block import BlockState, ImmutableBlock, MutableBlock, Slot
+from kvtier.core import slot_table as st
+from kvtier.core.block import BlockState, ImmutableBlock, MutableBlock
 from kvtier.core.errors import BlockStateError, InvariantError, PoolError
 from kvtier.core.free_slots import FreeSlots
 from kvtier.core.registry import TierRegistry
+from kvtier.core.slot_table import SlotTable
 
 __all__ = ["BlockPool"]
 
 _U64_MAX = 2**64 - 1
+_MUTABLE_STATES = {
+    st.RESET: BlockState.RESET,
+    st.PARTIAL: BlockState.PARTIAL,
+    st.COMPLETE: BlockState.COMPLETE,
+}
 
 
 def _check_hash(name: str, value: int | None, *, optional: bool = False) -> None:
@@ -30,8 +37,7 @@ def _check_hash(name: str, value: int | None, *, optional: bool = False) -> None
         return
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _U64_MAX:
-        raise ValueError(f"{name} must be an int in the u64 range [0, 2**64), got {value!r}")
+    raise ValueError(f"{name} must be an int in the u64 range [0, 2**64), got {value!r}")
 
 
 def _check_int(name: str, value: int, minimum: int | None = None) -> None:
@@ -39,6 +45,12 @@ def _check_int(name: str, value: int, minimum: int | None = None) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_priority(priority: int) -> None:
+    _check_int("priority", priority)
+    if not st.INT64_MIN <= priority <= st.INT64_MAX:
+        raise ValueError(f"priority must fit in 64 bits, got {priority}")
 
 
 class BlockPool:
@@ -61,9 +73,9 @@ class BlockPool:
         self._tier = tier
         self._registry = registry
         self._free = FreeSlots(num_blocks)
-        self._slots: dict[int, Slot] = {}  # every slot that is not free
-        self._by_hash: dict[int, Slot] = {}  # registered and linked slots
-        self._children: dict[int, int] = {}  # parent sequence hash -> linked children here
+        self._slots = SlotTable(num_blocks)
+        self._by_hash: dict[int, int] = {}  # sequence hash -> block id, LINKED slots only
+        self._children: dict[int, int] = {}  # parent sequence hash -> LINKED children here
         self._evictable: list[tuple[int, int, int]] = []  # (priority, tick, block_id), lazy
         self._num_inactive = 0
         self._tick = 0
@@ -87,7 +99,7 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        """Slots in RESET state, owned by nobody."""
+        """Slots owned by nobody."""
         return self._free.num_free
 
     @property
@@ -98,7 +110,7 @@ class BlockPool:
     @property
     def num_active(self) -> int:
         """Slots held through a handle (mutable blocks, and registered blocks with refs)."""
-        return len(self._slots) - self._num_inactive
+        return self._capacity - self._free.num_free - self._num_inactive
 
     @property
     def num_registered(self) -> int:
@@ -118,22 +130,25 @@ class BlockPool:
             victims = self._pick_victims(short, all_or_nothing=True)
             if victims is None:
                 return None
-            for slot in victims:
-                self._drop(slot)
+            for block_id in victims:
+                self._drop(block_id)
+        pop, ensure, state = self._free.pop, self._slots.ensure, self._slots.state
         blocks = []
         for _ in range(n):
-            slot = Slot(self._free.pop())
-            self._slots[slot.block_id] = slot
-            blocks.append(MutableBlock(self, slot))
+            block_id = pop()
+            ensure(block_id)
+            state[block_id] = st.RESET
+            blocks.append(MutableBlock(self, block_id))
         return blocks
 
     def evict(self, n: int) -> list[int]:
         """Evict up to ``n`` blocks in eviction order; returns their sequence hashes."""
         _check_int("n", n, 0)
         victims = self._pick_victims(n, all_or_nothing=False) or []
-        for slot in victims:
-            self._drop(slot)
-        return [slot.sequence_hash for slot in victims]
+        hashes = [self._slots.seq[block_id] for block_id in victims]
+        for block_id in victims:
+            self._drop(block_id)
+        return hashes
 
     def register(
         self,
@@ -149,55 +164,57 @@ class BlockPool:
         If ``sequence_hash`` is already registered, returns a new handle on that block and frees
         ``block`` (dedup). A parent that disagrees with the registered one raises, changing nothing.
         """
-        slot = self._own(block, MutableBlock)
+        block_id = self._own(block, MutableBlock)
         _check_hash("sequence_hash", sequence_hash)
         _check_hash("parent_sequence_hash", parent_sequence_hash, optional=True)
         _check_hash("block_hash", block_hash, optional=True)
-        _check_int("priority", priority)
-        if slot.state is not BlockState.COMPLETE:
+        _check_priority(priority)
+        slots = self._slots
+        if slots.state[block_id] != st.COMPLETE:
             raise BlockStateError(
-                f"only a COMPLETE block can be registered; block {slot.block_id} is "
-                f"{slot.state.name}"
+                f"only a COMPLETE block can be registered; block {block_id} is "
+                f"{self._mutable_state(block_id).name}"
             )
         if parent_sequence_hash == sequence_hash:
             raise ValueError(f"block {sequence_hash} cannot be its own parent")
         existing = self._by_hash.get(sequence_hash)
         if existing is not None:
-            known = existing.parent_sequence_hash
+            known = slots.parent_of(existing)
             if None not in (known, parent_sequence_hash) and known != parent_sequence_hash:
                 raise PoolError(
                     f"sequence hash {sequence_hash} is registered with parent {known}, "
                     f"not {parent_sequence_hash}"
                 )
-            self._dispose(block, slot)
-            self._acquire(existing)
+            block._alive = False
+            self._free_slot(block_id)
+            if not slots.refs[existing]:
+                self._num_inactive -= 1
+            slots.refs[existing] += 1
             return ImmutableBlock(self, existing)
         if self._registry is not None:
             self._registry.record_store(self._tier, sequence_hash, parent_sequence_hash, block_hash)
         block._alive = False
-        slot.state = BlockState.REGISTERED
-        slot.sequence_hash = sequence_hash
-        slot.parent_sequence_hash = parent_sequence_hash
-        slot.block_hash = block_hash
-        slot.priority = priority
-        slot.ref_count = 1
-        self._link(slot)
-        return ImmutableBlock(self, slot)
+        slots.set_registered(
+            block_id, sequence_hash, parent_sequence_hash, block_hash, priority, refs=1
+        )
+        self._link(block_id, sequence_hash, parent_sequence_hash)
+        return ImmutableBlock(self, block_id)
 
     def match(self, sequence_hashes: Sequence[int]) -> list[ImmutableBlock]:
         """Handles on the longest registered prefix of ``sequence_hashes`` (stops at first miss)."""
-        get = self._by_hash.get
+        get, refs = self._by_hash.get, self._slots.refs
         handles: list[ImmutableBlock] = []
         append = handles.append
-        woken = 0  # blocks that go from inactive to active (inlined _acquire: this is the hot loop)
+        woken = 0  # blocks going from inactive to active; this is the hot loop, kept flat
         for h in sequence_hashes:
-            slot = get(h)
-            if slot is None:
+            block_id = get(h)
+            if block_id is None:
                 break
-            if not slot.ref_count:
+            r = refs[block_id]
+            if not r:
                 woken += 1
-            slot.ref_count += 1
-            append(ImmutableBlock(self, slot))
+            refs[block_id] = r + 1
+            append(ImmutableBlock(self, block_id))
         self._num_inactive -= woken
         return handles
 
@@ -207,22 +224,21 @@ class BlockPool:
 
     def lookup(self, sequence_hash: int) -> int | None:
         """Block id holding ``sequence_hash``, or None (takes no reference)."""
-        slot = self._by_hash.get(sequence_hash)
-        return None if slot is None else slot.block_id
+        return self._by_hash.get(sequence_hash)
 
     def remove(self, sequence_hash: int) -> bool:
         """Unregister a block (e.g. found corrupt). Its slot is freed now if inactive, else when
         the last handle is released; from now on it is not matchable. False if not registered."""
-        slot = self._by_hash.get(sequence_hash)
-        if slot is None:
+        block_id = self._by_hash.get(sequence_hash)
+        if block_id is None:
             return False
-        if slot.ref_count == 0:
+        self._unlink(block_id)
+        parent = self._slots.parent_of(block_id)
+        if parent is not None:
+            self._child_gone(parent)
+        if self._slots.refs[block_id] == 0:
             self._num_inactive -= 1
-        self._unlink(slot)
-        if slot.parent_sequence_hash is not None:
-            self._child_gone(slot.parent_sequence_hash)
-        if slot.ref_count == 0:
-            self._free_slot(slot)
+            self._free_slot(block_id)
         return True
 
     def restore(
@@ -239,7 +255,7 @@ class BlockPool:
         _check_hash("sequence_hash", sequence_hash)
         _check_hash("parent_sequence_hash", parent_sequence_hash, optional=True)
         _check_hash("block_hash", block_hash, optional=True)
-        _check_int("priority", priority)
+        _check_priority(priority)
         if parent_sequence_hash == sequence_hash:
             raise ValueError(f"block {sequence_hash} cannot be its own parent")
         if sequence_hash in self._by_hash:
@@ -249,94 +265,113 @@ class BlockPool:
         if self._registry is not None:
             self._registry.record_store(self._tier, sequence_hash, parent_sequence_hash, block_hash)
         self._free.take(block_id)
-        slot = Slot(
-            block_id,
-            BlockState.REGISTERED,
-            sequence_hash=sequence_hash,
-            parent_sequence_hash=parent_sequence_hash,
-            block_hash=block_hash,
-            priority=priority,
+        self._slots.ensure(block_id)
+        self._slots.set_registered(
+            block_id, sequence_hash, parent_sequence_hash, block_hash, priority, refs=0
         )
-        self._slots[block_id] = slot
-        self._link(slot)
-        self._became_inactive(slot)
+        self._link(block_id, sequence_hash, parent_sequence_hash)
+        self._became_inactive(block_id)
 
     def release(self, handle: MutableBlock | ImmutableBlock) -> None:
         """Give a handle back. Releasing a handle twice raises."""
         if isinstance(handle, MutableBlock):
-            slot = self._own(handle, MutableBlock)
-            self._dispose(handle, slot)
+            block_id = self._own(handle, MutableBlock)
+            handle._alive = False
+            self._free_slot(block_id)
             return
-        slot = self._own(handle, ImmutableBlock)
+        block_id = self._own(handle, ImmutableBlock)
         handle._alive = False
-        slot.ref_count -= 1
-        if slot.ref_count > 0:
+        refs = self._slots.refs
+        left = refs[block_id] - 1
+        refs[block_id] = left
+        if left:
             return
-        if slot.linked:
-            self._became_inactive(slot)
+        if self._slots.state[block_id] == st.LINKED:
+            self._became_inactive(block_id)
         else:  # removed while held
-            self._free_slot(slot)
+            self._free_slot(block_id)
+
+    # -- mutable block transitions (called by MutableBlock) ---------------------------------
+    def _mutable_state(self, block_id: int) -> BlockState:
+        return _MUTABLE_STATES[self._slots.state[block_id]]
+
+    def _append_tokens(self, block_id: int, new: tuple[int, ...]) -> None:
+        slots = self._slots
+        if slots.state[block_id] not in (st.RESET, st.PARTIAL):
+            raise BlockStateError(
+                f"cannot append tokens to block {block_id} in state "
+                f"{self._mutable_state(block_id).name}"
+            )
+        tokens = slots.tokens.get(block_id, ()) + new
+        if len(tokens) > self._block_size:
+            room = self._block_size - len(tokens) + len(new)
+            raise BlockStateError(
+                f"block {block_id} has room for {room} more tokens, got {len(new)}"
+            )
+        if tokens:
+            slots.tokens[block_id] = tokens
+            slots.state[block_id] = st.COMPLETE if len(tokens) == self._block_size else st.PARTIAL
+
+    def _mark_complete(self, block_id: int) -> None:
+        if self._slots.state[block_id] not in (st.RESET, st.PARTIAL):
+            raise BlockStateError(
+                f"cannot mark block {block_id} complete in state "
+                f"{self._mutable_state(block_id).name}"
+            )
+        self._slots.state[block_id] = st.COMPLETE
+
+    def _reset(self, block_id: int) -> None:
+        self._slots.tokens.pop(block_id, None)
+        self._slots.state[block_id] = st.RESET
 
     # -- internals ----------------------------------------------------------------------------
-    def _own(self, handle: MutableBlock | ImmutableBlock, kind: type) -> Slot:
+    def _own(self, handle: MutableBlock | ImmutableBlock, kind: type) -> int:
         if not isinstance(handle, kind):
             raise TypeError(f"expected a {kind.__name__}, got {type(handle).__name__}")
         if handle._pool is not self:
             raise PoolError(f"block {handle.block_id} belongs to another pool than {self._tier}")
-        return handle._check_alive()
+        return handle._live_id()
 
-    def _dispose(self, block: MutableBlock, slot: Slot) -> None:
-        block._alive = False
-        self._free_slot(slot)
+    def _free_slot(self, block_id: int) -> None:
+        self._slots.clear(block_id)
+        self._free.put(block_id)
 
-    def _free_slot(self, slot: Slot) -> None:
-        slot.state = BlockState.RESET
-        slot.tokens = ()
-        del self._slots[slot.block_id]
-        self._free.put(slot.block_id)
-
-    def _acquire(self, slot: Slot) -> None:
-        if slot.ref_count == 0:
-            self._num_inactive -= 1
-        slot.ref_count += 1
-
-    def _link(self, slot: Slot) -> None:
-        slot.linked = True
-        self._by_hash[slot.sequence_hash] = slot
-        parent = slot.parent_sequence_hash
+    def _link(self, block_id: int, sequence_hash: int, parent: int | None) -> None:
+        self._by_hash[sequence_hash] = block_id
         if parent is not None:
             self._children[parent] = self._children.get(parent, 0) + 1
 
-    def _unlink(self, slot: Slot) -> None:
+    def _unlink(self, block_id: int) -> None:
         """Forget the hash (the caller fixes the parent's child count and frees the slot)."""
+        sequence_hash = self._slots.seq[block_id]
         if self._registry is not None:
-            self._registry.record_remove(self._tier, slot.sequence_hash)
-        slot.linked = False
-        del self._by_hash[slot.sequence_hash]
+            self._registry.record_remove(self._tier, sequence_hash)
+        self._slots.state[block_id] = st.UNLINKED
+        del self._by_hash[sequence_hash]
 
-    def _became_inactive(self, slot: Slot) -> None:
+    def _became_inactive(self, block_id: int) -> None:
         self._num_inactive += 1
         self._tick += 1
-        slot.release_tick = self._tick
-        if slot.sequence_hash not in self._children:
-            self._push_candidate(slot)
+        self._slots.tick[block_id] = self._tick
+        if self._slots.seq[block_id] not in self._children:
+            self._push_candidate(block_id)
 
-    def _push_candidate(self, slot: Slot) -> None:
-        heapq.heappush(self._evictable, (slot.priority, slot.release_tick, slot.block_id))
+    def _push_candidate(self, block_id: int) -> None:
+        slots = self._slots
+        heapq.heappush(self._evictable, (slots.prio[block_id], slots.tick[block_id], block_id))
         if len(self._evictable) > 2 * self._num_inactive + 1024:
             live = {e for e in self._evictable if self._is_candidate(e)}
             self._evictable = sorted(live)
 
     def _is_candidate(self, entry: tuple[int, int, int]) -> bool:
         priority, tick, block_id = entry
-        slot = self._slots.get(block_id)
+        slots = self._slots
         return (
-            slot is not None
-            and slot.linked
-            and slot.ref_count == 0
-            and slot.release_tick == tick
-            and slot.priority == priority
-            and slot.sequence_hash not in self._children
+            slots.state[block_id] == st.LINKED
+            and slots.refs[block_id] == 0
+            and slots.tick[block_id] == tick
+            and slots.prio[block_id] == priority
+            and slots.seq[block_id] not in self._children
         )
 
     def _child_gone(self, parent: int) -> None:
@@ -345,90 +380,95 @@ class BlockPool:
             self._children[parent] = left
             return
         del self._children[parent]
-        slot = self._by_hash.get(parent)
-        if slot is not None and slot.ref_count == 0:
-            self._push_candidate(slot)
+        block_id = self._by_hash.get(parent)
+        if block_id is not None and self._slots.refs[block_id] == 0:
+            self._push_candidate(block_id)
 
-    def _pick_victims(self, n: int, *, all_or_nothing: bool) -> list[Slot] | None:
+    def _pick_victims(self, n: int, *, all_or_nothing: bool) -> list[int] | None:
         """Choose ``n`` victims in eviction order, detaching each from its parent so the parent
         can follow; on shortfall with ``all_or_nothing``, reattach them all and return None."""
-        victims: list[Slot] = []
+        victims: list[int] = []
         chosen: set[int] = set()
-        heap = self._evictable
-        while len(victims) < n and heap:
-            entry = heapq.heappop(heap)
-            if entry[2] in chosen or not self._is_candidate(entry):
+        slots = self._slots
+        while len(victims) < n and self._evictable:
+            entry = heapq.heappop(self._evictable)
+            block_id = entry[2]
+            if block_id in chosen or not self._is_candidate(entry):
                 continue
-            slot = self._slots[entry[2]]
-            chosen.add(slot.block_id)
-            victims.append(slot)
-            if slot.parent_sequence_hash is not None:
-                self._child_gone(slot.parent_sequence_hash)
-            heap = self._evictable  # _child_gone may have compacted it
+            chosen.add(block_id)
+            victims.append(block_id)
+            parent = slots.parent_of(block_id)
+            if parent is not None:
+                self._child_gone(parent)
         if len(victims) == n or not all_or_nothing:
             return victims
-        for slot in reversed(victims):
-            parent = slot.parent_sequence_hash
+        for block_id in reversed(victims):
+            parent = slots.parent_of(block_id)
             if parent is not None:
                 self._children[parent] = self._children.get(parent, 0) + 1
-            heapq.heappush(self._evictable, (slot.priority, slot.release_tick, slot.block_id))
+            entry = (slots.prio[block_id], slots.tick[block_id], block_id)
+            heapq.heappush(self._evictable, entry)
         return None
 
-    def _drop(self, victim: Slot) -> None:
+    def _drop(self, block_id: int) -> None:
         """Evict a victim chosen by ``_pick_victims`` (its parent link is already undone)."""
         self._num_inactive -= 1
-        self._unlink(victim)
-        self._free_slot(victim)
+        self._unlink(block_id)
+        self._free_slot(block_id)
 
     # -- verification -------------------------------------------------------------------------
-    def _tokens_fit(self, slot: Slot) -> bool:
-        n = len(slot.tokens)
-        if slot.state is BlockState.RESET:
-            return n == 0
-        if slot.state is BlockState.PARTIAL:
-            return 0 < n < self._block_size
-        return n in (0, self._block_size)  # COMPLETE: by tokens, or marked (bytes only)
-
     def check_invariants(self) -> None:
-        """Verify every structure against the others; raises InvariantError naming the break."""
+        """Verify every structure against the others; raises InvariantError naming the break.
+
+        O(pool size): for tests and the ``check`` tooling, not for the serving path."""
 
         def fail(msg: str) -> None:
             raise InvariantError(f"pool {self._tier}: {msg}")
 
         self._free.check()
-        if self._free.num_free + len(self._slots) != self._capacity:
-            fail(f"{self._free.num_free} free + {len(self._slots)} used != {self._capacity}")
-        inactive = 0
+        slots = self._slots
+        used = inactive = 0
         children: dict[int, int] = {}
-        for block_id, slot in self._slots.items():
-            if slot.block_id != block_id or self._free.is_free(block_id):
-                fail(f"slot {block_id} is both used and free, or filed under the wrong id")
-            if slot.state is BlockState.REGISTERED:
-                if slot.linked != (self._by_hash.get(slot.sequence_hash) is slot):
-                    fail(f"slot {block_id}: linked flag disagrees with the hash index")
-                if not slot.linked and slot.ref_count <= 0:
-                    fail(f"slot {block_id}: unlinked with no reference (leaked)")
-                if slot.ref_count < 0:
-                    fail(f"slot {block_id}: negative ref count {slot.ref_count}")
-                if slot.linked and slot.ref_count == 0:
-                    inactive += 1
-                if slot.linked and slot.parent_sequence_hash is not None:
-                    p = slot.parent_sequence_hash
-                    children[p] = children.get(p, 0) + 1
-            elif slot.ref_count or slot.linked or not self._tokens_fit(slot):
-                fail(f"slot {block_id}: mutable block in an impossible state {slot}")
-        for h, slot in self._by_hash.items():
-            if slot.sequence_hash != h or self._slots.get(slot.block_id) is not slot:
-                fail(f"hash index entry {h} points at a slot that is not in use under it")
+        for block_id in slots.used_rows():
+            state = slots.state[block_id]
+            if (state == st.FREE) != self._free.is_free(block_id):
+                fail(f"slot {block_id}: state {state} disagrees with the free list")
+            if state == st.FREE:
+                continue
+            used += 1
+            refs, n_tokens = slots.refs[block_id], len(slots.tokens.get(block_id, ()))
+            if state in (st.LINKED, st.UNLINKED):
+                h = slots.seq[block_id]
+                if (state == st.LINKED) != (self._by_hash.get(h) == block_id):
+                    fail(f"slot {block_id}: linked state disagrees with the hash index")
+                if refs < 0 or (state == st.UNLINKED and refs == 0):
+                    fail(f"slot {block_id}: ref count {refs} impossible in state {state}")
+                if state == st.LINKED:
+                    inactive += refs == 0
+                    parent = slots.parent_of(block_id)
+                    if parent is not None:
+                        children[parent] = children.get(parent, 0) + 1
+            elif refs or not {
+                st.RESET: n_tokens == 0,
+                st.PARTIAL: 0 < n_tokens < self._block_size,
+                st.COMPLETE: n_tokens in (0, self._block_size),
+            }.get(state, False):
+                fail(f"slot {block_id}: mutable state {state} with {n_tokens} tokens, {refs} refs")
+        if used + self._free.num_free != self._capacity:
+            fail(f"{self._free.num_free} free + {used} used != {self._capacity}")
+        for h, block_id in self._by_hash.items():
+            if slots.state[block_id] != st.LINKED or slots.seq[block_id] != h:
+                fail(f"hash index entry {h} points at slot {block_id}, which does not hold it")
         if inactive != self._num_inactive:
             fail(f"num_inactive is {self._num_inactive}, counted {inactive}")
         if children != self._children:
             fail("child counts disagree with the registered blocks' parents")
         entries = {e for e in self._evictable if self._is_candidate(e)}
-        for slot in self._by_hash.values():
-            leaf = slot.ref_count == 0 and slot.sequence_hash not in children
-            if leaf and (slot.priority, slot.release_tick, slot.block_id) not in entries:
-                fail(f"evictable block {slot.block_id} is missing from the eviction heap")
+        for h, block_id in self._by_hash.items():
+            key = (slots.prio[block_id], slots.tick[block_id], block_id)
+            leaf = slots.refs[block_id] == 0 and h not in children
+            if leaf and key not in entries:
+                fail(f"evictable block {block_id} is missing from the eviction heap")
         if self._registry is not None:
             if self._registry.count(self._tier) != len(self._by_hash):
                 fail("registry count disagrees with the hash index")
