@@ -262,13 +262,13 @@ class KvTierScheduler:
         """
         step = self._step
         self._step += 1
-        touched: list[tuple[_Req, int]] = []
+        touched: list[tuple[_Req, int, int]] = []
         for req_id, block_ids, computed in new_reqs:
             st = self._reqs.get(req_id)
             if st is None:
                 continue
             st.block_ids = list(block_ids)
-            touched.append((st, computed + num_scheduled_tokens.get(req_id, 0)))
+            touched.append((st, computed, computed + num_scheduled_tokens.get(req_id, 0)))
         for req_id, new_ids, computed, resumed in cached_reqs:
             st = self._reqs.get(req_id)
             if st is None:
@@ -277,12 +277,14 @@ class KvTierScheduler:
                 st.block_ids = list(new_ids or ())
             elif new_ids:
                 st.block_ids.extend(new_ids)
-            touched.append((st, computed + num_scheduled_tokens.get(req_id, 0)))
+            touched.append((st, computed, computed + num_scheduled_tokens.get(req_id, 0)))
         gpu: list[int] = []
         slots: list[int] = []
         hashes: list[int] = []
         writes: list[DiskWrite] = []
-        for st, done_tokens in touched:
+        for st, computed, done_tokens in touched:
+            # Blocks vLLM recomputes (a failed load, a preempted request) are stored again.
+            st.next_store = min(st.next_store, computed // self.config.block_size)
             self._plan_stores(st, done_tokens, step, gpu, slots, hashes, writes)
         plan = StepPlan(
             step=step,
