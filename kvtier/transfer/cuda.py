@@ -238,6 +238,8 @@ class CudaCopyEngine:
         self._lanes: dict[bool, _Lane] = {}
         self._pinners: dict[int, ChunkedPinner] = {}
         self._segments: dict[int, tuple[DeviceStorage, list[Segment] | None]] = {}
+        self._tables: dict[tuple[int, bool], tuple[DeviceStorage, torch.Tensor | None]] = {}
+        self._table_error: str | None = None
         self._waiters: list[tuple[threading.Thread, CudaCopyHandle]] = []
         self._closing = threading.Event()
         self._started = False
@@ -299,6 +301,7 @@ class CudaCopyEngine:
                 ds.synchronize()
         self._lanes = {}
         self._segments.clear()
+        self._tables.clear()
         self._started = False
 
     def __enter__(self) -> CudaCopyEngine:
@@ -509,13 +512,36 @@ class CudaCopyEngine:
                 for ev in layer_events:
                     ev.record()
             return
-        from kvtier.transfer.cuda_kernels import launch_segment
+        from kvtier.transfer.cuda_kernels import launch_segment, launch_segments
 
         n = idx.numel()
         ar = torch.arange(n, dtype=torch.int64, device=self.device)
         rows_w = staging_slot.view(-1).view(torch.int32)
         row_words = staging_slot.shape[1] // 4
         programs = self.config.gather_programs or self._sm_count
+        table = self._table(device, segs, to_rows)
+        if table is not None:
+            try:
+                step = segs[1].row_offset if len(segs) > 1 else 0
+                launch_segments(
+                    table,
+                    segs,
+                    step,
+                    rows_w,
+                    row_words,
+                    idx,
+                    ar,
+                    to_rows=to_rows,
+                    programs=programs,
+                )
+            except Exception as exc:  # a Triton that cannot compile it: per-layer launches
+                self._table_error = repr(exc)
+                self._tables.clear()
+            else:
+                if layer_events is not None:
+                    for ev in layer_events:
+                        ev.record()
+                return
         done_upto = 0
         for seg in segs:
             launch_segment(seg, rows_w, row_words, idx, ar, to_rows=to_rows, programs=programs)
@@ -523,6 +549,37 @@ class CudaCopyEngine:
                 while done_upto <= seg.last_layer:
                     layer_events[done_upto].record()
                     done_upto += 1
+
+    def _table(
+        self, device: DeviceStorage, segs: list[Segment], lane_key: bool
+    ) -> torch.Tensor | None:
+        """Device addresses of ``segs`` for the one-launch kernel, or None when it does not fit
+        (unequal strides, or the kernel failed to compile once).
+
+        Built on the current (lane) stream with fill kernels, not an H2D copy: a pageable copy
+        would synchronise the stream, and a pinned one could stall the whole device. Each lane
+        has its own table, so it is only ever read on the stream that wrote it.
+        """
+        if self._table_error is not None:
+            return None
+        key = (id(device), lane_key)
+        hit = self._tables.get(key)
+        if hit is not None and hit[0] is device:
+            return hit[1]
+        s0 = segs[0]
+        step = segs[1].row_offset if len(segs) > 1 else 0
+        fits = all(
+            (s.block_stride, s.outer_stride, s.n_outer, s.chunk, s.row_offset, s.base)
+            == (s0.block_stride, s0.outer_stride, s0.n_outer, s0.chunk, k * step, 0)
+            for k, s in enumerate(segs)
+        )
+        table = None
+        if fits:
+            table = torch.empty(len(segs), dtype=torch.int64, device=self.device)
+            for k, sg in enumerate(segs):
+                table[k].fill_(sg.tensor.data_ptr())
+        self._tables[key] = (device, table)
+        return table
 
     def _enqueue_dma(
         self,

@@ -22,10 +22,10 @@ import triton.language as tl
 
 from kvtier.transfer.cuda_plan import Segment, tile_words
 
-__all__ = ["copy_pieces_kernel", "launch_segment"]
+__all__ = ["copy_pieces_kernel", "copy_segments_kernel", "launch_segment", "launch_segments"]
 
 
-@triton.jit  # type: ignore[misc, untyped-decorator]
+@triton.jit(do_not_specialize=["n_blocks"])  # type: ignore[misc, untyped-decorator]
 def copy_pieces_kernel(  # type: ignore[no-untyped-def]
     src_ptr,
     dst_ptr,
@@ -104,5 +104,91 @@ def launch_segment(
         N_OUTER=seg.n_outer,
         CHUNK=seg.chunk,
         TILE=tile,
+        num_warps=num_warps,
+    )
+
+
+@triton.jit(do_not_specialize=["n_blocks", "n_segs"])  # type: ignore[misc, untyped-decorator]
+def copy_segments_kernel(  # type: ignore[no-untyped-def]
+    table_ptr,
+    rows_ptr,
+    dev_ids_ptr,
+    row_ids_ptr,
+    n_blocks,
+    n_segs,
+    block_stride,
+    outer_stride,
+    row_words,
+    seg_row_words,
+    TO_ROWS: tl.constexpr,
+    N_OUTER: tl.constexpr,
+    CHUNK: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """All segments (layers) of a batch in one launch: ``table_ptr`` holds each layer tensor's
+    address; piece (layer l, block i, outer o) of the device sits at
+    ``table[l] + dev_ids[i] * block_stride + o * outer_stride`` (words), and at
+    ``row_ids[i] * row_words + l * seg_row_words + o * CHUNK`` in the rows.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    tiles: tl.constexpr = CHUNK // TILE
+    n_items = n_segs * n_blocks * (N_OUTER * tiles)
+    offs = tl.arange(0, TILE)
+    for w in range(pid, n_items, nprog):
+        t = w % tiles
+        c = w // tiles
+        o = (c % N_OUTER).to(tl.int64)
+        c2 = c // N_OUTER
+        i = c2 % n_blocks
+        layer = (c2 // n_blocks).to(tl.int64)
+        dev = tl.load(table_ptr + layer).to(tl.pointer_type(tl.int32))
+        db = tl.load(dev_ids_ptr + i).to(tl.int64)
+        rb = tl.load(row_ids_ptr + i).to(tl.int64)
+        doff = db * block_stride + o * outer_stride + t * TILE
+        roff = rb * row_words + layer * seg_row_words + o * CHUNK + t * TILE
+        if TO_ROWS:
+            x = tl.load(dev + doff + offs)
+            tl.store(rows_ptr + roff + offs, x)
+        else:
+            x = tl.load(rows_ptr + roff + offs)
+            tl.store(dev + doff + offs, x)
+
+
+def launch_segments(
+    table: torch.Tensor,
+    segs: list[Segment],
+    seg_row_words: int,
+    rows: torch.Tensor,
+    row_words: int,
+    device_ids: torch.Tensor,
+    row_ids: torch.Tensor,
+    *,
+    to_rows: bool,
+    programs: int,
+    num_warps: int = 8,
+    max_tile: int = 4096,
+) -> None:
+    """One launch moving every segment of ``segs`` (equal strides; ``table`` holds their
+    addresses on the device) between blocks ``device_ids`` and rows ``row_ids``."""
+    n = int(device_ids.numel())
+    if n == 0:
+        return
+    s0 = segs[0]
+    copy_segments_kernel[(programs,)](
+        table,
+        rows,
+        device_ids,
+        row_ids,
+        n,
+        len(segs),
+        s0.block_stride,
+        s0.outer_stride,
+        row_words,
+        seg_row_words,
+        TO_ROWS=to_rows,
+        N_OUTER=s0.n_outer,
+        CHUNK=s0.chunk,
+        TILE=tile_words(s0.chunk, max_tile),
         num_warps=num_warps,
     )

@@ -33,9 +33,7 @@ def test_pins_in_chunks_and_reports_progress() -> None:
         p = pinner.progress()
         assert p.done and p.pinned_rows == 40 and p.pinned_bytes == 40 * ROW
         assert p.total_bytes == 40 * ROW and p.error is None and p.fraction == 1.0
-        assert host.rows[39].is_pinned()
     assert pinner.pinned_rows == 0  # closed: unregistered
-    assert not host.rows[0].is_pinned()
 
 
 @pytest.mark.parametrize("mode", ["dma", "kernel"])

@@ -52,7 +52,7 @@ def test_offload_overwritten_right_after_completion(mode: str, kind: str) -> Non
     a_gpu, b_gpu = pattern_a.cuda(), pattern_b.cuda()
     torch.cuda.synchronize()
     with CudaCopyEngine(CudaCopyConfig(mode=mode, staging_bytes=16 * dev.layout.block_bytes)) as e:
-        assert e.device_to_host(dev, host, TARGETS[:1], [0]).wait(10) is None  # warm-up
+        assert e.device_to_host(dev, host, TARGETS, rows).wait(10) is None  # warm-up (compiles)
         for trial in range(3):
             _busy(comp, a, 20)
             with torch.cuda.stream(comp):
@@ -85,7 +85,7 @@ def test_onboard_beats_pending_junk_and_attention_sees_the_load(mode: str, kind:
     junk = torch.full((N, dev.layout.block_bytes), 0xEE, dtype=torch.uint8, device="cuda")
     torch.cuda.synchronize()
     with CudaCopyEngine(CudaCopyConfig(mode=mode, staging_bytes=16 * dev.layout.block_bytes)) as e:
-        assert e.host_to_device(host, dev, [0], TARGETS[:1]).wait(10) is None  # warm-up
+        assert e.host_to_device(host, dev, list(range(N)), TARGETS).wait(10) is None  # warm-up
         for _ in range(3):
             _busy(comp, a, 20)
             with torch.cuda.stream(comp):
