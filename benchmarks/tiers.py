@@ -1,0 +1,303 @@
+"""Tier throughput: kvtier's host<->disk and host<->device paths against raw baselines, same run.
+
+Why this exists: disks on shared VMs vary 2x from run to run, so a GB/s figure alone says little.
+Every kvtier figure here is printed beside a baseline measured in the same run, interleaved, on the
+same bytes, and the ratio is what the target is about (host<->disk >= 0.8 of raw O_DIRECT).
+
+- host->disk: kvtier = ``TransferManager`` host->disk batch (header, xxh3 checksum, temp file,
+  O_DIRECT ``pwritev``, rename; ``--threads`` I/O threads). Raw = the same blocks written with
+  O_DIRECT ``pwrite``, one file per block, on the same number of threads, no header or checksum.
+- disk->host: kvtier = ``DiskIo`` reads with header and checksum verification. Raw = O_DIRECT
+  ``preadv`` of the raw files.
+- disk->device: kvtier's full onboard path (read, verify, copy to the device), for reference.
+- host<->device: kvtier's copy engine moving one batch of all blocks (block-first layout: one
+  tensor per layer, so a block is ``num_layers`` scattered pieces) against one contiguous copy of
+  the same bytes (the memcpy / DMA limit). CUDA when present (its engine if importable), else CPU.
+
+Run: ``.venv/bin/python benchmarks/tiers.py`` (``--help`` for sizes). Prints medians of
+``--repeats`` interleaved runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from kvtier.config import ModelConfig
+from kvtier.storage.device import DeviceStorage
+from kvtier.storage.disk import DiskStorage
+from kvtier.storage.host import HostStorage
+from kvtier.storage.layout import LayoutKind, default_layout
+from kvtier.transfer.disk_io import DiskIo
+from kvtier.transfer.engine import CopyEngine, TorchCopyEngine
+from kvtier.transfer.manager import TransferManager, TransferPath
+
+MODEL = ModelConfig(num_layers=32, block_size=16, num_kv_heads=8, head_dim=128, dtype="bfloat16")
+"""A Llama-3-8B-shaped rank: one block is 2 MiB across 32 layers."""
+
+
+def _gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _raw_write(directory: Path, host: HostStorage, threads: int) -> None:
+    def one(i: int) -> None:
+        fd = os.open(directory / f"{i}.raw", os.O_CREAT | os.O_WRONLY | os.O_TRUNC | os.O_DIRECT)
+        try:
+            view = memoryview(host.rows[i].numpy().data)
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], done)
+        finally:
+            os.close(fd)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, range(host.num_blocks)))
+
+
+def _raw_read(directory: Path, host: HostStorage, threads: int) -> None:
+    def one(i: int) -> None:
+        fd = os.open(directory / f"{i}.raw", os.O_RDONLY | os.O_DIRECT)
+        try:
+            view = memoryview(host.rows[i].numpy().data)
+            done = 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], done)
+                if n <= 0:
+                    raise OSError("short read")
+                done += n
+        finally:
+            os.close(fd)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, range(host.num_blocks)))
+
+
+def _settle(
+    tm: TransferManager, path: TransferPath, hashes: list[int], src: list[int], dst: list[int]
+) -> None:
+    handle = tm.submit(path, hashes, src, dst)
+    while not handle.done():
+        tm.poll()
+        if not handle.done():
+            time.sleep(0.0002)
+    if handle.error is not None:
+        raise handle.error
+
+
+def _fill(t: torch.Tensor) -> None:
+    gen = torch.Generator(device=t.device).manual_seed(0)
+    t.view(torch.int32).random_(generator=gen)
+
+
+def bench_disk(args: argparse.Namespace, root: Path) -> list[tuple[str, float, float, float]]:
+    n, bb = args.blocks, MODEL.block_bytes
+    src = HostStorage(n, bb)
+    src.allocate()
+    _fill(src.rows)
+    dst = HostStorage(n, bb)
+    dst.allocate()
+    layout = default_layout(MODEL, LayoutKind.BLOCK_FIRST, n)
+    device = DeviceStorage.allocate(layout, "cpu")
+    storage = DiskStorage(root / "kvtier", layout.fingerprint, bb, o_direct=True)
+    storage.open()
+    if not storage.o_direct:
+        raise SystemExit(f"{root} does not take O_DIRECT; pick another --dir")
+    raw_dir = root / "raw"
+    raw_dir.mkdir(exist_ok=True)
+    io = DiskIo(storage, args.threads)
+    io.start()
+    engine = TorchCopyEngine()
+    engine.start()
+    tm = TransferManager(
+        engine,
+        device=device,
+        host=src,
+        disk_io=io,
+        block_bytes=bb,
+        num_layers=MODEL.num_layers,
+        max_inflight_blocks=n,
+        staging_blocks=n,
+    )
+    tm.start()
+    hashes = [0x5EED0000 + i for i in range(n)]
+    ids = list(range(n))
+    times: dict[str, list[float]] = {k: [] for k in ("kw", "rw", "kr", "rr", "kd")}
+
+    def kv_write() -> None:
+        _settle(tm, TransferPath.HOST_TO_DISK, hashes, ids, [])
+
+    def kv_read() -> None:
+        for f in io.read(hashes, [dst.rows[i] for i in ids]):
+            f.result()
+
+    def kv_onboard() -> None:
+        _settle(tm, TransferPath.DISK_TO_DEVICE, hashes, [], ids)
+
+    try:
+        for rep in range(args.repeats):
+            for f in storage.directory.glob("*.kvb"):
+                f.unlink()
+            for f in raw_dir.glob("*.raw"):
+                f.unlink()
+            # alternate which side goes first, so drift in the disk favours neither
+            pairs = [
+                ("kw", kv_write, "rw", lambda: _raw_write(raw_dir, src, args.threads)),
+                ("kr", kv_read, "rr", lambda: _raw_read(raw_dir, dst, args.threads)),
+            ]
+            for k, kv, r, raw in pairs:
+                order = ((k, kv), (r, raw)) if rep % 2 else ((r, raw), (k, kv))
+                for key, fn in order:
+                    times[key].append(_timed(fn))
+            times["kd"].append(_timed(kv_onboard))
+        if not torch.equal(dst.rows, src.rows):
+            raise SystemExit("disk round trip is not bit-exact")
+        got = torch.stack([device.read_block(i) for i in (0, n // 2, n - 1)])
+        if not torch.equal(got, src.rows[[0, n // 2, n - 1]]):
+            raise SystemExit("disk->device round trip is not bit-exact")
+    finally:
+        tm.close()
+        engine.close()
+        io.close()
+        storage.close()
+    return [
+        _row("host->disk", n * bb, times["kw"], times["rw"]),
+        _row("disk->host", n * bb, times["kr"], times["rr"]),
+        _row("disk->device", n * bb, times["kd"], times["rr"]),
+    ]
+
+
+def _row(
+    name: str, nbytes: int, kv: list[float], raw: list[float]
+) -> tuple[str, float, float, float]:
+    """GB/s medians and the median of per-repeat ratios (raw time / kvtier time)."""
+    ratio = statistics.median(r / k for k, r in zip(kv, raw, strict=True))
+    return (
+        name,
+        _gbps(nbytes, statistics.median(kv)),
+        _gbps(nbytes, statistics.median(raw)),
+        ratio,
+    )
+
+
+def _device_engine(device: str) -> tuple[CopyEngine, str]:
+    if device.startswith("cuda"):
+        try:
+            from kvtier.transfer.cuda import CudaCopyEngine
+
+            return CudaCopyEngine(device=device), "CudaCopyEngine"
+        except ImportError:
+            pass
+    return TorchCopyEngine(), "TorchCopyEngine"
+
+
+def bench_device(args: argparse.Namespace) -> tuple[str, list[tuple[str, float, float, float]]]:
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    n, bb = args.blocks, MODEL.block_bytes
+    layout = default_layout(MODEL, LayoutKind.BLOCK_FIRST, n)
+    device = DeviceStorage.allocate(layout, dev)
+    assert isinstance(device.tensors, dict)
+    for t in device.tensors.values():
+        _fill(t.view(torch.uint8))
+    host = HostStorage(n, bb, pin_memory=dev.startswith("cuda"))
+    host.allocate()
+    engine, name = _device_engine(dev)
+    engine.start()
+    flat_dev = torch.empty(n * bb, dtype=torch.uint8, device=dev)
+    flat_host = host.rows.view(-1)
+    ids = list(range(n))
+    perm = ids[::-1]  # reversed: a real gather/scatter, not a straight copy
+    on_gpu = dev.startswith("cuda")
+
+    def sync() -> None:
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def kv_d2h() -> None:
+        err = engine.device_to_host(device, host, ids, perm).wait()
+        if err is not None:
+            raise err
+
+    def kv_h2d() -> None:
+        err = engine.host_to_device(host, device, perm, ids).wait()
+        if err is not None:
+            raise err
+
+    def raw_d2h() -> None:
+        flat_host.copy_(flat_dev, non_blocking=True)
+        sync()
+
+    def raw_h2d() -> None:
+        flat_dev.copy_(flat_host, non_blocking=True)
+        sync()
+
+    res: dict[str, list[float]] = {"kd": [], "rd": [], "kh": [], "rh": []}
+    try:
+        kv_d2h()  # warm up (allocations, kernels)
+        before = device.read_block(3)
+        for _ in range(args.repeats):
+            res["rd"].append(_timed(raw_d2h))
+            res["kd"].append(_timed(kv_d2h))
+            res["rh"].append(_timed(raw_h2d))
+            res["kh"].append(_timed(kv_h2d))
+        if not torch.equal(device.read_block(3), before):
+            raise SystemExit("host<->device round trip is not bit-exact")
+    finally:
+        engine.close()
+    return f"{dev} ({name})", [
+        _row("device->host", n * bb, res["kd"], res["rd"]),
+        _row("host->device", n * bb, res["kh"], res["rh"]),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--blocks", type=int, default=256, help="2 MiB blocks per batch (256)")
+    p.add_argument("--threads", type=int, default=4, help="disk I/O threads, both sides (4)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved runs; medians (3)")
+    p.add_argument("--dir", default=None, help="disk directory (default: a temp dir in .)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if present)")
+    p.add_argument("--skip-disk", action="store_true")
+    p.add_argument("--skip-device", action="store_true")
+    args = p.parse_args(argv)
+    mib = MODEL.block_bytes / 2**20
+    print(
+        f"kvtier tiers benchmark: {args.blocks} blocks x {mib:.2f} MiB = "
+        f"{args.blocks * mib:.0f} MiB per batch, medians of {args.repeats} interleaved runs"
+    )
+    rows: list[tuple[str, str, float, float, float]] = []
+    if not args.skip_disk:
+        root = Path(tempfile.mkdtemp(prefix=".bench-tiers-", dir=args.dir or "."))
+        try:
+            for name, kv, raw, ratio in bench_disk(args, root):
+                rows.append((name, f"raw O_DIRECT, {args.threads} threads", kv, raw, ratio))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    if not args.skip_device:
+        where, results = bench_device(args)
+        for name, kv, raw, ratio in results:
+            rows.append((f"{name} [{where}]", "one contiguous copy", kv, raw, ratio))
+    print(f"{'path':<44} {'kvtier GB/s':>11} {'baseline GB/s':>13} {'ratio':>6}  baseline")
+    for name, base, kv, raw, ratio in rows:
+        print(f"{name:<44} {kv:>11.2f} {raw:>13.2f} {ratio:>6.2f}  {base}")
+    print("ratio = median over repeats of (baseline time / kvtier time) for adjacent runs")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
