@@ -1,0 +1,101 @@
+"""SlotIndex (the scheduler half's G2/G3 index) and the G2->G3 frequency filter."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvtier.vllm.slots import FrequencyFilter, SlotIndex
+
+
+def _ready(idx: SlotIndex, *hashes: int) -> list[int]:
+    slots = []
+    for h in hashes:
+        got = idx.reserve(h)
+        assert got is not None
+        slots.append(got[0])
+        idx.commit(h)
+    return slots
+
+
+def test_slots_in_order_and_lru_eviction() -> None:
+    idx = SlotIndex("G2", 3)
+    assert _ready(idx, 10, 11, 12) == [0, 1, 2]
+    idx.touch(10)  # 11 is now the least recently used
+    assert idx.reserve(13) == (1, [11])
+    assert idx.lookup(11) is None and 11 not in idx
+    assert idx.lookup(13) is None and 13 in idx  # pending: held, not matchable
+    idx.commit(13)
+    assert idx.lookup(13) == 1
+    assert idx.evictions == 1
+    idx.check_invariants()
+
+
+def test_pinned_and_pending_blocks_are_never_evicted() -> None:
+    idx = SlotIndex("G2", 2)
+    _ready(idx, 1)
+    assert idx.reserve(2) == (1, [])  # pending
+    idx.pin(1)
+    assert idx.reserve(3) is None  # everything pinned or pending
+    idx.unpin(1)
+    assert idx.reserve(3) == (0, [1])
+    idx.check_invariants()
+
+
+def test_abort_frees_slot_after_last_pin() -> None:
+    idx = SlotIndex("G2", 1)
+    assert idx.reserve(5) == (0, [])
+    idx.pin(5, pending_ok=True)  # a G3 write planned from the pending slot
+    idx.abort(5)
+    assert 5 in idx and idx.lookup(5) is None and idx.slot_of(5) is None
+    idx.unpin(5)
+    assert 5 not in idx and idx.reserve(6) == (0, [])
+    idx.check_invariants()
+
+
+def test_remove_is_deferred_while_pinned() -> None:
+    idx = SlotIndex("G3", 2)
+    _ready(idx, 7, 8)
+    idx.pin(7)
+    assert idx.remove(7) is True
+    assert idx.lookup(7) is None
+    with pytest.raises(ValueError, match="not matchable"):
+        idx.pin(7)
+    idx.unpin(7)
+    assert 7 not in idx
+    assert idx.remove(99) is False
+    idx.check_invariants()
+
+
+def test_restore_oldest_first_and_overflow() -> None:
+    idx = SlotIndex("G3", 2)
+    assert idx.restore([1, 2, 3]) == [3]
+    assert idx.reserve(4) == (0, [1])  # 1 was restored first: the oldest
+    idx.check_invariants()
+
+
+def test_misuse_raises() -> None:
+    idx = SlotIndex("G2", 1)
+    _ready(idx, 1)
+    with pytest.raises(ValueError, match="already held"):
+        idx.reserve(1)
+    with pytest.raises(ValueError, match="already committed"):
+        idx.commit(1)
+    with pytest.raises(ValueError, match="not pinned"):
+        idx.unpin(1)
+    with pytest.raises(KeyError):
+        idx.pin(2)
+    with pytest.raises(ValueError, match="num_slots"):
+        SlotIndex("G2", -1)
+
+
+def test_frequency_filter_doubles_and_decays() -> None:
+    now = [0.0]
+    f = FrequencyFilter(enabled=True, clock=lambda: now[0], decay_s=600.0)
+    assert f.sighting(1) is False  # count 1
+    assert f.sighting(1) is True  # count 2
+    assert f.sighting(1) is True  # count 4
+    now[0] = 3 * 600.0  # decays by 3 -> 1, then doubles to 2
+    assert f.sighting(1) is True
+    now[0] += 2 * 600.0  # 2 - 2 = 0 -> restarts at 1
+    assert f.sighting(1) is False
+    assert FrequencyFilter(enabled=False, clock=lambda: 0.0).sighting(9) is True
