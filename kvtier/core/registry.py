@@ -51,18 +51,36 @@ class TierRegistry:
         if max_pending_events <= 0:
             raise ValueError(f"max_pending_events must be > 0, got {max_pending_events}")
         self._record_events = record_events
-        self._holders: dict[int, tuple[str, ...]] = {}  # tuples of str: invisible to the GC
+        # hash -> bit mask of tiers: a dict of ints only, which the GC never walks (tuples or
+        # lists per hash made every full collection visit a million objects)
+        self._holders: dict[int, int] = {}
+        self._bits: dict[str, int] = {}  # tier name -> its bit
+        self._names: dict[int, tuple[str, ...]] = {0: ()}  # mask -> sorted tier names (cache)
         self._counts: dict[str, int] = {}
         self._events: deque[TierEvent] = deque(maxlen=max_pending_events)
         self._next_event_id = 1
         self._dropped = 0
 
+    def _bit(self, tier: str) -> int:
+        bit = self._bits.get(tier)
+        if bit is None:
+            if not isinstance(tier, str) or not tier:
+                raise RegistryError(f"tier must be a non-empty str, got {tier!r}")
+            bit = self._bits[tier] = 1 << len(self._bits)
+        return bit
+
     def tiers_of(self, sequence_hash: int) -> tuple[str, ...]:
         """Tiers holding ``sequence_hash``, sorted by name (G1, G2, G3, ...)."""
-        return self._holders.get(sequence_hash, ())
+        mask = self._holders.get(sequence_hash, 0)
+        names = self._names.get(mask)
+        if names is None:
+            names = tuple(sorted(t for t, b in self._bits.items() if mask & b))
+            self._names[mask] = names
+        return names
 
     def holds(self, tier: str, sequence_hash: int) -> bool:
-        return tier in self._holders.get(sequence_hash, ())
+        bit = self._bits.get(tier)
+        return bit is not None and bool(self._holders.get(sequence_hash, 0) & bit)
 
     def count(self, tier: str) -> int:
         """Number of sequence hashes ``tier`` holds."""
@@ -75,24 +93,23 @@ class TierRegistry:
         parent_sequence_hash: int | None = None,
         block_hash: int | None = None,
     ) -> None:
-        tiers = self._holders.get(sequence_hash, ())
-        if tier in tiers:
+        bit, mask = self._bit(tier), self._holders.get(sequence_hash, 0)
+        if mask & bit:
             raise RegistryError(f"tier {tier!r} already holds sequence hash {sequence_hash}")
-        self._holders[sequence_hash] = (tier,) if not tiers else tuple(sorted((*tiers, tier)))
+        self._holders[sequence_hash] = mask | bit
         self._counts[tier] = self._counts.get(tier, 0) + 1
         self._emit(
             StoreEvent(self._next_event_id, tier, sequence_hash, parent_sequence_hash, block_hash)
         )
 
     def record_remove(self, tier: str, sequence_hash: int) -> None:
-        tiers = self._holders.get(sequence_hash)
-        if tiers is None or tier not in tiers:
+        bit, mask = self._bits.get(tier, 0), self._holders.get(sequence_hash, 0)
+        if not mask & bit:
             raise RegistryError(f"tier {tier!r} does not hold sequence hash {sequence_hash}")
-        rest = tuple(t for t in tiers if t != tier)
-        if rest:
-            self._holders[sequence_hash] = rest
-        else:
+        if mask == bit:
             del self._holders[sequence_hash]
+        else:
+            self._holders[sequence_hash] = mask & ~bit
         self._counts[tier] -= 1
         self._emit(RemoveEvent(self._next_event_id, tier, sequence_hash))
 
