@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 
 from kvtier.storage.block_file import BlockHeader
 from kvtier.storage.device import DeviceStorage
@@ -90,17 +91,18 @@ class _Request:
 
 
 class _ChainedHandle:
-    """Data progress of a two-stage transfer: disk reads into staging, then a copy to the device.
+    """Data progress of a disk->device batch: disk reads into staging rows, and copies of the
+    rows read so far to the device, issued in chunks while later reads are still running.
 
-    ``set_stage2`` is called (from an I/O thread) before ``reads_done`` is set, so waiters that see
-    the reads done always find the copy handle (or None when nothing was left to copy).
+    Copies are appended (from I/O threads, under the run's lock) before ``reads_done`` is set, so
+    a waiter that sees the reads done sees the final list of copies.
     """
 
     def __init__(self, num_layers: int) -> None:
         self._num_layers = num_layers
         self.reads_done = threading.Event()
-        self.stage2: CopyHandle | None = None
-        self.read_error: BaseException | None = None
+        self.copies: list[CopyHandle] = []
+        self.copy_error: BaseException | None = None
 
     @property
     def num_layers(self) -> int:
@@ -108,33 +110,30 @@ class _ChainedHandle:
 
     @property
     def error(self) -> BaseException | None:
-        if self.stage2 is not None and self.stage2.error is not None:
-            return self.stage2.error
-        return self.read_error
+        for c in self.copies:
+            if c.error is not None:
+                return c.error
+        return self.copy_error
 
     def done(self) -> bool:
-        if not self.reads_done.is_set():
-            return False
-        return self.stage2 is None or self.stage2.done()
+        return self.reads_done.is_set() and all(c.done() for c in self.copies)
 
     def wait(self, timeout: float | None = None) -> BaseException | None:
         if not self.reads_done.wait(timeout):
             raise TimeoutError(f"disk reads not finished after {timeout} s")
-        if self.stage2 is not None:
-            self.stage2.wait(timeout)
+        for c in self.copies:
+            c.wait(timeout)
         return self.error
 
     def layer_done(self, layer: int) -> bool:
-        if not self.reads_done.is_set():
-            return False
-        return self.stage2 is None or self.stage2.layer_done(layer)
+        return self.reads_done.is_set() and all(c.layer_done(layer) for c in self.copies)
 
     def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
         if not self.reads_done.wait(timeout):
             raise TimeoutError(f"disk reads not finished after {timeout} s")
-        if self.stage2 is None:
+        if not self.copies:
             return False
-        return self.stage2.wait_layer(layer, timeout)
+        return all([c.wait_layer(layer, timeout) for c in self.copies])
 
 
 class TransferHandle:
@@ -455,34 +454,41 @@ class TransferManager:
         staging = run.staging
         chained = _ChainedHandle(self.num_layers)
         rows = run.staging_rows
-        futures = self.disk_io.read(req.hashes, [staging.rows[r] for r in rows])
-        remaining = [len(futures)]
+        n = len(rows)
+        chunk = max(4, n // 8)
+        ready: list[int] = []
+        remaining = [n]
         engine, device = self.engine, self.device
 
-        def one_done(_: Future[BlockHeader | None]) -> None:
-            with run.lock:
+        def one_done(i: int, f: Future[BlockHeader | None]) -> None:
+            with run.lock:  # copies are issued in order, and all before reads_done is set
                 remaining[0] -= 1
-                if remaining[0]:
-                    return
-            good = [i for i, f in enumerate(futures) if f.exception() is None]
-            try:
-                if good:
-                    chained.stage2 = engine.host_to_device(
-                        staging,
-                        device,
-                        [rows[i] for i in good],
-                        [req.dst_ids[i] for i in good],
-                        req.gate,
-                    )
-            except Exception as exc:  # reported through the handle
-                chained.read_error = exc
-            finally:
-                chained.reads_done.set()
+                if f.exception() is None:
+                    ready.append(i)
+                last = remaining[0] == 0
+                if ready and (last or len(ready) >= chunk):
+                    batch = sorted(ready)
+                    ready.clear()
+                    try:
+                        chained.copies.append(
+                            engine.host_to_device(
+                                staging,
+                                device,
+                                [rows[j] for j in batch],
+                                [req.dst_ids[j] for j in batch],
+                                req.gate,
+                            )
+                        )
+                    except Exception as exc:  # reported through the handle
+                        chained.copy_error = exc
+                if last:
+                    chained.reads_done.set()
 
-        run.writes = futures
         run.handle._attach(chained)
-        for f in futures:
-            f.add_done_callback(one_done)
+        futures = self.disk_io.read(req.hashes, [staging.rows[r] for r in rows])
+        run.writes = futures
+        for i, f in enumerate(futures):
+            f.add_done_callback(partial(one_done, i))
 
     def _advance(self, run: _Running) -> bool:
         """True when the batch's data is final (moved or failed)."""

@@ -380,3 +380,26 @@ def test_own_device_allocation(managers: list[KvBlockManager]) -> None:
 
 def _fill_n(mgr: KvBlockManager, n: int) -> list[torch.Tensor]:
     return _fill(mgr, list(range(n)), seed=20)
+
+
+def test_disk_onboard_in_chunks_with_a_corrupt_block(
+    tmp_path: Path, managers: list[KvBlockManager]
+) -> None:
+    """8 blocks from disk are copied in chunks of 4 as reads finish; one corrupt block fails
+    alone; the others land bit-exact (layer waits report them) and the error names it."""
+    mgr = _manager(tmp_path, "outer_first", disk_blocks=16, staging_blocks=8)
+    managers.append(mgr)
+    rows = _fill(mgr, list(range(8)), seed=30)
+    mgr.wait(mgr.offload(list(range(8)), H[:8]), timeout=10)
+    _corrupt(mgr, H[5])
+    _scrub(mgr)
+    targets = [7, 6, 5, 4, 3, 2, 1, 0]
+    on = mgr.onboard(mgr.match(H[:8]), targets)
+    assert all(on.wait_layer(layer, timeout=10) for layer in range(3))
+    mgr.wait(on, timeout=10)
+    assert on.error is not None and on.error.failed_device_block_ids == (2,)
+    assert len(on.parts[0]._data.copies) == 2  # type: ignore[union-attr]
+    for i, dev in enumerate(targets):
+        want = torch.zeros(BB, dtype=torch.uint8) if i == 5 else rows[i]
+        assert torch.equal(_read(mgr, dev), want), i
+    _check(mgr)
