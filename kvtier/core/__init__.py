@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvtier.core.block import BlockState, ImmutableBlock, MutableBlock
+from kvtier.core.block import BlockState, ImmutableBlock, ImmutableBlockGroup, MutableBlock
 from kvtier.core.errors import BlockStateError, InvariantError, PoolError, RegistryError
 from kvtier.core.pool import BlockPool
 from kvtier.core.registry import RemoveEvent, StoreEvent, TierEvent, TierRegistry
@@ -12,6 +12,7 @@ __all__ = [
     "BlockState",
     "BlockStateError",
     "ImmutableBlock",
+    "ImmutableBlockGroup",
     "InvariantError",
     "MutableBlock",
     "PoolError",

@@ -10,7 +10,7 @@ released handle still knows its block id, and nothing else: the slot may hold an
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
@@ -19,7 +19,7 @@ from kvtier.core.errors import PoolError
 if TYPE_CHECKING:
     from kvtier.core.pool import BlockPool
 
-__all__ = ["BlockState", "ImmutableBlock", "MutableBlock"]
+__all__ = ["BlockState", "ImmutableBlock", "ImmutableBlockGroup", "MutableBlock"]
 
 
 class BlockState(enum.Enum):
@@ -134,3 +134,59 @@ class ImmutableBlock(_Handle):
     @property
     def tokens(self) -> tuple[int, ...]:
         return self._pool._slots.tokens.get(self._live_id(), ())
+
+
+class ImmutableBlockGroup:
+    """One reference on each block of a matched prefix, taken and released together.
+
+    Why: a long prompt matches thousands of blocks; one handle object per block is most of the
+    cost of ``match``. ``BlockPool.match_group`` returns this instead: same references, same
+    semantics, one object. Release it once (or use ``with``); a second release raises.
+    """
+
+    __slots__ = ("_alive", "_block_ids", "_pool")
+
+    def __init__(self, pool: BlockPool, block_ids: list[int]) -> None:
+        self._pool = pool
+        self._block_ids = block_ids
+        self._alive = True
+
+    def __repr__(self) -> str:
+        return f"ImmutableBlockGroup({len(self._block_ids)} blocks, alive={self._alive})"
+
+    def __len__(self) -> int:
+        return len(self._block_ids)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._block_ids)
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    @property
+    def block_ids(self) -> tuple[int, ...]:
+        """Block ids of the matched prefix, in prefix order."""
+        return tuple(self._block_ids)
+
+    @property
+    def sequence_hashes(self) -> list[int]:
+        if not self._alive:
+            raise PoolError("ImmutableBlockGroup was already released")
+        seq = self._pool._slots.seq
+        return [seq[i] for i in self._block_ids]
+
+    def release(self) -> None:
+        self._pool.release(self)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._alive:
+            self.release()

@@ -16,7 +16,7 @@ import heapq
 from collections.abc import Sequence
 
 from kvtier.core import slot_table as st
-from kvtier.core.block import BlockState, ImmutableBlock, MutableBlock
+from kvtier.core.block import BlockState, ImmutableBlock, ImmutableBlockGroup, MutableBlock
 from kvtier.core.errors import BlockStateError, InvariantError, PoolError
 from kvtier.core.free_slots import FreeSlots
 from kvtier.core.registry import TierRegistry
@@ -218,6 +218,24 @@ class BlockPool:
         self._num_inactive -= woken
         return handles
 
+    def match_group(self, sequence_hashes: Sequence[int]) -> ImmutableBlockGroup:
+        """Like ``match``, but one handle for the whole matched prefix (much cheaper per block)."""
+        get, refs = self._by_hash.get, self._slots.refs
+        block_ids: list[int] = []
+        append = block_ids.append
+        woken = 0
+        for h in sequence_hashes:
+            block_id = get(h)
+            if block_id is None:
+                break
+            r = refs[block_id]
+            if not r:
+                woken += 1
+            refs[block_id] = r + 1
+            append(block_id)
+        self._num_inactive -= woken
+        return ImmutableBlockGroup(self, block_ids)
+
     def contains(self, sequence_hash: int) -> bool:
         """Whether the hash is registered here (takes no reference, refreshes nothing)."""
         return sequence_hash in self._by_hash
@@ -272,8 +290,17 @@ class BlockPool:
         self._link(block_id, sequence_hash, parent_sequence_hash)
         self._became_inactive(block_id)
 
-    def release(self, handle: MutableBlock | ImmutableBlock) -> None:
+    def release(self, handle: MutableBlock | ImmutableBlock | ImmutableBlockGroup) -> None:
         """Give a handle back. Releasing a handle twice raises."""
+        if isinstance(handle, ImmutableBlockGroup):
+            if handle._pool is not self:
+                raise PoolError(f"block group belongs to another pool than {self._tier}")
+            if not handle._alive:
+                raise PoolError("ImmutableBlockGroup was already released")
+            handle._alive = False
+            for block_id in handle._block_ids:
+                self._drop_ref(block_id)
+            return
         if isinstance(handle, MutableBlock):
             block_id = self._own(handle, MutableBlock)
             handle._alive = False
@@ -281,6 +308,9 @@ class BlockPool:
             return
         block_id = self._own(handle, ImmutableBlock)
         handle._alive = False
+        self._drop_ref(block_id)
+
+    def _drop_ref(self, block_id: int) -> None:
         refs = self._slots.refs
         left = refs[block_id] - 1
         refs[block_id] = left

@@ -15,7 +15,14 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvtier.core import BlockPool, ImmutableBlock, MutableBlock, PoolError, TierRegistry
+from kvtier.core import (
+    BlockPool,
+    ImmutableBlock,
+    ImmutableBlockGroup,
+    MutableBlock,
+    PoolError,
+    TierRegistry,
+)
 
 CAPACITY = 4
 HASHES = 7
@@ -82,6 +89,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.model = Model()
         self.mutables: list[MutableBlock] = []
         self.handles: list[ImmutableBlock] = []
+        self.groups: list[ImmutableBlockGroup] = []
         self.dead: list[ImmutableBlock | MutableBlock] = []
 
     @rule(n=st.integers(0, 4))
@@ -120,14 +128,16 @@ class PoolMachine(RuleBasedStateMachine):
             assert handle.block_id == blk.block_id
         self.handles.append(handle)
 
-    @rule(h=st.integers(0, HASHES - 1), miss=st.booleans())
-    def match(self, h: int, miss: bool) -> None:
+    @rule(h=st.integers(0, HASHES - 1), miss=st.booleans(), grouped=st.booleans())
+    def match(self, h: int, miss: bool, grouped: bool) -> None:
         path = [h]
         while (p := parent_of(path[0])) is not None:
             path.insert(0, p)
         if miss:
             path.insert(len(path) // 2, 10_000)
-        got = self.pool.match(path)
+        group = self.pool.match_group(path) if grouped else None
+        got = [] if group is not None else self.pool.match(path)
+        got_ids = list(group.block_ids) if group is not None else [g.block_id for g in got]
         expected = []
         for x in path:
             b = self.model.linked(x)
@@ -135,8 +145,18 @@ class PoolMachine(RuleBasedStateMachine):
                 break
             b.refs += 1
             expected.append(b.block_id)
-        assert [g.block_id for g in got] == expected
+        assert got_ids == expected
         self.handles.extend(got)
+        if group is not None:
+            self.groups.append(group)
+
+    @precondition(lambda self: self.groups)
+    @rule(i=st.integers(0, 100))
+    def release_group(self, i: int) -> None:
+        group = self.groups.pop(i % len(self.groups))
+        group.release()
+        for block_id in group.block_ids:
+            self._model_release(block_id)
 
     @precondition(lambda self: self.handles)
     @rule(i=st.integers(0, 100))
@@ -144,7 +164,10 @@ class PoolMachine(RuleBasedStateMachine):
         handle = self.handles.pop(i % len(self.handles))
         self.pool.release(handle)
         self.dead.append(handle)
-        b = self.model.blocks[handle.block_id]
+        self._model_release(handle.block_id)
+
+    def _model_release(self, block_id: int) -> None:
+        b = self.model.blocks[block_id]
         b.refs -= 1
         if b.refs == 0:
             if b.linked:

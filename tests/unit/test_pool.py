@@ -335,3 +335,28 @@ def test_register_validates_hashes() -> None:
     with pytest.raises(TypeError, match="priority must be an int"):
         pool.register(b, 3, priority=1.5)  # type: ignore[arg-type]
     assert b.alive
+
+
+def test_match_group_holds_one_reference_per_block() -> None:
+    pool = BlockPool(4)
+    for h in _chain(pool, [1, 2, 3]):
+        h.release()
+    with pool.match_group([1, 2, 9, 3]) as group:
+        assert group.block_ids == (0, 1)
+        assert list(group) == [0, 1]
+        assert len(group) == 2
+        assert group.sequence_hashes == [1, 2]
+        assert pool.num_inactive == 1
+        assert pool.evict(3) == [3]  # 1 and 2 are held
+    assert not group.alive
+    assert pool.num_inactive == 2
+    with pytest.raises(PoolError, match="already released"):
+        group.release()
+    with pytest.raises(PoolError, match="already released"):
+        _ = group.sequence_hashes
+    assert BlockPool(1).match_group([5]).block_ids == ()
+    other = pool.match_group([1])
+    with pytest.raises(PoolError, match="another pool"):
+        BlockPool(1).release(other)
+    other.release()
+    pool.check_invariants()
