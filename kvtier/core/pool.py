@@ -164,11 +164,17 @@ class BlockPool:
         If ``sequence_hash`` is already registered, returns a new handle on that block and frees
         ``block`` (dedup). A parent that disagrees with the registered one raises, changing nothing.
         """
-        block_id = self._own(block, MutableBlock)
-        _check_hash("sequence_hash", sequence_hash)
-        _check_hash("parent_sequence_hash", parent_sequence_hash, optional=True)
-        _check_hash("block_hash", block_hash, optional=True)
-        _check_priority(priority)
+        if type(block) is MutableBlock and block._pool is self and block._alive:
+            block_id = block._block_id  # the common case, checked cheaply (a hot path)
+        else:
+            block_id = self._own(block, MutableBlock)
+        if not (type(sequence_hash) is int and 0 <= sequence_hash <= _U64_MAX):
+            _check_hash("sequence_hash", sequence_hash)
+        if parent_sequence_hash is not None or block_hash is not None:
+            _check_hash("parent_sequence_hash", parent_sequence_hash, optional=True)
+            _check_hash("block_hash", block_hash, optional=True)
+        if not (type(priority) is int and st.INT64_MIN <= priority <= st.INT64_MAX):
+            _check_priority(priority)
         slots = self._slots
         if slots.state[block_id] != st.COMPLETE:
             raise BlockStateError(

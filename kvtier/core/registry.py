@@ -98,9 +98,13 @@ class TierRegistry:
             raise RegistryError(f"tier {tier!r} already holds sequence hash {sequence_hash}")
         self._holders[sequence_hash] = mask | bit
         self._counts[tier] = self._counts.get(tier, 0) + 1
-        self._emit(
-            StoreEvent(self._next_event_id, tier, sequence_hash, parent_sequence_hash, block_hash)
-        )
+        if self._record_events:  # building a frozen event costs ~1 us: only when kept
+            event = StoreEvent(
+                self._next_event_id, tier, sequence_hash, parent_sequence_hash, block_hash
+            )
+            self._emit(event)
+        else:
+            self._next_event_id += 1
 
     def record_remove(self, tier: str, sequence_hash: int) -> None:
         bit, mask = self._bits.get(tier, 0), self._holders.get(sequence_hash, 0)
@@ -111,12 +115,13 @@ class TierRegistry:
         else:
             self._holders[sequence_hash] = mask & ~bit
         self._counts[tier] -= 1
-        self._emit(RemoveEvent(self._next_event_id, tier, sequence_hash))
+        if self._record_events:
+            self._emit(RemoveEvent(self._next_event_id, tier, sequence_hash))
+        else:
+            self._next_event_id += 1
 
     def _emit(self, event: TierEvent) -> None:
         self._next_event_id += 1
-        if not self._record_events:
-            return
         if len(self._events) == self._events.maxlen:
             self._dropped += 1
         self._events.append(event)
