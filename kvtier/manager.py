@@ -42,6 +42,7 @@ from kvtier.transfer.manager import TransferError, TransferHandle, TransferManag
 
 if TYPE_CHECKING:
     from kvtier.metrics import KvTierMetrics
+    from kvtier.storage.pinned import ChunkedPinner
 
 __all__ = [
     "KvBlockManager",
@@ -210,7 +211,9 @@ class KvBlockManager:
         self.config = config
         self.metrics = metrics
         self.registry = TierRegistry()
-        self._engine: CopyEngine = copy_engine if copy_engine is not None else TorchCopyEngine()
+        self._engine_override = copy_engine
+        self._engine: CopyEngine = TorchCopyEngine()
+        self._pinner: ChunkedPinner | None = None
         self._device_tensors: Mapping[str, torch.Tensor] | torch.Tensor | None = None
         self._layout: KvLayout | None = None
         self.device_pool: DevicePool | None = None
@@ -282,12 +285,16 @@ class KvBlockManager:
         self.device_pool = DevicePool(
             BlockPool(layout.num_blocks, block_size=bs, tier=G1, registry=self.registry), storage
         )
-        pinned = cfg.host_pinned if cfg.host_pinned is not None else torch.cuda.is_available()
+        self._engine = self._pick_engine(storage)
+        on_gpu = storage.device.type == "cuda"
+        pinned = cfg.host_pinned if cfg.host_pinned is not None else on_gpu
         if cfg.host_blocks:
-            host = HostStorage(cfg.host_blocks, layout.block_bytes, pin_memory=pinned)
+            host = HostStorage(cfg.host_blocks, layout.block_bytes)
             host.allocate()
             pool = BlockPool(cfg.host_blocks, block_size=bs, tier=G2, registry=self.registry)
             self.host_pool = HostPool(pool, host)
+            if pinned:
+                self._pin(host)
         if cfg.disk_blocks:
             assert cfg.disk_dir is not None
             disk = DiskStorage(
@@ -322,9 +329,36 @@ class KvBlockManager:
             num_layers=cfg.model.num_layers,
             max_inflight_blocks=cfg.max_inflight_blocks,
             staging_blocks=cfg.staging_blocks,
+            pin_staging=on_gpu,
         )
         self._transfers.start()
         self._started = True
+
+    def _pick_engine(self, storage: DeviceStorage) -> CopyEngine:
+        """The given engine; else the CUDA engine for GPU tensors; else ``TorchCopyEngine``."""
+        if self._engine_override is not None:
+            return self._engine_override
+        if storage.device.type == "cuda":
+            from kvtier.transfer.cuda import CudaCopyEngine
+
+            return CudaCopyEngine(device=storage.device)
+        return TorchCopyEngine()
+
+    def _pin(self, host: HostStorage) -> None:
+        """Page-lock G2 in chunks on a background thread (first rows usable at once); the CUDA
+        engine refuses rows not pinned yet, so an early offload to them fails, never degrades."""
+        from kvtier.storage.pinned import ChunkedPinner
+
+        attach = getattr(self._engine, "attach_pinner", None)
+        if attach is None:  # an engine that cannot track chunks: pin everything up front
+            pinned = HostStorage(host.num_blocks, host.block_bytes, pin_memory=True)
+            pinned.allocate()
+            assert self.host_pool is not None
+            self.host_pool.storage = pinned
+            return
+        self._pinner = ChunkedPinner(host.rows)
+        self._pinner.start()
+        attach(host, self._pinner)
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish (up to ``timeout`` s) or cancel in-flight work, apply it, stop threads.
@@ -350,6 +384,8 @@ class KvBlockManager:
         self._handles.clear()
         if self.disk_pool is not None:
             self.disk_pool.storage.close()
+        if self._pinner is not None:
+            self._pinner.close()
         if self.host_pool is not None:
             self.host_pool.storage.release()
 

@@ -240,8 +240,8 @@ class TransferManager:
     """Queues, starts and completes batches; see the module docstring.
 
     ``device``/``host``/``disk_io`` may be None when a tier is absent (a path using it is then
-    refused at submit). ``staging_blocks`` host rows bounce disk <-> device batches; a batch larger
-    than that gets a temporary buffer of its own once nothing else uses staging.
+    refused at submit). ``staging_blocks`` host rows (pinned when ``pin_staging``) bounce
+    disk <-> device batches; a larger batch gets a temporary buffer once staging is idle.
     """
 
     def __init__(
@@ -255,6 +255,7 @@ class TransferManager:
         num_layers: int,
         max_inflight_blocks: int = 512,
         staging_blocks: int = 64,
+        pin_staging: bool = False,
     ) -> None:
         self.engine = engine
         self.device = device
@@ -264,6 +265,7 @@ class TransferManager:
         self.num_layers = num_layers
         self.max_inflight_blocks = max_inflight_blocks
         self.staging_blocks = staging_blocks
+        self.pin_staging = pin_staging
         self._queues: dict[TransferPath, deque[TransferHandle]] = {p: deque() for p in TransferPath}
         self._running: list[_Running] = []
         self._inflight_blocks = 0
@@ -274,7 +276,9 @@ class TransferManager:
     def start(self) -> None:
         """Allocate the staging rows (when there is a disk tier)."""
         if self.disk_io is not None and self._staging is None:
-            self._staging = HostStorage(self.staging_blocks, self.block_bytes)
+            self._staging = HostStorage(
+                self.staging_blocks, self.block_bytes, pin_memory=self.pin_staging
+            )
             self._staging.allocate()
             self._staging_free = list(range(self.staging_blocks - 1, -1, -1))
 
@@ -371,7 +375,7 @@ class TransferManager:
                     if n <= len(self._staging_free):
                         rows = [self._staging_free.pop() for _ in range(n)]
                     elif n > self.staging_blocks and len(self._staging_free) == self.staging_blocks:
-                        staging = HostStorage(n, self.block_bytes)
+                        staging = HostStorage(n, self.block_bytes, pin_memory=self.pin_staging)
                         staging.allocate()
                         rows = list(range(n))
                     else:
