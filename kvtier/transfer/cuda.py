@@ -626,9 +626,7 @@ class CudaCopyEngine:
                         released.record()
                 for d in dss:
                     d.wait_event(gathered)
-                for i, (h, j, c) in enumerate(runs):
-                    with torch.cuda.stream(dss[i % len(dss)]):
-                        host.rows[h : h + c].copy_(stg[j : j + c], non_blocking=True)
+                self._dma(dss, runs, host.rows, stg, to_host=True)
                 self._join(dss)
                 with torch.cuda.stream(ds):
                     freed = _new_event()
@@ -640,9 +638,7 @@ class CudaCopyEngine:
                 if free is not None:
                     for d in dss:
                         d.wait_event(free)
-                for i, (h, j, c) in enumerate(runs):
-                    with torch.cuda.stream(dss[i % len(dss)]):
-                        stg[j : j + c].copy_(host.rows[h : h + c], non_blocking=True)
+                self._dma(dss, runs, host.rows, stg, to_host=False)
                 self._join(dss)
                 with torch.cuda.stream(ds):
                     landed = _new_event()
@@ -658,6 +654,30 @@ class CudaCopyEngine:
                     freed.record()
             lane.slot_free[slot] = freed
         handle._set(layer_events, released, keep)
+
+    @staticmethod
+    def _dma(
+        streams: list[torch.cuda.Stream],
+        runs: list[tuple[int, int, int]],
+        host_rows: torch.Tensor,
+        staging: torch.Tensor,
+        *,
+        to_host: bool,
+    ) -> None:
+        """One DMA per run, runs dealt round-robin over ``streams`` (one stream switch each)."""
+        k = len(streams)
+        for s_i, stream in enumerate(streams):
+            mine = runs[s_i::k]
+            if not mine:
+                continue
+            with torch.cuda.stream(stream):
+                for h, j, c in mine:
+                    hv = host_rows[h] if c == 1 else host_rows[h : h + c]
+                    sv = staging[j] if c == 1 else staging[j : j + c]
+                    if to_host:
+                        hv.copy_(sv, non_blocking=True)
+                    else:
+                        sv.copy_(hv, non_blocking=True)
 
     @staticmethod
     def _join(streams: list[torch.cuda.Stream]) -> None:
