@@ -298,6 +298,10 @@ class BlockPool:
 
     def release(self, handle: MutableBlock | ImmutableBlock | ImmutableBlockGroup) -> None:
         """Give a handle back. Releasing a handle twice raises."""
+        if type(handle) is ImmutableBlock and handle._pool is self and handle._alive:
+            handle._alive = False  # the common case first, checked cheaply (a hot path)
+            self._drop_ref(handle._block_id)
+            return
         if isinstance(handle, ImmutableBlockGroup):
             if handle._pool is not self:
                 raise PoolError(f"block group belongs to another pool than {self._tier}")
