@@ -132,6 +132,12 @@ def hash_chain(
     """
     _check_block_size(block_size)
     _check_seed(salt_hash)
+    if parent_sequence_hash is not None and not (
+        type(parent_sequence_hash) is int and 0 <= parent_sequence_hash <= _U64_MAX
+    ):
+        raise ValueError(
+            f"parent_sequence_hash must be None or in the u64 range, got {parent_sequence_hash!r}"
+        )
     data = memoryview(token_bytes(tokens))
     step = 4 * block_size
     end = len(data) - len(data) % step

@@ -142,6 +142,11 @@ def test_bad_token_containers() -> None:
         sequence_hashes(b"abcd", 1)  # type: ignore[arg-type]
 
 
+def test_bad_parent_hash() -> None:
+    with pytest.raises(ValueError, match="parent_sequence_hash must be None or in the u64 range"):
+        hash_chain([1], 1, parent_sequence_hash=-5)
+
+
 def test_bad_salt_seed() -> None:
     with pytest.raises(ValueError, match="u64 range"):
         sequence_hashes([1], 1, salt_hash=-1)
