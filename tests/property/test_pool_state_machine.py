@@ -92,7 +92,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.groups: list[ImmutableBlockGroup] = []
         self.dead: list[ImmutableBlock | MutableBlock] = []
 
-    @rule(n=st.integers(0, 4))
+    @rule(n=st.integers(0, CAPACITY))
     def allocate(self, n: int) -> None:
         m = self.model
         short = n - len(m.free)
