@@ -49,7 +49,7 @@ SHAPES = {
     "70B": ModelConfig(num_layers=80, block_size=16, num_kv_heads=8, head_dim=128),
 }
 CPU_SHAPES = {"8B-tiny": ModelConfig(num_layers=4, block_size=16, num_kv_heads=2, head_dim=64)}
-Row = tuple[str, int, str, float, float, float]
+Row = tuple[str, int, str, float, float, float, float]
 
 
 def log(msg: str) -> None:
@@ -166,41 +166,66 @@ class Bench:
 
 
 def measure_shape(name: str, b: Bench, sizes: list[int], reps: int, rows: list[Row]) -> None:
+    """kvtier (scattered and consecutive host rows), naive and limit, both directions, checked."""
     gen = torch.Generator().manual_seed(1)
     scratch_n = max(sizes)
     scratch = torch.empty(scratch_n * b.bb, dtype=torch.uint8, device=b.dev.device)
     for n in sizes:
         dids = torch.randperm(b.pool, generator=gen)[:n].tolist()
         hids = torch.randperm(b.pool, generator=gen)[:n].tolist()
+        crow = list(range(n))
         nbytes = n * b.bb
-        # device -> host (the limit first: its one large copy overwrites host rows 0..n-1)
-        tl = b.timed(b.limit(True, n, scratch), reps)
-        b.host.rows[hids] = 0
-        t = b.timed(b.kvtier(True, dids, hids), reps)
-        ok = b.check_host(dids, hids)
-        ref = b.canonical(dids)
-        tn = float("nan")
-        if n <= 256:
-            b.host.rows[hids] = 0
-            tn = b.timed(b.naive(True, dids, hids), max(1, reps // 2))
-            ok = ok and b.check_host(dids, hids)
-        rows.append((name, n, "d2h" if ok else "d2h BAD", nbytes / t, nbytes / tn, nbytes / tl))
-        log(f"  {name} {n:5d} d2h  kvtier {nbytes / t / GB:6.1f}  limit {nbytes / tl / GB:6.1f}")
-        # host -> device: poison the device blocks, load them back, compare with the reference
         tgt = torch.tensor(dids, device=b.dev.device)
-        for i in range(b.model.num_layers):
-            b.dev.layer_bytes(i).index_fill_(1, tgt, 0)
-        t = b.timed(b.kvtier(False, dids, hids), reps)
-        ok = b.check_dev(dids, ref)
-        tl = b.timed(b.limit(False, n, scratch), reps)
-        tn = float("nan")
-        if n <= 256:
+
+        def poison(tgt: torch.Tensor = tgt) -> None:
             for i in range(b.model.num_layers):
                 b.dev.layer_bytes(i).index_fill_(1, tgt, 0)
-            tn = b.timed(b.naive(False, dids, hids), max(1, reps // 2))
-            ok = ok and b.check_dev(dids, ref)
-        rows.append((name, n, "h2d" if ok else "h2d BAD", nbytes / t, nbytes / tn, nbytes / tl))
-        log(f"  {name} {n:5d} h2d  kvtier {nbytes / t / GB:6.1f}  limit {nbytes / tl / GB:6.1f}")
+
+        ref = b.canonical(dids)
+        # the limits first: the device->host one overwrites host rows 0..n-1
+        tl_out = b.timed(b.limit(True, n, scratch), reps)
+        tl_in = b.timed(b.limit(False, n, scratch), reps)
+        # consecutive host rows (a pool that hands out runs)
+        b.host.rows[crow] = 0
+        tc_out = b.timed(b.kvtier(True, dids, crow), reps)
+        ok_out = b.check_host(dids, crow)
+        poison()
+        tc_in = b.timed(b.kvtier(False, dids, crow), reps)
+        ok_in = b.check_dev(dids, ref)
+        # scattered host rows (a fragmented pool): the headline figure
+        b.host.rows[hids] = 0
+        t_out = b.timed(b.kvtier(True, dids, hids), reps)
+        ok_out = ok_out and b.check_host(dids, hids)
+        poison()
+        t_in = b.timed(b.kvtier(False, dids, hids), reps)
+        ok_in = ok_in and b.check_dev(dids, ref)
+        tn_out = tn_in = float("nan")
+        if n <= 256:
+            b.host.rows[hids] = 0
+            tn_out = b.timed(b.naive(True, dids, hids), max(1, reps // 2))
+            ok_out = ok_out and b.check_host(dids, hids)
+            poison()
+            tn_in = b.timed(b.naive(False, dids, hids), max(1, reps // 2))
+            ok_in = ok_in and b.check_dev(dids, ref)
+        for d, ok, t, tc, tn, tl in (
+            ("d2h", ok_out, t_out, tc_out, tn_out, tl_out),
+            ("h2d", ok_in, t_in, tc_in, tn_in, tl_in),
+        ):
+            rows.append(
+                (
+                    name,
+                    n,
+                    d if ok else d + " BAD",
+                    nbytes / t,
+                    nbytes / tc,
+                    nbytes / tn,
+                    nbytes / tl,
+                )
+            )
+            log(
+                f"  {name} {n:5d} {d}  kvtier {nbytes / t / GB:6.1f} (consecutive rows "
+                f"{nbytes / tc / GB:6.1f})  limit {nbytes / tl / GB:6.1f}  exact {ok}"
+            )
         del ref
     del scratch
 
@@ -388,12 +413,16 @@ def main() -> int:
             if cuda:
                 torch.cuda.empty_cache()
     log("")
+    log("GB/s; kvtier: scattered host rows (random rows of the pool); kvtier-c: consecutive rows")
     log(
-        f"{'shape':6s} {'blocks':>6s} {'dir':8s} {'kvtier':>8s} {'naive':>8s} {'limit':>8s}"
-        f" {'kvtier/limit':>12s}   (GB/s)"
+        f"{'shape':6s} {'blocks':>6s} {'dir':8s} {'kvtier':>8s} {'kvtier-c':>8s} {'naive':>8s} "
+        f"{'limit':>8s} {'kvtier/limit':>12s} {'kvtier-c/limit':>14s}"
     )
-    for name, n, d, k, nv, lim in rows:
-        log(f"{name:6s} {n:6d} {d:8s} {k / GB:8.1f} {nv / GB:8.1f} {lim / GB:8.1f} {k / lim:12.2f}")
+    for name, n, d, k, kc, nv, lim in rows:
+        log(
+            f"{name:6s} {n:6d} {d:8s} {k / GB:8.1f} {kc / GB:8.1f} {nv / GB:8.1f} {lim / GB:8.1f} "
+            f"{k / lim:12.2f} {kc / lim:14.2f}"
+        )
     for line in extra:
         log(line)
     bad = [r for r in rows if "BAD" in r[2]] + [e for e in extra if "exact False" in e]

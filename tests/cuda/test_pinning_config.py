@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from kvtier.storage.host import aligned_empty
 from kvtier.storage.pinned import ChunkedPinner, PinningConfig, rows_per_chunk
-from kvtier.transfer.cuda import CudaCopyConfig
+from kvtier.transfer.cuda import CudaCopyConfig, chunk_bounds
 from kvtier.transfer.cuda_plan import tile_words
 
 
@@ -59,3 +61,16 @@ def test_pinning_without_cuda_is_an_error_not_a_pageable_pool() -> None:
 
     with pytest.raises(PinningError, match="CUDA is not available"):
         ChunkedPinner(rows).start()
+
+
+def test_chunk_bounds_cover_every_row_once_with_small_ends() -> None:
+    assert chunk_bounds(3, 64) == [(0, 3)]
+    assert chunk_bounds(8, 64) == [(0, 8)]
+    assert chunk_bounds(100, 64) == [(0, 8), (8, 72), (72, 92), (92, 100)]
+    assert chunk_bounds(10, 3) == [(0, 1), (1, 4), (4, 7), (7, 9), (9, 10)]
+    for n in range(1, 300, 7):
+        for slot in (1, 2, 5, 64):
+            b = chunk_bounds(n, slot)
+            assert b[0][0] == 0 and b[-1][1] == n
+            assert all(x[1] == y[0] for x, y in itertools.pairwise(b))
+            assert all(0 < e - s <= slot for s, e in b)
