@@ -463,6 +463,35 @@ class KvEventSubscriber:
         self._next_seq = seq + 1
         return ReceivedBatch(seq, decode_batch(frames[2]))
 
+    def replay(
+        self, replay_endpoint: str, start_seq: int, timeout_s: float = 5.0
+    ) -> list[ReceivedBatch]:
+        """Ask the publisher's replay socket for every buffered batch from ``start_seq`` on.
+
+        This is how a subscriber fills a gap (or the batches sent before it connected). Raises
+        TimeoutError when the publisher does not answer within ``timeout_s``.
+        """
+        if self._ctx is None:
+            raise RuntimeError("KvEventSubscriber is not started")
+        dealer = self._ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(replay_endpoint)
+        out: list[ReceivedBatch] = []
+        try:
+            dealer.send_multipart((b"", start_seq.to_bytes(8, "big")))
+            while True:
+                if not dealer.poll(int(timeout_s * 1000)):
+                    raise TimeoutError(f"no replay answer from {replay_endpoint} in {timeout_s} s")
+                frames = dealer.recv_multipart()
+                if len(frames) != 4:
+                    raise ValueError(f"replay message has {len(frames)} frames, expected 4")
+                seq = int.from_bytes(frames[2], "big", signed=True)
+                if seq == END_SEQ:
+                    return out
+                out.append(ReceivedBatch(seq, decode_batch(frames[3])))
+        finally:
+            dealer.close(linger=0)
+
     def close(self) -> None:
         """Disconnect. Safe to call twice."""
         if self._sub is not None:

@@ -13,8 +13,9 @@ What is derived:
 - blocks, bytes and latency per path: a copy counts when the last worker reports it; its latency
   is from the step that planned it to that report (what the engine waits, queueing included);
 - lookups and matched tokens: from the scheduler half's counters (deltas per step);
-- occupancy per tier (in use = pinned by a copy, inactive = matchable, free), refreshed at most
-  once per ``occupancy_interval_s``;
+- occupancy per tier (in use = pinned by a copy in flight, inactive = held and not pinned,
+  free), sizes every step, the pinned count at most once per ``occupancy_interval_s`` (it is
+  zero whenever nothing is in flight);
 - events: ``BlockStored`` when a G2 store or G3 write lands; ``BlockRemoved`` when a G2 slot is
   reused for another block (eviction), a G3 block is deleted, or a G3 block read back corrupt.
 
@@ -78,6 +79,8 @@ class SchedulerView(Protocol):
     @property
     def filter(self) -> _Filter: ...
 
+    def has_pending_work(self) -> bool: ...
+
 
 @dataclass
 class _Pending:
@@ -127,6 +130,7 @@ class ConnectorTelemetry:
         self._disk_announced: set[int] = set()
         self._last: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
         self._last_occupancy = float("-inf")
+        self._pinned = {"host": 0, "disk": 0}
 
     def start(self) -> ConnectorTelemetry:
         """Serve metrics and open the event socket, as the settings ask."""
@@ -286,11 +290,18 @@ class ConnectorTelemetry:
             self.metrics.record_load_errors("unknown", errors)
         if rejected:
             self.metrics.record_filter_rejections(rejected)
-        if now - self._last_occupancy >= self._interval:
+        # Sizes are O(1) and refreshed every step. Pins exist only while copies are in flight;
+        # counting them walks the index, so that happens at most once per interval.
+        busy = scheduler.has_pending_work()
+        if not busy:
+            self._pinned = {"host": 0, "disk": 0}
+        elif now - self._last_occupancy >= self._interval:
             self._last_occupancy = now
-            for tier, index in (("host", scheduler.host), ("disk", scheduler.disk)):
-                held, pinned = len(index), index.num_pinned
-                self.metrics.set_pool_occupancy(tier, pinned, held - pinned, index.num_slots - held)
+            self._pinned = {"host": scheduler.host.num_pinned, "disk": scheduler.disk.num_pinned}
+        for tier, index in (("host", scheduler.host), ("disk", scheduler.disk)):
+            held = len(index)
+            pinned = min(held, self._pinned[tier])
+            self.metrics.set_pool_occupancy(tier, pinned, held - pinned, index.num_slots - held)
 
     def _publish(self, events: list[KvEvent]) -> None:
         if events and self.publisher is not None:

@@ -131,15 +131,15 @@ class KvTierConnector(KVConnectorBase_V1):
                     num_workers=world,
                 )
             )
-            # Metrics and KV events live with the scheduler half (engine-core process); started
-            # on the first step, fed with every plan and worker report (kvtier.ops.telemetry).
+            # Metrics and KV events live with the scheduler half (engine-core process), up as
+            # soon as the engine is, fed with every plan and worker report (kvtier.ops.telemetry).
             self.telemetry = ConnectorTelemetry(
                 self.settings,
                 block_size=self.model.block_size,
                 block_bytes=self.model.block_bytes,
                 num_workers=world,
                 data_parallel_rank=vllm_config.parallel_config.data_parallel_rank,
-            )
+            ).start()
         else:
             from kvtier.vllm.worker import KvTierWorker, WorkerConfig
 
@@ -161,6 +161,11 @@ class KvTierConnector(KVConnectorBase_V1):
                     io_threads=self.settings.io_threads,
                 )
             )
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        # Layer-wise onboarding waits between layers: CUDA graphs must leave those gaps.
+        return load_settings(extra_config).layerwise_onboard
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -277,8 +282,6 @@ class KvTierConnector(KVConnectorBase_V1):
             new, cached_rows, scheduler_output.num_scheduled_tokens
         )
         if self.telemetry is not None:
-            if self.telemetry.server is None and self.telemetry.publisher is None:
-                self.telemetry.start()
             self.telemetry.on_plan(plan)
         return KvTierConnectorMetadata(plan)
 

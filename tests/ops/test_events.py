@@ -173,6 +173,10 @@ def test_replay_returns_buffered_batches_then_end_marker() -> None:
         finally:
             dealer.close(linger=0)
             ctx.term()
+        with KvEventSubscriber(pub.endpoint) as sub:
+            assert [b.seq for b in sub.replay(pub.replay_endpoint, 1)] == [1, 2, 3]
+            with pytest.raises(TimeoutError, match="no replay answer"):
+                sub.replay("tcp://127.0.0.1:1", 0, timeout_s=0.2)
 
 
 def test_bind_failure_is_a_clear_error() -> None:
