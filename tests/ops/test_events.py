@@ -220,8 +220,8 @@ def test_events_of_a_real_registry_reach_a_subscriber() -> None:
     pool = BlockPool(2, block_size=4, tier="G2", registry=reg)
     (blk,) = pool.allocate(1) or []
     blk.append_tokens([1, 2, 3, 4])
-    pub = KvEventPublisher(EventsConfig(endpoint="tcp://127.0.0.1:0")).start()
-    with pub, KvEventSubscriber(pub.endpoint) as sub:
+    cfg = EventsConfig(endpoint="tcp://127.0.0.1:0")
+    with KvEventPublisher(cfg) as pub, KvEventSubscriber(pub.endpoint) as sub:
         for _ in range(100):  # until the subscription has propagated
             pub.publish([AllBlocksCleared()])
             if sub.receive(0.05) is not None:
