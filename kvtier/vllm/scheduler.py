@@ -193,7 +193,7 @@ class KvTierScheduler:
     ) -> None:
         """Plan the load of the blocks matched for ``request`` into its new GPU blocks."""
         st = self._track(request)
-        if num_external_tokens == 0 or st.load_job is not None:
+        if num_external_tokens == 0:
             return
         bs = self.config.block_size
         start = st.match_start

@@ -170,7 +170,8 @@ def test_frequency_filter_sends_second_sighting_to_g3_from_the_g2_slot() -> None
     s.update_state_after_alloc(r, [3, 4], 1 * BS)
     plan = s.build_step_plan([("b", [3, 4], BS)], [], {"b": 1})
     assert plan.stores.gpu_blocks == []  # already in G2
-    assert plan.disk_writes == [DiskWrite(h0, None, host_slot=s.host.lookup(h0))]
+    assert plan.disk_writes == [DiskWrite(h0, None, host_slot=0)]
+    assert s.host.lookup(h0) == 0
     assert s.host.pin_counts() == {h0: 2}  # the load and the G3 write
     s.check_invariants()
     ack(s, plan)

@@ -7,6 +7,7 @@ wait_for_save, get_finished) and checks every byte that comes back.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def settle(w: KvTierWorker) -> WorkerReport:
 
 
 @pytest.fixture
-def worker(tmp_path: Path) -> tuple[KvTierWorker, dict[str, torch.Tensor]]:
+def worker(tmp_path: Path) -> Iterator[tuple[KvTierWorker, dict[str, torch.Tensor]]]:
     kv = kv_caches()
     w = KvTierWorker(WorkerConfig(rank=0, host_blocks=4, disk_blocks=8, disk_dir=str(tmp_path)))
     w.register_kv_caches(kv, MODEL)
@@ -86,7 +87,8 @@ def test_store_to_g2_and_g3_then_onboard_bit_exact(
     report = w.take_report()
     assert report is not None and report.host_stored == [0xA1, 0xA2]
     assert report.stores_read_step == 0
-    assert sorted(settle(w).disk_stored) == [0xA1, 0xA3]
+    # G3 writes finish on I/O threads: in this step's report or a later one
+    assert sorted(report.disk_stored + settle(w).disk_stored) == [0xA1, 0xA3]
     for b in (1, 2, 3, 5, 6, 7):
         for n in NAMES:
             kv[n][b].zero_()
