@@ -44,13 +44,13 @@ class DemoConfig:
     kvtier's G2 and G3 (0 disables a tier).
     """
 
-    users: int = 4
-    turns: int = 4
-    system_tokens: int = 512
-    user_tokens: int = 384
+    users: int = 6
+    turns: int = 3
+    system_tokens: int = 256
+    user_tokens: int = 640
     reply_tokens: int = 32
-    g1_blocks: int = 20
-    host_blocks: int = 32
+    g1_blocks: int = 19
+    host_blocks: int = 48
     disk_blocks: int = 512
     seed: int = 0
 
@@ -381,6 +381,7 @@ def run_demo(cfg: DemoConfig, out_dir: Path, console: Console) -> Summary:
                 f"running the workload {mode} (engine start + {cfg.users * cfg.turns} requests)"
             ):
                 runs[mode] = _run_child(mode, cfg, work, out_dir / f"demo-{mode}.log")
+            (out_dir / f"demo-{mode}.log").unlink(missing_ok=True)  # kept only when a run fails
             console.print(f"{mode}: done ({runs[mode].recomputed_tokens} prompt tokens recomputed)")
     summary = summarize(cfg, runs)
     table = Table(title="time to first token (mean per turn, ms)")
