@@ -565,9 +565,12 @@ class KvBlockManager:
     def poll(self) -> list[KvHandle]:
         """Progress queues and apply finished transfers; see the class docstring."""
         transfers = self._check_running()
-        for part in transfers.poll():
+        settled = transfers.poll()
+        for part in settled:
             self._apply(part)
         self._pump_cascade()
+        if settled and self.metrics is not None:
+            self._publish_occupancy(self.metrics)
         finished = [h for h in self._handles if h.done()]
         if finished:
             self._handles = [h for h in self._handles if not h.done()]
@@ -742,6 +745,18 @@ class KvBlockManager:
             self._filter_rejections,
             self._skipped,
         )
+
+    def _publish_occupancy(self, metrics: KvTierMetrics) -> None:
+        for label, tier in (
+            ("device", self.device_pool),
+            ("host", self.host_pool),
+            ("disk", self.disk_pool),
+        ):
+            if tier is not None:
+                p = tier.pool
+                metrics.set_pool_occupancy(label, p.num_active, p.num_inactive, p.num_free)
+        if self._pinner is not None:
+            metrics.set_pinned_bytes(self._pinner.progress().pinned_bytes)
 
     def drain_events(self) -> list[TierEvent]:
         """The registry's Store/Remove events since the last call, oldest first."""

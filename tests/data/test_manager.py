@@ -403,3 +403,88 @@ def test_disk_onboard_in_chunks_with_a_corrupt_block(
         want = torch.zeros(BB, dtype=torch.uint8) if i == 5 else rows[i]
         assert torch.equal(_read(mgr, dev), want), i
     _check(mgr)
+
+
+def test_metrics_receive_transfers_lookups_and_occupancy(managers: list[KvBlockManager]) -> None:
+    from kvtier.metrics import KvTierMetrics
+
+    metrics = KvTierMetrics()
+    cfg = KvTierConfig(model=MODEL, host_blocks=4)
+    mgr = KvBlockManager(cfg, metrics=metrics)
+    mgr.register_device_kv(engine_tensors("block_first", MODEL, 8))
+    mgr.start()
+    managers.append(mgr)
+    mgr.wait(mgr.offload([0, 1, 2], H[:3]), timeout=10)
+    mgr.wait(mgr.onboard(mgr.match(H[:5]), [4, 5]), timeout=10)
+
+    def value(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert value("kvtier_blocks_total", path="device_to_host") == 3
+    assert value("kvtier_bytes_total", path="device_to_host") == 3 * BB
+    assert value("kvtier_blocks_total", path="host_to_device") == 2
+    assert value("kvtier_lookup_tokens_total") == 5 * MODEL.block_size
+    assert value("kvtier_matched_tokens_total", tier="host") == 3 * MODEL.block_size
+    assert value("kvtier_pool_blocks", tier="host", state="inactive") == 3
+    assert value("kvtier_pool_blocks", tier="host", state="free") == 1
+
+
+def test_read_only_disk_serves_what_it_has(tmp_path: Path, managers: list[KvBlockManager]) -> None:
+    import os
+    import subprocess
+
+    mgr = _manager(tmp_path, disk_blocks=8)
+    rows = _fill(mgr, [0], seed=40)
+    mgr.wait(mgr.offload([0], H[:1]), timeout=10)
+    mgr.close()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(
+            ["mount", "--bind", "-o", "ro", str(tmp_path / "g3"), str(ro)], check=False
+        ).returncode:
+            pytest.skip("read-only bind mount failed")
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=False)
+    else:
+        os.rename(tmp_path / "g3", ro / "g3")
+        ro = ro / "g3"
+        for p in [ro, *ro.iterdir()]:
+            os.chmod(p, 0o555)
+    try:
+        cfg = KvTierConfig(model=MODEL, disk_blocks=8, disk_dir=str(ro))
+        reader = KvBlockManager(cfg)
+        reader.register_device_kv(engine_tensors("block_first", MODEL, 8, seed=11))
+        reader.start()
+        managers.append(reader)
+        on = reader.onboard(reader.match(H[:1]), [3])
+        reader.wait(on, timeout=10)
+        assert on.ok and torch.equal(_read(reader, 3), rows[0])
+        off = reader.offload([1], [H[1]])
+        reader.wait(off, timeout=10)
+        assert off.error is not None and "is not writable" in str(off.error)
+        assert reader.disk_pool.pool.num_registered == 1  # type: ignore[union-attr]
+        reader.close()
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(ro)], check=False)
+
+
+def test_another_model_does_not_see_or_touch_the_blocks(
+    tmp_path: Path, managers: list[KvBlockManager]
+) -> None:
+    mgr = _manager(tmp_path, disk_blocks=8)
+    _fill(mgr, [0, 1], seed=41)
+    mgr.wait(mgr.offload([0, 1], H[:2]), timeout=10)
+    mgr.close()
+    other_model = dataclasses.replace(MODEL, dtype="float16")
+    cfg = KvTierConfig(model=other_model, disk_blocks=8, disk_dir=str(tmp_path / "g3"))
+    other = KvBlockManager(cfg)
+    other.register_device_kv(engine_tensors("block_first", other_model, 8))
+    other.start()
+    managers.append(other)
+    assert len(other.match(H[:2])) == 0
+    assert other.stats().disk == TierHits(hits=0, misses=2)
+    other.close()
+    again = _manager(tmp_path, disk_blocks=8)
+    managers.append(again)
+    assert again.match(H[:2]).num_disk == 2
