@@ -14,6 +14,10 @@ Also times chunked ``cudaHostRegister`` pinning of an anonymous mapping (first c
 checks that both the kernel and DMA work on memory registered chunk by chunk.
 """
 
+# Closures below are called within the loop iteration that defines them, so late binding of
+# loop variables (B023) cannot bite.
+# ruff: noqa: B023
+
 from __future__ import annotations
 
 import argparse
@@ -34,25 +38,40 @@ CHUNK_BYTES = TOKENS * HEADS * HEAD_DIM * ELEM  # one K or V piece of one (block
 ROW_BYTES = LAYERS * 2 * CHUNK_BYTES
 
 
-def timed(fn: Callable[[], None], stream: torch.cuda.Stream, reps: int) -> float:
+def _stream(priority: int = 0) -> torch.cuda.Stream:
+    return torch.cuda.Stream(priority=priority)  # type: ignore[no-untyped-call]
+
+
+def _event(enable_timing: bool = False) -> torch.cuda.Event:
+    return torch.cuda.Event(enable_timing=enable_timing)  # type: ignore[no-untyped-call]
+
+
+def timed(fn: Callable[[], object], stream: torch.cuda.Stream, reps: int) -> float:
     """Median seconds of ``fn`` enqueued on ``stream`` (events around it, after a warm-up)."""
     fn()
     torch.cuda.synchronize()
     out = []
     for _ in range(reps):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
+        a = _event(enable_timing=True)
+        b = _event(enable_timing=True)
         with torch.cuda.stream(stream):
             a.record(stream)
             fn()
             b.record(stream)
         b.synchronize()
         out.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(out)
+    return float(statistics.median(out))
 
 
-def interference(layers: list[torch.Tensor], words: list[torch.Tensor], staging_w: torch.Tensor,
-                 host_w: torch.Tensor, chunk_w: int, row_w: int, pool: int) -> None:
+def interference(
+    layers: list[torch.Tensor],
+    words: list[torch.Tensor],
+    staging_w: torch.Tensor,
+    host_w: torch.Tensor,
+    chunk_w: int,
+    row_w: int,
+    pool: int,
+) -> None:
     """How much a copy slows a bf16 matmul stream: kernel copy (16 programs) vs staged DMA."""
     from kvtier.transfer.cuda_kernels import copy_pieces_kernel
 
@@ -61,8 +80,8 @@ def interference(layers: list[torch.Tensor], words: list[torch.Tensor], staging_
     a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
     ids = torch.arange(n, dtype=torch.int64, device=dev)
-    comp = torch.cuda.Stream()
-    copy = torch.cuda.Stream()
+    comp = _stream()
+    copy = _stream()
     host = host_w.view(torch.uint8).view(-1, row_w * 4)
 
     def mm() -> None:
@@ -74,28 +93,52 @@ def interference(layers: list[torch.Tensor], words: list[torch.Tensor], staging_
         with torch.cuda.stream(copy):
             for layer in range(LAYERS):
                 copy_pieces_kernel[(grid,)](
-                    words[layer], host_w, ids, ids, n, 0, chunk_w, pool * chunk_w,
-                    layer * 2 * chunk_w, row_w, chunk_w,
-                    N_OUTER=2, CHUNK=chunk_w, TILE=4096, num_warps=8,
+                    words[layer],
+                    host_w,
+                    ids,
+                    ids,
+                    n,
+                    0,
+                    chunk_w,
+                    pool * chunk_w,
+                    layer * 2 * chunk_w,
+                    row_w,
+                    chunk_w,
+                    N_OUTER=2,
+                    CHUNK=chunk_w,
+                    TILE=4096,
+                    num_warps=8,
                 )
 
     def dcopy() -> None:
         with torch.cuda.stream(copy):
             for layer in range(LAYERS):
                 copy_pieces_kernel[(132,)](
-                    words[layer], staging_w, ids, ids, n, 0, chunk_w, pool * chunk_w,
-                    layer * 2 * chunk_w, row_w, chunk_w,
-                    N_OUTER=2, CHUNK=chunk_w, TILE=4096, num_warps=8,
+                    words[layer],
+                    staging_w,
+                    ids,
+                    ids,
+                    n,
+                    0,
+                    chunk_w,
+                    pool * chunk_w,
+                    layer * 2 * chunk_w,
+                    row_w,
+                    chunk_w,
+                    N_OUTER=2,
+                    CHUNK=chunk_w,
+                    TILE=4096,
+                    num_warps=8,
                 )
             host[:n].copy_(staging_w.view(torch.uint8).view(-1, row_w * 4)[:n], non_blocking=True)
 
     def run(copier: Callable[[], None] | None) -> tuple[float, float]:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        e0 = torch.cuda.Event(enable_timing=True)
-        e1 = torch.cuda.Event(enable_timing=True)
-        c0 = torch.cuda.Event(enable_timing=True)
-        c1 = torch.cuda.Event(enable_timing=True)
+        e0 = _event(enable_timing=True)
+        e1 = _event(enable_timing=True)
+        c0 = _event(enable_timing=True)
+        c1 = _event(enable_timing=True)
         e0.record(comp)
         c0.record(copy)
         if copier is not None:
@@ -111,9 +154,13 @@ def interference(layers: list[torch.Tensor], words: list[torch.Tensor], staging_
     run(lambda: kcopy(16))
     run(dcopy)
     print("interference (40 matmuls 8192^3 bf16 beside a 2 GiB offload), ms:")
-    for name, fn in [("matmul alone", None), ("kernel g8", lambda: kcopy(8)),
-                     ("kernel g16", lambda: kcopy(16)), ("kernel g32", lambda: kcopy(32)),
-                     ("staged DMA", dcopy)]:
+    for name, fn in [
+        ("matmul alone", None),
+        ("kernel g8", lambda: kcopy(8)),
+        ("kernel g16", lambda: kcopy(16)),
+        ("kernel g32", lambda: kcopy(32)),
+        ("staged DMA", dcopy),
+    ]:
         mt, ct = run(fn)
         print(f"  {name:14s} matmuls {mt:7.1f}  copy {ct:7.1f}")
 
@@ -133,14 +180,20 @@ def main() -> int:
     import triton
 
     print("triton", triton.__version__)
-    cu = torch.cuda.cudart()
+    cu = torch.cuda.cudart()  # type: ignore[no-untyped-call]
     max_n = max(args.blocks)
     pool = 2 * max_n
     # Outer-first (FlashAttention) layer tensors [2, pool, 16, 8, 128] bf16.
     g = torch.Generator(device=dev).manual_seed(1)
     layers = [
-        torch.randint(-(2**15), 2**15, (2, pool, TOKENS, HEADS, HEAD_DIM), dtype=torch.int16,
-                      device=dev, generator=g).view(torch.bfloat16)
+        torch.randint(
+            -(2**15),
+            2**15,
+            (2, pool, TOKENS, HEADS, HEAD_DIM),
+            dtype=torch.int16,
+            device=dev,
+            generator=g,
+        ).view(torch.bfloat16)
         for _ in range(LAYERS)
     ]
     words = [t.view(-1).view(torch.int32) for t in layers]
@@ -150,30 +203,64 @@ def main() -> int:
     host_w = host.view(-1).view(torch.int32)
     staging = torch.empty((max_n, ROW_BYTES), dtype=torch.uint8, device=dev)
     staging_w = staging.view(-1).view(torch.int32)
-    s_out = torch.cuda.Stream()
-    s_in = torch.cuda.Stream(priority=-1)
+    s_out = _stream()
+    s_in = _stream(priority=-1)
     results: list[tuple[str, int, str, float]] = []
 
-    def kernel_d2h(dst_w: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor,
-                   grid: int, tile: int, warps: int) -> None:
+    def kernel_d2h(
+        dst_w: torch.Tensor,
+        src_ids: torch.Tensor,
+        dst_ids: torch.Tensor,
+        grid: int,
+        tile: int,
+        warps: int,
+    ) -> None:
         n = src_ids.numel()
         for layer in range(LAYERS):
             copy_pieces_kernel[(grid,)](
-                words[layer], dst_w, src_ids, dst_ids, n,
-                0, chunk_w, pool * chunk_w,
-                layer * 2 * chunk_w, row_w, chunk_w,
-                N_OUTER=2, CHUNK=chunk_w, TILE=tile, num_warps=warps,
+                words[layer],
+                dst_w,
+                src_ids,
+                dst_ids,
+                n,
+                0,
+                chunk_w,
+                pool * chunk_w,
+                layer * 2 * chunk_w,
+                row_w,
+                chunk_w,
+                N_OUTER=2,
+                CHUNK=chunk_w,
+                TILE=tile,
+                num_warps=warps,
             )
 
-    def kernel_h2d(src_w: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor,
-                   grid: int, tile: int, warps: int) -> None:
+    def kernel_h2d(
+        src_w: torch.Tensor,
+        src_ids: torch.Tensor,
+        dst_ids: torch.Tensor,
+        grid: int,
+        tile: int,
+        warps: int,
+    ) -> None:
         n = src_ids.numel()
         for layer in range(LAYERS):
             copy_pieces_kernel[(grid,)](
-                src_w, words[layer], src_ids, dst_ids, n,
-                layer * 2 * chunk_w, row_w, chunk_w,
-                0, chunk_w, pool * chunk_w,
-                N_OUTER=2, CHUNK=chunk_w, TILE=tile, num_warps=warps,
+                src_w,
+                words[layer],
+                src_ids,
+                dst_ids,
+                n,
+                layer * 2 * chunk_w,
+                row_w,
+                chunk_w,
+                0,
+                chunk_w,
+                pool * chunk_w,
+                N_OUTER=2,
+                CHUNK=chunk_w,
+                TILE=tile,
+                num_warps=warps,
             )
 
     def expected_rows(dev_ids: list[int]) -> torch.Tensor:
@@ -202,13 +289,13 @@ def main() -> int:
         host2 = torch.empty((n, ROW_BYTES), dtype=torch.uint8, pin_memory=True)
 
         def both_limit() -> None:
-            e = torch.cuda.Event()
+            e = _event()
             e.record(s_out)
             s_in.wait_event(e)
             host2.copy_(big_d, non_blocking=True)
             with torch.cuda.stream(s_in):
                 big_d2.copy_(big_h, non_blocking=True)
-            e2 = torch.cuda.Event()
+            e2 = _event()
             e2.record(s_in)
             s_out.wait_event(e2)
 
@@ -217,6 +304,7 @@ def main() -> int:
 
         # naive
         if n <= 256:
+
             def naive_d2h() -> None:
                 for i, (d, h) in enumerate(zip(dev_ids_l, host_ids_l, strict=True)):
                     del i
@@ -238,8 +326,15 @@ def main() -> int:
         # kernel, swept
         tgt_l = perm[n : 2 * n].tolist()
         tgt = torch.tensor(tgt_l, dtype=torch.int64, device=dev)
-        for grid, tile, warps in [(8, 2048, 4), (8, 4096, 8), (16, 2048, 4), (16, 4096, 8),
-                                  (32, 2048, 4), (32, 4096, 8), (64, 2048, 4)]:
+        for grid, tile, warps in [
+            (8, 2048, 4),
+            (8, 4096, 8),
+            (16, 2048, 4),
+            (16, 4096, 8),
+            (32, 2048, 4),
+            (32, 4096, 8),
+            (64, 2048, 4),
+        ]:
             try:
                 name = f"kernel g{grid} t{tile * 4 // 1024}K w{warps}"
                 host.fill_(0)
@@ -247,8 +342,11 @@ def main() -> int:
                     kernel_d2h(host_w, dev_ids, host_ids, grid, tile, warps)
                 torch.cuda.synchronize()
                 ok = torch.equal(host[host_ids_l], ref)
-                t = timed(lambda: kernel_d2h(host_w, dev_ids, host_ids, grid, tile, warps),
-                          s_out, args.reps)
+                t = timed(
+                    lambda: kernel_d2h(host_w, dev_ids, host_ids, grid, tile, warps),
+                    s_out,
+                    args.reps,
+                )
                 results.append((name, n, "d2h", nbytes / t / 1e9 if ok else -1.0))
                 # h2d: from host rows back into other device blocks, then compare
                 for lt in layers:
@@ -257,26 +355,28 @@ def main() -> int:
                     kernel_h2d(host_w, host_ids, tgt, grid, tile, warps)
                 torch.cuda.synchronize()
                 ok = torch.equal(expected_rows(tgt_l).cpu(), ref)
-                t = timed(lambda: kernel_h2d(host_w, host_ids, tgt, grid, tile, warps),
-                          s_in, args.reps)
+                t = timed(
+                    lambda: kernel_h2d(host_w, host_ids, tgt, grid, tile, warps), s_in, args.reps
+                )
                 results.append((name, n, "h2d", nbytes / t / 1e9 if ok else -1.0))
 
                 def both() -> None:
-                    e = torch.cuda.Event()
+                    e = _event()
                     e.record(s_out)
                     s_in.wait_event(e)
                     kernel_d2h(host_w, dev_ids, host_ids, grid, tile, warps)
                     with torch.cuda.stream(s_in):
-                        kernel_h2d(host2.view(-1).view(torch.int32), contig_ids, tgt, grid, tile,
-                                   warps)
-                    e2 = torch.cuda.Event()
+                        kernel_h2d(
+                            host2.view(-1).view(torch.int32), contig_ids, tgt, grid, tile, warps
+                        )
+                    e2 = _event()
                     e2.record(s_in)
                     s_out.wait_event(e2)
 
                 t = timed(both, s_out, args.reps)
                 results.append((name, n, "both", 2 * nbytes / t / 1e9))
-            except Exception as exc:  # noqa: BLE001 - report and go on
-                print(f'kernel g{grid} t{tile} w{warps} failed: {exc!r}')
+            except Exception as exc:  # report and go on
+                print(f"kernel g{grid} t{tile} w{warps} failed: {exc!r}")
 
         # staged: gather on device then DMA per host row (scattered) or one DMA (contiguous)
         def staged_d2h(scattered: bool) -> None:
@@ -285,7 +385,7 @@ def main() -> int:
                 for j, h in enumerate(host_ids_l):
                     host[h].copy_(staging[j], non_blocking=True)
             else:
-                host[:n].copy_(staging[:n], non_blocking=True)
+                host2.copy_(staging[:n], non_blocking=True)
 
         host.fill_(0)
         with torch.cuda.stream(s_out):
@@ -302,7 +402,7 @@ def main() -> int:
                 for j, h in enumerate(host_ids_l):
                     staging[j].copy_(host[h], non_blocking=True)
             else:
-                staging[:n].copy_(host[:n], non_blocking=True)
+                staging[:n].copy_(host2, non_blocking=True)
             kernel_h2d(staging_w, contig_ids, tgt, 132, 4096, 8)
 
         for lt in layers:
@@ -315,7 +415,6 @@ def main() -> int:
         results.append(("staged scattered", n, "h2d", nbytes / t / 1e9 if ok else -1.0))
         t = timed(lambda: staged_h2d(False), s_in, args.reps)
         results.append(("staged contiguous", n, "h2d", nbytes / t / 1e9))
-        del host2, big_d2
 
     print(f"\n{'candidate':28s} {'blocks':>6s} {'dir':>5s} {'GB/s':>7s}")
     for name, n, d, gbs in results:
@@ -354,7 +453,7 @@ def main() -> int:
         span.copy_(src, non_blocking=True)
         torch.cuda.synchronize()
         print("DMA straddling two registrations exact:", torch.equal(span, src.cpu()))
-    except Exception as exc:  # noqa: BLE001 - a finding to report
+    except Exception as exc:  # a finding to report
         print("DMA straddling two registrations fails:", repr(exc)[:80])
     print("pinned?", span.is_pinned())
     try:
@@ -365,10 +464,11 @@ def main() -> int:
         print("canUseHostPointerForRegisteredMem:", cur.cudaDeviceGetAttribute(attr, 0))
         p = buf.data_ptr() + chunk + 4096
         r = cud.cuPointerGetAttribute(
-            cud.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_POINTER, p)
+            cud.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_POINTER, p
+        )
         print("device pointer == host pointer:", r, int(r[1]) == p)
         print("has cuMemcpyBatchAsync:", hasattr(cud, "cuMemcpyBatchAsync"))
-    except Exception as exc:  # noqa: BLE001 - environment report only
+    except Exception as exc:  # environment report only
         print("cuda-bindings check failed:", repr(exc))
     interference(layers, words, staging_w, host_w, chunk_w, row_w, pool)
     for off in range(0, total, chunk):
