@@ -1,24 +1,33 @@
 """``CudaCopyEngine``: the ``CopyEngine`` protocol on CUDA streams, events and gather kernels.
 
 Why this exists: on a GPU server kvtier's value is how fast it moves KV over PCIe and how little
-it disturbs the model. Measured on the lent H200 (benchmarks/transfer_candidates.py): one DMA per
-(block, layer) piece reaches 1.6 GB/s; gathering the pieces on the device into a staging buffer of
-canonical rows and crossing PCIe as large DMAs reaches 0.90-0.98 of the limit, both directions at
-once 0.9+ of the two-way limit, and leaves the SMs to the model (a matmul stream slowed by under
-3%). A small-grid kernel writing mapped pinned memory reaches 0.92-0.95 one way but only 60 GB/s
-both ways and slows the matmuls by 10%; it stays available as ``mode="kernel"`` because it lands
-layers progressively (true layer-wise onboarding).
+it disturbs the model. Measured on the lent H200 (benchmarks/transfer_candidates.py, _variants.py,
+transfer.py; figures in benchmarks/RESULTS.md): one DMA per (block, layer, K/V) piece reaches
+2-3.5 GB/s; gathering the pieces on the device into a staging buffer of canonical rows and crossing
+PCIe as one DMA per run of host rows reaches 0.81-0.96 of the one-copy limit from 256 blocks on
+(0.88-1.00 when the host rows are consecutive), runs beside a bf16 matmul stream without slowing
+it, and keeps 0.80-0.88 of the two-way limit with both directions at once. A small-grid kernel
+that reads/writes mapped pinned memory reaches 0.90-0.95 one way but only about 60 GB/s both ways
+and slows the matmuls by about 10%; it stays available as ``mode="kernel"`` because it lands layers
+one by one (true layer-wise onboarding).
 
 How a batch moves (``mode="dma"``, the default), per direction:
 
-- two streams: a kernel stream (gather/scatter on the device) and a DMA stream; onboarding's pair
-  runs at the highest stream priority;
-- the batch is cut into chunks of ``slot rows`` blocks; two staging slots alternate, so chunk k+1
-  is gathered while chunk k crosses PCIe; each slot's reuse waits on the event that freed it;
+- a kernel stream (gather/scatter on the device) and ``dma_streams`` DMA streams; onboarding's
+  streams run at the highest stream priority;
+- the batch is cut into chunks of at most one staging slot (small first and last chunks); two
+  slots alternate, so chunk k+1 is gathered while chunk k crosses PCIe; a slot is reused only
+  after the event that freed it;
+- one Triton launch moves every layer of a chunk (a table of layer addresses); without Triton, or
+  for geometries that are not 4-byte multiples, torch indexing ops do the same;
 - device->host: the kernel stream waits on the ``gate`` event (the forward pass or layer that wrote
-  the blocks), gathers, and the DMA stream copies runs of consecutive host rows (split where the
-  pinned registration changes); host->device: DMA into staging, then per-layer scatter, recording
-  one event per layer of the last chunk;
+  the blocks), gathers, and the DMA streams copy runs of consecutive host rows (split where a
+  pinned registration ends); ``source_released()`` turns true after the gather, well before PCIe;
+- host->device: the ``gate`` orders the whole copy (e.g. after pending writes to the target
+  blocks); DMA into staging, then the scatter; layer events complete together at the end (use
+  ``mode="kernel"`` for layer-by-layer landing);
+- block ids reach the device through a pinned ring (``IdRing``): the submit path never allocates
+  pinned memory or synchronises a stream, so it never waits on the model;
 - completion is polled with ``event.query()``; nothing calls back into the caller's metadata.
 
 Host rows must be page-locked: either the storage was allocated pinned, or a ``ChunkedPinner`` was
