@@ -376,9 +376,9 @@ class KvBlockManager:
                 req.payload.release()
         settled = self._transfers.close(timeout)
         self._engine.close()  # fails copies whose gate never opened
-        settled.extend(self._transfers.close(1.0))
         if self._disk_io is not None:
-            self._disk_io.close()
+            self._disk_io.close()  # every block file is now complete or absent
+        settled.extend(self._transfers.close(1.0))  # settles what finished meanwhile
         for part in settled:
             self._apply(part)
         self._handles.clear()

@@ -74,3 +74,23 @@ def test_blocks_persist_across_processes(tmp_path: Path) -> None:
         again[0].release()
         mgr.disk_pool.pool.check_invariants()
     assert not list((tmp_path / "g3").rglob("*.tmp"))
+
+
+def test_reopen_with_fewer_slots_keeps_the_newest(tmp_path: Path) -> None:
+    import os
+
+    disk = str(tmp_path / "g3")
+    cfg = KvTierConfig(model=MODEL, disk_blocks=8, disk_dir=disk)
+    mgr = KvBlockManager(cfg)
+    mgr.register_device_kv(engine_tensors("block_first", MODEL, 8))
+    with mgr:
+        for i in range(3):
+            mgr.wait(mgr.offload([i], [HASHES[i]], parent_sequence_hashes=[None]), timeout=10)
+        storage = mgr.disk_pool.storage  # type: ignore[union-attr]
+        for age, h in enumerate(HASHES[:3]):  # oldest first
+            os.utime(storage.path(h), ns=(10**18 + age * 10**9, 10**18 + age * 10**9))
+    small = KvBlockManager(KvTierConfig(model=MODEL, disk_blocks=2, disk_dir=disk))
+    small.register_device_kv(engine_tensors("block_first", MODEL, 8))
+    with small:
+        pool = small.disk_pool.pool  # type: ignore[union-attr]
+        assert [pool.contains(h) for h in HASHES[:3]] == [False, True, True]
