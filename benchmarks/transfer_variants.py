@@ -34,10 +34,10 @@ def main() -> int:
     model = SHAPES["8B"]
     pool, reps = 4096, 5
     variants = {
-        "dma s1": CudaCopyConfig(dma_streams=1),
-        "dma s2": CudaCopyConfig(dma_streams=2),
-        "dma s4": CudaCopyConfig(dma_streams=4),
-        "dma s2 1GiB": CudaCopyConfig(dma_streams=2, staging_bytes=1 << 30),
+        "copy s1": CudaCopyConfig(dma_streams=1, dma_batch=False),
+        "copy s2": CudaCopyConfig(dma_streams=2, dma_batch=False),
+        "batch s1": CudaCopyConfig(dma_streams=1, dma_batch=True),
+        "batch s2": CudaCopyConfig(dma_streams=2, dma_batch=True),
         "kernel g16": CudaCopyConfig(mode="kernel", kernel_programs=16),
     }
     engine = CudaCopyEngine()
@@ -89,7 +89,8 @@ def main() -> int:
                 lines.append(
                     f"n={n:5d} {vname:12s} {oname:10s} d2h {nbytes / td / GB:5.1f} "
                     f"h2d {nbytes / th / GB:5.1f} both {2 * nbytes / tb / GB:5.1f} GB/s, "
-                    f"submit {submit_ms:5.2f} ms, exact {ok}"
+                    f"submit {submit_ms:5.2f} ms, exact {ok}, batched {eng.uses_batch_copies} "
+                    f"{eng.batch_error or ''}"
                 )
                 print(lines[-1], flush=True)
             eng.close()

@@ -48,6 +48,7 @@ import torch
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.pinned import ChunkedPinner, PinningError
+from kvtier.transfer.cuda_batch import BatchCopier
 from kvtier.transfer.cuda_ids import IdRing
 from kvtier.transfer.cuda_plan import (
     Segment,
@@ -90,6 +91,8 @@ class CudaCopyConfig:
     - ``gather_programs``: grid of the device gather; 0 = one program per SM.
     - ``dma_streams``: DMA streams per direction; runs of host rows alternate between them, so
       one copy engine's per-copy set-up hides behind another's transfer (scattered host rows).
+    - ``dma_batch``: issue each stream's runs as one ``cuMemcpyBatchAsync`` (cuda-bindings) when it
+      is importable and works; the first failure switches to one ``copy_`` per run for good.
     """
 
     mode: str = "dma"
@@ -98,6 +101,7 @@ class CudaCopyConfig:
     kernel_programs: int = 16
     gather_programs: int = 0
     dma_streams: int = 2
+    dma_batch: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -111,6 +115,8 @@ class CudaCopyConfig:
         v = self.gather_programs
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"gather_programs must be an int >= 0, got {v!r}")
+        if not isinstance(self.dma_batch, bool):
+            raise ValueError(f"dma_batch must be a bool, got {self.dma_batch!r}")
 
 
 def chunk_bounds(n: int, slot_rows: int) -> list[tuple[int, int]]:
@@ -270,6 +276,8 @@ class CudaCopyEngine:
         self._segments: dict[int, tuple[DeviceStorage, list[Segment] | None]] = {}
         self._tables: dict[tuple[int, bool], tuple[DeviceStorage, torch.Tensor | None]] = {}
         self._table_error: str | None = None
+        self._batcher: BatchCopier | None = None
+        self._batch_error: str | None = None
         self._waiters: list[tuple[threading.Thread, CudaCopyHandle]] = []
         self._closing = threading.Event()
         self._started = False
@@ -313,6 +321,8 @@ class CudaCopyEngine:
             }
             for lane in self._lanes.values():
                 lane.ids.reserve()
+        if self.config.dma_batch and self._batch_error is None:
+            self._batcher = BatchCopier.load()
         self._closing.clear()
         self._started = True
 
@@ -346,6 +356,16 @@ class CudaCopyEngine:
         if pinner.rows.data_ptr() != host.rows.data_ptr() or pinner.total_rows != host.num_blocks:
             raise ValueError("the pinner does not cover this host storage's rows")
         self._pinners[host.rows.data_ptr()] = pinner
+
+    @property
+    def batch_error(self) -> str | None:
+        """Why ``cuMemcpyBatchAsync`` is not in use after a failure (None: in use or not asked)."""
+        return self._batch_error
+
+    @property
+    def uses_batch_copies(self) -> bool:
+        """Whether runs of host rows cross PCIe as ``cuMemcpyBatchAsync`` batches."""
+        return self._batcher is not None
 
     @property
     def uses_triton(self) -> bool:
@@ -684,8 +704,8 @@ class CudaCopyEngine:
             lane.slot_free[slot] = freed
         handle._set(layer_events, released, keep)
 
-    @staticmethod
     def _dma(
+        self,
         streams: list[torch.cuda.Stream],
         runs: list[tuple[int, int, int]],
         host_rows: torch.Tensor,
@@ -693,12 +713,24 @@ class CudaCopyEngine:
         *,
         to_host: bool,
     ) -> None:
-        """One DMA per run, runs dealt round-robin over ``streams`` (one stream switch each)."""
+        """One DMA per run, runs dealt round-robin over ``streams``: one ``cuMemcpyBatchAsync``
+        per stream when available (``dma_batch``), else one ``copy_`` per run."""
         k = len(streams)
+        rb = host_rows.shape[1]
         for s_i, stream in enumerate(streams):
             mine = runs[s_i::k]
             if not mine:
                 continue
+            if self._batcher is not None:
+                hp, sp = host_rows.data_ptr(), staging.data_ptr()
+                hs = [hp + h * rb for h, _, _ in mine]
+                ss = [sp + j * rb for _, j, _ in mine]
+                sizes = [c * rb for _, _, c in mine]
+                pair = (hs, ss) if to_host else (ss, hs)
+                if self._batcher.copy(stream, pair[0], pair[1], sizes):
+                    continue
+                self._batch_error = self._batcher.error
+                self._batcher = None
             with torch.cuda.stream(stream):
                 for h, j, c in mine:
                     hv = host_rows[h] if c == 1 else host_rows[h : h + c]

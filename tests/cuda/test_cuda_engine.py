@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.cuda, needs_cuda]
 
 CONFIGS = {
     "dma-triton": CudaCopyConfig(mode="dma", gather="triton", staging_bytes=6 * 32 * 1024),
+    "dma-copy": CudaCopyConfig(dma_batch=False, dma_streams=3, staging_bytes=6 * 32 * 1024),
     "dma-torch": CudaCopyConfig(mode="dma", gather="torch", staging_bytes=6 * 32 * 1024),
     "kernel": CudaCopyConfig(mode="kernel", kernel_programs=3),
 }
@@ -161,3 +162,18 @@ def test_not_started_engine_refuses() -> None:
     host = pinned_host(3, dev.layout.block_bytes)
     with pytest.raises(RuntimeError, match="not started"):
         CudaCopyEngine().device_to_host(dev, host, [0], [0])
+
+
+def test_batched_dma_is_used_when_the_driver_offers_it() -> None:
+    from kvtier.transfer.cuda_batch import BatchCopier
+
+    if BatchCopier.load() is None:
+        pytest.skip("cuda-bindings with cuMemcpyBatchAsync is not installed")
+    with CudaCopyEngine() as eng:
+        dev = gpu_device("outer_first", MODEL, 16, seed=40)
+        before = all_blocks(dev)
+        host = pinned_host(16, dev.layout.block_bytes)
+        assert eng.device_to_host(dev, host, [3, 9, 1], [7, 2, 12]).wait(10) is None
+        assert eng.batch_error is None and eng.uses_batch_copies
+    for s, r in ((3, 7), (9, 2), (1, 12)):
+        assert torch.equal(host.rows[r], before[s])
