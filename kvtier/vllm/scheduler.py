@@ -434,7 +434,7 @@ class KvTierScheduler:
             h = st.hashes[i]
             parent = st.hashes[i - 1] if i else None
             gpu_block = st.block_ids[i]
-            host_slot = self._store_host(h, gpu_block, gpu, slots, hashes)
+            host_slot = self._store_host(h, parent, gpu_block, gpu, slots, hashes)
             if host_slot is not None:
                 st.last_store_step = step
             if self.config.disk_blocks and h not in self.disk and self.filter.sighting(h):
@@ -446,7 +446,13 @@ class KvTierScheduler:
         st.next_store = max(st.next_store, complete)
 
     def _store_host(
-        self, h: int, gpu_block: int, gpu: list[int], slots: list[int], hashes: list[int]
+        self,
+        h: int,
+        parent: int | None,
+        gpu_block: int,
+        gpu: list[int],
+        slots: list[int],
+        hashes: list[int],
     ) -> int | None:
         """Reserve a G2 slot for ``h`` and plan its copy; returns the slot a G3 write may read
         (an existing ready slot counts), or None."""
@@ -455,7 +461,7 @@ class KvTierScheduler:
         if h in self.host:
             self.host.touch(h)
             return self.host.slot_of(h)
-        got = self.host.reserve(h)
+        got = self.host.reserve(h, parent)
         if got is None:
             return None
         slot, evicted = got
@@ -470,7 +476,7 @@ class KvTierScheduler:
     def _store_disk(
         self, h: int, parent: int | None, host_slot: int | None, gpu_block: int
     ) -> DiskWrite | None:
-        got = self.disk.reserve(h)
+        got = self.disk.reserve(h, parent)
         if got is None:
             return None
         _, evicted = got

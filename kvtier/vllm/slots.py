@@ -1,195 +1,209 @@
-"""The scheduler half's record of what G2 and G3 hold: sequence hash <-> slot, with LRU eviction.
+"""The scheduler half's record of what G2 and G3 hold, on the control plane's ``BlockPool``.
 
 Why this exists: in vLLM the scheduler and the workers may live in different processes, so the
 scheduler half cannot ask the worker what a tier holds. It keeps this index itself and tells the
 workers exactly which slot to fill or read; the workers only move bytes and report back. A slot is
 a G2 host row, or a G3 capacity unit (G3 files are named by hash; the slot only counts capacity).
 
-Slot life: free -> pending (reserved for a store in flight, pinned, not matchable) -> ready
-(matchable) -> evicted (free again). ``pin``/``unpin`` protect a ready slot while a load or a G2->G3
-copy reads it; only unpinned ready slots are evicted, least recently used first. Pure Python, no
-torch.
+``SlotIndex`` adds the connector's asynchrony to a ``kvtier.core.BlockPool``: a slot reserved for
+a store in flight is a pool ``MutableBlock`` (pending: held, not matchable); when the worker
+reports the bytes landed it is registered (ready, matchable, deduplicated, evicted leaf-first by
+the pool's policy); a pin is a pool reference (``match``), so a block being read by a load or a
+G2->G3 copy is never evicted. Pure Python, no torch.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from kvtier.core.block import ImmutableBlock, MutableBlock
+from kvtier.core.pool import BlockPool
 
 __all__ = ["FrequencyFilter", "SlotIndex"]
 
 
 @dataclass
-class _Entry:
-    slot: int
-    ready: bool
-    pins: int
-    doomed: bool = False
+class _Pending:
+    block: MutableBlock
+    parent: int | None
+    pins: int = 1  # the store itself, plus copies planned from the slot before it lands
+    failed: bool = False
+
+
+@dataclass
+class _Ready:
+    handles: list[ImmutableBlock] = field(default_factory=list)
 
 
 class SlotIndex:
-    """A fixed number of slots keyed by sequence hash (see the module docstring)."""
+    """A tier's slots keyed by sequence hash (see the module docstring)."""
 
     def __init__(self, name: str, num_slots: int) -> None:
         if num_slots < 0:
             raise ValueError(f"{name}: num_slots must be >= 0, got {num_slots}")
         self.name = name
         self.num_slots = num_slots
-        self._free: list[int] = list(range(num_slots - 1, -1, -1))
-        self._by_hash: dict[int, _Entry] = {}
-        self._lru: OrderedDict[int, None] = OrderedDict()  # ready, unpinned; oldest first
+        self.pool: BlockPool | None = BlockPool(num_slots, tier=name) if num_slots else None
+        self._pending: dict[int, _Pending] = {}
+        self._pins: dict[int, list[ImmutableBlock]] = {}
         self.evictions = 0
 
     def __len__(self) -> int:
-        return len(self._by_hash)
+        return len(self._pending) + (self.pool.num_registered if self.pool else 0)
 
     def __contains__(self, seq_hash: int) -> bool:
         """Held in any state (pending or ready): a store of it would be a duplicate."""
-        return seq_hash in self._by_hash
+        return seq_hash in self._pending or (self.pool is not None and self.pool.contains(seq_hash))
 
     def lookup(self, seq_hash: int) -> int | None:
         """The slot of a ready (matchable) block, or None."""
-        e = self._by_hash.get(seq_hash)
-        return e.slot if e is not None and e.ready and not e.doomed else None
+        return self.pool.lookup(seq_hash) if self.pool is not None else None
+
+    def slot_of(self, seq_hash: int) -> int | None:
+        """The slot of a held block in any state (pending included), unless its store failed."""
+        p = self._pending.get(seq_hash)
+        if p is not None:
+            return None if p.failed else p.block.block_id
+        return self.lookup(seq_hash)
 
     def touch(self, seq_hash: int) -> None:
-        """Mark a ready block as recently used."""
-        if seq_hash in self._lru:
-            self._lru.move_to_end(seq_hash)
+        """Mark a ready block as recently used (a reference taken and given back)."""
+        if self.pool is not None and self.pool.contains(seq_hash):
+            for handle in self.pool.match([seq_hash]):
+                self.pool.release(handle)
 
-    def reserve(self, seq_hash: int) -> tuple[int, list[int]] | None:
-        """Take a slot for a new block (pending, pinned once); evicts LRU blocks if needed.
+    def reserve(self, seq_hash: int, parent: int | None = None) -> tuple[int, list[int]] | None:
+        """Take a slot for a new block (pending, pinned once by its store); evicts if needed.
 
-        Returns ``(slot, evicted_hashes)``, or None when every slot is pending or pinned.
+        Returns ``(slot, evicted_hashes)``, or None when every slot is pending or in use.
         """
-        if seq_hash in self._by_hash:
+        if seq_hash in self:
             raise ValueError(f"{self.name}: hash {seq_hash:#x} is already held")
+        if self.pool is None:
+            return None
         evicted: list[int] = []
-        if not self._free:
-            if not self._lru:
+        if self.pool.num_free == 0:
+            evicted = self.pool.evict(1)
+            if not evicted:
                 return None
-            victim, _ = self._lru.popitem(last=False)
-            e = self._by_hash.pop(victim)
-            self._free.append(e.slot)
-            self.evictions += 1
-            evicted.append(victim)
-        slot = self._free.pop()
-        self._by_hash[seq_hash] = _Entry(slot, ready=False, pins=1)
-        return slot, evicted
+            self.evictions += len(evicted)
+        blocks = self.pool.allocate(1)
+        if blocks is None:  # cannot happen after a successful evict; kept as a guard
+            return None
+        self._pending[seq_hash] = _Pending(blocks[0], parent)
+        return blocks[0].block_id, evicted
 
     def commit(self, seq_hash: int) -> None:
         """A pending block's bytes landed: it becomes matchable (and drops its store pin)."""
-        e = self._entry(seq_hash)
-        if e.ready:
-            raise ValueError(f"{self.name}: hash {seq_hash:#x} is already committed")
-        e.ready = True
-        self._unpin_entry(seq_hash, e)
+        p = self._pending.get(seq_hash)
+        if p is None:
+            raise ValueError(f"{self.name}: hash {seq_hash:#x} is not pending")
+        assert self.pool is not None
+        del self._pending[seq_hash]
+        p.block.mark_complete()
+        handle = self.pool.register(p.block, seq_hash, parent_sequence_hash=p.parent)
+        extra = p.pins - 1
+        if extra:
+            held = self._pins.setdefault(seq_hash, [handle])
+            held.extend(self.pool.match([seq_hash])[0] for _ in range(extra - 1))
+        else:
+            self.pool.release(handle)
 
     def abort(self, seq_hash: int) -> None:
         """A pending block's store failed: drop its store pin; the slot is freed once no other
         pin (a copy planned from it) remains."""
-        e = self._entry(seq_hash)
-        if e.ready:
-            raise ValueError(f"{self.name}: hash {seq_hash:#x} is committed, not pending")
-        e.doomed = True
-        self._unpin_entry(seq_hash, e)
-
-    def slot_of(self, seq_hash: int) -> int | None:
-        """The slot of a held block in any state (pending included), unless it is being dropped."""
-        e = self._by_hash.get(seq_hash)
-        return e.slot if e is not None and not e.doomed else None
+        p = self._pending.get(seq_hash)
+        if p is None:
+            raise ValueError(f"{self.name}: hash {seq_hash:#x} is not pending")
+        p.failed = True
+        self._unpin_pending(seq_hash, p)
 
     def pin(self, seq_hash: int, *, pending_ok: bool = False) -> int:
         """Protect a block from eviction while it is read; returns its slot.
 
         ``pending_ok``: the block may still be pending (a copy ordered after its store).
         """
-        e = self._entry(seq_hash)
-        if e.doomed or not (e.ready or pending_ok):
+        p = self._pending.get(seq_hash)
+        if p is not None and pending_ok and not p.failed:
+            p.pins += 1
+            return p.block.block_id
+        if self.pool is None or not self.pool.contains(seq_hash):
             raise ValueError(f"{self.name}: hash {seq_hash:#x} is not matchable")
-        if e.pins == 0:
-            self._lru.pop(seq_hash, None)
-        e.pins += 1
-        return e.slot
+        (handle,) = self.pool.match([seq_hash])
+        self._pins.setdefault(seq_hash, []).append(handle)
+        return handle.block_id
 
     def unpin(self, seq_hash: int) -> None:
         """Drop one pin taken by ``pin``."""
-        self._unpin_entry(seq_hash, self._entry(seq_hash))
+        p = self._pending.get(seq_hash)
+        if p is not None:
+            if p.pins <= 1 and not p.failed:
+                raise ValueError(f"{self.name}: hash {seq_hash:#x} holds only its store pin")
+            self._unpin_pending(seq_hash, p)
+            return
+        held = self._pins.get(seq_hash)
+        if not held:
+            raise ValueError(f"{self.name}: hash {seq_hash:#x} is not pinned")
+        assert self.pool is not None
+        self.pool.release(held.pop())
+        if not held:
+            del self._pins[seq_hash]
 
     def remove(self, seq_hash: int) -> bool:
-        """Forget a block (e.g. its stored bytes are corrupt); deferred while it is pinned.
-
-        Returns True if it was held.
-        """
-        e = self._by_hash.get(seq_hash)
-        if e is None:
-            return False
-        if e.pins:
-            e.doomed = True
-            return True
-        self._drop(seq_hash, e)
-        return True
+        """Forget a ready block (e.g. its stored bytes are corrupt); its slot is freed when the
+        last pin goes. Returns True if it was registered."""
+        return self.pool is not None and self.pool.remove(seq_hash)
 
     def restore(self, hashes: Iterable[int]) -> list[int]:
-        """Adopt blocks found on persistent storage at start (ready, unpinned, in the given order
-        as oldest first). Returns the hashes that did not fit and were not adopted."""
+        """Adopt blocks found on persistent storage at start (ready, unpinned; the first given is
+        the first evicted). Returns the hashes that did not fit and were not adopted."""
         left: list[int] = []
         for h in hashes:
-            if h in self._by_hash:
+            if h in self:
                 continue
-            if not self._free:
+            if self.pool is None or self.pool.num_free == 0:
                 left.append(h)
                 continue
-            self._by_hash[h] = _Entry(self._free.pop(), ready=True, pins=0)
-            self._lru[h] = None
+            blocks = self.pool.allocate(1)
+            assert blocks is not None
+            slot = blocks[0].block_id
+            self.pool.release(blocks[0])
+            self.pool.restore(slot, h)
         return left
 
-    def ready_hashes(self) -> list[int]:
-        return [h for h, e in self._by_hash.items() if e.ready and not e.doomed]
-
     def check_invariants(self) -> None:
-        """Every slot is free or held exactly once; the LRU is exactly the unpinned ready set."""
-        held = [e.slot for e in self._by_hash.values()]
-        assert len(held) == len(set(held)), f"{self.name}: a slot is held twice"
-        assert not set(held) & set(self._free), f"{self.name}: a held slot is also free"
-        assert len(held) + len(self._free) == self.num_slots, f"{self.name}: slots leaked"
-        assert all(0 <= s < self.num_slots for s in held + self._free), f"{self.name}: bad slot"
-        want = {h for h, e in self._by_hash.items() if e.ready and e.pins == 0 and not e.doomed}
-        assert set(self._lru) == want, f"{self.name}: LRU set differs from unpinned ready blocks"
-        assert all(e.pins >= 0 for e in self._by_hash.values()), f"{self.name}: negative pins"
-        assert all(e.pins > 0 for e in self._by_hash.values() if not e.ready), (
-            f"{self.name}: a pending block lost its pins"
-        )
+        """The pool's own invariants, and every pin held is a live reference of the pool."""
+        if self.pool is not None:
+            self.pool.check_invariants()
+        for h, p in self._pending.items():
+            assert p.block.alive and p.pins >= 1, f"{self.name}: pending {h:#x} lost its block"
+            assert self.pool is not None and not self.pool.contains(h), (
+                f"{self.name}: {h:#x} is both pending and registered"
+            )
+        for h, held in self._pins.items():
+            assert held and all(x.alive for x in held), f"{self.name}: dead pin on {h:#x}"
+        if self.pool is not None:
+            pinned = len(self._pending) + len(self._pins)
+            assert pinned <= self.pool.num_active, f"{self.name}: pins without pool references"
 
     def pin_counts(self) -> dict[int, int]:
-        """Pins held per hash (pinned blocks only)."""
-        return {h: e.pins for h, e in self._by_hash.items() if e.pins}
+        """Pins held per hash (pinned blocks only; a pending block's store counts as one)."""
+        out = {h: p.pins for h, p in self._pending.items()}
+        for h, held in self._pins.items():
+            out[h] = out.get(h, 0) + len(held)
+        return out
 
     @property
     def num_pinned(self) -> int:
-        return sum(1 for e in self._by_hash.values() if e.pins)
+        return len(self.pin_counts())
 
-    def _entry(self, seq_hash: int) -> _Entry:
-        e = self._by_hash.get(seq_hash)
-        if e is None:
-            raise KeyError(f"{self.name}: hash {seq_hash:#x} is not held")
-        return e
-
-    def _unpin_entry(self, seq_hash: int, e: _Entry) -> None:
-        if e.pins <= 0:
-            raise ValueError(f"{self.name}: hash {seq_hash:#x} is not pinned")
-        e.pins -= 1
-        if e.pins == 0:
-            if e.doomed:
-                self._drop(seq_hash, e)
-            elif e.ready:
-                self._lru[seq_hash] = None
-
-    def _drop(self, seq_hash: int, e: _Entry) -> None:
-        del self._by_hash[seq_hash]
-        self._lru.pop(seq_hash, None)
-        self._free.append(e.slot)
+    def _unpin_pending(self, seq_hash: int, p: _Pending) -> None:
+        p.pins -= 1
+        if p.pins == 0:
+            del self._pending[seq_hash]
+            assert self.pool is not None
+            self.pool.release(p.block)
 
 
 class FrequencyFilter:

@@ -1,4 +1,4 @@
-"""SlotIndex (the scheduler half's G2/G3 index) and the G2->G3 frequency filter."""
+"""SlotIndex (the scheduler half's G2/G3 index over core's BlockPool) and the frequency filter."""
 
 from __future__ import annotations
 
@@ -78,11 +78,11 @@ def test_misuse_raises() -> None:
     _ready(idx, 1)
     with pytest.raises(ValueError, match="already held"):
         idx.reserve(1)
-    with pytest.raises(ValueError, match="already committed"):
+    with pytest.raises(ValueError, match="not pending"):
         idx.commit(1)
     with pytest.raises(ValueError, match="not pinned"):
         idx.unpin(1)
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="not matchable"):
         idx.pin(2)
     with pytest.raises(ValueError, match="num_slots"):
         SlotIndex("G2", -1)
@@ -99,3 +99,30 @@ def test_frequency_filter_doubles_and_decays() -> None:
     now[0] += 2 * 600.0  # 2 - 2 = 0 -> restarts at 1
     assert f.sighting(1) is False
     assert FrequencyFilter(enabled=False, clock=lambda: 0.0).sighting(9) is True
+
+
+def test_children_keep_parents_so_leaves_go_first() -> None:
+    idx = SlotIndex("G2", 2)
+    for h, parent in ((1, None), (2, 1)):
+        assert idx.reserve(h, parent) is not None
+        idx.commit(h)
+    idx.touch(1)  # the parent is more recent, yet the child (a leaf) is evicted first
+    assert idx.reserve(3) == (1, [2])
+    idx.check_invariants()
+
+
+def test_pins_taken_on_a_pending_block_survive_its_commit() -> None:
+    idx = SlotIndex("G2", 1)
+    idx.reserve(4)
+    idx.pin(4, pending_ok=True)
+    idx.pin(4, pending_ok=True)
+    assert idx.pin_counts() == {4: 3}
+    idx.commit(4)
+    assert idx.pin_counts() == {4: 2}
+    assert idx.reserve(5) is None  # in use: not evictable
+    idx.unpin(4)
+    idx.unpin(4)
+    assert idx.pin_counts() == {} and idx.lookup(4) == 0
+    with pytest.raises(ValueError, match="store pin"):
+        idx.reserve(6) and idx.unpin(6)
+    idx.check_invariants()
