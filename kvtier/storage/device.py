@@ -77,6 +77,18 @@ class DeviceStorage:
         """uint8 view of one layer (see the class docstring for its shape)."""
         return self._views[layer]
 
+    def layer_view(self, block_id: int, layer: int) -> torch.Tensor:
+        """The engine's own tensor view (its dtype) of one (block, layer): no copy."""
+        self._check_id(block_id)
+        if isinstance(self.tensors, torch.Tensor):
+            return self.tensors[block_id, layer]
+        t = self.tensors[self.layout.layer_names[layer]]
+        return t[:, block_id] if self.layout.kind is LayoutKind.OUTER_FIRST else t[block_id]
+
+    def block_view(self, block_id: int) -> list[torch.Tensor]:
+        """Views of one block, one per layer, in layer order (see ``layer_view``)."""
+        return [self.layer_view(block_id, i) for i in range(self.layout.model.num_layers)]
+
     def read_block(self, block_id: int) -> torch.Tensor:
         """A CPU copy of one block in canonical row form (for checks and tests; not a hot path)."""
         self._check_id(block_id)

@@ -71,6 +71,13 @@ class HostStorage:
             raise RuntimeError("host storage is not allocated; start the manager first")
         return self._rows
 
+    def layer_view(self, block_id: int, layer: int, layer_block_bytes: int) -> torch.Tensor:
+        """One (block, layer) piece of a row: bytes ``[layer * lbb, (layer + 1) * lbb)``."""
+        start = layer * layer_block_bytes
+        if layer < 0 or start + layer_block_bytes > self.block_bytes:
+            raise IndexError(f"layer {layer} of {layer_block_bytes} bytes is outside the row")
+        return self.row(block_id)[start : start + layer_block_bytes]
+
     def row(self, block_id: int) -> torch.Tensor:
         """One block's bytes (a view)."""
         if not 0 <= block_id < self.num_blocks:

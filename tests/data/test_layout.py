@@ -10,6 +10,7 @@ from dataplane_helpers import LAYOUT_KINDS, MODEL, engine_tensors
 
 from kvtier.config import KvTierConfig, ModelConfig
 from kvtier.storage.device import DeviceStorage
+from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import LayoutKind, default_layout, detect_layout
 
 
@@ -134,3 +135,27 @@ def test_config_validation() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         KvTierConfig(model=MODEL).host_blocks = 3  # type: ignore[misc]
     assert KvTierConfig.blocks_for_bytes(MODEL, 0.006144) == 1000
+
+
+@pytest.mark.parametrize("kind", LAYOUT_KINDS)
+def test_views_of_a_block_and_a_block_layer(kind: str) -> None:
+    tensors = engine_tensors(kind, MODEL, 5, seed=4)
+    storage = DeviceStorage(detect_layout(tensors, MODEL), tensors)
+    row = storage.read_block(3)
+    lbb = MODEL.layer_block_bytes
+    views = storage.block_view(3)
+    assert len(views) == 3
+    for layer, v in enumerate(views):
+        assert v.dtype == torch.bfloat16 and v.numel() * 2 == lbb
+        assert torch.equal(
+            v.contiguous().view(torch.uint8).reshape(-1), row[layer * lbb : (layer + 1) * lbb]
+        )
+    storage.layer_view(3, 1).fill_(1.0)  # a view: writes reach the engine tensor
+    assert torch.equal(storage.read_block(3)[:lbb], row[:lbb])
+    assert not torch.equal(storage.read_block(3)[lbb : 2 * lbb], row[lbb : 2 * lbb])
+    host = HostStorage(2, MODEL.block_bytes)
+    host.allocate()
+    host.rows[1] = row
+    assert torch.equal(host.layer_view(1, 2, lbb), row[2 * lbb :])
+    with pytest.raises(IndexError, match="outside the row"):
+        host.layer_view(1, 3, lbb)
