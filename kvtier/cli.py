@@ -50,7 +50,7 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
             if not result.ok:
                 progress.console.print(result.output[-2000:], markup=False)
 
-        results = bench.run_benchmarks(names, bench_dir, out_dir, started, done)
+        results = bench.run_benchmarks(names, bench_dir, out_dir, started, done, args.quick)
     table = Table(title="kvtier bench (ratio to the baseline measured in the same run)")
     table.add_column("benchmark")
     table.add_column("figure")
@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks")
     p.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
     p.add_argument("--bench-dir", help="folder holding the benchmark scripts")
+    p.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes in all)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("inspect", help="what a disk tier holds: fingerprint, blocks, bytes, ages")

@@ -24,9 +24,18 @@ from pathlib import Path
 BENCHMARKS: tuple[str, ...] = ("control_plane", "tiers", "transfer")
 """Benchmark scripts ``benchmarks/<name>.py``, in the order ``kvtier bench`` runs them."""
 
-_RATIO = re.compile(
-    r"^\s*(?P<label>.*?\S)[\s:=,]*\bratio\b\s*[:=]?\s*(?P<value>-?\d+(?:\.\d+)?)", re.I
-)
+QUICK_ARGS: dict[str, tuple[str, ...]] = {
+    "control_plane": ("--blocks", "100000", "--reps", "5"),
+    "tiers": ("--blocks", "32", "--repeats", "1"),
+    "transfer": ("--quick",),
+}
+"""Smaller sizes for ``kvtier bench --quick`` (each option passed only if the script accepts it)."""
+
+_INLINE = re.compile(r"\bratio\b\s*[:=]?\s*(?P<value>-?\d+(?:\.\d+)?)", re.I)
+_TIMES = re.compile(r"(?P<value>\d+(?:\.\d+)?)x\s+(?P<what>[a-z][a-z ]*[a-z])")
+_WORD = re.compile(r"\bratio\b", re.I)
+_TOKEN = re.compile(r"\S+")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?x?")
 
 
 @dataclass(frozen=True)
@@ -59,13 +68,49 @@ def default_bench_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "benchmarks"
 
 
+def _first_column(line: str) -> str:
+    return re.split(r"\s{2,}", line.strip())[0].strip(" :=,")
+
+
 def parse_figures(output: str) -> tuple[Figure, ...]:
-    """Every ``<label> ... ratio <number>`` line of ``output``, in order."""
-    figures = []
+    """The ratios a benchmark printed, in order. Three forms are read:
+
+    - inline: ``<label> ... ratio 0.93`` (``=`` or ``:`` allowed);
+    - a table whose header has a ``ratio`` column: each row's value under that header, named by
+      the row's first column (a blank line ends the table);
+    - ``<label>  ...  4.2x under target; 12.3x faster than naive``: one figure per ``Nx <words>``.
+    """
+    figures: list[Figure] = []
+    column: tuple[int, int] | None = None
     for line in output.splitlines():
-        m = _RATIO.match(line)
-        if m:
-            figures.append(Figure(m.group("label").strip(" :=,"), float(m.group("value"))))
+        if not line.strip():
+            column = None
+            continue
+        inline = _INLINE.search(line)
+        if inline:
+            label = line[: inline.start()].strip(" :=,(")
+            figures.append(Figure(label or _first_column(line), float(inline.group("value"))))
+            continue
+        times = list(_TIMES.finditer(line))
+        if times:
+            for m in times:
+                name = f"{_first_column(line)}: {m.group('what')}"
+                figures.append(Figure(name, float(m.group("value"))))
+            continue
+        header = _WORD.search(line)
+        if header:
+            column = (header.start(), header.end())
+            continue
+        if column is not None:
+            for tok in _TOKEN.finditer(line):
+                if (
+                    tok.start() < column[1]
+                    and tok.end() > column[0]
+                    and _NUMBER.fullmatch(tok.group())
+                ):
+                    value = float(tok.group().rstrip("x"))
+                    figures.append(Figure(_first_column(line), value))
+                    break
     return tuple(figures)
 
 
@@ -94,7 +139,14 @@ def run_benchmark(
     help_text = subprocess.run(
         [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120
     ).stdout
-    args = [sys.executable, str(script), *extra_args]
+    args = [sys.executable, str(script)]
+    i = 0
+    while i < len(extra_args):  # "--opt value" pairs and lone flags the script accepts
+        opt = extra_args[i]
+        takes_value = i + 1 < len(extra_args) and not extra_args[i + 1].startswith("--")
+        if opt in help_text:
+            args += extra_args[i : i + 2] if takes_value else [opt]
+        i += 2 if takes_value else 1
     if "--json" in help_text:
         args += ["--json", str(json_path)]
     start = time.perf_counter()
@@ -115,6 +167,7 @@ def run_benchmarks(
     work_dir: Path,
     on_start: Callable[[str], None] = lambda _: None,
     on_done: Callable[[BenchResult], None] = lambda _: None,
+    quick: bool = False,
 ) -> list[BenchResult]:
     """Run each named benchmark in turn (unknown names are refused before anything runs)."""
     unknown = [n for n in names if n not in BENCHMARKS]
@@ -126,7 +179,7 @@ def run_benchmarks(
     results = []
     for name in names:
         on_start(name)
-        result = run_benchmark(name, bench_dir, work_dir)
+        result = run_benchmark(name, bench_dir, work_dir, QUICK_ARGS.get(name, ()) if quick else ())
         on_done(result)
         results.append(result)
     return results

@@ -10,11 +10,25 @@ import pytest
 from kvtier.cli import main
 from kvtier.ops.bench import Figure, parse_figures, run_benchmarks
 
+# Scripts written into a temporary benchmarks/ folder: the three output forms the real benchmark
+# scripts use (inline "ratio N", a table with a ratio column, "Nx <words>"), a --json script, and
+# a failing one.
 TEXT_SCRIPT = """
-import sys
+import argparse
+p = argparse.ArgumentParser()
+p.add_argument("--blocks", type=int, default=1000)
+p.add_argument("--reps", type=int, default=9)
+a = p.parse_args()
+print(f"blocks {a.blocks} reps {a.reps}")
 print("hashing 8192 blocks: 41.0 MB/s")
 print("match 8192-block prefix: 1.2 ms   ratio 4.17 (target 5 ms)")
 print("register/release ratio: 1.5")
+print("")
+print(f"{'path':<20} {'GB/s':>6} {'ratio':>6}  baseline")
+print(f"{'host->disk':<20} {1.23:>6.2f} {0.94:>6.2f}  raw O_DIRECT")
+print(f"{'disk->host':<20} {1.42:>6.2f} {1.05:>6.2f}  raw O_DIRECT")
+print("")
+print(f"{'sequence_hashes':<40} {'1.0 ms':>26} {'target':>13} 20.5x under target; 3.1x faster")
 """
 
 JSON_SCRIPT = """
@@ -44,9 +58,11 @@ def bench_dir(tmp_path: Path) -> Path:
 
 
 def test_parse_figures() -> None:
-    assert parse_figures(TEXT_SCRIPT.replace('print("', "").replace('")', "")) == (
-        Figure("match 8192-block prefix: 1.2 ms", 4.17),
-        Figure("register/release", 1.5),
+    text = "a: 1.2 ms ratio 4.17\nx ratio: 1.5\n\nname   ratio\nrow one   0.93\nrow two   bad\n"
+    assert parse_figures(text) == (
+        Figure("a: 1.2 ms", 4.17),
+        Figure("x", 1.5),
+        Figure("row one", 0.93),
     )
 
 
@@ -60,7 +76,12 @@ def test_run_benchmarks_collects_figures_and_failures(bench_dir: Path, tmp_path:
     assert results[0].figures == (
         Figure("match 8192-block prefix: 1.2 ms", 4.17),
         Figure("register/release", 1.5),
+        Figure("host->disk", 0.94),
+        Figure("disk->host", 1.05),
+        Figure("sequence_hashes: under target", 20.5),
+        Figure("sequence_hashes: faster", 3.1),
     )
+    assert "blocks 1000 reps 9" in results[0].output
     assert results[1].figures == (Figure("host->disk vs raw O_DIRECT", 0.87),)
     assert "transfer measurement failed" in results[2].output
     with pytest.raises(ValueError, match="unknown benchmark"):
@@ -79,5 +100,7 @@ def test_cli_bench_writes_table_json_and_png(
     assert [r["name"] for r in doc["results"]] == ["control_plane", "tiers", "transfer"]
     assert doc["results"][1]["figures"] == [{"name": "host->disk vs raw O_DIRECT", "ratio": 0.87}]
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main(["bench", "--bench-dir", str(bench_dir), "--out", str(out), "--only", "tiers"]) == 0
-    assert [r["name"] for r in json.loads((out / "bench.json").read_text())["results"]] == ["tiers"]
+    args = ["bench", "--bench-dir", str(bench_dir), "--out", str(out)]
+    assert main([*args, "--only", "control_plane", "--quick"]) == 0
+    (only,) = json.loads((out / "bench.json").read_text())["results"]
+    assert only["name"] == "control_plane" and "blocks 100000 reps 5" in only["output"]
