@@ -555,6 +555,8 @@ class KvBlockManager:
             )
             self._effects[part] = _Effect("onboard", G3, held=list(disk))
             parts.append(part)
+        for b in host:  # reuse is a sighting for the G2 -> G3 frequency filter
+            self._sighted_in_host(b.sequence_hash)
         hashes = [b.sequence_hash for b in (*host, *disk)]
         handle = KvHandle(parts, hashes, dids, self.layout.model.num_layers)
         self._handles.append(handle)
@@ -682,7 +684,8 @@ class KvBlockManager:
                 imm.release()
 
     def _sighted_in_host(self, sequence_hash: int) -> None:
-        """An offload of a block G2 already holds: a sighting for the filter, maybe a cascade."""
+        """A block G2 already holds was offloaded again or onboarded: a sighting for the
+        frequency filter, and a G2 -> G3 write once it passes."""
         if self.host_pool is None or self.disk_pool is None or self._cascade_queue is None:
             return
         if self.disk_pool.pool.contains(sequence_hash) or sequence_hash in self._writing[G3]:

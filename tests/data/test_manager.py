@@ -170,6 +170,13 @@ def test_frequency_filter_writes_blocks_seen_twice(
     mgr.wait_all(timeout=10)
     assert all(mgr.disk_pool.pool.contains(h) for h in H[:2])  # type: ignore[union-attr]
     assert mgr.stats().paths["host_to_disk"].blocks == 2
+    _fill(mgr, [2], seed=50)
+    mgr.wait(mgr.offload([2], [H[2]], parent_sequence_hashes=[H[1]]), timeout=10)
+    mgr.wait_all(timeout=10)
+    assert not mgr.disk_pool.pool.contains(H[2])  # type: ignore[union-attr]
+    mgr.wait(mgr.onboard(mgr.match([H[2]]), [5]), timeout=10)  # reused: second sighting
+    mgr.wait_all(timeout=10)
+    assert mgr.disk_pool.pool.contains(H[2])  # type: ignore[union-attr]
     _check(mgr)
 
 
