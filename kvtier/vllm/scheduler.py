@@ -29,9 +29,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kvtier.core.filter import FrequencyFilter, FrequencyFilterConfig
 from kvtier.hashing import hash_chain, salt_hash
 from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, StoreBatch, WorkerReport
-from kvtier.vllm.slots import FrequencyFilter, SlotIndex
+from kvtier.vllm.slots import SlotIndex
 
 __all__ = ["KvTierScheduler", "SchedulerConfig", "SchedulerCounters"]
 
@@ -130,6 +131,26 @@ class _Pending:
     host_pin: int | None = None  # a G2 hash pinned as the source of a G3 write
 
 
+class CountingFilter(FrequencyFilter):
+    """Core's G2->G3 frequency filter, counting the sightings it turned away (for metrics)."""
+
+    def __init__(
+        self, config: FrequencyFilterConfig, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(config, clock=clock)
+        self.rejections = 0
+
+    def should_offload(self, sequence_hash: int) -> bool:
+        admitted = super().should_offload(sequence_hash)
+        if not admitted:
+            self.rejections += 1
+        return admitted
+
+    def sighting(self, sequence_hash: int) -> bool:
+        """Same as ``should_offload`` (the name telemetry's tests use)."""
+        return self.should_offload(sequence_hash)
+
+
 def _lora_name(request: RequestLike) -> str | None:
     lora = getattr(request, "lora_request", None)
     if lora is None:
@@ -145,7 +166,7 @@ class KvTierScheduler:
         self.config = config
         self.host = SlotIndex("G2", config.host_blocks)
         self.disk = SlotIndex("G3", config.disk_blocks)
-        self.filter = FrequencyFilter(enabled=config.disk_filter, clock=clock)
+        self.filter = CountingFilter(FrequencyFilterConfig(enabled=config.disk_filter), clock=clock)
         self.counters = SchedulerCounters()
         self._reqs: dict[str, _Req] = {}
         self._step = 0
@@ -321,7 +342,6 @@ class KvTierScheduler:
             for h in r.disk_bad:
                 self.counters.disk_corrupt += 1
                 self.disk.remove(h)
-                self.filter.forget(h)
             self.counters.load_failures += r.load_failed_blocks
             for job_id in r.loads_done:
                 load = self._loads.get(job_id)
@@ -437,7 +457,7 @@ class KvTierScheduler:
             host_slot = self._store_host(h, parent, gpu_block, gpu, slots, hashes)
             if host_slot is not None:
                 st.last_store_step = step
-            if self.config.disk_blocks and h not in self.disk and self.filter.sighting(h):
+            if self.config.disk_blocks and h not in self.disk and self.filter.should_offload(h):
                 write = self._store_disk(h, parent, host_slot, gpu_block)
                 if write is not None:
                     writes.append(write)

@@ -14,13 +14,13 @@ G2->G3 copy is never evicted. Pure Python, no torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kvtier.core.block import ImmutableBlock, MutableBlock
 from kvtier.core.pool import BlockPool
 
-__all__ = ["FrequencyFilter", "SlotIndex"]
+__all__ = ["SlotIndex"]
 
 
 @dataclass
@@ -204,37 +204,3 @@ class SlotIndex:
             del self._pending[seq_hash]
             assert self.pool is not None
             self.pool.release(p.block)
-
-
-class FrequencyFilter:
-    """The G2->G3 admission filter of Dynamo KVBM: admit a block once it has been seen twice.
-
-    A hash's count starts at 1 on its first sighting and doubles on each later one; it decays by 1
-    every ``decay_s`` seconds. A block is admitted when its count reaches 2. ``enabled=False``
-    admits everything. The clock is injected so tests control time.
-    """
-
-    def __init__(
-        self, *, enabled: bool, clock: Callable[[], float], decay_s: float = 600.0
-    ) -> None:
-        self.enabled = enabled
-        self._clock = clock
-        self._decay_s = decay_s
-        self._counts: dict[int, tuple[int, float]] = {}
-        self.rejections = 0  # sightings that did not admit the block (read by metrics)
-
-    def sighting(self, seq_hash: int) -> bool:
-        """Record one sighting; return True when the block should go to G3."""
-        if not self.enabled:
-            return True
-        now = self._clock()
-        count, last = self._counts.get(seq_hash, (0, now))
-        count = max(0, count - int((now - last) // self._decay_s))
-        count = 1 if count == 0 else count * 2
-        self._counts[seq_hash] = (count, now)
-        if count < 2:
-            self.rejections += 1
-        return count >= 2
-
-    def forget(self, seq_hash: int) -> None:
-        self._counts.pop(seq_hash, None)

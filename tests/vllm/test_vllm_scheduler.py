@@ -311,3 +311,9 @@ def test_scheduler_half_imports_no_torch() -> None:
         "assert 'vllm' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_filter_rejections_are_counted() -> None:
+    s = sched(host=8, disk=8)
+    stored(s, FakeRequest("a", list(range(9))), [1, 2, 3])
+    assert s.filter.rejections == 2  # two blocks seen once: kept out of G3

@@ -1,10 +1,10 @@
-"""SlotIndex (the scheduler half's G2/G3 index over core's BlockPool) and the frequency filter."""
+"""SlotIndex (the scheduler half's G2/G3 index over core's BlockPool)"""
 
 from __future__ import annotations
 
 import pytest
 
-from kvtier.vllm.slots import FrequencyFilter, SlotIndex
+from kvtier.vllm.slots import SlotIndex
 
 
 def _ready(idx: SlotIndex, *hashes: int) -> list[int]:
@@ -86,19 +86,6 @@ def test_misuse_raises() -> None:
         idx.pin(2)
     with pytest.raises(ValueError, match="num_slots"):
         SlotIndex("G2", -1)
-
-
-def test_frequency_filter_doubles_and_decays() -> None:
-    now = [0.0]
-    f = FrequencyFilter(enabled=True, clock=lambda: now[0], decay_s=600.0)
-    assert f.sighting(1) is False  # count 1
-    assert f.sighting(1) is True  # count 2
-    assert f.sighting(1) is True  # count 4
-    now[0] = 3 * 600.0  # decays by 3 -> 1, then doubles to 2
-    assert f.sighting(1) is True
-    now[0] += 2 * 600.0  # 2 - 2 = 0 -> restarts at 1
-    assert f.sighting(1) is False
-    assert FrequencyFilter(enabled=False, clock=lambda: 0.0).sighting(9) is True
 
 
 def test_children_keep_parents_so_leaves_go_first() -> None:
