@@ -3,13 +3,13 @@
 Why this exists: on a GPU server kvtier's value is how fast it moves KV over PCIe and how little
 it disturbs the model. Measured on the lent H200 (benchmarks/transfer_candidates.py, _variants.py,
 transfer.py; figures in benchmarks/RESULTS.md): one DMA per (block, layer, K/V) piece reaches
-2-3.5 GB/s; gathering the pieces on the device into a staging buffer of canonical rows and crossing
-PCIe as one DMA per run of host rows reaches 0.81-0.96 of the one-copy limit from 256 blocks on
-(0.88-1.00 when the host rows are consecutive), runs beside a bf16 matmul stream without slowing
-it, and keeps 0.80-0.88 of the two-way limit with both directions at once. A small-grid kernel
-that reads/writes mapped pinned memory reaches 0.90-0.95 one way but only about 60 GB/s both ways
-and slows the matmuls by about 10%; it stays available as ``mode="kernel"`` because it lands layers
-one by one (true layer-wise onboarding).
+2-3 GB/s; gathering the pieces on the device into a staging buffer of canonical rows and crossing
+PCIe as batched DMAs of whole rows reaches 0.84-0.99 of the one-copy limit from 256 blocks on
+(0.93-0.99 from 1024), leaves a bf16 matmul stream at full speed, and keeps 0.90-0.97 of the
+two-way limit with both directions at once. A small-grid kernel that reads/writes mapped pinned
+memory reaches 0.90-0.95 one way but only about 60 GB/s both ways and slows the matmuls by about
+10%; it stays available as ``mode="kernel"`` because it lands layers one by one (true layer-wise
+onboarding).
 
 How a batch moves (``mode="dma"``, the default), per direction:
 
@@ -22,7 +22,8 @@ How a batch moves (``mode="dma"``, the default), per direction:
   for geometries that are not 4-byte multiples, torch indexing ops do the same;
 - device->host: the kernel stream waits on the ``gate`` event (the forward pass or layer that wrote
   the blocks), gathers, and the DMA streams copy runs of consecutive host rows (split where a
-  pinned registration ends); ``source_released()`` turns true after the gather, well before PCIe;
+  pinned registration ends), one ``cuMemcpyBatchAsync`` per stream and chunk when cuda-bindings
+  offers it (``cuda_batch``); ``source_released()`` turns true after the gather, before PCIe;
 - host->device: the ``gate`` orders the whole copy (e.g. after pending writes to the target
   blocks); DMA into staging, then the scatter; layer events complete together at the end (use
   ``mode="kernel"`` for layer-by-layer landing);
