@@ -97,6 +97,7 @@ class SchedulerCounters:
     disk_corrupt: int = 0
     host_evictions: int = 0
     disk_evictions: int = 0
+    resumed_requests: int = 0
 
 
 @dataclass
@@ -295,6 +296,7 @@ class KvTierScheduler:
             if st is None:
                 continue
             if resumed:
+                self.counters.resumed_requests += 1
                 st.block_ids = list(new_ids or ())
             elif new_ids:
                 st.block_ids.extend(new_ids)

@@ -34,7 +34,14 @@ def kv_config(extra: dict[str, Any]) -> Any:
 
 
 @contextlib.contextmanager
-def engine(model: Path, extra: dict[str, Any], *, in_process: bool) -> Iterator[Any]:
+def engine(
+    model: Path,
+    extra: dict[str, Any],
+    *,
+    in_process: bool,
+    kv_bytes: int = KV_BYTES,
+    max_model_len: int = 2048,
+) -> Iterator[Any]:
     """A ``vllm.LLM`` with kvtier, shut down (connector and threads included) on exit."""
     from vllm import LLM
 
@@ -45,8 +52,8 @@ def engine(model: Path, extra: dict[str, Any], *, in_process: bool) -> Iterator[
             model=str(model),
             skip_tokenizer_init=True,
             enforce_eager=True,
-            kv_cache_memory_bytes=KV_BYTES,
-            max_model_len=2048,
+            kv_cache_memory_bytes=kv_bytes,
+            max_model_len=max_model_len,
             max_num_seqs=64,
             dtype="float32",
             seed=0,
