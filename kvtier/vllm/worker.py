@@ -21,7 +21,6 @@ Ordering rules (where the races hide):
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -115,7 +114,7 @@ class KvTierWorker:
         self._writes: list[tuple[int, Future[BlockHeader | None]]] = []
         self._load_errors: set[int] = set()
         self._report = WorkerReport(rank=config.rank)
-        self._lock = threading.Lock()
+        self.layer_waits = 0  # wait_for_layer_load calls that gated a layer-wise load
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -191,6 +190,7 @@ class KvTierWorker:
         layer = self._layer_index.get(layer_name)
         if layer is None:
             return
+        self.layer_waits += 1
         for run in self._sync_runs:
             run.wait_layer(layer)
 

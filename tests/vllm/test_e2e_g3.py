@@ -82,8 +82,11 @@ def test_g3_onboard_is_identical_to_recompute(llm: Any, disk_dir: Path) -> None:
     host, disk = _split(llm, hashes)
     assert host <= 2 and host + disk == 5 and disk >= 3
     before = (c.host_hit_blocks, c.disk_hit_blocks)
+    worker = connectors(llm)[1].worker
+    waits = worker.layer_waits
     reset_g1(llm)
     [(onboarded, cached1)] = generate(llm, [p], max_tokens=16)
+    assert worker.layer_waits - waits == 2  # each layer's attention waited for its own load
     assert onboarded == recomputed
     assert cached1 == 5 * BLOCK
     assert (c.host_hit_blocks - before[0], c.disk_hit_blocks - before[1]) == (host, disk)
