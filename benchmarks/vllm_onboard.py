@@ -88,6 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--blocks", type=int, default=24, help="full 128-token blocks per prompt")
+    ap.add_argument("--layerwise", action="store_true", help="G3 onboarding inside the forward")
     args = ap.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     spec = TinyLlamaSpec(
@@ -108,6 +109,7 @@ def main() -> None:
             "disk_cache_blocks": 4 * args.blocks * args.prompts,
             "disk_dir": str(Path(tmp) / "g3"),
             "disk_filter": False,
+            "layerwise_onboard": args.layerwise,
         }
         cold3, disk = _run(model, g3, [_prompt(100 + i, length) for i in range(args.prompts)])
     base = statistics.median(cold + cold3)

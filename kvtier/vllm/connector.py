@@ -279,7 +279,10 @@ class KvTierConnector(KVConnectorBase_V1):
                 )
             )
         plan = self._sched().build_step_plan(
-            new, cached_rows, scheduler_output.num_scheduled_tokens
+            new,
+            cached_rows,
+            scheduler_output.num_scheduled_tokens,
+            idle=scheduler_output.total_num_scheduled_tokens == 0,
         )
         if self.telemetry is not None:
             self.telemetry.on_plan(plan)

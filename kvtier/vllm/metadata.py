@@ -87,6 +87,8 @@ class StepPlan:
     disk_writes: list[DiskWrite] = field(default_factory=list)
     disk_deletes: list[int] = field(default_factory=list)
     delayed_free: list[str] = field(default_factory=list)
+    idle: bool = False
+    """No forward pass this step: a worker may block briefly on its background work."""
 
     @property
     def is_empty(self) -> bool:

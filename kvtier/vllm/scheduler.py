@@ -275,6 +275,8 @@ class KvTierScheduler:
         new_reqs: Iterable[tuple[str, Sequence[int], int]],
         cached_reqs: Iterable[tuple[str, Sequence[int] | None, int, bool]],
         num_scheduled_tokens: dict[str, int],
+        *,
+        idle: bool = False,
     ) -> StepPlan:
         """Plan this step: the loads decided at allocation, and stores of the blocks this step
         completes.
@@ -316,6 +318,7 @@ class KvTierScheduler:
             disk_writes=writes,
             disk_deletes=self._disk_deletes,
             delayed_free=self._delayed,
+            idle=idle,
         )
         self._plan_loads, self._disk_deletes, self._delayed = [], [], []
         return plan
