@@ -6,7 +6,9 @@ long shared system prompt, the user's whole history, and a new message. The engi
 G1: without kvtier it is recomputed; with kvtier it comes back from G2 (host) or G3 (disk).
 
 Both runs replay the same token ids on the same tiny random-weight Llama (built offline by
-:mod:`kvtier.tinymodel`), each in a fresh process (no state leaks from one engine to the next).
+:mod:`kvtier.tinymodel`), each engine in its own process (no state leaks from one to the other).
+The two engines take turns request by request (ABBA order), so whatever else loads the machine
+falls on both runs alike; only one of them computes at any moment.
 The kvtier run serves its Prometheus metrics, and the demo reads the per-tier hit rates from that
 endpoint. Reported: time to first token per turn and overall, prompt tokens recomputed, hit rate
 per tier, whether the greedy outputs of both runs are identical; plus a PNG plot of both runs.
@@ -93,14 +95,15 @@ VOCAB = 4096
 
 
 def demo_model_spec() -> Any:
-    """The demo's model: bigger than the test model, so that recomputing a prefix costs time."""
+    """The demo's model: bigger than the test model, so that recomputing a prefix costs time
+    (about 50 MFLOP per token) while its KV stays small (4 KiB per token, GQA with 2 KV heads)."""
     from kvtier.tinymodel import TinyLlamaSpec
 
     return TinyLlamaSpec(
-        hidden_size=256,
-        intermediate_size=1024,
+        hidden_size=768,
+        intermediate_size=2048,
         num_hidden_layers=4,
-        num_attention_heads=4,
+        num_attention_heads=12,
         num_key_value_heads=2,
         vocab_size=VOCAB,
         max_position_embeddings=8192,
@@ -165,71 +168,86 @@ def _scrape(port: int) -> dict[str, float]:
     return out
 
 
-def run_mode(mode: str, cfg: DemoConfig, work: Path) -> RunResult:
-    """Run the whole workload in this process on a fresh engine (the child side of the demo)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown demo mode {mode!r}; expected one of {', '.join(MODES)}")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from kvtier.tinymodel import build_tiny_llama
+class _Session:
+    """One mode's engine in this process, driven one request at a time (the child side)."""
 
-    model = build_tiny_llama(work / "model", demo_model_spec())
-    port = _free_port()
-    kwargs: dict[str, Any] = {}
-    if mode == "kvtier":
-        os.environ["KVTIER_METRICS"] = "1"
-        os.environ["KVTIER_METRICS_PORT"] = str(port)
-        from vllm.config import KVTransferConfig
+    def __init__(self, mode: str, cfg: DemoConfig, work: Path) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown demo mode {mode!r}; expected one of {', '.join(MODES)}")
+        self.mode, self.cfg, self.work = mode, cfg, work
+        self.port = _free_port()
+        self.llm: Any = None
+        self.params: Any = None
+        self.system, self.msgs = _messages(cfg)
+        self.history: list[list[int]] = [[] for _ in range(cfg.users)]
 
-        extra: dict[str, Any] = {"disk_filter": False}
-        if cfg.host_blocks:
-            extra["cpu_cache_blocks"] = cfg.host_blocks
-        if cfg.disk_blocks:
-            extra["disk_cache_blocks"] = cfg.disk_blocks
-            extra["disk_dir"] = str(work / "g3")
-        kwargs["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="KvTierConnector",
-            kv_connector_module_path="kvtier.vllm",
-            kv_role="kv_both",
-            kv_connector_extra_config=extra,
-        )
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    def start(self) -> float:
+        """Build the model and the engine, warm it up; returns the engine start time."""
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from kvtier.tinymodel import build_tiny_llama
 
-    start = time.perf_counter()
-    llm = LLM(
-        model=str(model),
-        skip_tokenizer_init=True,
-        enforce_eager=True,
-        max_model_len=cfg.g1_blocks * BLOCK_TOKENS,
-        kv_cache_memory_bytes=cfg.g1_blocks * _block_bytes(),
-        disable_log_stats=False,
-        seed=cfg.seed,
-        **kwargs,
-    )
-    result = RunResult(mode, time.perf_counter() - start)
-    params = SamplingParams(max_tokens=cfg.reply_tokens, temperature=0.0, ignore_eos=True)
-    system, msgs = _messages(cfg)
-    # Warm-up (first-call kernel set-up), on tokens no conversation uses.
-    warm = [VOCAB - 1 - (i % 7) for i in range(cfg.user_tokens)]
-    llm.generate([TokensPrompt(prompt_token_ids=warm)], params, use_tqdm=False)
-    history: list[list[int]] = [[] for _ in range(cfg.users)]
-    for turn in range(cfg.turns):
-        for user in range(cfg.users):
-            prompt = system + history[user] + msgs[user][turn]
-            t0 = time.perf_counter()
-            out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)[0]
-            wall = time.perf_counter() - t0
-            metrics = out.metrics
-            ttft = getattr(metrics, "first_token_latency", 0.0) or wall
-            reply = list(out.outputs[0].token_ids)
-            history[user] = history[user] + msgs[user][turn] + reply
-            result.turns.append(
-                Turn(user, turn, len(prompt), int(out.num_cached_tokens or 0), ttft, reply)
+        model = build_tiny_llama(self.work / "model", demo_model_spec())
+        kwargs: dict[str, Any] = {}
+        if self.mode == "kvtier":
+            from vllm.config import KVTransferConfig
+
+            extra: dict[str, Any] = {
+                "disk_filter": False,
+                "metrics": True,
+                "metrics_port": self.port,
+            }
+            if self.cfg.host_blocks:
+                extra["cpu_cache_blocks"] = self.cfg.host_blocks
+            if self.cfg.disk_blocks:
+                extra["disk_cache_blocks"] = self.cfg.disk_blocks
+                extra["disk_dir"] = str(self.work / "g3")
+            kwargs["kv_transfer_config"] = KVTransferConfig(
+                kv_connector="KvTierConnector",
+                kv_connector_module_path="kvtier.vllm",
+                kv_role="kv_both",
+                kv_connector_extra_config=extra,
             )
-            print(f"{mode} turn {turn} user {user}: ttft {ttft * 1000:.0f} ms", flush=True)
-    if mode == "kvtier":
-        result.kvtier_metrics = _scrape(port)
-    return result
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        start = time.perf_counter()
+        self.llm = LLM(
+            model=str(model),
+            skip_tokenizer_init=True,
+            enforce_eager=True,
+            max_model_len=self.cfg.g1_blocks * BLOCK_TOKENS,
+            kv_cache_memory_bytes=self.cfg.g1_blocks * _block_bytes(),
+            disable_log_stats=False,
+            seed=self.cfg.seed,
+            **kwargs,
+        )
+        took = time.perf_counter() - start
+        self.params = SamplingParams(
+            max_tokens=self.cfg.reply_tokens, temperature=0.0, ignore_eos=True
+        )
+        # Warm-up (first-call kernel set-up), on tokens no conversation uses.
+        warm = [VOCAB - 1 - (i % 7) for i in range(self.cfg.user_tokens)]
+        self.llm.generate([TokensPrompt(prompt_token_ids=warm)], self.params, use_tqdm=False)
+        return took
+
+    def request(self, user: int, turn: int) -> Turn:
+        """The user's next turn: system prompt + their history + the new message."""
+        from vllm.inputs import TokensPrompt
+
+        prompt = self.system + self.history[user] + self.msgs[user][turn]
+        t0 = time.perf_counter()
+        out = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=prompt)], self.params, use_tqdm=False
+        )
+        wall = time.perf_counter() - t0
+        ttft = getattr(out[0].metrics, "first_token_latency", 0.0) or wall
+        reply = list(out[0].outputs[0].token_ids)
+        self.history[user] = self.history[user] + self.msgs[user][turn] + reply
+        return Turn(user, turn, len(prompt), int(out[0].num_cached_tokens or 0), ttft, reply)
+
+    def metrics(self) -> dict[str, float]:
+        """kvtier's metrics, scraped from its endpoint (empty for the baseline)."""
+        return _scrape(self.port) if self.mode == "kvtier" else {}
 
 
 def _block_bytes() -> int:
@@ -256,6 +274,7 @@ class Summary:
     identical_outputs: int
     requests: int
     engine_start_s: dict[str, float]
+    per_request: list[dict[str, Any]]
 
 
 def summarize(cfg: DemoConfig, runs: dict[str, RunResult]) -> Summary:
@@ -286,7 +305,19 @@ def summarize(cfg: DemoConfig, runs: dict[str, RunResult]) -> Summary:
         a.output == b.output
         for a, b in zip(runs["baseline"].turns, runs["kvtier"].turns, strict=True)
     )
+    rows = [
+        {
+            "user": a.user,
+            "turn": a.turn,
+            "prompt_tokens": a.prompt_tokens,
+            "cached_tokens": {"baseline": a.cached_tokens, "kvtier": b.cached_tokens},
+            "ttft_ms": {"baseline": round(1000 * a.ttft_s, 1), "kvtier": round(1000 * b.ttft_s, 1)},
+            "identical_output": a.output == b.output,
+        }
+        for a, b in zip(runs["baseline"].turns, runs["kvtier"].turns, strict=True)
+    ]
     return Summary(
+        per_request=rows,
         config=asdict(cfg),
         ttft_per_turn_ms=per_turn,
         ttft_overall_ms=overall,
@@ -341,31 +372,83 @@ def plot(cfg: DemoConfig, runs: dict[str, RunResult], path: Path) -> None:
     plt.close(fig)
 
 
-def _run_child(mode: str, cfg: DemoConfig, work: Path, log: Path) -> RunResult:
-    result_path = work / f"{mode}.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "kvtier.demo",
-        "--child",
-        mode,
-        "--config-json",
-        json.dumps(asdict(cfg)),
-        "--work",
-        str(work),
-    ]
-    with open(log, "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = log.read_text()[-3000:]
-        raise RuntimeError(f"demo {mode} run failed (exit {proc.returncode}); log {log}:\n{tail}")
-    doc = json.loads(result_path.read_text())
-    return RunResult(
-        doc["mode"],
-        doc["engine_start_s"],
-        [Turn(**t) for t in doc["turns"]],
-        doc["kvtier_metrics"],
-    )
+_MARK = "KVTIER-DEMO "
+"""Prefix of the protocol lines a child writes on stdout (vLLM's own log lines go there too)."""
+
+
+class _Child:
+    """A child process running one mode, answering one request at a time (parent side)."""
+
+    def __init__(self, mode: str, cfg: DemoConfig, work: Path, log: Path) -> None:
+        self.mode, self.log_path = mode, log
+        self.log = open(log, "w")  # noqa: SIM115 (closed in close())
+        cmd = [sys.executable, "-m", "kvtier.demo", "--child", mode]
+        cmd += ["--config-json", json.dumps(asdict(cfg)), "--work", str(work)]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+
+    def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(_MARK):
+                reply: dict[str, Any] = json.loads(line[len(_MARK) :])
+                return reply
+            self.log.write(line)
+        self.log.flush()
+        code = self.proc.wait()
+        tail = self.log_path.read_text()[-3000:]
+        raise RuntimeError(
+            f"demo {self.mode} run failed (exit {code}); log {self.log_path}:\n{tail}"
+        )
+
+    def send(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait()
+        self.log.close()
+
+
+def _run_lockstep(
+    cfg: DemoConfig, work: Path, out_dir: Path, console: Console
+) -> dict[str, RunResult]:
+    """Both engines alive at once, taking turns request by request (ABBA order), so background
+    load on the machine falls on both runs alike; only one computes at any moment."""
+    children: dict[str, _Child] = {}
+    runs: dict[str, RunResult] = {}
+    try:
+        for mode in MODES:
+            with console.status(f"starting vLLM ({mode})"):
+                child = _Child(mode, cfg, work, out_dir / f"demo-{mode}.log")
+                children[mode] = child
+                runs[mode] = RunResult(mode, float(child.read()["engine_start_s"]))
+        order = [(turn, user) for turn in range(cfg.turns) for user in range(cfg.users)]
+        with console.status("replaying the chat") as status:
+            for i, (turn, user) in enumerate(order):
+                status.update(f"turn {turn + 1}/{cfg.turns}, user {user + 1}/{cfg.users}")
+                modes = MODES if i % 2 == 0 else tuple(reversed(MODES))
+                for mode in modes:
+                    got = children[mode].send(op="request", user=user, turn=turn)
+                    runs[mode].turns.append(Turn(**got))
+        for mode in MODES:
+            runs[mode].kvtier_metrics = children[mode].send(op="finish")["metrics"]
+    finally:
+        for child in children.values():
+            child.close()
+    for mode in MODES:
+        (out_dir / f"demo-{mode}.log").unlink(missing_ok=True)  # kept only when a run fails
+    return runs
 
 
 def run_demo(cfg: DemoConfig, out_dir: Path, console: Console) -> Summary:
@@ -373,16 +456,8 @@ def run_demo(cfg: DemoConfig, out_dir: Path, console: Console) -> Summary:
     from rich.table import Table
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, RunResult] = {}
     with tempfile.TemporaryDirectory(prefix="kvtier-demo-") as tmp:
-        work = Path(tmp)
-        for mode in MODES:
-            with console.status(
-                f"running the workload {mode} (engine start + {cfg.users * cfg.turns} requests)"
-            ):
-                runs[mode] = _run_child(mode, cfg, work, out_dir / f"demo-{mode}.log")
-            (out_dir / f"demo-{mode}.log").unlink(missing_ok=True)  # kept only when a run fails
-            console.print(f"{mode}: done ({runs[mode].recomputed_tokens} prompt tokens recomputed)")
+        runs = _run_lockstep(cfg, Path(tmp), out_dir, console)
     summary = summarize(cfg, runs)
     table = Table(title="time to first token (mean per turn, ms)")
     table.add_column("turn", justify="right")
@@ -427,16 +502,27 @@ def run_cli(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _emit(obj: dict[str, Any]) -> None:
+    print(_MARK + json.dumps(obj), flush=True)
+
+
 def _child_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvtier.demo")
     parser.add_argument("--child", choices=MODES, required=True)
     parser.add_argument("--config-json", required=True)
     parser.add_argument("--work", required=True)
     args = parser.parse_args(argv)
-    cfg = DemoConfig(**json.loads(args.config_json))
-    work = Path(args.work)
-    result = run_mode(args.child, cfg, work)
-    (work / f"{args.child}.json").write_text(json.dumps(asdict(result)))
+    session = _Session(args.child, DemoConfig(**json.loads(args.config_json)), Path(args.work))
+    _emit({"engine_start_s": session.start()})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "request":
+            _emit(asdict(session.request(int(cmd["user"]), int(cmd["turn"]))))
+        elif cmd["op"] == "finish":
+            _emit({"metrics": session.metrics()})
+            return 0
+        else:
+            raise ValueError(f"unknown demo command {cmd!r}")
     return 0
 
 
