@@ -89,47 +89,34 @@ def interference(
             for _ in range(40):
                 torch.mm(a, b)
 
+    def pieces(target: torch.Tensor, grid: int) -> None:
+        """Every layer's K/V pieces of blocks ``ids`` into rows of ``target`` (int32 words)."""
+        for layer in range(LAYERS):
+            copy_pieces_kernel[(grid,)](
+                words[layer],
+                target,
+                ids,
+                ids,
+                n,
+                0,
+                chunk_w,
+                pool * chunk_w,
+                layer * 2 * chunk_w,
+                row_w,
+                chunk_w,
+                N_OUTER=2,
+                CHUNK=chunk_w,
+                TILE=4096,
+                num_warps=8,
+            )
+
     def kcopy(grid: int) -> None:
         with torch.cuda.stream(copy):
-            for layer in range(LAYERS):
-                copy_pieces_kernel[(grid,)](
-                    words[layer],
-                    host_w,
-                    ids,
-                    ids,
-                    n,
-                    0,
-                    chunk_w,
-                    pool * chunk_w,
-                    layer * 2 * chunk_w,
-                    row_w,
-                    chunk_w,
-                    N_OUTER=2,
-                    CHUNK=chunk_w,
-                    TILE=4096,
-                    num_warps=8,
-                )
+            pieces(host_w, grid)
 
     def dcopy() -> None:
         with torch.cuda.stream(copy):
-            for layer in range(LAYERS):
-                copy_pieces_kernel[(132,)](
-                    words[layer],
-                    staging_w,
-                    ids,
-                    ids,
-                    n,
-                    0,
-                    chunk_w,
-                    pool * chunk_w,
-                    layer * 2 * chunk_w,
-                    row_w,
-                    chunk_w,
-                    N_OUTER=2,
-                    CHUNK=chunk_w,
-                    TILE=4096,
-                    num_warps=8,
-                )
+            pieces(staging_w, 132)
             host[:n].copy_(staging_w.view(torch.uint8).view(-1, row_w * 4)[:n], non_blocking=True)
 
     def run(copier: Callable[[], None] | None) -> tuple[float, float]:

@@ -407,6 +407,12 @@ class KvBlockManager:
         assert self._transfers is not None
         return self._transfers
 
+    def _check_device_ids(self, device_block_ids: Sequence[int]) -> None:
+        nb = self.layout.num_blocks
+        for d in device_block_ids:
+            if not 0 <= d < nb:
+                raise ValueError(f"device block id {d} out of range 0..{nb - 1}")
+
     # -- offload --------------------------------------------------------------------------------
 
     def offload(
@@ -430,10 +436,7 @@ class KvBlockManager:
             parents = list(parent_sequence_hashes)
             if len(parents) != n:
                 raise ValueError(f"{len(parents)} parent hashes for {n} sequence hashes")
-        nb = self.layout.num_blocks
-        for d in device_block_ids:
-            if not 0 <= d < nb:
-                raise ValueError(f"device block id {d} out of range 0..{nb - 1}")
+        self._check_device_ids(device_block_ids)
         if len(set(sequence_hashes)) != n:
             raise ValueError("sequence_hashes of one offload must be distinct")
         tier = G2 if self.host_pool is not None else G3 if self.disk_pool is not None else None
@@ -522,10 +525,7 @@ class KvBlockManager:
         n = len(device_block_ids)
         if n > len(match):
             raise ValueError(f"{n} device blocks for a match of {len(match)} blocks")
-        nb = self.layout.num_blocks
-        for d in device_block_ids:
-            if not 0 <= d < nb:
-                raise ValueError(f"device block id {d} out of range 0..{nb - 1}")
+        self._check_device_ids(device_block_ids)
         if len(set(device_block_ids)) != n:
             raise ValueError("device_block_ids of one onboard must be distinct")
         host = match.host[:n]

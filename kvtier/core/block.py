@@ -31,28 +31,19 @@ class BlockState(enum.Enum):
     REGISTERED = "registered"
 
 
-class _Handle:
-    __slots__ = ("_alive", "_block_id", "_pool")
+class _Owned:
+    """What every handle shares: its pool, whether it is still held, release and ``with``."""
 
-    def __init__(self, pool: BlockPool, block_id: int) -> None:
+    __slots__ = ("_alive", "_pool")
+
+    def __init__(self, pool: BlockPool) -> None:
         self._pool = pool
-        self._block_id = block_id
         self._alive = True
-
-    @property
-    def block_id(self) -> int:
-        """The slot this handle is (or was) for; the data plane indexes its storage with it."""
-        return self._block_id
 
     @property
     def alive(self) -> bool:
         """False once released (or, for a MutableBlock, consumed by ``register``)."""
         return self._alive
-
-    def _live_id(self) -> int:
-        if not self._alive:
-            raise PoolError(f"{type(self).__name__} for block {self.block_id} was already released")
-        return self.block_id
 
     def release(self) -> None:
         self._pool.release(self)  # type: ignore[arg-type]
@@ -68,6 +59,24 @@ class _Handle:
     ) -> None:
         if self._alive:
             self.release()
+
+
+class _Handle(_Owned):
+    __slots__ = ("_block_id",)
+
+    def __init__(self, pool: BlockPool, block_id: int) -> None:
+        super().__init__(pool)
+        self._block_id = block_id
+
+    @property
+    def block_id(self) -> int:
+        """The slot this handle is (or was) for; the data plane indexes its storage with it."""
+        return self._block_id
+
+    def _live_id(self) -> int:
+        if not self._alive:
+            raise PoolError(f"{type(self).__name__} for block {self.block_id} was already released")
+        return self.block_id
 
 
 class MutableBlock(_Handle):
@@ -136,7 +145,7 @@ class ImmutableBlock(_Handle):
         return self._pool._slots.tokens.get(self._live_id(), ())
 
 
-class ImmutableBlockGroup:
+class ImmutableBlockGroup(_Owned):
     """One reference on each block of a matched prefix, taken and released together.
 
     Why: a long prompt matches thousands of blocks; one handle object per block is most of the
@@ -144,12 +153,11 @@ class ImmutableBlockGroup:
     semantics, one object. Release it once (or use ``with``); a second release raises.
     """
 
-    __slots__ = ("_alive", "_block_ids", "_pool")
+    __slots__ = ("_block_ids",)
 
     def __init__(self, pool: BlockPool, block_ids: list[int]) -> None:
-        self._pool = pool
+        super().__init__(pool)
         self._block_ids = block_ids
-        self._alive = True
 
     def __repr__(self) -> str:
         return f"ImmutableBlockGroup({len(self._block_ids)} blocks, alive={self._alive})"
@@ -159,10 +167,6 @@ class ImmutableBlockGroup:
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._block_ids)
-
-    @property
-    def alive(self) -> bool:
-        return self._alive
 
     @property
     def block_ids(self) -> tuple[int, ...]:
@@ -175,18 +179,3 @@ class ImmutableBlockGroup:
             raise PoolError("ImmutableBlockGroup was already released")
         seq = self._pool._slots.seq
         return [seq[i] for i in self._block_ids]
-
-    def release(self) -> None:
-        self._pool.release(self)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._alive:
-            self.release()

@@ -208,28 +208,18 @@ class BlockPool:
 
     def match(self, sequence_hashes: Sequence[int]) -> list[ImmutableBlock]:
         """Handles on the longest registered prefix of ``sequence_hashes`` (stops at first miss)."""
-        get, refs = self._by_hash.get, self._slots.refs
-        handles: list[ImmutableBlock] = []
-        append = handles.append
-        woken = 0  # blocks going from inactive to active; this is the hot loop, kept flat
-        for h in sequence_hashes:
-            block_id = get(h)
-            if block_id is None:
-                break
-            r = refs[block_id]
-            if not r:
-                woken += 1
-            refs[block_id] = r + 1
-            append(ImmutableBlock(self, block_id))
-        self._num_inactive -= woken
-        return handles
+        return [ImmutableBlock(self, block_id) for block_id in self._ref_prefix(sequence_hashes)]
 
     def match_group(self, sequence_hashes: Sequence[int]) -> ImmutableBlockGroup:
         """Like ``match``, but one handle for the whole matched prefix (much cheaper per block)."""
+        return ImmutableBlockGroup(self, self._ref_prefix(sequence_hashes))
+
+    def _ref_prefix(self, sequence_hashes: Sequence[int]) -> list[int]:
+        """Take one reference on each block of the longest registered prefix; their ids."""
         get, refs = self._by_hash.get, self._slots.refs
         block_ids: list[int] = []
         append = block_ids.append
-        woken = 0
+        woken = 0  # blocks going from inactive to active; this is the hot loop, kept flat
         for h in sequence_hashes:
             block_id = get(h)
             if block_id is None:
@@ -240,7 +230,7 @@ class BlockPool:
             refs[block_id] = r + 1
             append(block_id)
         self._num_inactive -= woken
-        return ImmutableBlockGroup(self, block_ids)
+        return block_ids
 
     def contains(self, sequence_hash: int) -> bool:
         """Whether the hash is registered here (takes no reference, refreshes nothing)."""

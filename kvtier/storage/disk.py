@@ -347,11 +347,7 @@ def _write_all(fd: int, bufs: list[memoryview | mmap.mmap]) -> None:
         if n <= 0:
             raise OSError(errno.EIO, "pwritev wrote nothing")
         offset += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
+        _consume(views, n)
 
 
 def _read_all(fd: int, bufs: list[memoryview | bytearray]) -> int:
@@ -362,9 +358,14 @@ def _read_all(fd: int, bufs: list[memoryview | bytearray]) -> int:
         if n <= 0:
             break
         offset += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
+        _consume(views, n)
     return offset
+
+
+def _consume(views: list[memoryview], n: int) -> None:
+    """Drop the first ``n`` bytes from ``views`` (what one vectored call moved)."""
+    while views and n >= len(views[0]):
+        n -= len(views[0])
+        views.pop(0)
+    if views and n:
+        views[0] = views[0][n:]

@@ -58,7 +58,7 @@ from kvtier.transfer.cuda_plan import (
     torch_scatter,
     triton_available,
 )
-from kvtier.transfer.engine import CopyDirection, CopyError, CopyHandle, check_ids
+from kvtier.transfer.engine import SubmittingEngine, check_ids, copy_failure
 
 __all__ = ["CudaCopyConfig", "CudaCopyEngine", "CudaCopyHandle", "chunk_bounds"]
 
@@ -73,6 +73,15 @@ def _query(event: torch.cuda.Event) -> bool:
 
 def _stream(device: torch.device, priority: int = 0) -> torch.cuda.Stream:
     return torch.cuda.Stream(device, priority=priority)  # type: ignore[no-untyped-call]
+
+
+def _record(events: Sequence[torch.cuda.Event] | None, upto: int, through: int) -> int:
+    """Record ``events[upto..through]`` on the current stream; returns the next to record."""
+    if events is not None:
+        while upto <= through:
+            events[upto].record()
+            upto += 1
+    return upto
 
 
 _MODES = ("dma", "kernel")
@@ -258,8 +267,14 @@ class _Lane:
     slot_free: list[torch.cuda.Event | None] | None = None
     next_slot: int = 0
 
+    def drain(self) -> None:
+        """Block until everything enqueued on this lane's streams has run."""
+        self.kernel_stream.synchronize()
+        for ds in self.dma_streams:
+            ds.synchronize()
 
-class CudaCopyEngine:
+
+class CudaCopyEngine(SubmittingEngine):
     """``CopyEngine`` for device tensors on a CUDA GPU (see the module docstring).
 
     The constructor only validates and records; ``start()`` creates streams; ``close()`` waits for
@@ -337,9 +352,7 @@ class CudaCopyEngine:
                 handle._fail(RuntimeError("copy engine closed before the gate opened"))
         self._waiters.clear()
         for lane in self._lanes.values():
-            lane.kernel_stream.synchronize()
-            for ds in lane.dma_streams:
-                ds.synchronize()
+            lane.drain()
         self._lanes = {}
         self._segments.clear()
         self._tables.clear()
@@ -373,29 +386,7 @@ class CudaCopyEngine:
         """Whether gathers/scatters run as Triton kernels (False: torch indexing ops)."""
         return self._use_triton
 
-    # -- the protocol -------------------------------------------------------------------------
-
-    def device_to_host(
-        self,
-        device: DeviceStorage,
-        host: HostStorage,
-        device_ids: Sequence[int],
-        host_ids: Sequence[int],
-        gate: object | None = None,
-    ) -> CopyHandle:
-        return self._submit(True, device, host, device_ids, host_ids, gate)
-
-    def host_to_device(
-        self,
-        host: HostStorage,
-        device: DeviceStorage,
-        host_ids: Sequence[int],
-        device_ids: Sequence[int],
-        gate: object | None = None,
-    ) -> CopyHandle:
-        return self._submit(False, device, host, device_ids, host_ids, gate)
-
-    # -- submission ---------------------------------------------------------------------------
+    # -- submission (the protocol's two verbs are SubmittingEngine's) -----------------------
 
     def _submit(
         self,
@@ -478,18 +469,8 @@ class CudaCopyEngine:
                     self._enqueue_dma(lane, to_host, device, host, dids, hids, gate, handle)
         except Exception as exc:
             # Let whatever was enqueued drain so that a failed handle means "nothing moves".
-            lane.kernel_stream.synchronize()
-            for ds in lane.dma_streams:
-                ds.synchronize()
-            direction = CopyDirection.D2H if to_host else CopyDirection.H2D
-            err = CopyError(
-                f"{direction} copy of device blocks {list(dids)} / host blocks {list(hids)} "
-                f"failed: {exc}",
-                dids,
-                hids,
-            )
-            err.__cause__ = exc
-            handle._fail(err)
+            lane.drain()
+            handle._fail(copy_failure(to_host, dids, hids, exc))
 
     def _check_pinned(self, host: HostStorage, hids: tuple[int, ...]) -> None:
         rows = host.rows
@@ -536,9 +517,7 @@ class CudaCopyEngine:
     def _staging(self, lane: _Lane, row_bytes: int) -> tuple[torch.Tensor, int]:
         if lane.staging is None or lane.staging.shape[2] != row_bytes:
             if lane.staging is not None:
-                lane.kernel_stream.synchronize()
-                for ds in lane.dma_streams:
-                    ds.synchronize()
+                lane.drain()
             rows = max(1, self.config.staging_bytes // 2 // row_bytes)
             lane.staging = torch.empty((2, rows, row_bytes), dtype=torch.uint8, device=self.device)
             lane.slot_rows = rows
@@ -557,11 +536,10 @@ class CudaCopyEngine:
     ) -> None:
         """Gather (to_rows) or scatter blocks ``idx`` <-> the first rows of a staging slot."""
         segs = self._segs(device)
+        last_layer = device.layout.model.num_layers - 1
         if segs is None:
             (torch_gather if to_rows else torch_scatter)(device, idx, staging_slot)
-            if layer_events is not None:
-                for ev in layer_events:
-                    ev.record()
+            _record(layer_events, 0, last_layer)
             return
         from kvtier.transfer.cuda_kernels import launch_segment, launch_segments
 
@@ -589,17 +567,12 @@ class CudaCopyEngine:
                 self._table_error = repr(exc)
                 self._tables.clear()
             else:
-                if layer_events is not None:
-                    for ev in layer_events:
-                        ev.record()
+                _record(layer_events, 0, last_layer)
                 return
         done_upto = 0
         for seg in segs:
             launch_segment(seg, rows_w, row_words, idx, ar, to_rows=to_rows, programs=programs)
-            if layer_events is not None:
-                while done_upto <= seg.last_layer:
-                    layer_events[done_upto].record()
-                    done_upto += 1
+            done_upto = _record(layer_events, done_upto, seg.last_layer)
 
     def _table(
         self, device: DeviceStorage, segs: list[Segment], lane_key: bool
@@ -682,8 +655,7 @@ class CudaCopyEngine:
                     freed = _new_event()
                     freed.record()
                     if last:
-                        for ev in layer_events:
-                            ev.record()
+                        _record(layer_events, 0, nl - 1)
             else:
                 if free is not None:
                     for d in dss:
@@ -784,8 +756,6 @@ class CudaCopyEngine:
                     to_rows=to_host,
                     programs=self.config.kernel_programs,
                 )
-                while done_upto <= seg.last_layer:
-                    layer_events[done_upto].record()
-                    done_upto += 1
+                done_upto = _record(layer_events, done_upto, seg.last_layer)
         released = layer_events[-1]
         handle._set(layer_events, released, [])

@@ -50,9 +50,11 @@ __all__ = [
     "CopyError",
     "CopyFuture",
     "CopyHandle",
+    "SubmittingEngine",
     "TorchCopyEngine",
     "check_ids",
     "copy_batch",
+    "copy_failure",
     "runs",
 ]
 
@@ -181,6 +183,59 @@ class CopyDirection:
     H2D = "host->device"
 
 
+def copy_failure(
+    to_host: bool, device_ids: Sequence[int], host_ids: Sequence[int], exc: BaseException
+) -> CopyError:
+    """The ``CopyError`` a handle carries when a batch fails: names the direction and blocks."""
+    direction = CopyDirection.D2H if to_host else CopyDirection.H2D
+    err = CopyError(
+        f"{direction} copy of device blocks {list(device_ids)} / host blocks {list(host_ids)} "
+        f"failed: {exc}",
+        device_ids,
+        host_ids,
+    )
+    err.__cause__ = exc
+    return err
+
+
+class SubmittingEngine:
+    """The protocol's two verbs, as one ``_submit(to_host, ...)`` that each engine implements.
+
+    Why: both directions validate, queue and complete alike; only the direction flag differs.
+    """
+
+    def device_to_host(
+        self,
+        device: DeviceStorage,
+        host: HostStorage,
+        device_ids: Sequence[int],
+        host_ids: Sequence[int],
+        gate: object | None = None,
+    ) -> CopyHandle:
+        return self._submit(True, device, host, device_ids, host_ids, gate)
+
+    def host_to_device(
+        self,
+        host: HostStorage,
+        device: DeviceStorage,
+        host_ids: Sequence[int],
+        device_ids: Sequence[int],
+        gate: object | None = None,
+    ) -> CopyHandle:
+        return self._submit(False, device, host, device_ids, host_ids, gate)
+
+    def _submit(
+        self,
+        to_host: bool,
+        device: DeviceStorage,
+        host: HostStorage,
+        device_ids: Sequence[int],
+        host_ids: Sequence[int],
+        gate: object | None,
+    ) -> CopyHandle:
+        raise NotImplementedError
+
+
 def check_ids(
     device: DeviceStorage, host: HostStorage, device_ids: Sequence[int], host_ids: Sequence[int]
 ) -> None:
@@ -226,7 +281,7 @@ def _open_gate(gate: object | None, closed: Callable[[], bool]) -> None:
     raise TypeError(f"gate must be None, a threading.Event or a CUDA event, got {type(gate)}")
 
 
-class TorchCopyEngine:
+class TorchCopyEngine(SubmittingEngine):
     """``CopyEngine`` with torch indexing on one worker thread (CPU, or CUDA without kernels).
 
     On CPU each (layer, run of consecutive ids) is one numpy slice copy (a memcpy that releases
@@ -258,26 +313,6 @@ class TorchCopyEngine:
             stuck = list(self._pending)
         for fut in stuck:
             fut.fail(RuntimeError("copy engine closed before the copy ran (gate never opened?)"))
-
-    def device_to_host(
-        self,
-        device: DeviceStorage,
-        host: HostStorage,
-        device_ids: Sequence[int],
-        host_ids: Sequence[int],
-        gate: object | None = None,
-    ) -> CopyHandle:
-        return self._submit(True, device, host, device_ids, host_ids, gate)
-
-    def host_to_device(
-        self,
-        host: HostStorage,
-        device: DeviceStorage,
-        host_ids: Sequence[int],
-        device_ids: Sequence[int],
-        gate: object | None = None,
-    ) -> CopyHandle:
-        return self._submit(False, device, host, device_ids, host_ids, gate)
 
     def _submit(
         self,
@@ -312,15 +347,7 @@ class TorchCopyEngine:
                 )
                 job.future.complete()
             except Exception as exc:  # the handle carries the failure to the poller
-                direction = CopyDirection.D2H if job.to_host else CopyDirection.H2D
-                job.future.fail(
-                    CopyError(
-                        f"{direction} copy of device blocks {list(job.device_ids)} / host blocks "
-                        f"{list(job.host_ids)} failed: {exc}",
-                        job.device_ids,
-                        job.host_ids,
-                    )
-                )
+                job.future.fail(copy_failure(job.to_host, job.device_ids, job.host_ids, exc))
             finally:
                 with self._lock:
                     self._pending.discard(job.future)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +12,14 @@ from kvtier.config import ModelConfig
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import detect_layout
+
+# The layout shapes are the data-plane tests' (one table for CPU and GPU); pytest puts only this
+# folder on sys.path when it runs the CUDA tests alone.
+_DATA_TESTS = str(Path(__file__).resolve().parents[1] / "data")
+if _DATA_TESTS not in sys.path:
+    sys.path.append(_DATA_TESTS)
+
+from dataplane_helpers import LAYOUT_KINDS, layout_tensors  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
@@ -18,7 +29,7 @@ MODEL = ModelConfig(num_layers=4, block_size=16, num_kv_heads=2, head_dim=64, dt
 ODD_MODEL = ModelConfig(num_layers=3, block_size=1, num_kv_heads=1, head_dim=3, dtype="int8")
 """6-byte layer pieces, 3-byte K/V pieces: not 4-byte aligned, so the torch gather path runs."""
 
-KINDS = ("fully_contiguous", "block_first", "outer_first", "vllm_cpu")
+KINDS = LAYOUT_KINDS
 
 
 def gpu_tensors(
@@ -27,13 +38,6 @@ def gpu_tensors(
     """Random bytes (every bit pattern, NaNs included) in the shapes vLLM backends allocate."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     dt = getattr(torch, model.dtype)
-    o, t, h, d, nl = (
-        model.outer_dim,
-        model.block_size,
-        model.num_kv_heads,
-        model.head_dim,
-        (model.num_layers),
-    )
 
     def r(*shape: int) -> torch.Tensor:
         n = 1
@@ -44,15 +48,7 @@ def gpu_tensors(
         )
         return raw.view(dt).view(*shape)
 
-    if kind == "fully_contiguous":
-        return r(num_blocks, nl, o, t, h, d)
-    if kind == "block_first":
-        return {f"layers.{i}": r(num_blocks, o, t, h, d) for i in range(nl)}
-    if kind == "outer_first":
-        return {f"layers.{i}": r(o, num_blocks, t, h, d) for i in range(nl)}
-    if kind == "vllm_cpu":
-        return {f"layers.{i}": r(num_blocks, h, t, o * d) for i in range(nl)}
-    raise ValueError(kind)
+    return layout_tensors(kind, model, num_blocks, r)
 
 
 def gpu_device(kind: str, model: ModelConfig, num_blocks: int, seed: int) -> DeviceStorage:

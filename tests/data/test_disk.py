@@ -92,12 +92,18 @@ def test_reopen_restores_index_and_cleans_leftovers(tmp_path: Path) -> None:
     assert (st.directory / "notes.txt").exists()
 
 
-def test_corrupt_payload_is_a_miss_and_removed(tmp_path: Path) -> None:
+def _two_stored(tmp_path: Path) -> tuple[DiskStorage, HostStorage]:
+    """An open store holding blocks 1 and 2 (rows 0 and 1 of the returned source rows)."""
     st = DiskStorage(tmp_path, FP, MODEL.block_bytes)
     st.open()
     src = _rows(2, MODEL.block_bytes)
     st.write(1, src.rows[0])
     st.write(2, src.rows[1])
+    return st, src
+
+
+def test_corrupt_payload_is_a_miss_and_removed(tmp_path: Path) -> None:
+    st, src = _two_stored(tmp_path)
     path = st.path(1)
     with open(path, "r+b") as f:
         f.seek(HEADER_SIZE + 100)
@@ -119,11 +125,7 @@ def test_corrupt_payload_is_a_miss_and_removed(tmp_path: Path) -> None:
 
 
 def test_truncated_file_is_a_miss(tmp_path: Path) -> None:
-    st = DiskStorage(tmp_path, FP, MODEL.block_bytes)
-    st.open()
-    src = _rows(2, MODEL.block_bytes)
-    st.write(1, src.rows[0])
-    st.write(2, src.rows[1])
+    st, _ = _two_stored(tmp_path)
     os.truncate(st.path(1), HEADER_SIZE + 1000)
     dst = HostStorage(1, MODEL.block_bytes)
     dst.allocate()
