@@ -42,7 +42,7 @@ def settle(w: KvTierWorker) -> WorkerReport:
     """Empty steps until nothing is in flight; the merged report."""
     merged = WorkerReport(rank=0)
     for step in range(1000, 2000):
-        run_step(w, StepPlan(step))
+        run_step(w, StepPlan(step, idle=True))
         r = w.take_report()
         if r is not None:
             merged.disk_stored += r.disk_stored
@@ -117,7 +117,7 @@ def test_async_load_reported_by_get_finished(
         if finished:
             break
         time.sleep(0.002)
-        finished |= run_step(w, StepPlan(step))[1] or set()
+        finished |= run_step(w, StepPlan(step, idle=True))[1] or set()
     assert finished == {"req-9"}
     assert same(block(kv, 6), original)
 
