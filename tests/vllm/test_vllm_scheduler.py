@@ -317,3 +317,18 @@ def test_filter_rejections_are_counted() -> None:
     s = sched(host=8, disk=8)
     stored(s, FakeRequest("a", list(range(9))), [1, 2, 3])
     assert s.filter.rejections == 2  # two blocks seen once: kept out of G3
+
+
+def test_plans_and_reports_are_plain_data() -> None:
+    import dataclasses
+    import json
+
+    s = sched(host=1, disk=4, disk_filter=False)
+    req = FakeRequest("a", list(range(9)))
+    s.get_num_new_matched_tokens(req, 0)
+    plan = prefill(s, req, [5, 6, 7])
+    text = json.dumps(dataclasses.asdict(plan))  # ints, strs, lists, bools and None only
+    assert json.loads(text)["stores"]["gpu_blocks"] == [5]
+    assert json.loads(text)["disk_writes"][1]["gpu_block"] == 6
+    report = WorkerReport(rank=0, host_stored=[1], restored=[2])
+    assert json.loads(json.dumps(dataclasses.asdict(report)))["restored"] == [2]
