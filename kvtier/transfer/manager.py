@@ -488,9 +488,11 @@ class TransferManager:
                 if last:
                     chained.reads_done.set()
 
-        run.handle._attach(chained)
+        # Read first: reads refused here fail the batch in ``_start`` (nothing attached yet), where
+        # an attached chain would wait forever for reads that never started.
         futures = self.disk_io.read(req.hashes, [staging.rows[r] for r in rows])
         run.writes = futures
+        run.handle._attach(chained)
         for i, f in enumerate(futures):
             f.add_done_callback(partial(one_done, i))
 
@@ -502,21 +504,20 @@ class TransferManager:
                 return False
             err = run.stage1.error
             run.stage1 = None
-            if err is not None:
-                run.failed = list(range(h.num_blocks))
-                run.messages.append(str(err))
-                assert isinstance(h._data, _Stage1Pending)
-                h._data.inner = CopyFuture(1)
-                h._data.inner.fail(err)
-                return True
-            assert run.staging is not None
-            try:
-                self._start_writes(run, run.staging, run.staging_rows)
-            except Exception as exc:
-                run.failed = list(range(h.num_blocks))
-                run.messages.append(str(exc))
-                return True
-            return False
+            if err is None:
+                assert run.staging is not None
+                try:
+                    self._start_writes(run, run.staging, run.staging_rows)
+                    return False
+                except Exception as exc:
+                    err = exc
+            # Stage 1 failed, or its writes could not start: fail the batch and its waiters.
+            run.failed = list(range(h.num_blocks))
+            run.messages.append(str(err))
+            assert isinstance(h._data, _Stage1Pending)
+            h._data.inner = CopyFuture(1)
+            h._data.inner.fail(err)
+            return True
         data = h._data
         return data is not None and data.done()
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 from dataplane_helpers import MODEL, engine_tensors
 
 from kvtier.storage.device import DeviceStorage
+from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import detect_layout
+from kvtier.transfer.disk_io import DiskIo
 from kvtier.transfer.engine import TorchCopyEngine
 from kvtier.transfer.manager import TransferError, TransferManager, TransferPath
 
@@ -109,3 +112,56 @@ def test_close_cancels_queued_batches(tm: TransferManager) -> None:
     assert queued.error is not None and "cancelled" in str(queued.error)
     with pytest.raises(RuntimeError, match="closed"):
         tm.submit(D2H, [4], [3], [3])
+
+
+def _disk_manager(tmp_path: Path, disk_io: DiskIo) -> TransferManager:
+    tensors = engine_tensors("block_first", MODEL, 8, seed=6)
+    device = DeviceStorage(detect_layout(tensors, MODEL), tensors)
+    engine = TorchCopyEngine()
+    engine.start()
+    manager = TransferManager(
+        engine,
+        device=device,
+        host=None,
+        disk_io=disk_io,
+        block_bytes=MODEL.block_bytes,
+        num_layers=MODEL.num_layers,
+        staging_blocks=4,
+    )
+    manager.start()
+    return manager
+
+
+def test_disk_load_that_cannot_start_settles_as_failed(tmp_path: Path) -> None:
+    """DiskIo refusing the reads (not started) fails the batch; it must not stay in flight."""
+    disk = DiskStorage(tmp_path, 1, MODEL.block_bytes)
+    disk.open()
+    tm = _disk_manager(tmp_path, DiskIo(disk))  # DiskIo never started
+    load = tm.submit(TransferPath.DISK_TO_DEVICE, [7, 8], [], [2, 3])
+    _drain(tm, [load])
+    assert load.error is not None and "DiskIo is not started" in str(load.error)
+    assert load.error.failed_hashes == (7, 8) and load.error.failed_device_block_ids == (2, 3)
+    assert tm.inflight_blocks == 0 and tm.pending() == 0
+    assert load.wait_data(timeout=1.0) is False
+    assert load.wait_layer(MODEL.num_layers - 1, timeout=1.0) is False
+    tm.engine.close()
+
+
+def test_device_to_disk_whose_writes_cannot_start_fails_its_waiters(tmp_path: Path) -> None:
+    """Stage 1 (device -> staging) lands, then DiskIo refuses the writes: the batch settles
+    failed, and a thread waiting for its data is told so instead of waiting forever."""
+    disk = DiskStorage(tmp_path, 1, MODEL.block_bytes)
+    disk.open()
+    io = DiskIo(disk)
+    io.start()
+    tm = _disk_manager(tmp_path, io)
+    gate = threading.Event()
+    store = tm.submit(TransferPath.DEVICE_TO_DISK, [7], [1], [], gate=gate)
+    io.close()  # the writes will be refused
+    gate.set()
+    _drain(tm, [store])
+    assert store.error is not None and "DiskIo is not started" in str(store.error)
+    assert tm.inflight_blocks == 0
+    assert store.wait_data(timeout=1.0) is False
+    assert store.wait_layer(0, timeout=1.0) is False
+    tm.engine.close()
