@@ -138,11 +138,8 @@ def hash_chain(
         raise ValueError(
             f"parent_sequence_hash must be None or in the u64 range, got {parent_sequence_hash!r}"
         )
-    data = memoryview(token_bytes(tokens))
-    step = 4 * block_size
-    end = len(data) - len(data) % step
+    blocks = block_hashes(tokens, block_size, salt_hash)
     xxh3, pack, seed = _xxh3, _PAIR.pack, salt_hash
-    blocks = [xxh3(data[i : i + step], seed) for i in range(0, end, step)]
     seqs: list[int] = []
     append = seqs.append
     seq = parent_sequence_hash
