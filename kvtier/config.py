@@ -39,6 +39,12 @@ def _non_negative(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
 
 
+def _flag(name: str, value: object, *, optional: bool = False) -> None:
+    if isinstance(value, bool) or (optional and value is None):
+        return
+    raise TypeError(f"{name} must be a bool{' or None' if optional else ''}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """KV geometry of one model (one rank).
@@ -130,6 +136,10 @@ class KvTierConfig:
         _positive("io_threads", self.io_threads)
         _positive("max_inflight_blocks", self.max_inflight_blocks)
         _positive("staging_blocks", self.staging_blocks)
+        _flag("disk_o_direct", self.disk_o_direct)
+        _flag("disk_filter", self.disk_filter)
+        _flag("disk_fsync", self.disk_fsync)
+        _flag("host_pinned", self.host_pinned, optional=True)
         if self.device_layout not in DEVICE_LAYOUTS:
             raise ValueError(
                 f"device_layout must be one of {DEVICE_LAYOUTS}, got {self.device_layout!r}"

@@ -134,6 +134,12 @@ def test_config_validation() -> None:
         KvTierConfig(model=MODEL, io_threads=0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         KvTierConfig(model=MODEL).host_blocks = 3  # type: ignore[misc]
+    for field in ("disk_o_direct", "disk_filter", "disk_fsync"):
+        with pytest.raises(TypeError, match=f"{field} must be a bool, got 'false'"):
+            KvTierConfig(model=MODEL, **{field: "false"})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="host_pinned must be a bool or None, got 1"):
+        KvTierConfig(model=MODEL, host_pinned=1)  # type: ignore[arg-type]
+    assert KvTierConfig(model=MODEL, host_pinned=None).host_pinned is None
     assert KvTierConfig.blocks_for_bytes(MODEL, 0.006144) == 1000
 
 
