@@ -19,7 +19,10 @@ _DATA_TESTS = str(Path(__file__).resolve().parents[1] / "data")
 if _DATA_TESTS not in sys.path:
     sys.path.append(_DATA_TESTS)
 
-from dataplane_helpers import LAYOUT_KINDS, layout_tensors  # noqa: E402
+from dataplane_helpers import (  # type: ignore[import-not-found]  # noqa: E402
+    LAYOUT_KINDS,
+    layout_tensors,
+)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
@@ -48,7 +51,8 @@ def gpu_tensors(
         )
         return raw.view(dt).view(*shape)
 
-    return layout_tensors(kind, model, num_blocks, r)
+    tensors: dict[str, torch.Tensor] | torch.Tensor = layout_tensors(kind, model, num_blocks, r)
+    return tensors
 
 
 def gpu_device(kind: str, model: ModelConfig, num_blocks: int, seed: int) -> DeviceStorage:

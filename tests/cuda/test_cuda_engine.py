@@ -68,7 +68,7 @@ def test_unaligned_geometry_falls_back_to_torch_gather(kind: str) -> None:
 def test_cuda_event_gate_orders_the_copy_after_the_writer() -> None:
     dev = gpu_device("outer_first", MODEL, 8, seed=3)
     host = pinned_host(8, dev.layout.block_bytes)
-    comp = torch.cuda.Stream()
+    comp = torch.cuda.Stream()  # type: ignore[no-untyped-call]
     a = torch.randn(4096, 4096, device="cuda")
     with CudaCopyEngine() as eng:
         with torch.cuda.stream(comp):
@@ -76,7 +76,7 @@ def test_cuda_event_gate_orders_the_copy_after_the_writer() -> None:
                 a = torch.tanh(a @ a)
             for t in dev.tensors.values():  # type: ignore[union-attr]
                 t.view(torch.uint8).fill_(0x3C)
-            written = torch.cuda.Event()
+            written = torch.cuda.Event()  # type: ignore[no-untyped-call]
             written.record()
         h = eng.device_to_host(dev, host, [0, 5], [1, 2], gate=written)
         assert h.wait(30) is None
@@ -118,7 +118,7 @@ def test_kernel_mode_lands_layers_in_order_and_gates_a_stream() -> None:
         seen = [h.layer_done(i) for i in range(MODEL.num_layers)]
         assert seen == sorted(seen, reverse=True)  # a landed layer never follows a pending one
         assert h.wait_layer(0, 10)
-        comp = torch.cuda.Stream()
+        comp = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         h.stream_wait_layer(MODEL.num_layers - 1, comp)  # type: ignore[attr-defined]
         with torch.cuda.stream(comp):
             got = [dev.read_block(63 - i) for i in range(64)]  # ordered after the last layer

@@ -69,7 +69,7 @@ def test_rows_not_yet_pinned_are_refused() -> None:
 
 def test_pinning_failure_is_reported_not_degraded() -> None:
     host = _host(8)
-    cudart = torch.cuda.cudart()
+    cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
     # Someone else already registered rows 4..7: the pinner's second chunk must fail loudly.
     rc = cudart.cudaHostRegister(host.rows[4].data_ptr(), 4 * ROW, 0)
     assert int(getattr(rc, "value", rc)) == 0

@@ -24,6 +24,7 @@ from cuda_helpers import (
 )
 
 from kvtier.transfer.cuda import CudaCopyConfig, CudaCopyEngine
+from kvtier.transfer.cuda_events import query
 
 pytestmark = [pytest.mark.cuda, needs_cuda]
 
@@ -43,7 +44,7 @@ def _busy(stream: torch.cuda.Stream, a: torch.Tensor, rounds: int) -> torch.Tens
 def test_offload_overwritten_right_after_completion(mode: str, kind: str) -> None:
     dev = gpu_device(kind, MODEL, 64, seed=21)
     host = pinned_host(N, dev.layout.block_bytes)
-    comp = torch.cuda.Stream()
+    comp = torch.cuda.Stream()  # type: ignore[no-untyped-call]
     a = torch.randn(4096, 4096, device="cuda")
     pattern_a = torch.randint(0, 256, (N, dev.layout.block_bytes), dtype=torch.uint8)
     pattern_b = torch.randint(0, 256, (N, dev.layout.block_bytes), dtype=torch.uint8)
@@ -57,10 +58,10 @@ def test_offload_overwritten_right_after_completion(mode: str, kind: str) -> Non
             _busy(comp, a, 20)
             with torch.cuda.stream(comp):
                 write_rows_async(dev, idx, a_gpu)  # enqueued behind the matmuls
-                written = torch.cuda.Event()
+                written = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 written.record()
             h = e.device_to_host(dev, host, TARGETS, rows, gate=written)
-            assert not written.query(), "the writer finished early: no race was tested"
+            assert not query(written), "the writer finished early: no race was tested"
             while not h.done():
                 pass
             with torch.cuda.stream(comp):
@@ -77,7 +78,7 @@ def test_onboard_beats_pending_junk_and_attention_sees_the_load(mode: str, kind:
     dev = gpu_device(kind, MODEL, 64, seed=22)
     host = pinned_host(N, dev.layout.block_bytes)
     host.rows.copy_(torch.randint(0, 256, host.rows.shape, dtype=torch.uint8))
-    comp = torch.cuda.Stream()
+    comp = torch.cuda.Stream()  # type: ignore[no-untyped-call]
     a = torch.randn(4096, 4096, device="cuda")
     nl = MODEL.num_layers
     lbb = dev.layout.layer_block_bytes
@@ -90,10 +91,10 @@ def test_onboard_beats_pending_junk_and_attention_sees_the_load(mode: str, kind:
             _busy(comp, a, 20)
             with torch.cuda.stream(comp):
                 write_rows_async(dev, idx, junk)  # still pending when the onboard is issued
-                free = torch.cuda.Event()
+                free = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 free.record()
             h = e.host_to_device(host, dev, list(range(N)), TARGETS, gate=free)
-            assert not free.query(), "the junk write finished early: no race was tested"
+            assert not query(free), "the junk write finished early: no race was tested"
             seen = []
             for layer in range(nl):
                 h.stream_wait_layer(layer, comp)  # type: ignore[attr-defined]
