@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -65,6 +65,17 @@ from kvtier.transfer.cuda_plan import triton_available
 from kvtier.transfer.engine import SubmittingEngine, check_ids, copy_failure
 
 __all__ = ["CudaCopyConfig", "CudaCopyEngine", "CudaCopyHandle", "chunk_bounds"]
+
+
+class _Batch(NamedTuple):
+    """One submitted batch, validated, on its way to a lane."""
+
+    to_host: bool
+    device: DeviceStorage
+    host: HostStorage
+    dids: tuple[int, ...]
+    hids: tuple[int, ...]
+    handle: CudaCopyHandle
 
 
 class CudaCopyEngine(SubmittingEngine):
@@ -205,10 +216,11 @@ class CudaCopyEngine(SubmittingEngine):
                 ev.record(self._lanes[to_host].kernel_stream)
             handle._set([ev] * handle.num_layers, ev, [])
             return handle
+        batch = _Batch(to_host, device, host, dids, hids, handle)
         if isinstance(gate, threading.Event) and not gate.is_set():
             t = threading.Thread(
                 target=self._after_gate,
-                args=(gate, to_host, device, host, dids, hids, handle),
+                args=(gate, batch),
                 name="kvtier-cuda-gate",
                 daemon=True,
             )
@@ -222,58 +234,31 @@ class CudaCopyEngine(SubmittingEngine):
             raise TypeError(
                 f"gate must be None, a threading.Event or a torch.cuda.Event, got {type(gate)}"
             )
-        self._enqueue(to_host, device, host, dids, hids, gate, handle)
+        self._enqueue(batch, gate)
         return handle
 
-    def _after_gate(
-        self,
-        gate: threading.Event,
-        to_host: bool,
-        device: DeviceStorage,
-        host: HostStorage,
-        dids: tuple[int, ...],
-        hids: tuple[int, ...],
-        handle: CudaCopyHandle,
-    ) -> None:
+    def _after_gate(self, gate: threading.Event, batch: _Batch) -> None:
         while not gate.wait(0.05):
             if self._closing.is_set():
                 return
-        self._enqueue(to_host, device, host, dids, hids, None, handle)
+        self._enqueue(batch, None)
 
-    def _enqueue(
-        self,
-        to_host: bool,
-        device: DeviceStorage,
-        host: HostStorage,
-        dids: tuple[int, ...],
-        hids: tuple[int, ...],
-        gate: torch.cuda.Event | None,
-        handle: CudaCopyHandle,
-    ) -> None:
-        lane = self._lanes[to_host]
+    def _enqueue(self, batch: _Batch, gate: torch.cuda.Event | None) -> None:
+        lane = self._lanes[batch.to_host]
         try:
-            check_pinned(host, hids, self._pinners.get(host.rows.data_ptr()))
+            check_pinned(batch.host, batch.hids, self._pinners.get(batch.host.rows.data_ptr()))
             with lane.lock, torch.cuda.device(self.device):
-                if self.config.mode == "kernel" and self._gather.segments(device) is not None:
-                    self._enqueue_kernel(lane, to_host, device, host, dids, hids, gate, handle)
+                if self.config.mode == "kernel" and self._gather.segments(batch.device) is not None:
+                    self._enqueue_kernel(lane, batch, gate)
                 else:
-                    self._enqueue_dma(lane, to_host, device, host, dids, hids, gate, handle)
+                    self._enqueue_dma(lane, batch, gate)
         except Exception as exc:
             # Let whatever was enqueued drain so that a failed handle means "nothing moves".
             lane.drain()
-            handle._fail(copy_failure(to_host, dids, hids, exc))
+            batch.handle._fail(copy_failure(batch.to_host, batch.dids, batch.hids, exc))
 
-    def _enqueue_dma(
-        self,
-        lane: Lane,
-        to_host: bool,
-        device: DeviceStorage,
-        host: HostStorage,
-        dids: tuple[int, ...],
-        hids: tuple[int, ...],
-        gate: torch.cuda.Event | None,
-        handle: CudaCopyHandle,
-    ) -> None:
+    def _enqueue_dma(self, lane: Lane, batch: _Batch, gate: torch.cuda.Event | None) -> None:
+        to_host, device, host, dids, hids, handle = batch
         staging, slot_rows = lane.staging_slots(
             host.block_bytes, self.config.staging_bytes, self.device
         )
@@ -338,17 +323,8 @@ class CudaCopyEngine(SubmittingEngine):
             lane.slot_free[slot] = freed
         handle._set(layer_events, released, keep)
 
-    def _enqueue_kernel(
-        self,
-        lane: Lane,
-        to_host: bool,
-        device: DeviceStorage,
-        host: HostStorage,
-        dids: tuple[int, ...],
-        hids: tuple[int, ...],
-        gate: torch.cuda.Event | None,
-        handle: CudaCopyHandle,
-    ) -> None:
+    def _enqueue_kernel(self, lane: Lane, batch: _Batch, gate: torch.cuda.Event | None) -> None:
+        to_host, device, host, dids, hids, handle = batch
         from kvtier.transfer.cuda_kernels import launch_segment
 
         segs = self._gather.segments(device)
