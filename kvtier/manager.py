@@ -439,6 +439,8 @@ class KvBlockManager:
         self._check_device_ids(device_block_ids)
         if len(set(sequence_hashes)) != n:
             raise ValueError("sequence_hashes of one offload must be distinct")
+        for h, parent in zip(sequence_hashes, parents, strict=True):
+            BlockPool.check_registration(h, parent_sequence_hash=parent, priority=priority)
         tier = G2 if self.host_pool is not None else G3 if self.disk_pool is not None else None
         if tier is None:
             raise RuntimeError("offload needs a host or disk tier; both are disabled")

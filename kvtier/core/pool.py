@@ -206,6 +206,26 @@ class BlockPool:
         self._link(block_id, sequence_hash, parent_sequence_hash)
         return ImmutableBlock(self, block_id)
 
+    @staticmethod
+    def check_registration(
+        sequence_hash: int,
+        *,
+        parent_sequence_hash: int | None = None,
+        block_hash: int | None = None,
+        priority: int = 0,
+    ) -> None:
+        """Raise (ValueError/TypeError naming it) for any argument ``register`` would refuse.
+
+        Why: a caller that registers only later (when a copy lands) checks first, so bad input
+        fails before anything is allocated or moved, not inside ``poll``.
+        """
+        _check_hash("sequence_hash", sequence_hash)
+        _check_hash("parent_sequence_hash", parent_sequence_hash, optional=True)
+        _check_hash("block_hash", block_hash, optional=True)
+        _check_priority(priority)
+        if parent_sequence_hash == sequence_hash:
+            raise ValueError(f"block {sequence_hash} cannot be its own parent")
+
     def match(self, sequence_hashes: Sequence[int]) -> list[ImmutableBlock]:
         """Handles on the longest registered prefix of ``sequence_hashes`` (stops at first miss)."""
         return [ImmutableBlock(self, block_id) for block_id in self._ref_prefix(sequence_hashes)]
@@ -266,12 +286,12 @@ class BlockPool:
     ) -> None:
         """Adopt free slot ``block_id`` as an inactive registered block (rebuilding an index)."""
         _check_int("block_id", block_id)
-        _check_hash("sequence_hash", sequence_hash)
-        _check_hash("parent_sequence_hash", parent_sequence_hash, optional=True)
-        _check_hash("block_hash", block_hash, optional=True)
-        _check_priority(priority)
-        if parent_sequence_hash == sequence_hash:
-            raise ValueError(f"block {sequence_hash} cannot be its own parent")
+        self.check_registration(
+            sequence_hash,
+            parent_sequence_hash=parent_sequence_hash,
+            block_hash=block_hash,
+            priority=priority,
+        )
         if sequence_hash in self._by_hash:
             raise PoolError(f"sequence hash {sequence_hash} is already registered in {self._tier}")
         if not self._free.is_free(block_id):

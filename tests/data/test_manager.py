@@ -495,3 +495,32 @@ def test_another_model_does_not_see_or_touch_the_blocks(
     again = _manager(tmp_path, disk_blocks=8)
     managers.append(again)
     assert again.match(H[:2]).num_disk == 2
+
+
+@pytest.mark.parametrize("disk", [False, True])
+def test_bad_hashes_or_priority_are_refused_at_offload(
+    disk: bool, tmp_path: Path, managers: list[KvBlockManager]
+) -> None:
+    """What ``register`` would refuse when the copy lands is refused by ``offload`` itself:
+    nothing is allocated or copied, and a later ``poll`` never raises for it."""
+    tiers = {"disk_blocks": 4} if disk else {"host_blocks": 4}
+    mgr = _manager(tmp_path, **tiers)  # type: ignore[arg-type]
+    managers.append(mgr)
+    target = mgr.disk_pool if disk else mgr.host_pool
+    assert target is not None
+    _fill(mgr, [0, 1], seed=3)
+    with pytest.raises(ValueError, match="sequence_hash must be an int in the u64 range"):
+        mgr.offload([0], [2**64])
+    with pytest.raises(ValueError, match="priority must fit in 64 bits"):
+        mgr.offload([0], [5], priority=2**63)
+    with pytest.raises(TypeError, match="priority must be an int"):
+        mgr.offload([0], [5], priority=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="parent_sequence_hash must be an int in the u64 range"):
+        mgr.offload([0], [5], parent_sequence_hashes=[-1])
+    with pytest.raises(ValueError, match="block 5 cannot be its own parent"):
+        mgr.offload([0, 1], [4, 5], parent_sequence_hashes=[None, 5])
+    assert target.pool.num_free == 4 and mgr.transfers.pending() == 0
+    good = mgr.offload([0, 1], [4, 5])
+    mgr.wait(good, timeout=10)
+    assert good.ok and target.pool.contains(4) and target.pool.contains(5)
+    _check(mgr)
