@@ -21,27 +21,41 @@ from kvtier.transfer.manager import TransferError, TransferManager, TransferPath
 D2H, H2D = TransferPath.DEVICE_TO_HOST, TransferPath.HOST_TO_DEVICE
 
 
-@pytest.fixture
-def tm() -> Iterator[TransferManager]:
-    tensors = engine_tensors("block_first", MODEL, 8, seed=5)
+def _manager(
+    *,
+    seed: int,
+    host: HostStorage | None,
+    disk_io: DiskIo | None,
+    max_inflight_blocks: int = 512,
+    staging_blocks: int = 64,
+) -> TransferManager:
+    """A started manager over 8 random device blocks and a started ``TorchCopyEngine``."""
+    tensors = engine_tensors("block_first", MODEL, 8, seed=seed)
     device = DeviceStorage(detect_layout(tensors, MODEL), tensors)
-    host = HostStorage(8, MODEL.block_bytes)
-    host.allocate()
     engine = TorchCopyEngine()
     engine.start()
     manager = TransferManager(
         engine,
         device=device,
         host=host,
-        disk_io=None,
+        disk_io=disk_io,
         block_bytes=MODEL.block_bytes,
         num_layers=MODEL.num_layers,
-        max_inflight_blocks=2,
+        max_inflight_blocks=max_inflight_blocks,
+        staging_blocks=staging_blocks,
     )
     manager.start()
+    return manager
+
+
+@pytest.fixture
+def tm() -> Iterator[TransferManager]:
+    host = HostStorage(8, MODEL.block_bytes)
+    host.allocate()
+    manager = _manager(seed=5, host=host, disk_io=None, max_inflight_blocks=2)
     yield manager
     manager.close(1.0)
-    engine.close()
+    manager.engine.close()
 
 
 def _drain(tm: TransferManager, handles: list) -> None:  # type: ignore[type-arg]
@@ -114,29 +128,11 @@ def test_close_cancels_queued_batches(tm: TransferManager) -> None:
         tm.submit(D2H, [4], [3], [3])
 
 
-def _disk_manager(tmp_path: Path, disk_io: DiskIo) -> TransferManager:
-    tensors = engine_tensors("block_first", MODEL, 8, seed=6)
-    device = DeviceStorage(detect_layout(tensors, MODEL), tensors)
-    engine = TorchCopyEngine()
-    engine.start()
-    manager = TransferManager(
-        engine,
-        device=device,
-        host=None,
-        disk_io=disk_io,
-        block_bytes=MODEL.block_bytes,
-        num_layers=MODEL.num_layers,
-        staging_blocks=4,
-    )
-    manager.start()
-    return manager
-
-
 def test_disk_load_that_cannot_start_settles_as_failed(tmp_path: Path) -> None:
     """DiskIo refusing the reads (not started) fails the batch; it must not stay in flight."""
     disk = DiskStorage(tmp_path, 1, MODEL.block_bytes)
     disk.open()
-    tm = _disk_manager(tmp_path, DiskIo(disk))  # DiskIo never started
+    tm = _manager(seed=6, host=None, disk_io=DiskIo(disk), staging_blocks=4)  # DiskIo not started
     load = tm.submit(TransferPath.DISK_TO_DEVICE, [7, 8], [], [2, 3])
     _drain(tm, [load])
     assert load.error is not None and "DiskIo is not started" in str(load.error)
@@ -154,7 +150,7 @@ def test_device_to_disk_whose_writes_cannot_start_fails_its_waiters(tmp_path: Pa
     disk.open()
     io = DiskIo(disk)
     io.start()
-    tm = _disk_manager(tmp_path, io)
+    tm = _manager(seed=6, host=None, disk_io=io, staging_blocks=4)
     gate = threading.Event()
     store = tm.submit(TransferPath.DEVICE_TO_DISK, [7], [1], [], gate=gate)
     io.close()  # the writes will be refused
