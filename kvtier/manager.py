@@ -307,7 +307,12 @@ class KvBlockManager:
             found = disk.open()
             pool = BlockPool(cfg.disk_blocks, block_size=bs, tier=G3, registry=self.registry)
             self.disk_pool = DiskPool(pool, disk)
-            for block_id, entry in enumerate(found[: cfg.disk_blocks]):
+            # Keep the newest files that fit; restore them oldest first, because restore takes
+            # the release tick that orders eviction: the oldest file is then evicted first.
+            kept = found[: cfg.disk_blocks]
+            for extra in found[cfg.disk_blocks :]:  # beyond G3's size (it shrank): delete
+                disk.remove(extra.header.sequence_hash)
+            for block_id, entry in enumerate(reversed(kept)):
                 hdr = entry.header
                 pool.restore(
                     block_id,

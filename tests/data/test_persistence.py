@@ -94,3 +94,33 @@ def test_reopen_with_fewer_slots_keeps_the_newest(tmp_path: Path) -> None:
     with small:
         pool = small.disk_pool.pool  # type: ignore[union-attr]
         assert [pool.contains(h) for h in HASHES[:3]] == [False, True, True]
+        files = small.disk_pool.storage  # type: ignore[union-attr]
+        # the block that did not fit is deleted, so G3 stays within its configured size
+        assert [files.path(h).exists() for h in HASHES[:3]] == [False, True, True]
+
+
+def test_after_reopen_the_oldest_block_is_evicted_first(tmp_path: Path) -> None:
+    """Restored blocks keep their recency: a full G3 evicts the oldest file first, as it would
+    have before the restart, never the newest."""
+    import os
+
+    disk = str(tmp_path / "g3")
+    cfg = KvTierConfig(model=MODEL, disk_blocks=3, disk_dir=disk)
+    mgr = KvBlockManager(cfg)
+    mgr.register_device_kv(engine_tensors("block_first", MODEL, 8))
+    with mgr:
+        mgr.wait(mgr.offload([0, 1, 2], HASHES[:3], parent_sequence_hashes=[None] * 3), timeout=10)
+        storage = mgr.disk_pool.storage  # type: ignore[union-attr]
+        for age, h in enumerate(HASHES[:3]):  # HASHES[0] oldest, HASHES[2] newest
+            os.utime(storage.path(h), ns=(10**18 + age * 10**9, 10**18 + age * 10**9))
+    again = KvBlockManager(cfg)
+    again.register_device_kv(engine_tensors("block_first", MODEL, 8))
+    with again:
+        pool = again.disk_pool.pool  # type: ignore[union-attr]
+        assert [pool.contains(h) for h in HASHES[:3]] == [True, True, True]
+        new = again.offload([3], [HASHES[3]], parent_sequence_hashes=[None])
+        again.wait(new, timeout=10)
+        assert new.ok
+        assert [pool.contains(h) for h in HASHES[:4]] == [False, True, True, True]
+        assert not again.disk_pool.storage.path(HASHES[0]).exists()  # type: ignore[union-attr]
+        pool.check_invariants()
