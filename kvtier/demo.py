@@ -5,10 +5,15 @@ long shared system prompt, the user's whole history, and a new message. The engi
 (G1) is made deliberately small, so by the time a user comes back their history was evicted from
 G1: without kvtier it is recomputed; with kvtier it comes back from G2 (host) or G3 (disk).
 
-Both runs replay the same token ids on the same tiny random-weight Llama (built offline by
-:mod:`kvtier.tinymodel`), each engine in its own process (no state leaks from one to the other).
-The two engines take turns request by request (ABBA order), so whatever else loads the machine
-falls on both runs alike; only one of them computes at any moment.
+All runs replay the same token ids on the same tiny random-weight Llama (built offline by
+:mod:`kvtier.tinymodel`), each engine in its own process (no state leaks from one to another).
+The engines take turns request by request (the order reversed every other request), so whatever
+else loads the machine falls on every run alike; only one of them computes at any moment.
+
+Correctness: a third run, vLLM alone with a G1 big enough to keep every conversation, reuses its
+own cached KV for exactly the blocks kvtier brings back, so its greedy outputs must equal kvtier's
+token for token. Against vLLM alone with the small G1 (recomputing), outputs can differ now and
+then: recomputing a prefix in other chunk sizes rounds differently, with or without kvtier.
 The kvtier run serves its Prometheus metrics, and the demo reads the per-tier hit rates from that
 endpoint. Reported: time to first token per turn and overall, prompt tokens recomputed, hit rate
 per tier, whether the greedy outputs of both runs are identical; plus a PNG plot of both runs.
@@ -33,8 +38,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.console import Console
 
-MODES: tuple[str, ...] = ("baseline", "kvtier")
-"""The two runs: vLLM alone, then vLLM with kvtier."""
+MODES: tuple[str, ...] = ("baseline", "kvtier", "reference")
+"""The runs: vLLM alone (small G1), vLLM with kvtier (same small G1), and the correctness
+reference: vLLM alone with a G1 big enough to keep every conversation (its own prefix cache
+reuses exactly the blocks kvtier brings back, so the outputs must be identical)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,12 @@ class DemoConfig:
             )
 
     @property
+    def reference_g1_blocks(self) -> int:
+        """A G1 that keeps every user's whole conversation (the reference run)."""
+        per_user = -(-(self.max_prompt_tokens + self.reply_tokens) // BLOCK_TOKENS)
+        return self.users * per_user + 4
+
+    @property
     def max_prompt_tokens(self) -> int:
         """Tokens of the last turn's prompt."""
         per_turn = self.user_tokens + self.reply_tokens
@@ -90,6 +103,8 @@ class DemoConfig:
 
 BLOCK_TOKENS = 128
 """vLLM's CPU block size (tokens per KV block)."""
+MAX_MODEL_LEN = 8192
+"""Context limit of the demo model (its max_position_embeddings)."""
 VOCAB = 4096
 """Vocabulary of the demo model; token ids are drawn from [3, VOCAB)."""
 
@@ -106,7 +121,7 @@ def demo_model_spec() -> Any:
         num_attention_heads=12,
         num_key_value_heads=2,
         vocab_size=VOCAB,
-        max_position_embeddings=8192,
+        max_position_embeddings=MAX_MODEL_LEN,
     )
 
 
@@ -210,13 +225,16 @@ class _Session:
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
 
+        g1_blocks = self.cfg.g1_blocks
+        if self.mode == "reference":
+            g1_blocks = self.cfg.reference_g1_blocks
         start = time.perf_counter()
         self.llm = LLM(
             model=str(model),
             skip_tokenizer_init=True,
             enforce_eager=True,
-            max_model_len=self.cfg.g1_blocks * BLOCK_TOKENS,
-            kv_cache_memory_bytes=self.cfg.g1_blocks * _block_bytes(),
+            max_model_len=min(self.cfg.g1_blocks * BLOCK_TOKENS, MAX_MODEL_LEN),
+            kv_cache_memory_bytes=g1_blocks * _block_bytes(),
             disable_log_stats=False,
             seed=self.cfg.seed,
             **kwargs,
@@ -272,6 +290,7 @@ class Summary:
     prompt_tokens: int
     hit_rate: dict[str, float]
     identical_outputs: int
+    identical_to_reference: int
     requests: int
     engine_start_s: dict[str, float]
     per_request: list[dict[str, Any]]
@@ -301,20 +320,26 @@ def summarize(cfg: DemoConfig, runs: dict[str, RunResult]) -> Summary:
     hit["device (vLLM prefix cache)"] = (
         sum(t.cached_tokens for t in runs["baseline"].turns) / prompt_total if prompt_total else 0.0
     )
-    same = sum(
-        a.output == b.output
-        for a, b in zip(runs["baseline"].turns, runs["kvtier"].turns, strict=True)
+    triples = list(
+        zip(runs["baseline"].turns, runs["kvtier"].turns, runs["reference"].turns, strict=True)
     )
+    same = sum(a.output == b.output for a, b, _ in triples)
+    same_ref = sum(b.output == c.output for _, b, c in triples)
     rows = [
         {
             "user": a.user,
             "turn": a.turn,
             "prompt_tokens": a.prompt_tokens,
-            "cached_tokens": {"baseline": a.cached_tokens, "kvtier": b.cached_tokens},
-            "ttft_ms": {"baseline": round(1000 * a.ttft_s, 1), "kvtier": round(1000 * b.ttft_s, 1)},
-            "identical_output": a.output == b.output,
+            "cached_tokens": {m: t.cached_tokens for m, t in zip(MODES, (a, b, c), strict=True)},
+            "ttft_ms": {
+                m: round(1000 * t.ttft_s, 1) for m, t in zip(MODES, (a, b, c), strict=True)
+            },
+            "kvtier_output_equals": {
+                "baseline": a.output == b.output,
+                "reference": b.output == c.output,
+            },
         }
-        for a, b in zip(runs["baseline"].turns, runs["kvtier"].turns, strict=True)
+        for a, b, c in triples
     ]
     return Summary(
         per_request=rows,
@@ -325,6 +350,7 @@ def summarize(cfg: DemoConfig, runs: dict[str, RunResult]) -> Summary:
         prompt_tokens=prompt_total,
         hit_rate=hit,
         identical_outputs=same,
+        identical_to_reference=same_ref,
         requests=len(runs["baseline"].turns),
         engine_start_s={mode: r.engine_start_s for mode, r in runs.items()},
     )
@@ -338,21 +364,37 @@ def plot(cfg: DemoConfig, runs: dict[str, RunResult], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {"baseline": "#c0504d", "kvtier": "#3b7dd8"}
+    from matplotlib.ticker import MaxNLocator
+
+    colors = {"baseline": "#c0504d", "kvtier": "#3b7dd8", "reference": "#999999"}
+    labels = {
+        "baseline": "vLLM alone",
+        "kvtier": "vLLM + kvtier",
+        "reference": "vLLM, G1 big enough for all (ideal)",
+    }
     for mode, r in runs.items():
         left.plot(
-            range(len(r.turns)),
+            range(1, len(r.turns) + 1),
             [1000 * t.ttft_s for t in r.turns],
             marker="o",
             color=colors[mode],
-            label=mode,
+            label=labels[mode],
+            linestyle="--" if mode == "reference" else "-",
         )
         means = [
             1000 * sum(t.ttft_s for t in r.turns if t.turn == k) / cfg.users
             for k in range(cfg.turns)
         ]
-        right.plot(range(1, cfg.turns + 1), means, marker="o", color=colors[mode], label=mode)
+        right.plot(
+            range(1, cfg.turns + 1),
+            means,
+            marker="o",
+            color=colors[mode],
+            label=labels[mode],
+            linestyle="--" if mode == "reference" else "-",
+        )
     left.set_xlabel("request (turn by turn, users round-robin)")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_ylabel("time to first token (ms)")
     left.set_title("every request")
     right.set_xlabel("turn")
@@ -464,11 +506,11 @@ def run_demo(cfg: DemoConfig, out_dir: Path, console: Console) -> Summary:
     table.add_column("vLLM alone", justify="right")
     table.add_column("vLLM + kvtier", justify="right")
     table.add_column("speed-up", justify="right")
+    table.add_column("ideal (G1 holds all)", justify="right")
     rows = [*[str(k + 1) for k in range(cfg.turns)], "overall"]
-    base = [*summary.ttft_per_turn_ms["baseline"], summary.ttft_overall_ms["baseline"]]
-    kvt = [*summary.ttft_per_turn_ms["kvtier"], summary.ttft_overall_ms["kvtier"]]
-    for label, b, k in zip(rows, base, kvt, strict=True):
-        table.add_row(label, f"{b:.0f}", f"{k:.0f}", f"{b / k:.2f}x" if k else "-")
+    base, kvt, ref = ([*summary.ttft_per_turn_ms[m], summary.ttft_overall_ms[m]] for m in MODES)
+    for label, b, k, r in zip(rows, base, kvt, ref, strict=True):
+        table.add_row(label, f"{b:.0f}", f"{k:.0f}", f"{b / k:.2f}x" if k else "-", f"{r:.0f}")
     console.print(table)
     console.print(
         f"prompt tokens recomputed: vLLM alone {summary.recomputed_tokens['baseline']}, "
@@ -476,7 +518,12 @@ def run_demo(cfg: DemoConfig, out_dir: Path, console: Console) -> Summary:
     )
     rates = ", ".join(f"{tier} {rate:.1%}" for tier, rate in summary.hit_rate.items())
     console.print(f"hit rate per tier (tokens looked up in kvtier): {rates}")
-    console.print(f"identical greedy outputs: {summary.identical_outputs}/{summary.requests}")
+    n = summary.requests
+    console.print(
+        f"greedy outputs of vLLM + kvtier identical to the ideal run (same KV reused): "
+        f"{summary.identical_to_reference}/{n}; to vLLM alone (recomputing): "
+        f"{summary.identical_outputs}/{n}"
+    )
     (out_dir / "demo.json").write_text(json.dumps(asdict(summary), indent=2))
     plot(cfg, runs, out_dir / "demo.png")
     console.print(f"wrote {out_dir / 'demo.json'} and {out_dir / 'demo.png'}")
