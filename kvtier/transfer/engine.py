@@ -27,6 +27,8 @@ Contract for implementers (``CopyEngine``):
   copy. Layers complete in order. A failure sets ``error`` (an exception naming the blocks) and
   completes all layers; the copy never raises into the caller's thread. ``CopyFuture`` below is a
   ready-made thread-safe handle an engine may complete from its own thread.
+- ``SubmittingEngine`` maps both verbs onto one ``_submit(to_host, ...)``; ``copy_failure`` builds
+  the ``CopyError`` (direction and blocks named) a failed handle carries; both engines use them.
 """
 
 from __future__ import annotations
