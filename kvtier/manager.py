@@ -31,6 +31,7 @@ from kvtier.core.filter import FrequencyFilter, FrequencyFilterConfig
 from kvtier.core.offload import OffloadQueue
 from kvtier.core.pool import BlockPool
 from kvtier.core.registry import TierEvent, TierRegistry
+from kvtier.storage.block_file import PRIORITY_MAX, PRIORITY_MIN
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage
@@ -446,6 +447,10 @@ class KvBlockManager:
             raise ValueError("sequence_hashes of one offload must be distinct")
         for h, parent in zip(sequence_hashes, parents, strict=True):
             BlockPool.check_registration(h, parent_sequence_hash=parent, priority=priority)
+        if self.disk_pool is not None and not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+            raise ValueError(
+                f"priority must fit in 32 bits with a disk tier (block file header), got {priority}"
+            )
         tier = G2 if self.host_pool is not None else G3 if self.disk_pool is not None else None
         if tier is None:
             raise RuntimeError("offload needs a host or disk tier; both are disabled")

@@ -21,6 +21,8 @@ import xxhash
 __all__ = [
     "HEADER_SIZE",
     "MAGIC",
+    "PRIORITY_MAX",
+    "PRIORITY_MIN",
     "VERSION",
     "BlockFileError",
     "BlockHeader",
@@ -36,6 +38,9 @@ _PAGE = 4096
 _FIELDS = struct.Struct("<8sIIQQQIiQQ")
 _CHECK = struct.Struct("<Q")
 _FLAG_PARENT = 1
+
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
+"""Priorities a block file can hold (a signed 32-bit header field)."""
 
 
 class BlockFileError(ValueError):
@@ -67,6 +72,10 @@ class BlockHeader:
     priority: int
     payload_len: int
     checksum: int
+
+    def __post_init__(self) -> None:
+        if not PRIORITY_MIN <= self.priority <= PRIORITY_MAX:
+            raise ValueError(f"priority must fit in 32 bits in a block file, got {self.priority}")
 
     def pack(self) -> bytes:
         """The ``HEADER_SIZE`` bytes of this header (self-checksummed, zero padded)."""

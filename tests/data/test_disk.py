@@ -39,6 +39,8 @@ def test_header_round_trip_and_checks() -> None:
     assert len(raw) == HEADER_SIZE
     assert BlockHeader.unpack(raw) == h
     assert BlockHeader.unpack(BlockHeader(FP, 5, None, 0, 1, 2).pack()).parent_hash is None
+    with pytest.raises(ValueError, match="priority must fit in 32 bits"):
+        BlockHeader(FP, 5, None, 2**31, 1, 2)
     bad = bytearray(raw)
     bad[30] ^= 1
     with pytest.raises(BlockFileError, match="header checksum mismatch"):

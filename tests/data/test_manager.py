@@ -524,3 +524,24 @@ def test_bad_hashes_or_priority_are_refused_at_offload(
     mgr.wait(good, timeout=10)
     assert good.ok and target.pool.contains(4) and target.pool.contains(5)
     _check(mgr)
+
+
+def test_priority_beyond_the_block_file_is_refused_with_a_disk_tier(
+    tmp_path: Path, managers: list[KvBlockManager]
+) -> None:
+    """A block file stores priority in 32 bits: with G3 configured (direct, or through the
+    G2 -> G3 cascade) a larger one is refused at offload, not failed at every disk write."""
+    mgr = _manager(tmp_path, host_blocks=4, disk_blocks=4, disk_filter=False)
+    managers.append(mgr)
+    _fill(mgr, [0], seed=4)
+    with pytest.raises(ValueError, match="priority must fit in 32 bits with a disk tier"):
+        mgr.offload([0], [5], priority=2**31)
+    assert mgr.transfers.pending() == 0 and mgr.host_pool.pool.num_free == 4  # type: ignore[union-attr]
+    ok = mgr.offload([0], [5], priority=2**31 - 1)
+    mgr.wait(ok, timeout=10)
+    mgr.wait_all(timeout=10)
+    assert ok.ok and mgr.disk_pool.pool.contains(5)  # type: ignore[union-attr]
+    host_only = _manager(None, host_blocks=2)
+    managers.append(host_only)
+    host_only.wait(host_only.offload([0], [5], priority=2**62), timeout=10)
+    assert host_only.host_pool.pool.contains(5)  # type: ignore[union-attr]
