@@ -516,8 +516,12 @@ def run_demo(cfg: DemoConfig, out_dir: Path, console: Console) -> Summary:
         f"prompt tokens recomputed: vLLM alone {summary.recomputed_tokens['baseline']}, "
         f"with kvtier {summary.recomputed_tokens['kvtier']} (of {summary.prompt_tokens})"
     )
-    rates = ", ".join(f"{tier} {rate:.1%}" for tier, rate in summary.hit_rate.items())
-    console.print(f"hit rate per tier (tokens looked up in kvtier): {rates}")
+    h = summary.hit_rate
+    console.print(
+        f"kvtier hit rate (of the tokens looked up in kvtier): G2 host {h['host']:.1%}, "
+        f"G3 disk {h['disk']:.1%}; vLLM's own G1 prefix cache without kvtier served "
+        f"{h['device (vLLM prefix cache)']:.1%} of the prompt tokens"
+    )
     n = summary.requests
     console.print(
         f"greedy outputs of vLLM + kvtier identical to the ideal run (same KV reused): "
