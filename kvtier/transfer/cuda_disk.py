@@ -8,6 +8,12 @@ through the ``CudaCopyEngine`` while the other slot fills. A block that fails to
 in the handle's ``failed`` map (the connector turns it into a load error, so vLLM recomputes it);
 it is never copied to the device.
 
+A load that fails partway (a copy that cannot be issued, say) still ends cleanly: before its
+handle completes, and so before the next load may reuse the bounce rows, every read it started has
+finished or been cancelled and every copy it issued has completed. Otherwise a late read of the
+failed load could overwrite rows the next load already filled, and wrong bytes would reach the
+device.
+
 GPUDirect Storage (kvikio) is not used: the lent machine has no GDS (kvikio runs in compatibility
 mode there at 1.9 GB/s, below plain O_DIRECT reads), and reading straight into device memory would
 skip the host-side checksum that keeps a corrupt file from being served.
@@ -19,6 +25,7 @@ import queue
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +81,12 @@ class _Job:
     hashes: tuple[int, ...]
     device_ids: tuple[int, ...]
     handle: DiskLoadHandle
+    landed: set[int] = field(default_factory=set)
+    """Device ids whose copy completed without error (kept when the job fails later)."""
+
+
+_Copy = tuple[CopyHandle, tuple[int, ...]]
+"""A host -> device copy of one bounce slot and the device ids it writes."""
 
 
 class DiskToDeviceLoader:
@@ -148,7 +161,8 @@ class DiskToDeviceLoader:
                 self._load(job)
             except Exception as exc:  # every block not yet landed is reported failed
                 for d in job.device_ids:
-                    job.handle.failed.setdefault(d, f"disk load failed: {exc}")
+                    if d not in job.landed:
+                        job.handle.failed.setdefault(d, f"disk load failed: {exc}")
             finally:
                 job.handle._done.set()
 
@@ -164,11 +178,23 @@ class DiskToDeviceLoader:
 
     def _load(self, job: _Job) -> None:
         assert self._bounce is not None
+        in_slot: list[_Copy | None] = [None, None]
+        reads: dict[int, list[Future[object]]] = {}
+        try:
+            self._load_groups(job, in_slot, reads)
+        except BaseException:
+            # Quiesce before the job may complete: its reads and copies use the shared bounce rows.
+            self._quiesce(job, in_slot, reads)
+            raise
+
+    def _load_groups(
+        self, job: _Job, in_slot: list[_Copy | None], reads: dict[int, list[Future[object]]]
+    ) -> None:
+        """The double-buffered loop; ``in_slot``/``reads`` hold what is in flight at any time."""
+        assert self._bounce is not None
         g = self.config.group_blocks
         n = len(job.hashes)
         starts = list(range(0, n, g))
-        in_slot: list[tuple[CopyHandle, tuple[int, ...]] | None] = [None, None]
-        reads: dict[int, list[Future[object]]] = {}
         if starts:
             reads[0] = self._read_group(job, 0, 0)
         for k, start in enumerate(starts):
@@ -179,7 +205,7 @@ class DiskToDeviceLoader:
                 in_slot[nxt % 2] = None
                 reads[nxt] = self._read_group(job, starts[nxt], nxt % 2)
             rows, dids = [], []
-            for i, fut in enumerate(reads.pop(k)):
+            for i, fut in enumerate(reads[k]):
                 d = job.device_ids[start + i]
                 try:
                     fut.result()
@@ -188,14 +214,33 @@ class DiskToDeviceLoader:
                     continue
                 rows.append((k % 2) * g + i)
                 dids.append(d)
+            del reads[k]
             if dids:
                 copy = self.engine.host_to_device(self._bounce, job.device, rows, dids)
                 in_slot[k % 2] = (copy, tuple(dids))
-        for entry in in_slot:
-            self._settle(job, entry)
+        for slot in (0, 1):
+            self._settle(job, in_slot[slot])
+            in_slot[slot] = None
 
     @staticmethod
-    def _settle(job: _Job, entry: tuple[CopyHandle, tuple[int, ...]] | None) -> None:
+    def _quiesce(
+        job: _Job, in_slot: list[_Copy | None], reads: dict[int, list[Future[object]]]
+    ) -> None:
+        """Cancel the job's reads not yet started, wait for the running ones and its copies."""
+        pending = [f for group in reads.values() for f in group]
+        for fut in reversed(pending):  # a running read cannot be cancelled: it is awaited
+            fut.cancel()
+        wait_futures(pending)
+        for entry in in_slot:
+            if entry is not None:
+                # A copy never raises into the caller (CopyEngine contract); its blocks are
+                # reported failed by ``_run`` unless it landed here.
+                copy, dids = entry
+                if copy.wait() is None:
+                    job.landed.update(dids)
+
+    @staticmethod
+    def _settle(job: _Job, entry: _Copy | None) -> None:
         if entry is None:
             return
         copy, dids = entry
@@ -203,3 +248,5 @@ class DiskToDeviceLoader:
         if err is not None:
             for d in dids:
                 job.handle.failed[d] = f"host->device copy failed: {err}"
+        else:
+            job.landed.update(dids)
