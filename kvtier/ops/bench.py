@@ -33,7 +33,8 @@ QUICK_ARGS: dict[str, tuple[str, ...]] = {
 
 _INLINE = re.compile(r"\bratio\b\s*[:=]?\s*(?P<value>-?\d+(?:\.\d+)?)", re.I)
 _TIMES = re.compile(r"(?P<value>\d+(?:\.\d+)?)x\s+(?P<what>[a-z][a-z ]*[a-z])")
-_WORD = re.compile(r"\bratio\b", re.I)
+_WORD = re.compile(r"\bratio\b|\b[\w-]+/limit\b", re.I)
+_DECIMAL = re.compile(r"-?\d+\.\d+x?")
 _TOKEN = re.compile(r"\S+")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?x?")
 
@@ -72,12 +73,23 @@ def _first_column(line: str) -> str:
     return re.split(r"\s{2,}", line.strip())[0].strip(" :=,")
 
 
+def _row_name(line: str) -> str:
+    """A table row's label: its words before the first decimal number."""
+    words: list[str] = []
+    for tok in line.split():
+        if _DECIMAL.fullmatch(tok):
+            break
+        words.append(tok)
+    return " ".join(words)
+
+
 def parse_figures(output: str) -> tuple[Figure, ...]:
     """The ratios a benchmark printed, in order. Three forms are read:
 
     - inline: ``<label> ... ratio 0.93`` (``=`` or ``:`` allowed);
-    - a table whose header has a ``ratio`` column: each row's value under that header, named by
-      the row's first column (a blank line ends the table);
+    - a table whose header has a ``ratio`` (or ``.../limit``) column: each row's value under
+      that header, named by the row's words before its first decimal number (a blank line ends
+      the table);
     - ``<label>  ...  4.2x under target; 12.3x faster than naive``: one figure per ``Nx <words>``.
     """
     figures: list[Figure] = []
@@ -109,9 +121,9 @@ def parse_figures(output: str) -> tuple[Figure, ...]:
                     and _NUMBER.fullmatch(tok.group())
                 ):
                     value = float(tok.group().rstrip("x"))
-                    figures.append(Figure(_first_column(line), value))
+                    figures.append(Figure(_row_name(line), value))
                     break
-    return tuple(figures)
+    return tuple(dict.fromkeys(figures))  # a line printed twice (log and summary) counts once
 
 
 def _figures_from_json(path: Path) -> tuple[Figure, ...] | None:

@@ -59,10 +59,13 @@ def bench_dir(tmp_path: Path) -> Path:
 
 def test_parse_figures() -> None:
     text = "a: 1.2 ms ratio 4.17\nx ratio: 1.5\n\nname   ratio\nrow one   0.93\nrow two   bad\n"
+    text += "\nshape  n dir   kvtier  limit kvtier/limit\n8B   16 d2h  4.1   46.9   0.09\n"
+    text += "a: 1.2 ms ratio 4.17\nratio nan, exact True\n"  # repeated, and not a number
     assert parse_figures(text) == (
         Figure("a: 1.2 ms", 4.17),
         Figure("x", 1.5),
         Figure("row one", 0.93),
+        Figure("8B 16 d2h", 0.09),
     )
 
 
@@ -104,3 +107,14 @@ def test_cli_bench_writes_table_json_and_png(
     assert main([*args, "--only", "control_plane", "--quick"]) == 0
     (only,) = json.loads((out / "bench.json").read_text())["results"]
     assert only["name"] == "control_plane" and "blocks 100000 reps 5" in only["output"]
+
+
+def test_cli_bench_runs_the_real_control_plane_benchmark(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "--only", "control_plane", "--quick", "--out", str(tmp_path)]) == 0
+    (result,) = json.loads((tmp_path / "bench.json").read_text())["results"]
+    names = [f["name"] for f in result["figures"]]
+    assert "match 8192-block prefix: under target" in names
+    assert all(f["ratio"] > 0 for f in result["figures"])
+    assert "pool of 100,000 blocks" in result["output"]
