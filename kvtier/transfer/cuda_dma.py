@@ -70,7 +70,9 @@ class RowDma:
 
     Built with nothing; ``enable_batches()`` (at engine start) loads ``cuMemcpyBatchAsync`` unless
     it failed before. The first refused batch switches to one ``copy_`` per run (``batch_error``
-    says why); the refused batch enqueued nothing, so its runs are simply copied again.
+    says why); the refused batch enqueued nothing, so its runs are simply copied again. Both
+    directions share one ``RowDma`` from their own threads: ``copy`` reads the batcher once, so the
+    other direction switching it off mid-copy never fails a batch.
     """
 
     def __init__(self) -> None:
@@ -98,20 +100,23 @@ class RowDma:
         per stream when available (``dma_batch``), else one ``copy_`` per run."""
         k = len(streams)
         rb = host_rows.shape[1]
+        batcher = self._batcher  # once: the other direction may switch it off meanwhile
         for s_i, stream in enumerate(streams):
             mine = runs[s_i::k]
             if not mine:
                 continue
-            if self._batcher is not None:
+            if batcher is not None:
                 hp, sp = host_rows.data_ptr(), staging.data_ptr()
                 hs = [hp + h * rb for h, _, _ in mine]
                 ss = [sp + j * rb for _, j, _ in mine]
                 sizes = [c * rb for _, _, c in mine]
                 pair = (hs, ss) if to_host else (ss, hs)
-                if self._batcher.copy(stream, pair[0], pair[1], sizes):
+                if batcher.copy(stream, pair[0], pair[1], sizes):
                     continue
-                self.batch_error = self._batcher.error
-                self._batcher = None
+                # Refused: it enqueued nothing, so these runs go one ``copy_`` each below, and so
+                # do the later streams' runs of this batch and every later batch.
+                self.batch_error = batcher.error
+                self._batcher = batcher = None
             with torch.cuda.stream(stream):
                 for h, j, c in mine:
                     hv = host_rows[h] if c == 1 else host_rows[h : h + c]
