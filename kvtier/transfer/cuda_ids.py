@@ -6,6 +6,11 @@ for the whole device (measured: it drained a busy compute stream, so an offload 
 the model); ``torch.tensor(ids, device=...)`` copies from pageable memory and synchronises the
 stream. ``IdRing`` keeps one pinned and one device buffer per direction and hands out slices in
 ring order; a host slice is reused only after the event recorded behind its upload completed.
+
+Pending uploads are kept oldest first, and they lie in ring order ahead of the write position, so
+a new slice can only overlap a run of the oldest: each submit looks at the front of the queue only
+(not at every pending upload, up to thousands). When the ring wraps, the skipped tail's uploads
+(the oldest, a whole ring ago) are settled first, so the front is again the next in ring order.
 """
 
 from __future__ import annotations
@@ -54,16 +59,18 @@ class IdRing:
         n = len(ids)
         self._ensure(n)
         assert self._host is not None and self._dev is not None
+        if n == 0:
+            return self._dev[:0]  # nothing to move, and no empty entry in the queue's order
+        busy = self._busy
         if self._offset + n > self.capacity:
+            # The tail [offset, capacity) is skipped this round: its uploads are the oldest and
+            # would otherwise sit at the front out of ring order.
+            while busy and busy[0][0] >= self._offset:
+                busy.popleft()[2].synchronize()
             self._offset = 0
         lo, hi = self._offset, self._offset + n
-        keep: deque[tuple[int, int, torch.cuda.Event]] = deque()
-        for entry in self._busy:
-            if self._overlaps(entry, lo, hi):
-                entry[2].synchronize()  # rare: the ring wrapped onto a pending upload
-            else:
-                keep.append(entry)
-        self._busy = keep
+        while busy and self._overlaps(busy[0], lo, hi):
+            busy.popleft()[2].synchronize()  # rare: the ring came round onto a pending upload
         self._host[lo:hi] = torch.tensor(ids, dtype=torch.int64)
         with torch.cuda.stream(stream):
             out = self._dev[lo:hi]
