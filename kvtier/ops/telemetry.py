@@ -16,8 +16,10 @@ What is derived:
 - occupancy per tier (in use = pinned by a copy in flight, inactive = held and not pinned,
   free), sizes every step, the pinned count at most once per ``occupancy_interval_s`` (it is
   zero whenever nothing is in flight);
-- events: ``BlockStored`` when a G2 store or G3 write lands; ``BlockRemoved`` when a G2 slot is
-  reused for another block (eviction), a G3 block is deleted, or a G3 block read back corrupt.
+- events: ``BlockStored`` when a G2 store or G3 write lands (with its parent hash and tokens,
+  which the plan carries; a G2 chain landing together is one event); ``BlockRemoved`` when a G2
+  slot is reused for another block (eviction), a G3 block is deleted, or a G3 block read back
+  corrupt.
 
 No torch (this runs in the scheduler half).
 """
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
+from kvtier.core.registry import StoreEvent
 from kvtier.events import (
     MEDIUM_DISK,
     MEDIUM_HOST,
@@ -38,6 +41,7 @@ from kvtier.events import (
     EventsConfig,
     KvEvent,
     KvEventPublisher,
+    events_from_tier_events,
 )
 from kvtier.metrics import KvTierMetrics, MetricsConfig, MetricsServer
 from kvtier.settings import KvTierSettings
@@ -90,6 +94,7 @@ class _Pending:
     host_blocks: int = 0
     disk_blocks: int = 0
     parent: int | None = None
+    tokens: tuple[int, ...] = ()
     from_host: bool = False
 
 
@@ -183,17 +188,22 @@ class ConnectorTelemetry:
                 now, host_blocks=len(job.host_slots), disk_blocks=len(job.disk_hashes)
             )
         evicted: list[int] = []
-        for slot, h in zip(plan.stores.host_slots, plan.stores.hashes, strict=True):
+        stores = plan.stores
+        for i, (slot, h) in enumerate(zip(stores.host_slots, stores.hashes, strict=True)):
             old = self._host_slot_hash.get(slot)
             if old is not None and old != h and old in self._host_announced:
                 self._host_announced.discard(old)
                 evicted.append(old)
             self._host_slot_hash[slot] = h
-            self._host[h] = _Pending(now)
+            parent = stores.parents[i] if stores.parents else None
+            tokens = stores.token_ids[i] if stores.token_ids else ()
+            self._host[h] = _Pending(now, parent=parent, tokens=tokens)
         if evicted:
             events.append(BlockRemoved(tuple(evicted), MEDIUM_HOST))
         for w in plan.disk_writes:
-            self._disk[w.seq_hash] = _Pending(now, parent=w.parent_hash, from_host=w.host_slot >= 0)
+            self._disk[w.seq_hash] = _Pending(
+                now, parent=w.parent_hash, tokens=w.token_ids, from_host=w.host_slot >= 0
+            )
         gone = [h for h in plan.disk_deletes if h in self._disk_announced]
         if gone:
             self._disk_announced.difference_update(gone)
@@ -204,7 +214,8 @@ class ConnectorTelemetry:
         """Count what the workers finished, then refresh the scheduler-derived figures."""
         now = self._clock()
         events: list[KvEvent] = []
-        stored_host: list[int] = []
+        stored_host: list[StoreEvent] = []
+        host_tokens: dict[int, tuple[int, ...]] = {}
         for r in reports:
             for job_id in r.loads_done:
                 p = self._landed(self._loads, job_id)
@@ -218,7 +229,8 @@ class ConnectorTelemetry:
                 if p is not None and not p.failed:
                     self._transfer("device_to_host", 1, now - p.started)
                     self._host_announced.add(h)
-                    stored_host.append(h)
+                    stored_host.append(StoreEvent(len(stored_host), "G2", h, p.parent))
+                    host_tokens[h] = p.tokens
             for h in r.host_store_failed:
                 self._fail(self._host, h)
             for h in r.disk_stored:
@@ -227,7 +239,10 @@ class ConnectorTelemetry:
                     path = "host_to_disk" if p.from_host else "device_to_disk"
                     self._transfer(path, 1, now - p.started)
                     self._disk_announced.add(h)
-                    events.append(BlockStored((h,), p.parent, (), self._block_size, MEDIUM_DISK))
+                    tokens = p.tokens if len(p.tokens) == self._block_size else ()
+                    events.append(
+                        BlockStored((h,), p.parent, tokens, self._block_size, MEDIUM_DISK)
+                    )
             for h in r.disk_store_failed:
                 self._fail(self._disk, h)
             bad = [h for h in r.disk_bad if h in self._disk_announced]
@@ -241,9 +256,9 @@ class ConnectorTelemetry:
                     BlockStored((h,), None, (), self._block_size, MEDIUM_DISK) for h in fresh
                 )
         if stored_host:
-            events.insert(
-                0, BlockStored(tuple(stored_host), None, (), self._block_size, MEDIUM_HOST)
-            )
+            # Chains of blocks (each one's parent the previous one's hash) become one event whose
+            # parent is the first block's parent, as vLLM batches a request's blocks.
+            events[:0] = events_from_tier_events(stored_host, self._block_size, host_tokens.get)
         self._publish(events)
         self._observe(scheduler, now)
 

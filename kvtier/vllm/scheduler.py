@@ -303,18 +303,16 @@ class KvTierScheduler:
             elif new_ids:
                 st.block_ids.extend(new_ids)
             touched.append((st, computed, computed + num_scheduled_tokens.get(req_id, 0)))
-        gpu: list[int] = []
-        slots: list[int] = []
-        hashes: list[int] = []
+        stores = StoreBatch()
         writes: list[DiskWrite] = []
         for st, computed, done_tokens in touched:
             # Blocks vLLM recomputes (a failed load, a preempted request) are stored again.
             st.next_store = min(st.next_store, computed // self.config.block_size)
-            self._plan_stores(st, done_tokens, step, gpu, slots, hashes, writes)
+            self._plan_stores(st, done_tokens, step, stores, writes)
         plan = StepPlan(
             step=step,
             loads=self._plan_loads,
-            stores=StoreBatch(gpu, slots, hashes),
+            stores=stores,
             disk_writes=writes,
             disk_deletes=self._disk_deletes,
             delayed_free=self._delayed,
@@ -446,24 +444,26 @@ class KvTierScheduler:
         st: _Req,
         done_tokens: int,
         step: int,
-        gpu: list[int],
-        slots: list[int],
-        hashes: list[int],
+        stores: StoreBatch,
         writes: list[DiskWrite],
     ) -> None:
         bs = self.config.block_size
         done_tokens = min(done_tokens, st.request.num_tokens)
         self._hash_up_to(st, done_tokens)
         complete = min(done_tokens // bs, len(st.block_ids), len(st.hashes))
+        if st.next_store >= complete:
+            return
+        all_tokens = st.request.all_token_ids
         for i in range(st.next_store, complete):
             h = st.hashes[i]
             parent = st.hashes[i - 1] if i else None
+            tokens = tuple(all_tokens[i * bs : (i + 1) * bs])
             gpu_block = st.block_ids[i]
-            host_slot = self._store_host(h, parent, gpu_block, gpu, slots, hashes)
+            host_slot = self._store_host(h, parent, tokens, gpu_block, stores)
             if host_slot is not None:
                 st.last_store_step = step
             if self.config.disk_blocks and h not in self.disk and self.filter.should_offload(h):
-                write = self._store_disk(h, parent, host_slot, gpu_block)
+                write = self._store_disk(h, parent, tokens, host_slot, gpu_block)
                 if write is not None:
                     writes.append(write)
                     if write.gpu_block >= 0:
@@ -474,10 +474,9 @@ class KvTierScheduler:
         self,
         h: int,
         parent: int | None,
+        tokens: tuple[int, ...],
         gpu_block: int,
-        gpu: list[int],
-        slots: list[int],
-        hashes: list[int],
+        stores: StoreBatch,
     ) -> int | None:
         """Reserve a G2 slot for ``h`` and plan its copy; returns the slot a G3 write may read
         (an existing ready slot counts), or None."""
@@ -492,14 +491,21 @@ class KvTierScheduler:
         slot, evicted = got
         self.counters.host_evictions += len(evicted)
         self._host_pending[h] = _Pending()
-        gpu.append(gpu_block)
-        slots.append(slot)
-        hashes.append(h)
+        stores.gpu_blocks.append(gpu_block)
+        stores.host_slots.append(slot)
+        stores.hashes.append(h)
+        stores.parents.append(parent)
+        stores.token_ids.append(tokens)
         self.counters.offload_d2h += 1
         return slot
 
     def _store_disk(
-        self, h: int, parent: int | None, host_slot: int | None, gpu_block: int
+        self,
+        h: int,
+        parent: int | None,
+        tokens: tuple[int, ...],
+        host_slot: int | None,
+        gpu_block: int,
     ) -> DiskWrite | None:
         got = self.disk.reserve(h, parent)
         if got is None:
@@ -514,9 +520,9 @@ class KvTierScheduler:
             self.host.pin(h, pending_ok=True)
             pending.host_pin = h
             self.counters.offload_h2d += 1
-            return DiskWrite(h, parent, host_slot=host_slot)
+            return DiskWrite(h, parent, host_slot=host_slot, token_ids=tokens)
         self.counters.offload_d2d += 1
-        return DiskWrite(h, parent, gpu_block=gpu_block)
+        return DiskWrite(h, parent, gpu_block=gpu_block, token_ids=tokens)
 
     def _finish_host(self, h: int, *, ok: bool) -> None:
         p = self._host_pending.get(h)

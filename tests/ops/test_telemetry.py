@@ -113,13 +113,13 @@ def test_events_stream_and_metrics_endpoint() -> None:
                     break
             while sub.receive(0.2) is not None:
                 pass
-            tel.on_plan(StepPlan(1, stores=StoreBatch([1, 2], [0, 1], [11, 12])))
+            tel.on_plan(StepPlan(1, stores=StoreBatch([1, 2], [0, 1], [11, 12], [None, 11])))
             tel.on_reports([WorkerReport(0, host_stored=[11, 12])], sched)
             tel.on_plan(
                 StepPlan(
                     2,
-                    stores=StoreBatch([3], [0], [13]),  # slot 0 reused: 11 was evicted
-                    disk_writes=[DiskWrite(12, 11, host_slot=1)],
+                    stores=StoreBatch([3], [0], [13], [12]),  # slot 0 reused: 11 was evicted
+                    disk_writes=[DiskWrite(12, 11, host_slot=1, token_ids=(5, 6, 7, 8))],
                 )
             )
             tel.on_reports([WorkerReport(0, host_stored=[13], disk_stored=[12])], sched)
@@ -130,8 +130,8 @@ def test_events_stream_and_metrics_endpoint() -> None:
             assert got == [
                 BlockStored((11, 12), None, (), 4, MEDIUM_HOST),
                 BlockRemoved((11,), MEDIUM_HOST),
-                BlockStored((13,), None, (), 4, MEDIUM_HOST),
-                BlockStored((12,), 11, (), 4, MEDIUM_DISK),
+                BlockStored((13,), 12, (), 4, MEDIUM_HOST),
+                BlockStored((12,), 11, (5, 6, 7, 8), 4, MEDIUM_DISK),
                 BlockRemoved((12,), MEDIUM_DISK),
             ]
             assert sub.gaps == []
@@ -140,3 +140,38 @@ def test_events_stream_and_metrics_endpoint() -> None:
         assert 'kvtier_blocks_total{path="device_to_host"} 3.0' in text
         assert 'kvtier_blocks_total{path="host_to_disk"} 1.0' in text
     assert tel.server is None and tel.publisher is None
+
+
+def test_g2_stored_events_chain_with_parents_and_tokens() -> None:
+    """Blocks landing together are grouped into chains (each block's parent is the previous
+    block's hash); each event carries the first block's parent and every block's tokens."""
+    tel, sched, _ = make(
+        KVTIER_EVENTS="1", KVTIER_EVENTS_ENDPOINT="tcp://127.0.0.1:0", KVTIER_METRICS="0"
+    )
+    with tel:
+        assert tel.publisher is not None
+        with KvEventSubscriber(tel.publisher.endpoint) as sub:
+            for i in range(100):  # until the subscription has propagated
+                tel.on_reports([WorkerReport(0, restored=[1000 + i])], sched)
+                if sub.receive(0.05) is not None:
+                    break
+            while sub.receive(0.2) is not None:
+                pass
+            # Request A: blocks 21 -> 22 -> 23 (21 a root); request B: 31 (child of 30, which
+            # landed earlier) -> 32. B's block sits between A's in the batch.
+            stores = StoreBatch(
+                gpu_blocks=[1, 2, 3, 4, 5],
+                host_slots=[0, 1, 2, 3, 4],
+                hashes=[21, 22, 31, 23, 32],
+                parents=[None, 21, 30, 22, 31],
+                token_ids=[(1, 2, 3, 4), (5, 6, 7, 8), (9, 9, 9, 9), (10, 11, 12, 13), (7,) * 4],
+            )
+            tel.on_plan(StepPlan(1, stores=stores))
+            tel.on_reports([WorkerReport(0, host_stored=[21, 22, 23, 31, 32])], sched)
+            got = []
+            while (b := sub.receive(1.0)) is not None:
+                got.extend(b.batch.events)
+    assert got == [
+        BlockStored((21, 22, 23), None, (1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13), 4, MEDIUM_HOST),
+        BlockStored((31, 32), 30, (9, 9, 9, 9, 7, 7, 7, 7), 4, MEDIUM_HOST),
+    ]

@@ -152,13 +152,26 @@ def test_metrics_and_events_of_a_real_multiprocess_run(run: tuple[Any, int, str,
         everything = sub.replay(replay, 0)
         assert [b.seq for b in everything] == list(range(len(everything)))
         assert [b.seq for b in live] == [b.seq for b in everything][len(everything) - len(live) :]
+        # Each block's parent is the previous block's hash (None for a prompt's first), and its
+        # tokens are the prompt's, as in vLLM's own BlockStored events.
+        chains = [sequence_hashes(p, BLOCK, salt_hash())[:3] for p in PROMPTS]
+        parent_of = {h: (c[i - 1] if i else None) for c in chains for i, h in enumerate(c)}
+        tokens_of = {
+            h: tuple(p[i * BLOCK : (i + 1) * BLOCK])
+            for p, c in zip(PROMPTS, chains, strict=True)
+            for i, h in enumerate(c)
+        }
         stored: set[int] = set()
         removed: list[Any] = []
         for b in everything:
             for ev in b.batch.events:
                 if isinstance(ev, BlockStored):
                     assert ev.medium == MEDIUM_HOST and ev.block_size == BLOCK
-                    stored.update(ev.block_hashes)
+                    hs = ev.block_hashes
+                    assert ev.parent_block_hash == parent_of[hs[0]]
+                    assert all(parent_of[hs[i]] == hs[i - 1] for i in range(1, len(hs)))
+                    assert ev.token_ids == tuple(t for h in hs for t in tokens_of[h])
+                    stored.update(hs)
                 elif isinstance(ev, BlockRemoved):
                     removed.append(ev)
         # Keys are KVBM sequence hashes (salted with the hash of "{}": no cache salt, no LoRA).

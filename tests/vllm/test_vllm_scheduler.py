@@ -87,7 +87,11 @@ def test_stores_every_full_prompt_block_once() -> None:
     plan = prefill(s, req, [7, 3, 9])
     assert plan.stores.gpu_blocks == [7, 3]
     assert plan.stores.host_slots == [0, 1]
-    assert plan.stores.hashes == sequence_hashes(req.tokens, BS, salt_hash())
+    h = sequence_hashes(req.tokens, BS, salt_hash())
+    assert plan.stores.hashes == h
+    # Parents and tokens ride along for the telemetry's BlockStored events.
+    assert plan.stores.parents == [None, h[0]]
+    assert plan.stores.token_ids == [(0, 1, 2, 3), (4, 5, 6, 7)]
     assert plan.disk_writes == [] and plan.loads == []
     ack(s, plan)
     assert [s.host.lookup(h) for h in plan.stores.hashes] == [0, 1]
@@ -104,7 +108,10 @@ def test_decode_blocks_are_stored_when_completed() -> None:
     assert plan.stores.gpu_blocks == []
     plan = s.build_step_plan([], [("a", None, 7, False)], {"a": 1})
     assert plan.stores.gpu_blocks == [2]
-    assert plan.stores.hashes == [sequence_hashes(req.all_token_ids, BS, salt_hash())[1]]
+    h = sequence_hashes(req.all_token_ids, BS, salt_hash())
+    assert plan.stores.hashes == [h[1]]
+    assert plan.stores.parents == [h[0]]
+    assert plan.stores.token_ids == [(4, 5, 100, 101)]
 
 
 def test_match_g2_then_g3_full_blocks_never_whole_prompt() -> None:
@@ -170,7 +177,7 @@ def test_frequency_filter_sends_second_sighting_to_g3_from_the_g2_slot() -> None
     s.update_state_after_alloc(r, [3, 4], 1 * BS)
     plan = s.build_step_plan([("b", [3, 4], BS)], [], {"b": 1})
     assert plan.stores.gpu_blocks == []  # already in G2
-    assert plan.disk_writes == [DiskWrite(h0, None, host_slot=0)]
+    assert plan.disk_writes == [DiskWrite(h0, None, host_slot=0, token_ids=(0, 1, 2, 3))]
     assert s.host.lookup(h0) == 0
     assert s.host.pin_counts() == {h0: 2}  # the load and the G3 write
     s.check_invariants()
@@ -187,8 +194,8 @@ def test_g3_write_straight_from_gpu_when_g2_is_full() -> None:
     h = sequence_hashes(req.tokens, BS, salt_hash())
     assert plan.stores.gpu_blocks == [5]
     assert plan.disk_writes == [
-        DiskWrite(h[0], None, host_slot=0),
-        DiskWrite(h[1], h[0], gpu_block=6),
+        DiskWrite(h[0], None, host_slot=0, token_ids=(0, 1, 2, 3)),
+        DiskWrite(h[1], h[0], gpu_block=6, token_ids=(4, 5, 6, 7)),
     ]
     s.check_invariants()
     ack(s, plan)
