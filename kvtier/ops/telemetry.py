@@ -12,7 +12,8 @@ What is derived:
 
 - blocks, bytes and latency per path: a copy counts when the last worker reports it; its latency
   is from the step that planned it to that report (what the engine waits, queueing included);
-- lookups and matched tokens: from the scheduler half's counters (deltas per step);
+- lookups, matched tokens and load errors per tier (the workers say which tier failed): from
+  the scheduler half's counters (deltas per step);
 - occupancy per tier (in use = pinned by a copy in flight, inactive = held and not pinned,
   free), sizes every step, the pinned count at most once per ``occupancy_interval_s`` (it is
   zero whenever nothing is in flight);
@@ -52,7 +53,8 @@ class _Counters(Protocol):
     lookup_blocks: int
     host_hit_blocks: int
     disk_hit_blocks: int
-    load_failures: int
+    host_load_failures: int
+    disk_load_failures: int
 
 
 class _Index(Protocol):
@@ -133,7 +135,7 @@ class ConnectorTelemetry:
         self._host_slot_hash: dict[int, int] = {}
         self._host_announced: set[int] = set()
         self._disk_announced: set[int] = set()
-        self._last: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+        self._last: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)
         self._last_occupancy = float("-inf")
         self._pinned = {"host": 0, "disk": 0}
 
@@ -291,18 +293,22 @@ class ConnectorTelemetry:
             c.lookup_blocks,
             c.host_hit_blocks,
             c.disk_hit_blocks,
-            c.load_failures,
+            c.host_load_failures,
+            c.disk_load_failures,
             scheduler.filter.rejections,
         )
         d = [a - b for a, b in zip(cur, self._last, strict=True)]
         self._last = cur
-        looked, host, disk, errors, rejected = d
+        looked, host, disk, host_errors, disk_errors, rejected = d
         if looked or host or disk:
             # A lookup and the allocation that loads its hits fall in the same step; clamp in
             # case a retried lookup was counted without its hits, or the other way round.
             self.metrics.record_lookup(max(looked, host + disk), host, disk, self._block_size)
-        if errors:
-            self.metrics.record_load_errors("unknown", errors)
+        # Workers report the tier of each failed load (G2 "host", G3 "disk").
+        if host_errors:
+            self.metrics.record_load_errors("host", host_errors)
+        if disk_errors:
+            self.metrics.record_load_errors("disk", disk_errors)
         if rejected:
             self.metrics.record_filter_rejections(rejected)
         # Sizes are O(1) and refreshed every step. Pins exist only while copies are in flight;

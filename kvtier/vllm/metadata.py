@@ -133,7 +133,10 @@ class WorkerReport:
     disk_store_failed: list[int] = field(default_factory=list)
     loads_done: list[int] = field(default_factory=list)
     disk_bad: list[int] = field(default_factory=list)
-    load_failed_blocks: int = 0
+    host_load_failed: int = 0
+    """Blocks of this worker's loads from G2 that failed (vLLM recomputes them)."""
+    disk_load_failed: int = 0
+    """Blocks of this worker's loads from G3 that failed (missing, corrupt, or the copy failed)."""
     stores_read_step: int = -1
     restored: list[int] | None = None
 
@@ -149,3 +152,8 @@ class WorkerReport:
             or self.load_failed_blocks
             or self.restored is not None
         )
+
+    @property
+    def load_failed_blocks(self) -> int:
+        """Failed load blocks of both tiers."""
+        return self.host_load_failed + self.disk_load_failed

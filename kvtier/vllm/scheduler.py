@@ -94,6 +94,8 @@ class SchedulerCounters:
     offload_d2d: int = 0
     store_failures: int = 0
     load_failures: int = 0
+    host_load_failures: int = 0
+    disk_load_failures: int = 0
     disk_corrupt: int = 0
     host_evictions: int = 0
     disk_evictions: int = 0
@@ -346,6 +348,8 @@ class KvTierScheduler:
                 self.counters.disk_corrupt += 1
                 self.disk.remove(h)
             self.counters.load_failures += r.load_failed_blocks
+            self.counters.host_load_failures += r.host_load_failed
+            self.counters.disk_load_failures += r.disk_load_failed
             for job_id in r.loads_done:
                 load = self._loads.get(job_id)
                 if load is None:

@@ -91,14 +91,15 @@ class _LoadRun:
                 except TimeoutError:
                     return
 
-    def finish(self) -> list[int]:
-        """GPU blocks that did not load (call once ``done()``)."""
-        failed = list(self.failed_gpu_blocks)
+    def finish(self) -> tuple[list[int], list[int]]:
+        """GPU blocks that did not load from (G2, G3) (call once ``done()``)."""
+        host_failed: list[int] = []
         if self.host_handle is not None and self.host_handle.error is not None:
-            failed.extend(self.job.host_gpu_blocks)
+            host_failed = list(self.job.host_gpu_blocks)
+        disk_failed = list(self.failed_gpu_blocks)
         if self.disk_future is not None and self.disk_future.error is not None:
-            failed.extend(b for b in self.job.disk_gpu_blocks if b not in failed)
-        return failed
+            disk_failed.extend(b for b in self.job.disk_gpu_blocks if b not in disk_failed)
+        return host_failed, disk_failed
 
 
 class KvTierWorker:
@@ -321,12 +322,14 @@ class KvTierWorker:
 
     def _finish_load(self, run: _LoadRun) -> bool:
         """Record a finished load's outcome; True if any of its blocks failed."""
-        failed = run.finish()
-        self._load_errors.update(failed)
+        host_failed, disk_failed = run.finish()
+        self._load_errors.update(host_failed)
+        self._load_errors.update(disk_failed)
         self._report.loads_done.append(run.job.job_id)
         self._report.disk_bad.extend(run.bad_hashes)
-        self._report.load_failed_blocks += len(failed)
-        return bool(failed)
+        self._report.host_load_failed += len(host_failed)
+        self._report.disk_load_failed += len(disk_failed)
+        return bool(host_failed or disk_failed)
 
     def _store_host(self, plan: StepPlan, step_failed: bool) -> set[int]:
         """Copy this step's G2 stores out of the GPU and wait; returns the hashes that failed."""

@@ -80,7 +80,7 @@ def test_lookups_filter_errors_and_occupancy_come_from_the_scheduler() -> None:
     sched.counters.lookup_blocks += 10
     sched.counters.host_hit_blocks += 4
     sched.counters.disk_hit_blocks += 1
-    sched.counters.load_failures += 2
+    sched.process_reports([WorkerReport(0, host_load_failed=2, disk_load_failed=3)])
     for h in (1, 1, 2):
         sched.filter.sighting(h)  # first sightings are rejected (the filter is on by default)
     slot = sched.host.reserve(99)
@@ -90,7 +90,10 @@ def test_lookups_filter_errors_and_occupancy_come_from_the_scheduler() -> None:
     assert sample(tel, "kvtier_matched_tokens_total", tier="host") == 16
     assert sample(tel, "kvtier_matched_tokens_total", tier="disk") == 4
     assert tel.metrics.hit_rate("host") == 0.4
-    assert sample(tel, "kvtier_load_errors_total", tier="unknown") == 2
+    # Labelled with the tier whose load failed, as the worker reported it.
+    assert sample(tel, "kvtier_load_errors_total", tier="host") == 2
+    assert sample(tel, "kvtier_load_errors_total", tier="disk") == 3
+    assert sample(tel, "kvtier_load_errors_total", tier="unknown") == 0
     assert sample(tel, "kvtier_disk_filter_rejections_total") == 2
     assert sample(tel, "kvtier_pool_blocks", tier="host", state="in_use") == 1
     assert sample(tel, "kvtier_pool_blocks", tier="host", state="free") == 1

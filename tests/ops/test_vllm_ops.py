@@ -137,7 +137,8 @@ def test_metrics_and_events_of_a_real_multiprocess_run(run: tuple[Any, int, str,
         assert got["kvtier_lookup_tokens_total{}"] == 12 * BLOCK
         assert got["kvtier_hit_rate{tier=host}"] == 0.5
         assert got["kvbm_onboard_blocks_h2d_total{}"] == 6.0
-        assert got["kvtier_load_errors_total{tier=unknown}"] == 0.0
+        for tier in ("host", "disk", "unknown"):
+            assert got[f"kvtier_load_errors_total{{tier={tier}}}"] == 0.0
         assert got["kvtier_transfer_seconds_count{path=host_to_device}"] >= 1
         got = wait_for(port, "kvtier_pool_blocks{state=inactive,tier=host}", 6.0)
         assert got["kvtier_pool_blocks{state=inactive,tier=host}"] == 6.0

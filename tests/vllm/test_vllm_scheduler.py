@@ -231,12 +231,13 @@ def test_corrupt_g3_block_is_forgotten_and_stored_again_when_recomputed() -> Non
     s.process_reports(
         [
             WorkerReport(
-                rank=0, loads_done=[plan.loads[0].job_id], disk_bad=[h[1]], load_failed_blocks=1
+                rank=0, loads_done=[plan.loads[0].job_id], disk_bad=[h[1]], disk_load_failed=1
             )
         ]
     )
     assert s.disk.lookup(h[1]) is None and h[1] not in s.disk
     assert (s.counters.disk_corrupt, s.counters.load_failures) == (1, 1)
+    assert (s.counters.host_load_failures, s.counters.disk_load_failures) == (0, 1)
     # vLLM rewinds the request to the failed block and recomputes it: it is stored again
     plan = s.build_step_plan([], [("b", None, BS, False)], {"b": 5})
     assert [w.seq_hash for w in plan.disk_writes] == [h[1]]

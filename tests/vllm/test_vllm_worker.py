@@ -9,11 +9,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from kvtier.config import ModelConfig
+from kvtier.storage.host import HostStorage
+from kvtier.transfer.engine import CopyFuture, CopyHandle
 from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, StoreBatch, WorkerReport
 from kvtier.vllm.worker import KvTierWorker, WorkerConfig
 
@@ -145,9 +148,42 @@ def test_corrupt_g3_block_is_a_load_error_and_never_copied(
     report = w.take_report()
     assert report is not None
     assert (report.disk_bad, report.load_failed_blocks, report.loads_done) == ([0xC2], 1, [4])
+    assert (report.host_load_failed, report.disk_load_failed) == (0, 1)  # the tier that failed
     # a failed layer-wise load drops the step's stores (they may have read the bad block)
     assert report.host_store_failed == [0xC3] and report.host_stored == []
     assert not path.exists()
+
+
+def test_failed_g2_load_is_reported_as_a_g2_load_error(
+    worker: tuple[KvTierWorker, dict[str, torch.Tensor]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A G2 -> G1 copy that fails (injected at the copy engine; G3 loads copy through the same
+    engine from their staging rows and are left alone) is counted as a G2 load error."""
+    w, kv = worker
+    run_step(w, StepPlan(0, stores=StoreBatch([2], [1], [0xB2])))
+    run_step(w, StepPlan(1, disk_writes=[DiskWrite(0xC1, None, gpu_block=1)]))
+    assert settle(w).disk_stored == [0xC1]
+    w.take_report()
+    engine = w._engine
+    assert engine is not None
+    real = engine.host_to_device
+
+    def failing(host: HostStorage, *args: Any, **kw: Any) -> CopyHandle:
+        if host is not w._host:
+            return real(host, *args, **kw)
+        fut = CopyFuture(MODEL.num_layers)
+        fut.fail(RuntimeError("injected G2 copy failure"))
+        return fut
+
+    monkeypatch.setattr(engine, "host_to_device", failing)
+    expected = block(kv, 1)
+    load = LoadJob(5, "r", False, [1], [4], [0xC1], [5])
+    run_step(w, StepPlan(2, loads=[load]))
+    assert w.take_load_errors() == {4}
+    assert same(block(kv, 5), expected)
+    report = w.take_report()
+    assert report is not None
+    assert (report.host_load_failed, report.disk_load_failed, report.loads_done) == (1, 0, [5])
 
 
 def test_restart_reports_the_g3_index(tmp_path: Path) -> None:
