@@ -252,10 +252,12 @@ class ConnectorTelemetry:
                 self._disk_announced.difference_update(bad)
                 events.append(BlockRemoved(tuple(bad), MEDIUM_DISK))
             if r.restored:
+                parent_of = dict(zip(r.restored, r.restored_parents, strict=False))
                 fresh = [h for h in r.restored if h not in self._disk_announced]
                 self._disk_announced.update(fresh)
                 events.extend(
-                    BlockStored((h,), None, (), self._block_size, MEDIUM_DISK) for h in fresh
+                    BlockStored((h,), parent_of.get(h), (), self._block_size, MEDIUM_DISK)
+                    for h in fresh
                 )
         if stored_host:
             # Chains of blocks (each one's parent the previous one's hash) become one event whose

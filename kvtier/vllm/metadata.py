@@ -122,8 +122,8 @@ class WorkerReport:
     """One worker's completions since its last report (hashes are sequence hashes).
 
     ``restored`` is the G3 index found on disk at start (sent once, in the first report; None in
-    the others), newest first. ``stores_read_step``: the last step whose stores no longer read GPU
-    memory.
+    the others), newest first, with ``restored_parents``. ``stores_read_step``: the last step
+    whose stores no longer read GPU memory.
     """
 
     rank: int
@@ -139,6 +139,9 @@ class WorkerReport:
     """Blocks of this worker's loads from G3 that failed (missing, corrupt, or the copy failed)."""
     stores_read_step: int = -1
     restored: list[int] | None = None
+    restored_parents: list[int | None] = field(default_factory=list)
+    """The parent hash of each ``restored`` block, from its file header (same order; empty when
+    not known), so the scheduler rebuilds the G3 index with its parent links."""
 
     @property
     def is_empty(self) -> bool:

@@ -185,6 +185,7 @@ class KvTierScheduler:
         self._disk_ready = config.disk_blocks == 0
         self._restored_reports: list[set[int]] = []
         self._restored_order: list[int] = []
+        self._restored_parents: dict[int, int | None] = {}
 
     # -- vLLM scheduler-side API --------------------------------------------------------------
 
@@ -334,6 +335,10 @@ class KvTierScheduler:
                 self._restored_reports.append(set(r.restored))
                 if r.rank == 0:
                     self._restored_order = list(r.restored)
+                    if r.restored_parents:
+                        self._restored_parents = dict(
+                            zip(r.restored, r.restored_parents, strict=True)
+                        )
                 if len(self._restored_reports) == n:
                     self._restore_disk()
             for h in r.host_stored:
@@ -566,8 +571,29 @@ class KvTierScheduler:
         common = set.intersection(*self._restored_reports)
         newest_first = [h for h in self._restored_order if h in common]
         keep = newest_first[: self.config.disk_blocks]
-        left = self.disk.restore(reversed(keep))
+        parents = self._restored_parents
+        left = self.disk.restore(_parents_first(reversed(keep), parents), parents)
         self._disk_deletes.extend(left)
         self._disk_deletes.extend(newest_first[self.config.disk_blocks :])
         self._disk_ready = True
         self._restored_reports = []
+        self._restored_parents = {}
+
+
+def _parents_first(oldest_first: Iterable[int], parents: dict[int, int | None]) -> list[int]:
+    """``oldest_first`` reordered so that a block's parent, when it is among them, comes before
+    it (a pool counts a parent's children as they register); otherwise the order is kept, so
+    recency (eviction order) carries over a restart as far as the parent links allow."""
+    blocks = list(oldest_first)
+    wanted = set(blocks)
+    placed: set[int] = set()
+    out: list[int] = []
+    for h in blocks:
+        chain: list[int] = []
+        x: int | None = h
+        while x is not None and x in wanted and x not in placed:
+            placed.add(x)
+            chain.append(x)
+            x = parents.get(x)
+        out.extend(reversed(chain))
+    return out

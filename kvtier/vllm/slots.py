@@ -14,7 +14,7 @@ G2->G3 copy is never evicted. Pure Python, no torch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from kvtier.core.block import ImmutableBlock, MutableBlock
@@ -155,9 +155,13 @@ class SlotIndex:
         last pin goes. Returns True if it was registered."""
         return self.pool is not None and self.pool.remove(seq_hash)
 
-    def restore(self, hashes: Iterable[int]) -> list[int]:
-        """Adopt blocks found on persistent storage at start (ready, unpinned; the first given is
-        the first evicted). Returns the hashes that did not fit and were not adopted."""
+    def restore(
+        self, hashes: Iterable[int], parents: Mapping[int, int | None] | None = None
+    ) -> list[int]:
+        """Adopt blocks found on persistent storage at start (ready, unpinned; among eviction
+        candidates, the first given is the first evicted), linked to their parent hash in
+        ``parents`` (give parents before their children, so child counts are right and leaves
+        go first). Returns the hashes that did not fit and were not adopted."""
         left: list[int] = []
         for h in hashes:
             if h in self:
@@ -169,7 +173,8 @@ class SlotIndex:
             assert blocks is not None
             slot = blocks[0].block_id
             self.pool.release(blocks[0])
-            self.pool.restore(slot, h)
+            parent = parents.get(h) if parents is not None else None
+            self.pool.restore(slot, h, parent_sequence_hash=parent)
         return left
 
     def check_invariants(self) -> None:

@@ -142,6 +142,7 @@ class KvTierWorker:
         self._engine.start()
         self._onboarder = ThreadPoolExecutor(1, thread_name_prefix="kvtier-onboard")
         restored: list[int] = []
+        parents: list[int | None] = []
         if self.config.disk_blocks:
             assert self.config.disk_dir is not None
             self._disk = DiskStorage(
@@ -150,10 +151,13 @@ class KvTierWorker:
                 layout.block_bytes,
                 o_direct=self.config.disk_o_direct,
             )
-            restored = [s.header.sequence_hash for s in self._disk.open()]
+            found = self._disk.open()
+            restored = [s.header.sequence_hash for s in found]
+            parents = [s.header.parent_hash for s in found]
             self._disk_io = DiskIo(self._disk, self.config.io_threads)
             self._disk_io.start()
         self._report.restored = restored
+        self._report.restored_parents = parents
 
     def close(self) -> None:
         """Finish in-flight copies and disk writes (files end complete or absent); stop threads."""

@@ -171,10 +171,14 @@ def test_g2_stored_events_chain_with_parents_and_tokens() -> None:
             )
             tel.on_plan(StepPlan(1, stores=stores))
             tel.on_reports([WorkerReport(0, host_stored=[21, 22, 23, 31, 32])], sched)
+            # G3 blocks restored at start carry their file header's parent hash.
+            tel.on_reports([WorkerReport(0, restored=[41, 40], restored_parents=[40, None])], sched)
             got = []
             while (b := sub.receive(1.0)) is not None:
                 got.extend(b.batch.events)
     assert got == [
         BlockStored((21, 22, 23), None, (1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13), 4, MEDIUM_HOST),
         BlockStored((31, 32), 30, (9, 9, 9, 9, 7, 7, 7, 7), 4, MEDIUM_HOST),
+        BlockStored((41,), 40, (), 4, MEDIUM_DISK),
+        BlockStored((40,), None, (), 4, MEDIUM_DISK),
     ]

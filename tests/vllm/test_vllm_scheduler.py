@@ -256,6 +256,28 @@ def test_g3_index_comes_from_the_worker_first_report() -> None:
     s.check_invariants()
 
 
+@pytest.mark.parametrize("parent_newer", [False, True])
+def test_g3_index_restored_with_parent_links_evicts_leaves_first(parent_newer: bool) -> None:
+    """The block files' parent hashes come back with the index: after a restart a chain is
+    still eaten from its tail, even when its parent's file is the oldest (plain recency would
+    evict the parent first) or the newest (then it is restored before its child anyway)."""
+    s = KvTierScheduler(SchedulerConfig(block_size=BS, host_blocks=0, disk_blocks=2))
+    h = sequence_hashes(list(range(8)), BS, salt_hash())
+    newest_first = [h[0], h[1]] if parent_newer else [h[1], h[0]]
+    parents = {h[0]: None, h[1]: h[0]}
+    s.process_reports(
+        [
+            WorkerReport(
+                rank=0, restored=newest_first, restored_parents=[parents[x] for x in newest_first]
+            )
+        ]
+    )
+    s.check_invariants()
+    got = s.disk.reserve(777)
+    assert got is not None and got[1] == [h[1]]  # the leaf, not its parent
+    s.disk.check_invariants()
+
+
 def test_preempted_request_resumes_without_new_copies() -> None:
     s = sched()
     req = FakeRequest("a", list(range(9)))

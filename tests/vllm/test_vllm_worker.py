@@ -191,12 +191,13 @@ def test_restart_reports_the_g3_index(tmp_path: Path) -> None:
     w = KvTierWorker(WorkerConfig(rank=0, host_blocks=0, disk_blocks=4, disk_dir=str(tmp_path)))
     w.register_kv_caches(kv, MODEL)
     w.take_report()
-    run_step(w, StepPlan(0, disk_writes=[DiskWrite(0xD1, None, gpu_block=0)]))
+    run_step(w, StepPlan(0, disk_writes=[DiskWrite(0xD1, 0xD0, gpu_block=0)]))
     w.close()
     w2 = KvTierWorker(WorkerConfig(rank=0, host_blocks=0, disk_blocks=4, disk_dir=str(tmp_path)))
     w2.register_kv_caches(kv_caches(), MODEL)
     try:
-        assert w2.take_report() == WorkerReport(rank=0, restored=[0xD1])
+        # the parent hash comes from the block file's header
+        assert w2.take_report() == WorkerReport(rank=0, restored=[0xD1], restored_parents=[0xD0])
     finally:
         w2.close()
 
