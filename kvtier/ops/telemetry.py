@@ -37,6 +37,7 @@ from kvtier.core.registry import StoreEvent
 from kvtier.events import (
     MEDIUM_DISK,
     MEDIUM_HOST,
+    AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     EventsConfig,
@@ -265,6 +266,13 @@ class ConnectorTelemetry:
             events[:0] = events_from_tier_events(stored_host, self._block_size, host_tokens.get)
         self._publish(events)
         self._observe(scheduler, now)
+
+    def on_reset(self) -> None:
+        """kvtier's tiers were emptied (``KvTierScheduler.reset``): one ``AllBlocksCleared``."""
+        self._host_announced.clear()
+        self._disk_announced.clear()
+        self._host_slot_hash.clear()
+        self._publish([AllBlocksCleared()])
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -304,6 +304,17 @@ class KvTierConnector(KVConnectorBase_V1):
     ) -> tuple[bool, dict[str, Any] | None]:
         return self._sched().request_finished(request), None
 
+    def reset_cache(self) -> bool | None:
+        """vLLM's connector cache reset, called only by ``reset_prefix_cache(reset_connector=True)``
+        (a plain ``reset_prefix_cache()`` empties G1 alone, and kvtier keeps G2/G3): drop
+        everything G2 and G3 hold. False while kvtier has copies in flight (retry when idle)."""
+        if self.scheduler is None:
+            return None
+        ok = self.scheduler.reset()
+        if ok and self.telemetry is not None:
+            self.telemetry.on_reset()
+        return ok
+
     def has_pending_push_work(self) -> bool:
         # Keep the engine stepping until in-flight stores and loads have been reported, so the
         # G2/G3 index is current and nothing stays pinned while the engine is idle.

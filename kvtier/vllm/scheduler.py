@@ -400,6 +400,17 @@ class KvTierScheduler:
             or not self._disk_ready
         )
 
+    def reset(self) -> bool:
+        """Drop everything G2 and G3 hold (vLLM's ``reset_cache`` hook: cached KV is no longer
+        valid, e.g. after a weight update). The G3 files are deleted by the workers at the next
+        step. Refused (False, nothing dropped) while a load or store is in flight or the G3
+        index is not known yet: those copies would land stale blocks after the reset."""
+        if self._loads or self._host_pending or self._disk_pending or not self._disk_ready:
+            return False
+        self.host.clear()
+        self._disk_deletes.extend(self.disk.clear())
+        return True
+
     def check_invariants(self) -> None:
         """Pools are consistent and every pin is accounted for by a load or a G3 write."""
         self.host.check_invariants()

@@ -47,6 +47,7 @@ class SlotIndex:
         self.pool: BlockPool | None = BlockPool(num_slots, tier=name) if num_slots else None
         self._pending: dict[int, _Pending] = {}
         self._pins: dict[int, list[ImmutableBlock]] = {}
+        self._ready: set[int] = set()  # registered hashes, for clear()
         self.evictions = 0
 
     def __len__(self) -> int:
@@ -88,6 +89,7 @@ class SlotIndex:
             if not evicted:
                 return None
             self.evictions += len(evicted)
+            self._ready.difference_update(evicted)
         blocks = self.pool.allocate(1)
         if blocks is None:  # cannot happen after a successful evict; kept as a guard
             return None
@@ -103,6 +105,7 @@ class SlotIndex:
         del self._pending[seq_hash]
         p.block.mark_complete()
         handle = self.pool.register(p.block, seq_hash, parent_sequence_hash=p.parent)
+        self._ready.add(seq_hash)
         extra = p.pins - 1
         if extra:
             held = self._pins.setdefault(seq_hash, [handle])
@@ -153,7 +156,16 @@ class SlotIndex:
     def remove(self, seq_hash: int) -> bool:
         """Forget a ready block (e.g. its stored bytes are corrupt); its slot is freed when the
         last pin goes. Returns True if it was registered."""
+        self._ready.discard(seq_hash)
         return self.pool is not None and self.pool.remove(seq_hash)
+
+    def clear(self) -> list[int]:
+        """Forget every ready block (a cache reset); returns their hashes. Pending blocks are
+        left alone (the caller makes sure none are in flight)."""
+        gone = list(self._ready)
+        for h in gone:
+            self.remove(h)
+        return gone
 
     def restore(
         self, hashes: Iterable[int], parents: Mapping[int, int | None] | None = None
@@ -175,6 +187,7 @@ class SlotIndex:
             self.pool.release(blocks[0])
             parent = parents.get(h) if parents is not None else None
             self.pool.restore(slot, h, parent_sequence_hash=parent)
+            self._ready.add(h)
         return left
 
     def check_invariants(self) -> None:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import urllib.request
 
-from kvtier.events import MEDIUM_DISK, MEDIUM_HOST, BlockRemoved, BlockStored, KvEventSubscriber
+from kvtier.events import (
+    MEDIUM_DISK,
+    MEDIUM_HOST,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KvEventSubscriber,
+)
 from kvtier.ops.telemetry import ConnectorTelemetry
 from kvtier.settings import load_settings
 from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, StoreBatch, WorkerReport
@@ -173,6 +180,7 @@ def test_g2_stored_events_chain_with_parents_and_tokens() -> None:
             tel.on_reports([WorkerReport(0, host_stored=[21, 22, 23, 31, 32])], sched)
             # G3 blocks restored at start carry their file header's parent hash.
             tel.on_reports([WorkerReport(0, restored=[41, 40], restored_parents=[40, None])], sched)
+            tel.on_reset()
             got = []
             while (b := sub.receive(1.0)) is not None:
                 got.extend(b.batch.events)
@@ -181,4 +189,5 @@ def test_g2_stored_events_chain_with_parents_and_tokens() -> None:
         BlockStored((31, 32), 30, (9, 9, 9, 9, 7, 7, 7, 7), 4, MEDIUM_HOST),
         BlockStored((41,), 40, (), 4, MEDIUM_DISK),
         BlockStored((40,), None, (), 4, MEDIUM_DISK),
+        AllBlocksCleared(),
     ]

@@ -155,3 +155,27 @@ def test_wrong_kv_changes_the_output(llm: Any) -> None:
         assert bad != good
     finally:
         rows[slots[1]] = saved
+
+
+def test_connector_reset_drops_g2_and_g3(llm: Any) -> None:
+    """``reset_prefix_cache()`` empties G1 only (kvtier serves the prompt again);
+    ``reset_prefix_cache(reset_connector=True)`` calls the connector's ``reset_cache``, which
+    empties G2 and G3 (files included)."""
+    sched, worker = connectors(llm)
+    s = sched.scheduler
+    p = prompt(9, 3 * BLOCK + 5)
+    [(first, _)] = generate(llm, [p])
+    drain(llm)
+    reset_g1(llm)
+    [(_, cached)] = generate(llm, [p])  # the second sighting also writes G3
+    assert cached == 3 * BLOCK
+    drain(llm)
+    assert len(s.host) > 0 and len(s.disk) > 0
+    disk_dir = Path(worker.worker.config.disk_dir)
+    assert list(disk_dir.glob("*/*.kvb"))
+    assert llm.reset_prefix_cache(reset_connector=True) is True
+    assert (len(s.host), len(s.disk)) == (0, 0)
+    drain(llm)  # the next step deletes the G3 files
+    assert list(disk_dir.glob("*/*.kvb")) == []
+    [(again, cached)] = generate(llm, [p])
+    assert (again, cached) == (first, 0)

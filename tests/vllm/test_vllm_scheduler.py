@@ -278,6 +278,27 @@ def test_g3_index_restored_with_parent_links_evicts_leaves_first(parent_newer: b
     s.disk.check_invariants()
 
 
+def test_reset_drops_g2_and_g3_unless_copies_are_in_flight() -> None:
+    s = sched(host=8, disk=8, disk_filter=False)
+    req = FakeRequest("a", list(range(9)))
+    h = sequence_hashes(req.tokens, BS, salt_hash())
+    s.get_num_new_matched_tokens(req, 0)
+    plan = prefill(s, req, [1, 2, 3])
+    assert s.reset() is False  # stores in flight: nothing dropped
+    ack(s, plan)
+    assert [s.host.lookup(x) is not None for x in h] == [True, True]
+    assert [s.disk.lookup(x) is not None for x in h] == [True, True]
+    assert s.reset() is True
+    assert (len(s.host), len(s.disk)) == (0, 0)
+    assert s.get_num_new_matched_tokens(FakeRequest("b", list(range(9))), 0) == (0, False)
+    assert sorted(s.build_step_plan([], [], {}).disk_deletes) == sorted(h)  # files go too
+    s.check_invariants()
+    # the freed slots are used again
+    stored(s, FakeRequest("c", list(range(100, 109))), [4, 5, 6])
+    assert len(s.host) == 2
+    s.check_invariants()
+
+
 def test_preempted_request_resumes_without_new_copies() -> None:
     s = sched()
     req = FakeRequest("a", list(range(9)))
