@@ -10,6 +10,7 @@ from kvtier.events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
+    KvEvent,
     KvEventSubscriber,
 )
 from kvtier.ops.telemetry import ConnectorTelemetry
@@ -48,7 +49,7 @@ def test_transfers_count_once_all_workers_report_with_plan_to_report_latency() -
             loads=[
                 LoadJob(
                     7,
-                    0,
+                    "r0",
                     True,
                     host_slots=[0, 1],
                     host_gpu_blocks=[5, 6],
@@ -181,7 +182,7 @@ def test_g2_stored_events_chain_with_parents_and_tokens() -> None:
             # G3 blocks restored at start carry their file header's parent hash.
             tel.on_reports([WorkerReport(0, restored=[41, 40], restored_parents=[40, None])], sched)
             tel.on_reset()
-            got = []
+            got: list[KvEvent] = []
             while (b := sub.receive(1.0)) is not None:
                 got.extend(b.batch.events)
     assert got == [
