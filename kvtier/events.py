@@ -24,13 +24,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import msgpack
 import zmq
 
 from kvtier.core.registry import RemoveEvent, StoreEvent, TierEvent
+from kvtier.lifecycle import Lifecycle
 
 MEDIUM_HOST = "CPU"
 """Medium of G2 (pinned host memory) in events, as vLLM names its CPU offload tier."""
@@ -276,7 +276,7 @@ class _PublisherState:
     buffer: deque[tuple[int, bytes]] = field(default_factory=deque)
 
 
-class KvEventPublisher:
+class KvEventPublisher(Lifecycle):
     """Publishes batches of KV events on a ZMQ PUB socket, with consecutive sequence numbers.
 
     ``publish`` only enqueues (it never blocks the engine on the network); one thread owns the
@@ -368,17 +368,6 @@ class KvEventPublisher:
             state.replay.close(linger=0)
         state.ctx.term()
 
-    def __enter__(self) -> KvEventPublisher:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def _run(self) -> None:
         state = self._state
         assert state is not None
@@ -422,7 +411,7 @@ class ReceivedBatch:
     batch: EventBatch
 
 
-class KvEventSubscriber:
+class KvEventSubscriber(Lifecycle):
     """Reads a KV event stream and notices gaps (for tests, the CLI and simple routers)."""
 
     def __init__(self, endpoint: str, topic: str = "") -> None:
@@ -500,14 +489,3 @@ class KvEventSubscriber:
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
-
-    def __enter__(self) -> KvEventSubscriber:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +30,7 @@ from kvtier.core.filter import FrequencyFilter, FrequencyFilterConfig
 from kvtier.core.offload import OffloadQueue
 from kvtier.core.pool import BlockPool
 from kvtier.core.registry import TierEvent, TierRegistry
+from kvtier.lifecycle import Lifecycle
 from kvtier.storage.block_file import PRIORITY_MAX, PRIORITY_MIN
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
@@ -166,7 +166,7 @@ class _Effect:
     held: list[ImmutableBlock] = field(default_factory=list)  # refs released when done
 
 
-class KvBlockManager:
+class KvBlockManager(Lifecycle):
     """Tiered KV block manager: G1 device, G2 host, G3 disk, with polled asynchronous transfers.
 
     Public surface (all on the owner's thread unless noted):
@@ -394,18 +394,6 @@ class KvBlockManager:
             self._pinner.close()
         if self.host_pool is not None:
             self.host_pool.storage.release()
-
-    def __enter__(self) -> KvBlockManager:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _check_running(self) -> TransferManager:
         if not self._started or self._closed:

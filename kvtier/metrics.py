@@ -27,10 +27,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from kvtier.lifecycle import Lifecycle
 
 PATHS: tuple[str, ...] = (
     "device_to_host",
@@ -298,7 +299,7 @@ class KvTierMetrics:
         return self._window.rate(tier)
 
 
-class MetricsServer:
+class MetricsServer(Lifecycle):
     """Serves one :class:`KvTierMetrics` over HTTP (``GET /metrics``) on a background thread."""
 
     def __init__(self, metrics: KvTierMetrics, config: MetricsConfig) -> None:
@@ -344,14 +345,3 @@ class MetricsServer:
             self._thread.join()
         self._server = None
         self._thread = None
-
-    def __enter__(self) -> MetricsServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

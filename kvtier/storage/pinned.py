@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier.lifecycle import Lifecycle
+
 __all__ = ["ChunkedPinner", "PinProgress", "PinningConfig", "PinningError", "rows_per_chunk"]
 
 PAGE = 4096
@@ -74,7 +76,7 @@ def rows_per_chunk(row_bytes: int, chunk_bytes: int) -> int:
     return max(step, (chunk_bytes // row_bytes) // step * step)
 
 
-class ChunkedPinner:
+class ChunkedPinner(Lifecycle):
     """Registers the rows of a ``[num_rows, row_bytes]`` uint8 CPU tensor with CUDA, in chunks.
 
     The constructor checks the tensor and records sizes; ``start()`` launches the background
@@ -134,13 +136,6 @@ class ChunkedPinner:
             self._registered.clear()
             self._pinned_rows = 0
             self._cond.notify_all()
-
-    def __enter__(self) -> ChunkedPinner:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- progress -----------------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from kvtier.lifecycle import Lifecycle
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.pinned import ChunkedPinner
@@ -78,7 +79,7 @@ class _Batch(NamedTuple):
     handle: CudaCopyHandle
 
 
-class CudaCopyEngine(SubmittingEngine):
+class CudaCopyEngine(SubmittingEngine, Lifecycle):
     """``CopyEngine`` for device tensors on a CUDA GPU (see the module docstring).
 
     The constructor only validates and records; ``start()`` creates streams; ``close()`` waits for
@@ -159,13 +160,6 @@ class CudaCopyEngine(SubmittingEngine):
         self._lanes = {}
         self._gather.clear()
         self._started = False
-
-    def __enter__(self) -> CudaCopyEngine:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def attach_pinner(self, host: HostStorage, pinner: ChunkedPinner) -> None:
         """Declare that ``host``'s rows are page-locked by ``pinner`` (rows below its progress)."""
