@@ -17,8 +17,11 @@ What is derived:
 - occupancy per tier (in use = pinned by a copy in flight, inactive = held and not pinned,
   free), sizes every step, the pinned count at most once per ``occupancy_interval_s`` (it is
   zero whenever nothing is in flight);
-- events: ``BlockStored`` when a G2 store or G3 write lands (with its parent hash and tokens,
-  which the plan carries; a G2 chain landing together is one event); ``BlockRemoved`` when a G2
+- events: ``BlockStored`` when a G2 store or G3 write lands (with its parent hash, which the plan
+  carries, and its tokens, which the scheduler half hands over with the plan but never puts in
+  it: the plan is pickled to every worker, the tokens are needed only here; they are held by
+  sequence hash from :meth:`ConnectorTelemetry.on_plan` until the copy lands or fails, and only
+  while events are on; a G2 chain landing together is one event); ``BlockRemoved`` when a G2
   slot is reused for another block (eviction), a G3 block is deleted, or a G3 block read back
   corrupt.
 
@@ -28,7 +31,7 @@ No torch (this runs in the scheduler half).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
@@ -182,9 +185,27 @@ class ConnectorTelemetry:
 
     # -- feeding ------------------------------------------------------------------------------
 
-    def on_plan(self, plan: StepPlan) -> None:
-        """Note the copies one step plans (call with every plan sent to the workers)."""
+    @property
+    def wants_tokens(self) -> bool:
+        """Whether :meth:`on_plan` should be given the planned blocks' tokens (events are on)."""
+        return self._settings.events
+
+    @property
+    def held_token_blocks(self) -> int:
+        """Blocks whose tokens are held for a ``BlockStored`` event, until their copy lands or
+        fails (zero once every planned store has been reported)."""
+        return sum(1 for t in (self._host, self._disk) for p in t.values() if p.tokens)
+
+    def on_plan(
+        self, plan: StepPlan, block_tokens: Mapping[int, tuple[int, ...]] | None = None
+    ) -> None:
+        """Note the copies one step plans (call with every plan sent to the workers).
+
+        ``block_tokens``: the tokens of the blocks it stores, by sequence hash (what
+        ``KvTierScheduler.build_step_plan`` fills in); held until each copy lands or fails.
+        """
         now = self._clock()
+        tokens_of = block_tokens if block_tokens is not None else {}
         events: list[KvEvent] = []
         for job in plan.loads:
             self._loads[job.job_id] = _Pending(
@@ -199,13 +220,15 @@ class ConnectorTelemetry:
                 evicted.append(old)
             self._host_slot_hash[slot] = h
             parent = stores.parents[i] if stores.parents else None
-            tokens = stores.token_ids[i] if stores.token_ids else ()
-            self._host[h] = _Pending(now, parent=parent, tokens=tokens)
+            self._host[h] = _Pending(now, parent=parent, tokens=tokens_of.get(h, ()))
         if evicted:
             events.append(BlockRemoved(tuple(evicted), MEDIUM_HOST))
         for w in plan.disk_writes:
             self._disk[w.seq_hash] = _Pending(
-                now, parent=w.parent_hash, tokens=w.token_ids, from_host=w.host_slot >= 0
+                now,
+                parent=w.parent_hash,
+                tokens=tokens_of.get(w.seq_hash, ()),
+                from_host=w.host_slot >= 0,
             )
         gone = [h for h in plan.disk_deletes if h in self._disk_announced]
         if gone:

@@ -278,14 +278,18 @@ class KvTierConnector(KVConnectorBase_V1):
                     rid in cached.resumed_req_ids,
                 )
             )
+        # The blocks' tokens (for KV events) stay in this process: the plan goes to every worker.
+        tel = self.telemetry
+        tokens: dict[int, tuple[int, ...]] | None = {} if tel and tel.wants_tokens else None
         plan = self._sched().build_step_plan(
             new,
             cached_rows,
             scheduler_output.num_scheduled_tokens,
             idle=scheduler_output.total_num_scheduled_tokens == 0,
+            block_tokens=tokens,
         )
-        if self.telemetry is not None:
-            self.telemetry.on_plan(plan)
+        if tel is not None:
+            tel.on_plan(plan, tokens)
         return KvTierConnectorMetadata(plan)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:

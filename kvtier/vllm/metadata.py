@@ -54,26 +54,24 @@ class StoreBatch:
     """Copy GPU blocks into G2 slots after this step's forward pass wrote them.
 
     ``parents[i]`` is the parent sequence hash of ``hashes[i]`` (None for a request's first
-    block) and ``token_ids[i]`` its tokens. The workers ignore both; they ride along so the
-    scheduler-side telemetry can publish ``BlockStored`` events that chain, as vLLM's do. Each is
-    either empty (not known) or as long as ``hashes``.
+    block; empty when not known, else as long as ``hashes``). The workers ignore it; one int per
+    block rides along so the scheduler-side telemetry can publish ``BlockStored`` events that
+    chain, as vLLM's do. The blocks' tokens deliberately do not ride along: they would cost a
+    block's worth of ints per block, pickled to every worker every step, for nothing a worker
+    uses; the scheduler half hands them to the telemetry in its own process instead.
     """
 
     gpu_blocks: list[int] = field(default_factory=list)
     host_slots: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)
     parents: list[int | None] = field(default_factory=list)
-    token_ids: list[tuple[int, ...]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not len(self.gpu_blocks) == len(self.host_slots) == len(self.hashes):
             raise ValueError("StoreBatch: gpu_blocks, host_slots and hashes differ in length")
-        for name in ("parents", "token_ids"):
-            got = len(getattr(self, name))
-            if got and got != len(self.hashes):
-                raise ValueError(
-                    f"StoreBatch: {name} has {got} entries for {len(self.hashes)} hashes"
-                )
+        got = len(self.parents)
+        if got and got != len(self.hashes):
+            raise ValueError(f"StoreBatch: parents has {got} entries for {len(self.hashes)} hashes")
 
 
 @dataclass(frozen=True)
@@ -85,8 +83,6 @@ class DiskWrite:
     parent_hash: int | None
     host_slot: int = -1
     gpu_block: int = -1
-    token_ids: tuple[int, ...] = ()
-    """The block's tokens when the scheduler knows them (for KV events only; empty otherwise)."""
 
     def __post_init__(self) -> None:
         if (self.host_slot >= 0) == (self.gpu_block >= 0):

@@ -280,12 +280,16 @@ class KvTierScheduler:
         num_scheduled_tokens: dict[str, int],
         *,
         idle: bool = False,
+        block_tokens: dict[int, tuple[int, ...]] | None = None,
     ) -> StepPlan:
         """Plan this step: the loads decided at allocation, and stores of the blocks this step
         completes.
 
         ``new_reqs``: (req_id, block_ids, num_computed_tokens); ``cached_reqs``: (req_id,
-        new_block_ids or None, num_computed_tokens, resumed).
+        new_block_ids or None, num_computed_tokens, resumed). ``block_tokens``, when given, gets
+        the tokens of every block this plan stores (G2 or G3), by sequence hash: for the KV
+        events of the scheduler-side telemetry, which the plan itself (sent to every worker)
+        does not carry.
         """
         step = self._step
         self._step += 1
@@ -311,7 +315,7 @@ class KvTierScheduler:
         for st, computed, done_tokens in touched:
             # Blocks vLLM recomputes (a failed load, a preempted request) are stored again.
             st.next_store = min(st.next_store, computed // self.config.block_size)
-            self._plan_stores(st, done_tokens, step, stores, writes)
+            self._plan_stores(st, done_tokens, step, stores, writes, block_tokens)
         plan = StepPlan(
             step=step,
             loads=self._plan_loads,
@@ -466,6 +470,7 @@ class KvTierScheduler:
         step: int,
         stores: StoreBatch,
         writes: list[DiskWrite],
+        block_tokens: dict[int, tuple[int, ...]] | None,
     ) -> None:
         bs = self.config.block_size
         done_tokens = min(done_tokens, st.request.num_tokens)
@@ -477,24 +482,26 @@ class KvTierScheduler:
         for i in range(st.next_store, complete):
             h = st.hashes[i]
             parent = st.hashes[i - 1] if i else None
-            tokens = tuple(all_tokens[i * bs : (i + 1) * bs])
             gpu_block = st.block_ids[i]
-            host_slot = self._store_host(h, parent, tokens, gpu_block, stores)
+            planned = len(stores.hashes)
+            host_slot = self._store_host(h, parent, gpu_block, stores)
             if host_slot is not None:
                 st.last_store_step = step
+            write = None
             if self.config.disk_blocks and h not in self.disk and self.filter.should_offload(h):
-                write = self._store_disk(h, parent, tokens, host_slot, gpu_block)
+                write = self._store_disk(h, parent, host_slot, gpu_block)
                 if write is not None:
                     writes.append(write)
                     if write.gpu_block >= 0:
                         st.last_store_step = step
+            if block_tokens is not None and (write is not None or len(stores.hashes) > planned):
+                block_tokens[h] = tuple(all_tokens[i * bs : (i + 1) * bs])
         st.next_store = max(st.next_store, complete)
 
     def _store_host(
         self,
         h: int,
         parent: int | None,
-        tokens: tuple[int, ...],
         gpu_block: int,
         stores: StoreBatch,
     ) -> int | None:
@@ -515,7 +522,6 @@ class KvTierScheduler:
         stores.host_slots.append(slot)
         stores.hashes.append(h)
         stores.parents.append(parent)
-        stores.token_ids.append(tokens)
         self.counters.offload_d2h += 1
         return slot
 
@@ -523,7 +529,6 @@ class KvTierScheduler:
         self,
         h: int,
         parent: int | None,
-        tokens: tuple[int, ...],
         host_slot: int | None,
         gpu_block: int,
     ) -> DiskWrite | None:
@@ -540,9 +545,9 @@ class KvTierScheduler:
             self.host.pin(h, pending_ok=True)
             pending.host_pin = h
             self.counters.offload_h2d += 1
-            return DiskWrite(h, parent, host_slot=host_slot, token_ids=tokens)
+            return DiskWrite(h, parent, host_slot=host_slot)
         self.counters.offload_d2d += 1
-        return DiskWrite(h, parent, gpu_block=gpu_block, token_ids=tokens)
+        return DiskWrite(h, parent, gpu_block=gpu_block)
 
     def _finish_host(self, h: int, *, ok: bool) -> None:
         p = self._host_pending.get(h)

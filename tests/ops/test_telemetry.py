@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import urllib.request
+from dataclasses import dataclass
 
 from kvtier.events import (
     MEDIUM_DISK,
@@ -13,10 +16,25 @@ from kvtier.events import (
     KvEvent,
     KvEventSubscriber,
 )
+from kvtier.hashing import salt_hash, sequence_hashes
 from kvtier.ops.telemetry import ConnectorTelemetry
 from kvtier.settings import load_settings
 from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, StoreBatch, WorkerReport
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
+
+
+@dataclass
+class _Request:
+    """The attributes of vLLM's ``Request`` that the scheduler half reads."""
+
+    request_id: str
+    all_token_ids: list[int]
+    cache_salt: str | None = None
+    lora_request: None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
 
 
 class Clock:
@@ -130,8 +148,9 @@ def test_events_stream_and_metrics_endpoint() -> None:
                 StepPlan(
                     2,
                     stores=StoreBatch([3], [0], [13], [12]),  # slot 0 reused: 11 was evicted
-                    disk_writes=[DiskWrite(12, 11, host_slot=1, token_ids=(5, 6, 7, 8))],
-                )
+                    disk_writes=[DiskWrite(12, 11, host_slot=1)],
+                ),
+                {12: (5, 6, 7, 8)},
             )
             tel.on_reports([WorkerReport(0, host_stored=[13], disk_stored=[12])], sched)
             tel.on_plan(StepPlan(3, disk_deletes=[12, 777]))  # 777 was never announced
@@ -175,9 +194,15 @@ def test_g2_stored_events_chain_with_parents_and_tokens() -> None:
                 host_slots=[0, 1, 2, 3, 4],
                 hashes=[21, 22, 31, 23, 32],
                 parents=[None, 21, 30, 22, 31],
-                token_ids=[(1, 2, 3, 4), (5, 6, 7, 8), (9, 9, 9, 9), (10, 11, 12, 13), (7,) * 4],
             )
-            tel.on_plan(StepPlan(1, stores=stores))
+            tokens = {
+                21: (1, 2, 3, 4),
+                22: (5, 6, 7, 8),
+                31: (9, 9, 9, 9),
+                23: (10, 11, 12, 13),
+                32: (7,) * 4,
+            }
+            tel.on_plan(StepPlan(1, stores=stores), tokens)
             tel.on_reports([WorkerReport(0, host_stored=[21, 22, 23, 31, 32])], sched)
             # G3 blocks restored at start carry their file header's parent hash.
             tel.on_reports([WorkerReport(0, restored=[41, 40], restored_parents=[40, None])], sched)
@@ -192,3 +217,65 @@ def test_g2_stored_events_chain_with_parents_and_tokens() -> None:
         BlockStored((40,), None, (), 4, MEDIUM_DISK),
         AllBlocksCleared(),
     ]
+
+
+def _ints(obj: object) -> set[int]:
+    """Every int inside a (nested) plain-data value: dataclasses, lists, tuples, dicts."""
+    if isinstance(obj, bool):
+        return set()
+    if isinstance(obj, int):
+        return {obj}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _ints([getattr(obj, f.name) for f in dataclasses.fields(obj)])
+    if isinstance(obj, dict):
+        return _ints(list(obj.keys())) | _ints(list(obj.values()))
+    if isinstance(obj, list | tuple):
+        return set().union(*(_ints(x) for x in obj)) if obj else set()
+    return set()
+
+
+def test_token_ids_stay_on_the_scheduler_side_until_the_stores_land_or_fail() -> None:
+    """The plan sent to the workers carries no token ids; telemetry holds each planned block's
+    tokens (events on) until its copy is reported, then none."""
+    tel, _, _ = make(KVTIER_EVENTS="1", KVTIER_METRICS="0")
+    assert tel.wants_tokens
+    sched = KvTierScheduler(
+        SchedulerConfig(block_size=4, host_blocks=8, disk_blocks=8, disk_filter=False)
+    )
+    sched.process_reports([WorkerReport(0, restored=[])])
+    req = _Request("a", [70_000 + i for i in range(14)])  # 3 full blocks + 2 tokens
+    sched.get_num_new_matched_tokens(req, 0)
+    tokens: dict[int, tuple[int, ...]] = {}
+    plan = sched.build_step_plan([("a", [4, 5, 6, 7], 0)], [], {"a": 14}, block_tokens=tokens)
+    h = sequence_hashes(req.all_token_ids, 4, salt_hash())
+    assert plan.stores.hashes == h and [w.seq_hash for w in plan.disk_writes] == h
+    assert tokens == {h[i]: tuple(70_000 + 4 * i + j for j in range(4)) for i in range(3)}
+    assert {f.name for f in dataclasses.fields(StoreBatch)} == {
+        "gpu_blocks",
+        "host_slots",
+        "hashes",
+        "parents",
+    }
+    assert "token_ids" not in {f.name for f in dataclasses.fields(DiskWrite)}
+    assert _ints(pickle.loads(pickle.dumps(plan))).isdisjoint(req.all_token_ids)
+    tel.on_plan(plan, tokens)
+    assert tel.held_token_blocks == 6  # 3 G2 stores + 3 G3 writes
+    # Block 2's G2 store fails, and with it its G3 write (read from that slot); the rest lands.
+    report = WorkerReport(
+        0,
+        host_stored=h[:2],
+        host_store_failed=[h[2]],
+        disk_stored=h[:2],
+        disk_store_failed=[h[2]],
+        stores_read_step=plan.step,
+    )
+    sched.process_reports([report])
+    tel.on_reports([report], sched)
+    assert tel.held_token_blocks == 0
+
+
+def test_without_events_no_tokens_are_asked_for() -> None:
+    tel, _, _ = make()
+    assert not tel.wants_tokens
+    tel.on_plan(StepPlan(1, stores=StoreBatch([1], [0], [11], [None])))
+    assert tel.held_token_blocks == 0

@@ -8,6 +8,8 @@ and decode, after which every index is consistent and nothing is leaked; wrong K
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,14 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def llm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     disk = tmp_path_factory.mktemp("g3-filtered")
-    extra = {"cpu_cache_blocks": 256, "disk_cache_blocks": 64, "disk_dir": str(disk)}
+    extra = {
+        "cpu_cache_blocks": 256,
+        "disk_cache_blocks": 64,
+        "disk_dir": str(disk),
+        # Events on, so the scheduler half keeps the planned blocks' tokens for BlockStored.
+        "events": True,
+        "events_endpoint": "tcp://127.0.0.1:0",
+    }
     with engine(tiny_model, extra, in_process=True) as llm:
         yield llm
     from vllm.distributed.kv_transfer import has_kv_transfer_group
@@ -47,6 +56,51 @@ def test_kv_layout_detected_from_cpu_backend(llm: Any) -> None:
     assert layout.num_blocks == 512
     assert layout.interior_shape == (2, BLOCK, 64)
     assert layout.layer_names == ("model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn")
+
+
+def _ints(obj: object) -> list[int]:
+    """Every int inside a (nested) plain-data value: dataclasses, lists, tuples."""
+    if isinstance(obj, bool):
+        return []
+    if isinstance(obj, int):
+        return [obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _ints([getattr(obj, f.name) for f in dataclasses.fields(obj)])
+    if isinstance(obj, list | tuple):
+        return [i for x in obj for i in _ints(x)]
+    return []
+
+
+def test_metadata_sent_to_workers_carries_no_token_ids(
+    llm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connector metadata vLLM sends to the workers (pickled as they receive it) holds no
+    token id; the telemetry holds the stored blocks' tokens only until their copies land."""
+    sched, _ = connectors(llm)
+    tel = sched.telemetry
+    build = sched.build_connector_meta
+    sent: list[Any] = []
+    held: list[int] = []
+
+    def recording(scheduler_output: Any) -> Any:
+        meta = build(scheduler_output)
+        sent.append(pickle.loads(pickle.dumps(meta)))
+        held.append(tel.held_token_blocks)
+        return meta
+
+    monkeypatch.setattr(sched, "build_connector_meta", recording)
+    # Token ids 700..1023: above every GPU block id (512), G2 slot (256), job id and step here.
+    p = [700 + (i * 37) % 324 for i in range(3 * BLOCK + 9)]
+    generate(llm, [p])
+    drain(llm)
+    hashes = sequence_hashes(p, BLOCK, salt_hash())
+    stored = [h for m in sent for h in m.plan.stores.hashes]
+    assert stored == hashes  # the three full prompt blocks, planned once
+    assert max(held) == 3  # their tokens were kept, on the scheduler side only ...
+    assert tel.held_token_blocks == 0  # ... until the stores landed
+    for m in sent:
+        assert set(m.__dict__) == {"plan"}
+        assert set(_ints(m.plan)) - {m.plan.step} <= set(range(700)) | set(hashes)
 
 
 def test_g2_onboard_is_identical_to_recompute(llm: Any) -> None:

@@ -50,11 +50,18 @@ def sched(host: int = 8, disk: int = 0, **kw: object) -> KvTierScheduler:
 
 
 def prefill(
-    s: KvTierScheduler, req: FakeRequest, block_ids: list[int], computed: int = 0
+    s: KvTierScheduler,
+    req: FakeRequest,
+    block_ids: list[int],
+    computed: int = 0,
+    tokens: dict[int, tuple[int, ...]] | None = None,
 ) -> StepPlan:
     """Schedule the whole prompt of ``req`` in one step as a new request."""
     return s.build_step_plan(
-        [(req.request_id, block_ids, computed)], [], {req.request_id: req.num_tokens - computed}
+        [(req.request_id, block_ids, computed)],
+        [],
+        {req.request_id: req.num_tokens - computed},
+        block_tokens=tokens,
     )
 
 
@@ -84,14 +91,15 @@ def test_stores_every_full_prompt_block_once() -> None:
     s = sched()
     req = FakeRequest("a", list(range(10)))  # 2 full blocks + 2 tokens
     assert s.get_num_new_matched_tokens(req, 0) == (0, False)
-    plan = prefill(s, req, [7, 3, 9])
+    tokens: dict[int, tuple[int, ...]] = {}
+    plan = prefill(s, req, [7, 3, 9], tokens=tokens)
     assert plan.stores.gpu_blocks == [7, 3]
     assert plan.stores.host_slots == [0, 1]
     h = sequence_hashes(req.tokens, BS, salt_hash())
     assert plan.stores.hashes == h
-    # Parents and tokens ride along for the telemetry's BlockStored events.
+    # Parents ride along for the telemetry's BlockStored events; tokens stay on this side.
     assert plan.stores.parents == [None, h[0]]
-    assert plan.stores.token_ids == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert tokens == {h[0]: (0, 1, 2, 3), h[1]: (4, 5, 6, 7)}
     assert plan.disk_writes == [] and plan.loads == []
     ack(s, plan)
     assert [s.host.lookup(h) for h in plan.stores.hashes] == [0, 1]
@@ -106,12 +114,13 @@ def test_decode_blocks_are_stored_when_completed() -> None:
     req.extra = [100, 101]  # two sampled tokens: the second block is now full once computed
     plan = s.build_step_plan([], [("a", None, 6, False)], {"a": 1})  # computes token 7 of 8
     assert plan.stores.gpu_blocks == []
-    plan = s.build_step_plan([], [("a", None, 7, False)], {"a": 1})
+    tokens: dict[int, tuple[int, ...]] = {}
+    plan = s.build_step_plan([], [("a", None, 7, False)], {"a": 1}, block_tokens=tokens)
     assert plan.stores.gpu_blocks == [2]
     h = sequence_hashes(req.all_token_ids, BS, salt_hash())
     assert plan.stores.hashes == [h[1]]
     assert plan.stores.parents == [h[0]]
-    assert plan.stores.token_ids == [(4, 5, 100, 101)]
+    assert tokens == {h[1]: (4, 5, 100, 101)}
 
 
 def test_match_g2_then_g3_full_blocks_never_whole_prompt() -> None:
@@ -175,9 +184,11 @@ def test_frequency_filter_sends_second_sighting_to_g3_from_the_g2_slot() -> None
     r = FakeRequest("b", list(range(5)))
     s.get_num_new_matched_tokens(r, 0)
     s.update_state_after_alloc(r, [3, 4], 1 * BS)
-    plan = s.build_step_plan([("b", [3, 4], BS)], [], {"b": 1})
+    tokens: dict[int, tuple[int, ...]] = {}
+    plan = s.build_step_plan([("b", [3, 4], BS)], [], {"b": 1}, block_tokens=tokens)
     assert plan.stores.gpu_blocks == []  # already in G2
-    assert plan.disk_writes == [DiskWrite(h0, None, host_slot=0, token_ids=(0, 1, 2, 3))]
+    assert plan.disk_writes == [DiskWrite(h0, None, host_slot=0)]
+    assert tokens == {h0: (0, 1, 2, 3)}  # stored to G3 only
     assert s.host.lookup(h0) == 0
     assert s.host.pin_counts() == {h0: 2}  # the load and the G3 write
     s.check_invariants()
@@ -190,13 +201,15 @@ def test_g3_write_straight_from_gpu_when_g2_is_full() -> None:
     s = sched(host=1, disk=8, disk_filter=False)
     req = FakeRequest("a", list(range(8)))
     s.get_num_new_matched_tokens(req, 0)
-    plan = prefill(s, req, [5, 6])
+    tokens: dict[int, tuple[int, ...]] = {}
+    plan = prefill(s, req, [5, 6], tokens=tokens)
     h = sequence_hashes(req.tokens, BS, salt_hash())
     assert plan.stores.gpu_blocks == [5]
     assert plan.disk_writes == [
-        DiskWrite(h[0], None, host_slot=0, token_ids=(0, 1, 2, 3)),
-        DiskWrite(h[1], h[0], gpu_block=6, token_ids=(4, 5, 6, 7)),
+        DiskWrite(h[0], None, host_slot=0),
+        DiskWrite(h[1], h[0], gpu_block=6),
     ]
+    assert tokens == {h[0]: (0, 1, 2, 3), h[1]: (4, 5, 6, 7)}
     s.check_invariants()
     ack(s, plan)
     assert s.disk.lookup(h[1]) is not None
