@@ -33,7 +33,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Protocol
 
 from kvtier.core.registry import StoreEvent
@@ -48,6 +47,7 @@ from kvtier.events import (
     KvEventPublisher,
     events_from_tier_events,
 )
+from kvtier.lifecycle import Lifecycle
 from kvtier.metrics import KvTierMetrics, MetricsConfig, MetricsServer
 from kvtier.settings import KvTierSettings
 from kvtier.vllm.metadata import StepPlan, WorkerReport
@@ -104,7 +104,7 @@ class _Pending:
     from_host: bool = False
 
 
-class ConnectorTelemetry:
+class ConnectorTelemetry(Lifecycle):
     """Metrics server + event publisher of one connector (scheduler role).
 
     ``metrics`` always counts (cheap); it is served only when ``settings.metrics`` is on, and
@@ -171,17 +171,6 @@ class ConnectorTelemetry:
         if self.server is not None:
             self.server.close()
             self.server = None
-
-    def __enter__(self) -> ConnectorTelemetry:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- feeding ------------------------------------------------------------------------------
 
