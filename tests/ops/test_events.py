@@ -85,7 +85,7 @@ def test_events_validate_their_fields() -> None:
 
 
 def _collect(sub: KvEventSubscriber, n: int) -> list[int]:
-    seqs = []
+    seqs: list[int] = []
     deadline = time.monotonic() + 10
     while len(seqs) < n and time.monotonic() < deadline:
         got = sub.receive(0.5)
@@ -124,7 +124,7 @@ def test_publisher_and_subscriber_over_tcp_with_consecutive_sequence_numbers() -
 
 
 def test_subscriber_reports_gaps() -> None:
-    ctx: zmq.Context = zmq.Context()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     port = pub.bind_to_random_port("tcp://127.0.0.1")
     payload = encode_batch(EventBatch(1.0, (STORED,), 2))
@@ -154,7 +154,7 @@ def test_replay_returns_buffered_batches_then_end_marker() -> None:
         while pub.published < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert pub.replay_endpoint is not None
-        ctx: zmq.Context = zmq.Context()
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         dealer = ctx.socket(zmq.DEALER)
         dealer.connect(pub.replay_endpoint)
         try:

@@ -110,6 +110,7 @@ def test_pins_taken_on_a_pending_block_survive_its_commit() -> None:
     idx.unpin(4)
     idx.unpin(4)
     assert idx.pin_counts() == {} and idx.lookup(4) == 0
+    assert idx.reserve(6) is not None
     with pytest.raises(ValueError, match="store pin"):
-        idx.reserve(6) and idx.unpin(6)
+        idx.unpin(6)
     idx.check_invariants()
