@@ -150,7 +150,6 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=4, help="prompts per round (each: TTFT, batch)")
     ap.add_argument("--blocks", type=int, default=7, help="full 128-token blocks per prompt")
     ap.add_argument("--io-threads", type=int, default=None, help="kvtier's io_threads knob")
-    ap.add_argument("--io-nice", type=int, default=None, help="kvtier's io_nice knob")
     ap.add_argument("--knobs", default="{}", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=("baseline", "kvtier"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -163,8 +162,7 @@ def main() -> None:
     from kvtier.tinymodel import build_tiny_llama
 
     length = args.blocks * BLOCK + 5
-    given = (("io_threads", args.io_threads), ("io_nice", args.io_nice))
-    knobs = {k: v for k, v in given if v is not None}
+    knobs = {} if args.io_threads is None else {"io_threads": args.io_threads}
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_llama(Path(tmp) / "model", demo_model_spec())
         engines = {m: _Engine(m, model, Path(tmp), knobs) for m in ("baseline", "kvtier")}
