@@ -40,7 +40,7 @@ from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage, aligned_empty
 from kvtier.storage.layout import detect_layout
-from kvtier.transfer.cuda_disk import DiskLoadConfig, DiskToDeviceLoader
+from kvtier.transfer.cuda.disk import DiskLoadConfig, DiskToDeviceLoader
 from kvtier.transfer.engine import CopyEngine, TorchCopyEngine
 
 GB = 1e9

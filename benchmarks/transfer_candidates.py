@@ -73,7 +73,7 @@ def interference(
     pool: int,
 ) -> None:
     """How much a copy slows a bf16 matmul stream: kernel copy (16 programs) vs staged DMA."""
-    from kvtier.transfer.cuda_kernels import copy_pieces_kernel
+    from kvtier.transfer.cuda.kernels import copy_pieces_kernel
 
     dev = torch.device("cuda")
     n = 1024
@@ -160,7 +160,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no GPU present: nothing to measure")
         return 0
-    from kvtier.transfer.cuda_kernels import copy_pieces_kernel
+    from kvtier.transfer.cuda.kernels import copy_pieces_kernel
 
     dev = torch.device("cuda")
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__)

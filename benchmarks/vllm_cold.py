@@ -158,8 +158,8 @@ def main() -> None:
     if args.child is not None:
         sys.exit(_child(args.child, Path(args.model), Path(args.work), json.loads(args.knobs)))
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from kvtier.demo import demo_model_spec
-    from kvtier.tinymodel import build_tiny_llama
+    from kvtier.ops.demo import demo_model_spec
+    from kvtier.ops.tinymodel import build_tiny_llama
 
     length = args.blocks * BLOCK + 5
     knobs = {} if args.io_threads is None else {"io_threads": args.io_threads}

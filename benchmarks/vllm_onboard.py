@@ -4,7 +4,7 @@ One command: ``.venv/bin/python benchmarks/vllm_onboard.py``. For each of N prom
 a cold prefill (nothing cached: the baseline, measured in this run), then, after
 ``reset_prefix_cache()`` empties vLLM's own G1, the same prompt again, served by kvtier from G2;
 a second engine with no G2 serves it from G3 (disk). Prints medians and the ratios against the
-baseline. The model is a random-weight Llama built offline (``kvtier.tinymodel``), so absolute
+baseline. The model is a random-weight Llama built offline (``kvtier.ops.tinymodel``), so absolute
 numbers are small; the ratios show what the connector costs or saves on this machine.
 """
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvtier.tinymodel import TinyLlamaSpec, build_tiny_llama
+from kvtier.ops.tinymodel import TinyLlamaSpec, build_tiny_llama
 
 BLOCK = 128
 

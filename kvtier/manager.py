@@ -42,7 +42,7 @@ from kvtier.transfer.engine import CopyEngine, TorchCopyEngine
 from kvtier.transfer.manager import TransferError, TransferHandle, TransferManager, TransferPath
 
 if TYPE_CHECKING:
-    from kvtier.metrics import KvTierMetrics
+    from kvtier.ops.metrics import KvTierMetrics
     from kvtier.storage.pinned import ChunkedPinner
 
 __all__ = [

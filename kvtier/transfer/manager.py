@@ -35,7 +35,7 @@ __all__ = ["TransferError", "TransferHandle", "TransferManager", "TransferPath"]
 
 
 class TransferPath(enum.Enum):
-    """The five paths; values match ``kvtier.metrics.PATHS``."""
+    """The five paths; values match ``kvtier.ops.metrics.PATHS``."""
 
     DEVICE_TO_HOST = "device_to_host"
     HOST_TO_DISK = "host_to_disk"

@@ -32,10 +32,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.config import ModelConfig
-from kvtier.ops.telemetry import ConnectorTelemetry
 from kvtier.settings import KvTierSettings, load_settings
 from kvtier.vllm.metadata import StepPlan, WorkerReport
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
+from kvtier.vllm.telemetry import ConnectorTelemetry
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -132,7 +132,7 @@ class KvTierConnector(KVConnectorBase_V1):
                 )
             )
             # Metrics and KV events live with the scheduler half (engine-core process), up as
-            # soon as the engine is, fed with every plan and worker report (kvtier.ops.telemetry).
+            # soon as the engine is, fed with every plan and worker report (kvtier.vllm.telemetry).
             self.telemetry = ConnectorTelemetry(
                 self.settings,
                 block_size=self.model.block_size,

@@ -11,7 +11,7 @@ from cuda_helpers import gpu_device, needs_cuda
 from kvtier.config import ModelConfig
 from kvtier.storage.disk import DiskStorage
 from kvtier.transfer.cuda import CudaCopyEngine
-from kvtier.transfer.cuda_disk import DiskLoadConfig, DiskToDeviceLoader
+from kvtier.transfer.cuda.disk import DiskLoadConfig, DiskToDeviceLoader
 
 pytestmark = [pytest.mark.cuda, needs_cuda]
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from cuda_helpers import needs_cuda, pinned_host
 
-from kvtier.transfer.cuda_batch import BatchCopier
-from kvtier.transfer.cuda_dma import RowDma
-from kvtier.transfer.cuda_events import new_stream
-from kvtier.transfer.cuda_ids import IdRing
+from kvtier.transfer.cuda.batch import BatchCopier
+from kvtier.transfer.cuda.dma import RowDma
+from kvtier.transfer.cuda.events import new_stream
+from kvtier.transfer.cuda.ids import IdRing
 
 pytestmark = [pytest.mark.cuda, needs_cuda]
 

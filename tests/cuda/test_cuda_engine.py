@@ -165,7 +165,7 @@ def test_not_started_engine_refuses() -> None:
 
 
 def test_batched_dma_is_used_when_the_driver_offers_it() -> None:
-    from kvtier.transfer.cuda_batch import BatchCopier
+    from kvtier.transfer.cuda.batch import BatchCopier
 
     if BatchCopier.load() is None:
         pytest.skip("cuda-bindings with cuMemcpyBatchAsync is not installed")

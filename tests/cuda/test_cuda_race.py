@@ -24,7 +24,7 @@ from cuda_helpers import (
 )
 
 from kvtier.transfer.cuda import CudaCopyConfig, CudaCopyEngine
-from kvtier.transfer.cuda_events import query
+from kvtier.transfer.cuda.events import query
 
 pytestmark = [pytest.mark.cuda, needs_cuda]
 

@@ -23,7 +23,7 @@ from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import detect_layout
-from kvtier.transfer.cuda_disk import DiskLoadConfig, DiskToDeviceLoader
+from kvtier.transfer.cuda.disk import DiskLoadConfig, DiskToDeviceLoader
 from kvtier.transfer.engine import CopyHandle, TorchCopyEngine
 
 MODEL = ModelConfig(num_layers=2, block_size=8, num_kv_heads=2, head_dim=64)  # 8 KiB blocks

@@ -10,7 +10,7 @@ import torch
 from kvtier.storage.host import aligned_empty
 from kvtier.storage.pinned import ChunkedPinner, PinningConfig, rows_per_chunk
 from kvtier.transfer.cuda import CudaCopyConfig, chunk_bounds
-from kvtier.transfer.cuda_plan import tile_words
+from kvtier.transfer.cuda.plan import tile_words
 
 
 def test_rows_per_chunk_is_whole_rows_and_pages() -> None:

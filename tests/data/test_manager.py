@@ -413,7 +413,7 @@ def test_disk_onboard_in_chunks_with_a_corrupt_block(
 
 
 def test_metrics_receive_transfers_lookups_and_occupancy(managers: list[KvBlockManager]) -> None:
-    from kvtier.metrics import KvTierMetrics
+    from kvtier.ops.metrics import KvTierMetrics
 
     metrics = KvTierMetrics()
     cfg = KvTierConfig(model=MODEL, host_blocks=4)

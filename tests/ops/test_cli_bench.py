@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.cli import main
 from kvtier.ops.bench import Figure, parse_figures, run_benchmarks
+from kvtier.ops.cli import main
 
 # Scripts written into a temporary benchmarks/ folder: the three output forms the real benchmark
 # scripts use (inline "ratio N", a table with a ratio column, "Nx <words>"), a --json script, and

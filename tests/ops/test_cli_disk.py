@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvtier.cli import main
+from kvtier.ops.cli import main
 from kvtier.ops.diskscan import fsck_dir, inspect_dir
 from kvtier.storage.disk import DiskStorage
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.cli import main
-from kvtier.demo import DemoConfig
+from kvtier.ops.cli import main
+from kvtier.ops.demo import DemoConfig
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

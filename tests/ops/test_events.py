@@ -8,7 +8,7 @@ import msgpack
 import pytest
 import zmq
 
-from kvtier.events import (
+from kvtier.ops.events import (
     MEDIUM_DISK,
     MEDIUM_HOST,
     AllBlocksCleared,
@@ -188,7 +188,7 @@ def test_bind_failure_is_a_clear_error() -> None:
 
 def test_registry_events_map_to_wire_events_in_order() -> None:
     from kvtier.core.registry import TierRegistry
-    from kvtier.events import events_from_tier_events
+    from kvtier.ops.events import events_from_tier_events
 
     reg = TierRegistry()
     reg.record_store("G1", 10, None)  # G1: vLLM publishes its own, left out
@@ -214,7 +214,7 @@ def test_registry_events_map_to_wire_events_in_order() -> None:
 def test_events_of_a_real_registry_reach_a_subscriber() -> None:
     from kvtier.core.pool import BlockPool
     from kvtier.core.registry import TierRegistry
-    from kvtier.events import events_from_tier_events
+    from kvtier.ops.events import events_from_tier_events
 
     reg = TierRegistry()
     pool = BlockPool(2, block_size=4, tier="G2", registry=reg)

@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvtier.metrics import KvTierMetrics, MetricsConfig, MetricsServer, SlidingHitRate
+from kvtier.ops.metrics import KvTierMetrics, MetricsConfig, MetricsServer, SlidingHitRate
 
 
 class FakeClock:

@@ -7,7 +7,8 @@ import pickle
 import urllib.request
 from dataclasses import dataclass
 
-from kvtier.events import (
+from kvtier.hashing import salt_hash, sequence_hashes
+from kvtier.ops.events import (
     MEDIUM_DISK,
     MEDIUM_HOST,
     AllBlocksCleared,
@@ -16,11 +17,10 @@ from kvtier.events import (
     KvEvent,
     KvEventSubscriber,
 )
-from kvtier.hashing import salt_hash, sequence_hashes
-from kvtier.ops.telemetry import ConnectorTelemetry
 from kvtier.settings import load_settings
 from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, StoreBatch, WorkerReport
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
+from kvtier.vllm.telemetry import ConnectorTelemetry
 
 
 @dataclass

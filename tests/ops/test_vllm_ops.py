@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvtier.events import MEDIUM_HOST, BlockRemoved, BlockStored, KvEventSubscriber
 from kvtier.hashing import salt_hash, sequence_hashes
-from kvtier.tinymodel import build_tiny_llama
+from kvtier.ops.events import MEDIUM_HOST, BlockRemoved, BlockStored, KvEventSubscriber
+from kvtier.ops.tinymodel import build_tiny_llama
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

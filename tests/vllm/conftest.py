@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.tinymodel import build_tiny_llama
+from kvtier.ops.tinymodel import build_tiny_llama
 
 
 @pytest.fixture(scope="session")

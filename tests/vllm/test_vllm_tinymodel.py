@@ -1,4 +1,4 @@
-"""kvtier.tinymodel: an offline, deterministic tiny Llama directory."""
+"""kvtier.ops.tinymodel: an offline, deterministic tiny Llama directory."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.tinymodel import TinyLlamaSpec, build_tiny_llama
+from kvtier.ops.tinymodel import TinyLlamaSpec, build_tiny_llama
 
 
 def test_build_is_deterministic_and_complete(tmp_path: Path) -> None:

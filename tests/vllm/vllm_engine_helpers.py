@@ -1,7 +1,7 @@
 """Helpers for the end-to-end tests: build a real vLLM (CPU build) engine with kvtier loaded.
 
-The engines run the tiny random-weight Llama of ``kvtier.tinymodel`` (built offline), take token-id
-prompts and decode greedily, so outputs are deterministic and depend on every KV value.
+The engines run the tiny random-weight Llama of ``kvtier.ops.tinymodel`` (built offline), take
+token-id prompts and decode greedily, so outputs are deterministic and depend on every KV value.
 """
 
 from __future__ import annotations

@@ -1,46 +1,6 @@
-"""``CudaCopyEngine``: the ``CopyEngine`` protocol on CUDA streams, events and gather kernels.
+"""``CudaCopyEngine``: life cycle of the CUDA copy engine and the order of events on its streams.
 
-Why this exists: on a GPU server kvtier's value is how fast it moves KV over PCIe and how little
-it disturbs the model. Measured on the lent H200 (benchmarks/transfer_candidates.py, _variants.py,
-transfer.py; figures in benchmarks/RESULTS.md): one DMA per (block, layer, K/V) piece reaches
-2-3 GB/s; gathering the pieces on the device into a staging buffer of canonical rows and crossing
-PCIe as batched DMAs of whole rows reaches 0.84-0.99 of the one-copy limit from 256 blocks on
-(0.93-0.99 from 1024), leaves a bf16 matmul stream at full speed, and keeps 0.90-0.97 of the
-two-way limit with both directions at once. A small-grid kernel that reads/writes mapped pinned
-memory reaches 0.90-0.95 one way but only about 60 GB/s both ways and slows the matmuls by about
-10%; it stays available as ``mode="kernel"`` because it lands layers one by one (true layer-wise
-onboarding).
-
-How a batch moves (``mode="dma"``, the default), per direction:
-
-- a kernel stream (gather/scatter on the device) and ``dma_streams`` DMA streams; onboarding's
-  streams run at the highest stream priority;
-- the batch is cut into chunks of at most one staging slot (small first and last chunks); two
-  slots alternate, so chunk k+1 is gathered while chunk k crosses PCIe; a slot is reused only
-  after the event that freed it;
-- one Triton launch moves every layer of a chunk (a table of layer addresses); without Triton, or
-  for geometries that are not 4-byte multiples, torch indexing ops do the same;
-- device->host: the kernel stream waits on the ``gate`` event (the forward pass or layer that wrote
-  the blocks), gathers, and the DMA streams copy runs of consecutive host rows (split where a
-  pinned registration ends), one ``cuMemcpyBatchAsync`` per stream and chunk when cuda-bindings
-  offers it (``cuda_batch``); ``source_released()`` turns true after the gather, before PCIe;
-- host->device: the ``gate`` orders the whole copy (e.g. after pending writes to the target
-  blocks); DMA into staging, then the scatter; layer events complete together at the end (use
-  ``mode="kernel"`` for layer-by-layer landing);
-- block ids reach the device through a pinned ring (``IdRing``): the submit path never allocates
-  pinned memory or synchronises a stream, so it never waits on the model;
-- completion is polled with ``event.query()``; nothing calls back into the caller's metadata.
-
-Host rows must be page-locked: either the storage was allocated pinned, or a ``ChunkedPinner`` was
-attached with ``attach_pinner``. Any other row fails the copy with ``PinningError``; kvtier never
-falls back to a pageable copy silently.
-
-This file holds the engine's life cycle and the order of events on its streams; the parts live
-apart: ``cuda_config`` (knobs), ``cuda_handle`` (the polled handle), ``cuda_lane`` (a direction's
-streams and staging slots, ``chunk_bounds``), ``cuda_gather`` (device gather/scatter),
-``cuda_dma`` (pinned host-row runs over PCIe), ``cuda_events`` (typed event/stream calls),
-``cuda_ids`` (the pinned id ring), ``cuda_plan`` / ``cuda_kernels`` (segments and Triton kernels),
-``cuda_batch`` (``cuMemcpyBatchAsync``).
+The package docstring (``kvtier/transfer/cuda/__init__.py``) is the overview: how a batch moves.
 """
 
 from __future__ import annotations
@@ -55,14 +15,14 @@ from kvtier.lifecycle import Lifecycle
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.pinned import ChunkedPinner
-from kvtier.transfer.cuda_config import CudaCopyConfig
-from kvtier.transfer.cuda_dma import RowDma, check_pinned, host_runs, join_streams
-from kvtier.transfer.cuda_events import new_event, new_stream, record_through
-from kvtier.transfer.cuda_gather import DeviceGather
-from kvtier.transfer.cuda_handle import CudaCopyHandle
-from kvtier.transfer.cuda_ids import IdRing
-from kvtier.transfer.cuda_lane import Lane, chunk_bounds
-from kvtier.transfer.cuda_plan import triton_available
+from kvtier.transfer.cuda.config import CudaCopyConfig
+from kvtier.transfer.cuda.dma import RowDma, check_pinned, host_runs, join_streams
+from kvtier.transfer.cuda.events import new_event, new_stream, record_through
+from kvtier.transfer.cuda.gather import DeviceGather
+from kvtier.transfer.cuda.handle import CudaCopyHandle
+from kvtier.transfer.cuda.ids import IdRing
+from kvtier.transfer.cuda.lane import Lane, chunk_bounds
+from kvtier.transfer.cuda.plan import triton_available
 from kvtier.transfer.engine import SubmittingEngine, check_ids, copy_failure
 
 __all__ = ["CudaCopyConfig", "CudaCopyEngine", "CudaCopyHandle", "chunk_bounds"]
@@ -319,7 +279,7 @@ class CudaCopyEngine(SubmittingEngine, Lifecycle):
 
     def _enqueue_kernel(self, lane: Lane, batch: _Batch, gate: torch.cuda.Event | None) -> None:
         to_host, device, host, dids, hids, handle = batch
-        from kvtier.transfer.cuda_kernels import launch_segment
+        from kvtier.transfer.cuda.kernels import launch_segment
 
         segs = self._gather.segments(device)
         assert segs is not None

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kvtier.core.registry import StoreEvent
-from kvtier.events import (
+from kvtier.lifecycle import Lifecycle
+from kvtier.ops.events import (
     MEDIUM_DISK,
     MEDIUM_HOST,
     AllBlocksCleared,
@@ -47,8 +48,7 @@ from kvtier.events import (
     KvEventPublisher,
     events_from_tier_events,
 )
-from kvtier.lifecycle import Lifecycle
-from kvtier.metrics import KvTierMetrics, MetricsConfig, MetricsServer
+from kvtier.ops.metrics import KvTierMetrics, MetricsConfig, MetricsServer
 from kvtier.settings import KvTierSettings
 from kvtier.vllm.metadata import StepPlan, WorkerReport
 

@@ -2,7 +2,7 @@
 
 Why argparse: it is in the standard library, and every subcommand is a few options; the output is
 rendered with rich (tables, progress bars). Each subcommand's work lives elsewhere
-(``kvtier.ops.*``, ``kvtier.demo``) so that it can be tested without parsing arguments; this
+(``kvtier.ops.*``, ``kvtier.ops.demo``) so that it can be tested without parsing arguments; this
 module only parses, calls, and renders. Exit status: 0 success, 1 the work found a problem (a
 benchmark failed, fsck found bad blocks and did not repair them), 2 bad usage or input.
 """
@@ -126,7 +126,7 @@ def _cmd_fsck(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
-    from kvtier import demo
+    from kvtier.ops import demo
 
     return demo.run_cli(args, console)
 
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_fsck)
 
     p = sub.add_parser("demo", help="multi-turn chat on vLLM (CPU) with and without kvtier")
-    from kvtier.demo import add_demo_arguments
+    from kvtier.ops.demo import add_demo_arguments
 
     add_demo_arguments(p)
     p.set_defaults(func=_cmd_demo)

@@ -6,7 +6,7 @@ long shared system prompt, the user's whole history, and a new message. The engi
 G1: without kvtier it is recomputed; with kvtier it comes back from G2 (host) or G3 (disk).
 
 All runs replay the same token ids on the same tiny random-weight Llama (built offline by
-:mod:`kvtier.tinymodel`), each engine in its own process (no state leaks from one to another).
+:mod:`kvtier.ops.tinymodel`), each engine in its own process (no state leaks from one to another).
 The engines take turns request by request (the order reversed every other request), so whatever
 else loads the machine falls on every run alike; only one of them computes at any moment.
 
@@ -112,7 +112,7 @@ VOCAB = 4096
 def demo_model_spec() -> Any:
     """The demo's model: bigger than the test model, so that recomputing a prefix costs time
     (about 50 MFLOP per token) while its KV stays small (4 KiB per token, GQA with 2 KV heads)."""
-    from kvtier.tinymodel import TinyLlamaSpec
+    from kvtier.ops.tinymodel import TinyLlamaSpec
 
     return TinyLlamaSpec(
         hidden_size=768,
@@ -199,7 +199,7 @@ class _Session:
     def start(self) -> float:
         """Build the model and the engine, warm it up; returns the engine start time."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from kvtier.tinymodel import build_tiny_llama
+        from kvtier.ops.tinymodel import build_tiny_llama
 
         model = build_tiny_llama(self.work / "model", demo_model_spec())
         kwargs: dict[str, Any] = {}
@@ -424,7 +424,7 @@ class _Child:
     def __init__(self, mode: str, cfg: DemoConfig, work: Path, log: Path) -> None:
         self.mode, self.log_path = mode, log
         self.log = open(log, "w")  # noqa: SIM115 (closed in close())
-        cmd = [sys.executable, "-m", "kvtier.demo", "--child", mode]
+        cmd = [sys.executable, "-m", "kvtier.ops.demo", "--child", mode]
         cmd += ["--config-json", json.dumps(asdict(cfg)), "--work", str(work)]
         self.proc = subprocess.Popen(
             cmd,
@@ -558,7 +558,7 @@ def _emit(obj: dict[str, Any]) -> None:
 
 
 def _child_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvtier.demo")
+    parser = argparse.ArgumentParser(prog="python -m kvtier.ops.demo")
     parser.add_argument("--child", choices=MODES, required=True)
     parser.add_argument("--config-json", required=True)
     parser.add_argument("--work", required=True)

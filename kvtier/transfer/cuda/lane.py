@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtier.transfer.cuda_ids import IdRing
+from kvtier.transfer.cuda.ids import IdRing
 
 __all__ = ["Lane", "chunk_bounds"]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from kvtier.transfer.cuda_events import query
+from kvtier.transfer.cuda.events import query
 
 __all__ = ["CudaCopyHandle"]
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtier.transfer.cuda_plan import Segment, tile_words
+from kvtier.transfer.cuda.plan import Segment, tile_words
 
 __all__ = ["copy_pieces_kernel", "copy_segments_kernel", "launch_segment", "launch_segments"]
 

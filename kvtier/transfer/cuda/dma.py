@@ -15,8 +15,8 @@ import torch
 
 from kvtier.storage.host import HostStorage
 from kvtier.storage.pinned import ChunkedPinner, PinningError
-from kvtier.transfer.cuda_batch import BatchCopier
-from kvtier.transfer.cuda_events import new_event
+from kvtier.transfer.cuda.batch import BatchCopier
+from kvtier.transfer.cuda.events import new_event
 
 __all__ = ["RowDma", "check_pinned", "host_runs", "join_streams"]
 

@@ -3,7 +3,7 @@
 Why this exists: the CUDA engine moves pieces between three places (engine-owned device tensors,
 a device staging buffer of canonical rows, pinned host rows). A ``Segment`` describes one group of
 pieces (one layer of a layer-separate layout, or whole blocks of a fully contiguous one) as word
-offsets, so one Triton launch (``cuda_kernels.copy_pieces_kernel``) moves a segment for a whole
+offsets, so one Triton launch (``kernels.copy_pieces_kernel``) moves a segment for a whole
 batch. When Triton is missing, or a geometry is not 4-byte aligned, ``torch_gather`` /
 ``torch_scatter`` do the same with indexing ops (two device passes, still far faster than PCIe).
 """
