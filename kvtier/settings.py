@@ -152,6 +152,7 @@ class KvTierSettings:
     disk_o_direct: bool = True
     disk_filter: bool = True
     layerwise_onboard: bool = False
+    cross_layer_blocks: bool = False
     load_failure_policy: str = "recompute"
     io_threads: int = 4
     metrics: bool = False
@@ -264,6 +265,15 @@ KNOBS: tuple[Knob, ...] = (
         _parse_policy,
         "What vLLM does with a block kvtier failed to load: 'recompute' (default; a cache miss "
         "is never fatal) or 'fail' the request. Sets vLLM's kv_load_failure_policy.",
+    ),
+    Knob(
+        "cross_layer_blocks",
+        "cross_layer_blocks",
+        "KVTIER_CROSS_LAYER_BLOCKS",
+        _parse_bool,
+        "Ask vLLM (0.26, GPU) for one KV tensor whose blocks span every layer "
+        "(prefer_cross_layer_blocks): one DMA per block, but all layers of a load land "
+        "together. Ignored by vLLM versions without it.",
     ),
     Knob(
         "io_threads",

@@ -13,6 +13,18 @@ Host and disk tiers always store a block in one canonical form, a row of ``block
 layers in order, each layer's piece holding its outer indices in order, each piece the engine's own
 interior bytes. The interior order (e.g. tokens-major or heads-major) is the engine's and is part of
 the fingerprint, so bytes are only ever served to a layout that reads them the same way.
+
+vLLM's GPU backends hand over *permuted views*: FlashAttention and Triton allocate the logical
+shape ``(num_blocks, H, T, 2 * D)`` in the memory order ``(num_blocks, T, H, 2 * D)`` for NHD
+(strides ``(T*H*2D, 2D, H*2D, 1)``), so the tensor is not contiguous, yet each block is still one
+dense region. kvtier reads such a tensor in its memory order (``physical_view``): the interior it
+records (``interior_shape``) is the physical one, and ``physical_order`` (the logical dims in memory
+order) goes into the fingerprint, so bytes stored under one order are never read under another. The
+cross-layer tensor of vLLM 0.26 (``register_cross_layers_kv_cache``: one dense region per block
+across all layers, e.g. ``(num_blocks, L, T, H, 2D)`` for NHD or ``(num_blocks, H, L, T, 2D)`` for
+HND) is ``FULLY_CONTIGUOUS`` with its physical ``block_shape`` in the fingerprint. A tensor that is
+not a dense region per block (overlapping or gapped strides, or a block dim that is not outermost in
+memory) is refused with an error naming its shape, strides and the backend.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ __all__ = [
     "default_layout",
     "detect_layout",
     "layout_fingerprint",
+    "physical_view",
 ]
 
 FORMAT_VERSION = 1
@@ -63,6 +76,13 @@ class KvLayout:
     num_blocks: int
     layer_names: tuple[str, ...]
     interior_shape: tuple[int, ...]
+    physical_order: tuple[int, ...] = ()
+    """The tensor's logical dims in memory order when that differs from the logical order (a
+    permuted view); ``()`` when the tensor is contiguous as handed over."""
+    block_shape: tuple[int, ...] = ()
+    """``FULLY_CONTIGUOUS`` only: one block's physical shape (every dim after the block dim)."""
+    backend: str = ""
+    """The attention backend that allocated the tensors, when known (for error messages)."""
 
     def __post_init__(self) -> None:
         if self.num_blocks <= 0:
@@ -110,20 +130,64 @@ def layout_fingerprint(layout: KvLayout) -> int:
         "layout": layout.kind.value,
         "interior_shape": list(layout.interior_shape),
     }
+    # Added only when set, so that the fingerprints of contiguous layouts stay what they were.
+    if layout.physical_order:
+        desc["physical_order"] = list(layout.physical_order)
+    if layout.block_shape:
+        desc["block_shape"] = list(layout.block_shape)
     return xxhash.xxh3_64_intdigest(json.dumps(desc, separators=(",", ":")).encode(), 0)
 
 
-def byte_view(tensor: torch.Tensor) -> torch.Tensor:
-    """The same storage seen as flat uint8 (bit-exact copies of any dtype, fp8 included)."""
-    if not tensor.is_contiguous():
+def memory_order(tensor: torch.Tensor) -> tuple[int, ...] | None:
+    """The tensor's dims ordered from the largest stride to the smallest, when the tensor is one
+    dense region under that order (a permutation of a contiguous tensor), else None.
+
+    Size-1 dims carry no bytes and keep their logical place relative to each other.
+    """
+    shape, strides = tuple(tensor.shape), tensor.stride()
+    if tensor.is_contiguous():
+        return tuple(range(tensor.dim()))
+    order = sorted(range(tensor.dim()), key=lambda d: (-strides[d] if shape[d] > 1 else 0, d))
+    # size-1 dims: put each right after the dim before it in logical order (no bytes either way)
+    big = [d for d in order if shape[d] > 1]
+    expect = 1
+    for d in reversed(big):
+        if strides[d] != expect:
+            return None
+        expect *= shape[d]
+    small = [d for d in range(tensor.dim()) if shape[d] == 1]
+    out = list(big)
+    for d in small:
+        prev = [i for i, x in enumerate(out) if x < d]
+        out.insert(prev[-1] + 1 if prev else 0, d)
+    return tuple(out)
+
+
+def physical_view(tensor: torch.Tensor, *, backend: str = "") -> torch.Tensor:
+    """The same memory as a contiguous tensor whose dims are in memory order (a view, no copy).
+
+    Raises naming shape, strides and backend when the tensor is not one dense region.
+    """
+    order = memory_order(tensor)
+    if order is None:
+        by = f" (attention backend {backend})" if backend else ""
         raise ValueError(
-            f"KV tensor of shape {tuple(tensor.shape)} and strides {tensor.stride()} is not "
-            "contiguous; kvtier needs each KV tensor to be one dense region"
+            f"KV tensor of shape {tuple(tensor.shape)} and strides {tensor.stride()}{by} is not "
+            "contiguous and not a permutation of one dense region; kvtier cannot move its "
+            "blocks exactly"
         )
-    return tensor.reshape(-1).view(torch.uint8)
+    view = tensor.permute(order)
+    assert view.is_contiguous()
+    return view
 
 
-def _check_tensor(name: str, tensor: torch.Tensor, model: ModelConfig) -> None:
+def byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The same storage seen as flat uint8 in memory order (bit-exact copies of any dtype, fp8
+    included). A permuted view of dense memory is read in its memory order (``physical_view``)."""
+    return physical_view(tensor).reshape(-1).view(torch.uint8)
+
+
+def _check_tensor(name: str, tensor: torch.Tensor, model: ModelConfig, backend: str = "") -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"KV tensor {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.element_size() != model.itemsize:
@@ -131,8 +195,7 @@ def _check_tensor(name: str, tensor: torch.Tensor, model: ModelConfig) -> None:
             f"KV tensor {name!r} has dtype {tensor.dtype} ({tensor.element_size()} bytes), the "
             f"model config says {model.dtype} ({model.itemsize} bytes)"
         )
-    if not tensor.is_contiguous():
-        byte_view(tensor)  # raises with the shape and strides
+    physical_view(tensor, backend=backend)  # raises with the shape, strides and backend
 
 
 def detect_layout(
@@ -140,29 +203,44 @@ def detect_layout(
     model: ModelConfig,
     *,
     kind: LayoutKind | None = None,
+    backend: str = "",
 ) -> KvLayout:
     """Work out the layout of an engine's KV tensors, or raise naming what does not fit.
 
-    A single tensor is fully contiguous ``[num_blocks, num_layers, ...]``. A dict holds one tensor
-    per layer (in layer order) of one shape: block-first when dim 0 is the block count, outer-first
-    when dim 0 is ``outer_dim`` and dim 1 the block count. When both readings fit (``num_blocks ==
-    outer_dim``) pass ``kind``.
+    A single tensor is fully contiguous ``[num_blocks, ...]`` in memory order (vLLM's cross-layer
+    tensor). A dict holds one tensor per layer (in layer order) of one shape: block-first when
+    dim 0 is the block count, outer-first when dim 0 is ``outer_dim`` and dim 1 the block count.
+    When both readings fit (``num_blocks == outer_dim``) pass ``kind``. Permuted views are read in
+    memory order (see the module docstring); ``backend`` names the attention backend in errors.
     """
     layer_elems = model.layer_block_bytes // model.itemsize
+    by = f" (attention backend {backend})" if backend else ""
     if isinstance(tensors, torch.Tensor):
-        _check_tensor("kv", tensors, model)
+        _check_tensor("kv", tensors, model, backend)
         if kind not in (None, LayoutKind.FULLY_CONTIGUOUS):
             raise ValueError(f"a single KV tensor is fully contiguous, not {kind}")
         block_elems = layer_elems * model.num_layers
-        shape = tuple(tensors.shape)
+        phys = physical_view(tensors, backend=backend)
+        shape = tuple(phys.shape)
         if tensors.dim() < 2 or tensors.numel() != shape[0] * block_elems:
             raise ValueError(
-                f"KV tensor of shape {shape} is not [num_blocks, ...] with {block_elems} elements "
-                f"per block ({model.num_layers} layers x {layer_elems})"
+                f"KV tensor of shape {tuple(tensors.shape)} and strides {tensors.stride()}{by} "
+                f"is not [num_blocks, ...] in memory order with {block_elems} elements per block "
+                f"({model.num_layers} layers x {layer_elems})"
             )
+        order = memory_order(tensors)
         names = tuple(f"layer_{i}" for i in range(model.num_layers))
         interior = (layer_elems,)
-        return KvLayout(LayoutKind.FULLY_CONTIGUOUS, model, shape[0], names, interior)
+        return KvLayout(
+            LayoutKind.FULLY_CONTIGUOUS,
+            model,
+            shape[0],
+            names,
+            interior,
+            physical_order=() if tensors.is_contiguous() or order is None else order,
+            block_shape=shape[1:] if shape[1:] != (model.num_layers, layer_elems) else (),
+            backend=backend,
+        )
 
     if not isinstance(tensors, Mapping) or not tensors:
         raise TypeError("KV tensors must be one tensor or a non-empty dict layer_name -> tensor")
@@ -171,11 +249,16 @@ def detect_layout(
     names = tuple(tensors)
     first = tensors[names[0]]
     for name, t in tensors.items():
-        _check_tensor(name, t, model)
-        if tuple(t.shape) != tuple(first.shape) or t.dtype != first.dtype:
+        _check_tensor(name, t, model, backend)
+        if (
+            tuple(t.shape) != tuple(first.shape)
+            or t.dtype != first.dtype
+            or t.stride() != first.stride()
+        ):
             raise ValueError(
-                f"KV tensor {name!r} is {tuple(t.shape)} {t.dtype}, layer {names[0]!r} is "
-                f"{tuple(first.shape)} {first.dtype}; all layers must match"
+                f"KV tensor {name!r} is {tuple(t.shape)} {t.dtype} strides {t.stride()}, layer "
+                f"{names[0]!r} is {tuple(first.shape)} {first.dtype} strides {first.stride()}; "
+                "all layers must match"
             )
     shape = tuple(first.shape)
     if first.numel() % layer_elems or first.dim() < 2:
@@ -201,11 +284,32 @@ def detect_layout(
                 f"KV tensor shape {shape} is neither [num_blocks={nb}, ...] nor "
                 f"[{outer}, num_blocks={nb}, ...]"
             )
-    if kind is LayoutKind.BLOCK_FIRST and block_first:
-        return KvLayout(kind, model, nb, names, shape[1:])
-    if kind is LayoutKind.OUTER_FIRST and outer_first:
-        return KvLayout(kind, model, nb, names, (outer, *shape[2:]))
-    raise ValueError(f"KV tensor shape {shape} does not fit layout {kind}")
+    if not (
+        (kind is LayoutKind.BLOCK_FIRST and block_first)
+        or (kind is LayoutKind.OUTER_FIRST and outer_first)
+    ):
+        raise ValueError(f"KV tensor shape {shape} does not fit layout {kind}")
+    if first.is_contiguous():
+        if kind is LayoutKind.BLOCK_FIRST:
+            return KvLayout(kind, model, nb, names, shape[1:], backend=backend)
+        return KvLayout(kind, model, nb, names, (outer, *shape[2:]), backend=backend)
+    order = memory_order(first)
+    assert order is not None  # _check_tensor refused the rest
+    mem_shape = tuple(shape[d] for d in order)
+    block_dim = 0 if kind is LayoutKind.BLOCK_FIRST else 1
+    big = [d for d in order if shape[d] > 1]
+    if big and big[0] == block_dim:
+        # One dense region per block, whatever the logical order: block-first in memory.
+        at = order.index(block_dim)
+        inner = mem_shape[:at] + mem_shape[at + 1 :]
+        return KvLayout(LayoutKind.BLOCK_FIRST, model, nb, names, inner, order, backend=backend)
+    if kind is LayoutKind.OUTER_FIRST and big[:2] == [0, 1]:
+        return KvLayout(kind, model, nb, names, (outer, *mem_shape[2:]), order, backend=backend)
+    raise ValueError(
+        f"KV tensor of shape {shape} and strides {first.stride()}{by} holds a block in more "
+        f"than one region (memory order {order}: the block dim {block_dim} is not outermost); "
+        "kvtier cannot move such blocks exactly"
+    )
 
 
 def default_layout(model: ModelConfig, kind: LayoutKind, num_blocks: int) -> KvLayout:

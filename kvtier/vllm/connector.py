@@ -29,7 +29,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+try:  # vLLM >= 0.32; 0.26 has no cache hit sources (and never asks for them)
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+except ImportError:  # pragma: no cover - exercised on the GPU build (vLLM 0.26)
+    CacheHitSource = None  # type: ignore[assignment,misc]
 
 from kvtier.config import ModelConfig
 from kvtier.settings import KvTierSettings, load_settings
@@ -98,10 +102,26 @@ def model_config_from(kv_cache_config: KVCacheConfig) -> ModelConfig:
     return model
 
 
+def _on_cuda(vllm_config: Any) -> bool:
+    """Whether the workers run on CUDA GPUs (then they use ``kvtier.vllm.gpu_path``)."""
+    return str(getattr(vllm_config.device_config, "device_type", "")) == "cuda"
+
+
+def _backend_name(vllm_config: Any, kv_caches: dict[str, torch.Tensor]) -> str:
+    """The attention backend of the first KV layer, for error messages ("" when unknown)."""
+    try:
+        ctx = vllm_config.compilation_config.static_forward_context
+        layer = ctx[next(iter(kv_caches))]
+        return str(layer.attn_backend.get_name())
+    except Exception:  # best effort: only used to name the backend in a refusal
+        return ""
+
+
 class KvTierConnector(KVConnectorBase_V1):
     """kvtier's vLLM V1 connector (see the module docstring)."""
 
-    _cache_hit_source = CacheHitSource.HOST
+    if CacheHitSource is not None:
+        _cache_hit_source = CacheHitSource.HOST
 
     def __init__(
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
@@ -129,6 +149,9 @@ class KvTierConnector(KVConnectorBase_V1):
                     disk_filter=self.settings.disk_filter,
                     layerwise_onboard=self.settings.layerwise_onboard,
                     num_workers=world,
+                    # CUDA workers store asynchronously and pin G2 in chunks (kvtier.vllm.gpu_path)
+                    async_store_reads=_on_cuda(vllm_config),
+                    pinned_host_rows=_on_cuda(vllm_config),
                 )
             )
             # Metrics and KV events live with the scheduler half (engine-core process), up as
@@ -174,9 +197,23 @@ class KvTierConnector(KVConnectorBase_V1):
 
     # -- worker side ----------------------------------------------------------------------------
 
+    @property
+    def prefer_cross_layer_blocks(self) -> bool:
+        # vLLM 0.26 (GPU) only: one dense region per block across all layers, when asked for.
+        return self.settings.cross_layer_blocks
+
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         if self.worker is not None:
-            self.worker.register_kv_caches(kv_caches, self.model)
+            self.worker.register_kv_caches(
+                kv_caches, self.model, backend=_backend_name(self._vllm_config, kv_caches)
+            )
+
+    def register_cross_layers_kv_cache(self, kv_cache: torch.Tensor, attn_backend: Any) -> None:
+        """vLLM 0.26: the cross-layer tensor ``(num_blocks, ...)`` in memory order (see
+        ``kvtier.storage.layout``), handed over instead of ``register_kv_caches``."""
+        if self.worker is not None:
+            name = getattr(attn_backend, "get_name", lambda: type(attn_backend).__name__)()
+            self.worker.register_kv_caches(kv_cache, self.model, backend=str(name))
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)

@@ -134,6 +134,9 @@ class WorkerReport:
     disk_load_failed: int = 0
     """Blocks of this worker's loads from G3 that failed (missing, corrupt, or the copy failed)."""
     stores_read_step: int = -1
+    host_pinned_rows: int = -1
+    """G2 rows ``[0, n)`` this worker has page-locked so far (a CUDA worker pins its G2 in chunks
+    after start-up); -1: not reported, every row is usable."""
     restored: list[int] | None = None
     restored_parents: list[int | None] = field(default_factory=list)
     """The parent hash of each ``restored`` block, from its file header (same order; empty when
@@ -150,6 +153,7 @@ class WorkerReport:
             or self.disk_bad
             or self.load_failed_blocks
             or self.restored is not None
+            or self.host_pinned_rows >= 0
         )
 
     @property

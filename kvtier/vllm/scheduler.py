@@ -66,6 +66,9 @@ class SchedulerConfig:
     (an asynchronous copy stream); then ``request_finished`` keeps the blocks until the workers
     confirm. kvtier's worker finishes those reads inside the step (``wait_for_save``), so
     vLLM may free a finished request's blocks at once."""
+    pinned_host_rows: bool = False
+    """True when workers pin G2 in chunks after start-up (CUDA): G2 slots are handed out only
+    below the smallest pinned-row count every worker has reported (``WorkerReport``)."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_workers"):
@@ -186,6 +189,9 @@ class KvTierScheduler:
         self._restored_reports: list[set[int]] = []
         self._restored_order: list[int] = []
         self._restored_parents: dict[int, int | None] = {}
+        self._pinned_rows: dict[int, int] = {}
+        if config.pinned_host_rows:
+            self.host.limit_usable(0)
 
     # -- vLLM scheduler-side API --------------------------------------------------------------
 
@@ -335,6 +341,10 @@ class KvTierScheduler:
         if reports and len(reports) == n:
             self.step_confirmed(min(r.stores_read_step for r in reports))
         for r in reports:
+            if r.host_pinned_rows >= 0:
+                self._pinned_rows[r.rank] = r.host_pinned_rows
+                if len(self._pinned_rows) == n:
+                    self.host.set_usable(min(self._pinned_rows.values()))
             if r.restored is not None:
                 self._restored_reports.append(set(r.restored))
                 if r.rank == 0:

@@ -49,6 +49,22 @@ class SlotIndex:
         self._pins: dict[int, list[ImmutableBlock]] = {}
         self._ready: set[int] = set()  # registered hashes, for clear()
         self.evictions = 0
+        self.usable = num_slots
+        """Slots ``[0, usable)`` may be handed out (G2 rows not yet page-locked are not)."""
+
+    def set_usable(self, n: int) -> None:
+        """Allow slots ``[0, n)`` (never fewer than before; clamped to the tier's size).
+
+        The pool hands out the lowest free slot first, so while at most ``usable`` slots are in
+        use every slot handed out lies below ``usable``: ``reserve`` keeps it so by evicting
+        instead of taking a new slot once ``usable`` slots are in use."""
+        self.usable = max(self.usable, min(n, self.num_slots))
+
+    def limit_usable(self, n: int) -> None:
+        """Start with only slots ``[0, n)`` usable (before anything is reserved)."""
+        if len(self):
+            raise ValueError(f"{self.name}: limit_usable after slots were taken")
+        self.usable = max(0, min(n, self.num_slots))
 
     def __len__(self) -> int:
         return len(self._pending) + (self.pool.num_registered if self.pool else 0)
@@ -84,7 +100,10 @@ class SlotIndex:
         if self.pool is None:
             return None
         evicted: list[int] = []
-        if self.pool.num_free == 0:
+        in_use = self.num_slots - self.pool.num_free
+        if self.usable == 0:
+            return None
+        if self.pool.num_free == 0 or in_use >= self.usable:
             evicted = self.pool.evict(1)
             if not evicted:
                 return None

@@ -16,6 +16,11 @@ Ordering rules (where the races hide):
 - A G3 block that is missing or fails its checksum is not copied; its GPU block is reported by
   ``get_block_ids_with_load_errors`` so vLLM recomputes it. If a layer-wise load fails, that
   step's stores are dropped (they may have attended to the unloaded block).
+
+On a CUDA device the same plan runs on ``GpuDataPath`` (``kvtier.vllm.gpu_path``): pinned G2,
+stores issued behind an event and finished asynchronously (the scheduler half keeps a finished
+request's blocks until ``get_finished`` names it), GPU-side waits instead of host waits. The
+rules above hold with "wait" meaning a CUDA stream wait; the CPU path is unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -36,7 +42,11 @@ from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import KvLayout, LayoutKind, detect_layout
 from kvtier.transfer.disk_io import DiskIo
 from kvtier.transfer.engine import CopyFuture, CopyHandle, TorchCopyEngine
-from kvtier.vllm.metadata import LoadJob, StepPlan, WorkerReport
+from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, WorkerReport
+
+if TYPE_CHECKING:
+    from kvtier.transfer.cuda.disk import DiskLoadHandle
+    from kvtier.vllm.gpu_path import GpuDataPath
 
 __all__ = ["KvTierWorker", "WorkerConfig"]
 
@@ -73,8 +83,12 @@ class _LoadRun:
     disk_future: CopyFuture | None
     failed_gpu_blocks: list[int] = field(default_factory=list)
     bad_hashes: list[int] = field(default_factory=list)
+    disk_load: DiskLoadHandle | None = None
+    """The G3 part on CUDA (``DiskToDeviceLoader``), instead of ``disk_future``."""
 
     def done(self) -> bool:
+        if self.disk_load is not None and not self.disk_load.done():
+            return False
         return all(h is None or h.done() for h in (self.host_handle, self.disk_future))
 
     def wait_layer(self, layer: int) -> None:
@@ -82,8 +96,37 @@ class _LoadRun:
             if h is not None:
                 h.wait_layer(layer)
 
+    def stream_wait_layer(self, layer: int) -> None:
+        """CUDA: the current stream waits for layer ``layer`` of the G2 part (no host wait); the
+        G3 part is waited for on the host (disk reads end on the host)."""
+        if self.disk_load is not None:
+            self.disk_land()
+        if self.host_handle is not None and self.host_handle.error is None:
+            from kvtier.transfer.cuda.handle import CudaCopyHandle
+
+            assert isinstance(self.host_handle, CudaCopyHandle)
+            self.host_handle.stream_wait_layer(layer)
+
+    def disk_land(self) -> None:
+        """CUDA: wait (host) for the G3 part and record its failed blocks (once)."""
+        dl = self.disk_load
+        if dl is None:
+            return
+        failed = dl.wait()
+        self.disk_load = None
+        for h, d in zip(self.job.disk_hashes, self.job.disk_gpu_blocks, strict=True):
+            if d in failed:
+                self.failed_gpu_blocks.append(d)
+                self.bad_hashes.append(h)
+
     def wait(self, timeout: float | None = None) -> None:
         """Wait for both parts; with a timeout, return early (unfinished) instead of raising."""
+        if self.disk_load is not None:
+            try:
+                self.disk_load.wait(timeout)
+            except TimeoutError:
+                return
+            self.disk_land()
         for h in (self.host_handle, self.disk_future):
             if h is not None:
                 try:
@@ -93,6 +136,7 @@ class _LoadRun:
 
     def finish(self) -> tuple[list[int], list[int]]:
         """GPU blocks that did not load from (G2, G3) (call once ``done()``)."""
+        self.disk_land()
         host_failed: list[int] = []
         if self.host_handle is not None and self.host_handle.error is not None:
             host_failed = list(self.job.host_gpu_blocks)
@@ -114,6 +158,9 @@ class KvTierWorker:
         self._disk: DiskStorage | None = None
         self._disk_io: DiskIo | None = None
         self._engine: TorchCopyEngine | None = None
+        self._gpu: GpuDataPath | None = None
+        self._landing: list[_LoadRun] = []  # CUDA: layer-wise loads whose copy may still run
+        self._delayed: list[tuple[int, list[str]]] = []  # CUDA: (step, delayed-free requests)
         self._onboarder: ThreadPoolExecutor | None = None
         self._layer_index: dict[str, int] = {}
         self._plan: StepPlan | None = None
@@ -126,21 +173,32 @@ class KvTierWorker:
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor], model: ModelConfig) -> None:
-        """Detect the layout of vLLM's KV tensors, allocate G2, open G3 and start threads."""
-        layout = detect_layout(kv_caches, model)
-        if layout.kind is LayoutKind.FULLY_CONTIGUOUS:
-            raise ValueError("kvtier's vLLM worker expects one KV tensor per layer")
+    def register_kv_caches(
+        self,
+        kv_caches: Mapping[str, torch.Tensor] | torch.Tensor,
+        model: ModelConfig,
+        *,
+        backend: str = "",
+    ) -> None:
+        """Detect the layout of vLLM's KV tensors (one per layer, or vLLM 0.26's cross-layer
+        tensor), allocate G2, open G3 and start threads."""
+        layout = detect_layout(kv_caches, model, backend=backend)
         self.layout = layout
-        self._layer_index = {name: i for i, name in enumerate(layout.layer_names)}
+        if layout.kind is not LayoutKind.FULLY_CONTIGUOUS:
+            self._layer_index = {name: i for i, name in enumerate(layout.layer_names)}
         self._device = DeviceStorage.wrap(kv_caches, layout)
         if self.config.host_blocks:
             self._host = HostStorage(self.config.host_blocks, layout.block_bytes)
             with torch.inference_mode(False):
                 self._host.allocate()
-        self._engine = TorchCopyEngine()
-        self._engine.start()
-        self._onboarder = ThreadPoolExecutor(1, thread_name_prefix="kvtier-onboard")
+        if self._device.device.type == "cuda":
+            from kvtier.vllm.gpu_path import GpuDataPath
+
+            self._gpu = GpuDataPath(self._device, self._host)
+        else:
+            self._engine = TorchCopyEngine()
+            self._engine.start()
+            self._onboarder = ThreadPoolExecutor(1, thread_name_prefix="kvtier-onboard")
         restored: list[int] = []
         parents: list[int | None] = []
         if self.config.disk_blocks:
@@ -156,13 +214,18 @@ class KvTierWorker:
             parents = [s.header.parent_hash for s in found]
             self._disk_io = DiskIo(self._disk, self.config.io_threads)
             self._disk_io.start()
+        if self._gpu is not None:
+            self._gpu.start(self._disk)
+            self._report.host_pinned_rows = self._gpu.take_pinned()
         self._report.restored = restored
         self._report.restored_parents = parents
 
     def close(self) -> None:
         """Finish in-flight copies and disk writes (files end complete or absent); stop threads."""
-        for run in self._sync_runs + self._async_runs:
+        for run in self._sync_runs + self._async_runs + self._landing:
             run.wait()
+        if self._gpu is not None:
+            self._gpu.poll(self._report, self._queue_write, wait=True)
         if self._onboarder is not None:
             self._onboarder.shutdown(wait=True)
             self._onboarder = None
@@ -172,6 +235,9 @@ class KvTierWorker:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
+        if self._gpu is not None:
+            self._gpu.close()
+            self._gpu = None
         if self._disk is not None:
             self._disk.close()
 
@@ -191,6 +257,8 @@ class KvTierWorker:
         if self._disk is not None:
             for h in plan.disk_deletes:
                 self._disk.remove(h)
+        if self._gpu is not None:
+            self._gpu.gate_forward()
         for job in plan.loads:
             run = self._start_load(job)
             (self._async_runs if job.is_async else self._sync_runs).append(run)
@@ -199,16 +267,22 @@ class KvTierWorker:
         """Block until layer ``layer_name`` of every layer-wise load of this step has landed."""
         if not self._sync_runs:
             return
-        layer = self._layer_index.get(layer_name)
-        if layer is None:
-            return
+        last = self.layout.model.num_layers - 1 if self.layout is not None else 0
+        # An unknown name (vLLM 0.26's cross-layer tensor has no per-layer names): wait for all.
+        layer = self._layer_index.get(layer_name, last)
         self.layer_waits += 1
         for run in self._sync_runs:
-            run.wait_layer(layer)
+            if self._gpu is not None:
+                run.stream_wait_layer(layer)
+            else:
+                run.wait_layer(layer)
 
     def wait_for_save(self) -> None:
         """Finish layer-wise loads, copy this step's stores out, queue its G3 writes."""
         plan = self._plan
+        if self._gpu is not None:
+            self._wait_for_save_gpu(self._gpu, plan)
+            return
         step_failed = False
         for run in self._sync_runs:
             run.wait()
@@ -225,6 +299,8 @@ class KvTierWorker:
         """(requests whose delayed-free stores are done, requests whose async loads are done)."""
         if self._plan is not None and self._plan.idle:
             self._idle_wait()
+        if self._gpu is not None:
+            return self._get_finished_gpu(self._gpu)
         recving: set[str] = set()
         still: list[_LoadRun] = []
         for run in self._async_runs:
@@ -234,6 +310,14 @@ class KvTierWorker:
             else:
                 still.append(run)
         self._async_runs = still
+        self._collect_writes()
+        # Stores read GPU memory synchronously inside ``wait_for_save``, so a request whose
+        # blocks were kept for them is done as soon as the scheduler names it.
+        sending = set(self._plan.delayed_free) if self._plan is not None else set()
+        return (sending or None), (recving or None)
+
+    def _collect_writes(self) -> None:
+        """Report the G3 writes that finished."""
         pending: list[tuple[int, Future[BlockHeader | None]]] = []
         for h, fut in self._writes:
             if fut.done():
@@ -246,10 +330,6 @@ class KvTierWorker:
             else:
                 pending.append((h, fut))
         self._writes = pending
-        # Stores read GPU memory synchronously inside ``wait_for_save``, so a request whose
-        # blocks were kept for them is done as soon as the scheduler names it.
-        sending = set(self._plan.delayed_free) if self._plan is not None else set()
-        return (sending or None), (recving or None)
 
     def _idle_wait(self) -> None:
         """An idle engine steps back to back while it waits for us; block a little instead of
@@ -259,6 +339,12 @@ class KvTierWorker:
             return
         if self._async_runs:
             self._async_runs[0].wait(IDLE_WAIT_S)
+        elif self._gpu is not None and self._gpu.runs:
+            try:
+                for h in self._gpu.runs[0].handles():
+                    h.wait(IDLE_WAIT_S)
+            except TimeoutError:
+                pass
         elif self._writes:
             wait([f for _, f in self._writes], timeout=IDLE_WAIT_S, return_when=FIRST_COMPLETED)
 
@@ -272,11 +358,25 @@ class KvTierWorker:
 
     @property
     def num_inflight(self) -> int:
-        return len(self._async_runs) + len(self._writes) + len(self._sync_runs)
+        n = len(self._async_runs) + len(self._writes) + len(self._sync_runs) + len(self._landing)
+        return n + (len(self._gpu.runs) if self._gpu is not None else 0)
 
     # -- internals ----------------------------------------------------------------------------
 
     def _start_load(self, job: LoadJob) -> _LoadRun:
+        if self._gpu is not None:
+            if job.host_slots and self._host is None:
+                raise RuntimeError("kvtier: a G2 load was planned but this worker has no G2")
+            gpu_run = _LoadRun(
+                job,
+                self._gpu.load_host(job.host_slots, job.host_gpu_blocks)
+                if job.host_slots
+                else None,
+                None,
+            )
+            if job.disk_hashes:
+                gpu_run.disk_load = self._gpu.load_disk(job.disk_hashes, job.disk_gpu_blocks)
+            return gpu_run
         assert self._engine is not None and self._device is not None
         host_handle: CopyHandle | None = None
         if job.host_slots:
@@ -382,11 +482,80 @@ class KvTierWorker:
                     row = self._host.row(w.host_slot)
             elif gpu_ok and staging is not None:
                 row = staging.row(gpu_row[w.seq_hash])
-            if row is None or io is None:
-                logger.warning(
-                    "kvtier: G3 write of block %016x skipped: its source copy failed", w.seq_hash
-                )
-                self._report.disk_store_failed.append(w.seq_hash)
-                continue
-            (fut,) = io.write([w.seq_hash], [row], [w.parent_hash], [0])
-            self._writes.append((w.seq_hash, fut))
+            self._queue_write(w, row)
+
+    def _queue_write(self, w: DiskWrite, row: torch.Tensor | None) -> None:
+        """Queue one G3 write from ``row`` (None: its source copy failed, report it failed)."""
+        io = self._disk_io
+        if row is None or io is None:
+            logger.warning(
+                "kvtier: G3 write of block %016x skipped: its source copy failed", w.seq_hash
+            )
+            self._report.disk_store_failed.append(w.seq_hash)
+            return
+        (fut,) = io.write([w.seq_hash], [row], [w.parent_hash], [0])
+        self._writes.append((w.seq_hash, fut))
+
+    # -- CUDA ---------------------------------------------------------------------------------
+
+    def _wait_for_save_gpu(self, gpu: GpuDataPath, plan: StepPlan | None) -> None:
+        """Layer-wise loads: failures are known now (a refused copy, a bad G3 block), the copies
+        themselves land on the GPU's own time; stores: issued behind an event, not awaited."""
+        step_failed = False
+        for run in self._sync_runs:
+            run.disk_land()
+            failed = bool(run.failed_gpu_blocks) or (
+                run.host_handle is not None and run.host_handle.error is not None
+            )
+            if failed or run.done():
+                step_failed = self._finish_load(run) or step_failed
+            else:
+                self._landing.append(run)
+        self._sync_runs = []
+        if plan is None:
+            return
+        gpu.store(plan, step_failed)
+        if step_failed and plan.stores.gpu_blocks:
+            self._report.host_store_failed.extend(plan.stores.hashes)
+        gpu.planned(plan.step)
+        gpu.poll(self._report, self._queue_write)
+        self._report.stores_read_step = gpu.released_through
+
+    def _get_finished_gpu(self, gpu: GpuDataPath) -> tuple[set[str] | None, set[str] | None]:
+        plan = self._plan
+        if plan is not None:
+            gpu.planned(plan.step - 1)
+            if plan.delayed_free:
+                self._delayed.append((plan.step, list(plan.delayed_free)))
+        gpu.poll(self._report, self._queue_write)
+        self._report.stores_read_step = max(self._report.stores_read_step, gpu.released_through)
+        pinned = gpu.take_pinned()
+        if pinned >= 0:
+            self._report.host_pinned_rows = pinned
+        recving: set[str] = set()
+        still: list[_LoadRun] = []
+        for run in self._async_runs:
+            if run.done():
+                self._finish_load(run)
+                recving.add(run.job.req_id)
+            else:
+                still.append(run)
+        self._async_runs = still
+        landing: list[_LoadRun] = []
+        for run in self._landing:
+            if run.done():
+                self._finish_load(run)
+            else:
+                landing.append(run)
+        self._landing = landing
+        self._collect_writes()
+        # A delayed request of step s finished before s: its stores are of steps < s.
+        sending: set[str] = set()
+        waiting: list[tuple[int, list[str]]] = []
+        for step, ids in self._delayed:
+            if gpu.released_through >= step - 1:
+                sending.update(ids)
+            else:
+                waiting.append((step, ids))
+        self._delayed = waiting
+        return (sending or None), (recving or None)

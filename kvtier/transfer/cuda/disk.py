@@ -81,6 +81,9 @@ class _Job:
     hashes: tuple[int, ...]
     device_ids: tuple[int, ...]
     handle: DiskLoadHandle
+    gate: object | None = None
+    """Passed to every host->device copy of the job (e.g. an event after pending reads of the
+    target blocks)."""
     landed: set[int] = field(default_factory=set)
     """Device ids whose copy completed without error (kept when the job fails later)."""
 
@@ -133,9 +136,14 @@ class DiskToDeviceLoader:
         self._bounce = None
 
     def load(
-        self, device: DeviceStorage, sequence_hashes: Sequence[int], device_ids: Sequence[int]
+        self,
+        device: DeviceStorage,
+        sequence_hashes: Sequence[int],
+        device_ids: Sequence[int],
+        gate: object | None = None,
     ) -> DiskLoadHandle:
-        """Queue loading files ``sequence_hashes[i]`` into device blocks ``device_ids[i]``."""
+        """Queue loading files ``sequence_hashes[i]`` into device blocks ``device_ids[i]``;
+        ``gate`` orders each copy to the device (the ``CopyEngine`` gate)."""
         if self._thread is None:
             raise RuntimeError("DiskToDeviceLoader is not started")
         if len(sequence_hashes) != len(device_ids):
@@ -148,7 +156,7 @@ class DiskToDeviceLoader:
         if len(set(device_ids)) != len(device_ids):
             raise ValueError("a device block id appears twice in one load")
         handle = DiskLoadHandle(tuple(int(d) for d in device_ids))
-        job = _Job(device, tuple(int(h) for h in sequence_hashes), handle.device_ids, handle)
+        job = _Job(device, tuple(int(h) for h in sequence_hashes), handle.device_ids, handle, gate)
         self._queue.put(job)
         return handle
 
@@ -216,7 +224,9 @@ class DiskToDeviceLoader:
                 dids.append(d)
             del reads[k]
             if dids:
-                copy = self.engine.host_to_device(self._bounce, job.device, rows, dids)
+                copy = self.engine.host_to_device(
+                    self._bounce, job.device, rows, dids, gate=job.gate
+                )
                 in_slot[k % 2] = (copy, tuple(dids))
         for slot in (0, 1):
             self._settle(job, in_slot[slot])

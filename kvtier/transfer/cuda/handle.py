@@ -77,6 +77,14 @@ class CudaCopyHandle:
             return True
         return self._released is not None and bool(query(self._released))
 
+    @property
+    def released_event(self) -> torch.cuda.Event | None:
+        """The event after which the source blocks may be overwritten (None until enqueued, or
+        after a failure): another stream waits on it to order a write after this copy's read."""
+        if self._error is not None or not self._enqueued.is_set():
+            return None
+        return self._released
+
     def _wait_event(self, ev_of: Any, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.perf_counter() + timeout
         if not self._enqueued.wait(timeout):

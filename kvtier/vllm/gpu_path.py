@@ -1,0 +1,256 @@
+"""The worker's data path on a CUDA GPU: pinned G2, asynchronous stores, GPU-side gating.
+
+Why a file of its own: on a GPU the worker must never hold the forward pass up, so every copy is
+issued on the ``CudaCopyEngine``'s own streams and ordered against the model with CUDA events
+instead of host waits. ``KvTierWorker`` keeps its CPU path (synchronous torch copies) and hands
+the GPU work to ``GpuDataPath``.
+
+Ordering (every rule is a GPU-side event wait unless said otherwise):
+
+- G2 is pageable memory page-locked in chunks by a ``ChunkedPinner`` after start-up; only rows
+  below ``pinned_rows`` are used (the scheduler half plans slots below the count the workers
+  report; the engine refuses any other row, so a store planned too early fails, never copies
+  pageable memory).
+- A step's stores: ``wait_for_save`` records an event on the model's stream after the forward
+  pass; the device->host copy waits on it on its own stream, and ``wait_for_save`` returns at
+  once. Their G3 writes are queued (``poll``) only once the copy landed, in step order.
+- Reuse of a stored GPU block: the next step's forward pass (``gate_forward``, called from
+  ``start_load_kv``) and every load (the ``gate`` of the host->device copies) wait for the last
+  store's *gather* (``released_event``), so neither a preempted request's freed blocks nor a
+  load into them can overwrite a block before it was read. A finished request's blocks are also
+  held by vLLM (delayed free) until ``released_through`` covers its stores.
+- Loads run on the engine's highest-priority streams; a layer-wise load's layer ``l`` is waited
+  for with ``stream_wait_layer`` (GPU side). G3 loads go through the ``DiskToDeviceLoader``'s
+  pinned bounce rows; their completion is known on the host only (disk reads).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtier.storage.device import DeviceStorage
+from kvtier.storage.disk import DiskStorage
+from kvtier.storage.host import HostStorage
+from kvtier.storage.pinned import ChunkedPinner
+from kvtier.transfer.cuda.config import CudaCopyConfig
+from kvtier.transfer.cuda.disk import DiskLoadHandle, DiskToDeviceLoader
+from kvtier.transfer.cuda.engine import CudaCopyEngine
+from kvtier.transfer.cuda.events import new_event
+from kvtier.transfer.cuda.handle import CudaCopyHandle
+from kvtier.transfer.engine import CopyHandle
+from kvtier.vllm.metadata import DiskWrite, StepPlan, WorkerReport
+
+__all__ = ["GpuDataPath", "StoreRun"]
+
+logger = logging.getLogger(__name__)
+
+STORE_COPY = CudaCopyConfig(staging_bytes=512 << 20, gather_programs=32)
+"""The worker's engine: 256 MiB staging slots; a gather grid of 32 programs leaves most SMs to
+the model while still far outrunning PCIe."""
+
+QueueWrite = Callable[[DiskWrite, torch.Tensor | None], None]
+"""Queue one G3 write from a host row (None: its source copy failed)."""
+
+
+@dataclass
+class StoreRun:
+    """One step's stores in flight: the G2 copy, and a staging copy for G3 writes from the GPU."""
+
+    step: int
+    hashes: list[int]
+    host: CudaCopyHandle | None
+    writes: list[DiskWrite]
+    staging: HostStorage | None = None
+    staging_copy: CudaCopyHandle | None = None
+    failed: set[int] = field(default_factory=set)
+    """Hashes whose G2 store failed before anything was issued (the step's load failed)."""
+
+    def handles(self) -> list[CudaCopyHandle]:
+        return [h for h in (self.host, self.staging_copy) if h is not None]
+
+    def done(self) -> bool:
+        return all(h.done() for h in self.handles())
+
+    def released(self) -> bool:
+        return all(h.source_released() for h in self.handles())
+
+
+def _cuda(handle: CopyHandle) -> CudaCopyHandle:
+    assert isinstance(handle, CudaCopyHandle)
+    return handle
+
+
+class GpuDataPath:
+    """The CUDA half of ``KvTierWorker`` (see the module docstring). Model-runner thread only."""
+
+    def __init__(self, device: DeviceStorage, host: HostStorage | None) -> None:
+        self.device = device
+        self.host = host
+        self.engine = CudaCopyEngine(STORE_COPY, device=device.device)
+        self.pinner: ChunkedPinner | None = None
+        self.loader: DiskToDeviceLoader | None = None
+        self.runs: list[StoreRun] = []
+        self._last_d2h: CudaCopyHandle | None = None
+        self._reported_pinned = -1
+        self._planned_through = -1
+        self.released_through = -1
+        """Every store planned up to this step has read its GPU blocks."""
+
+    def start(self, disk: DiskStorage | None) -> None:
+        self.engine.start()
+        if self.host is not None:
+            self.pinner = ChunkedPinner(self.host.rows)
+            self.pinner.start()
+            self.engine.attach_pinner(self.host, self.pinner)
+        if disk is not None:
+            self.loader = DiskToDeviceLoader(disk, self.engine)
+            self.loader.start()
+
+    def close(self) -> None:
+        for run in self.runs:
+            for h in run.handles():
+                h.wait()
+        if self.loader is not None:
+            self.loader.close()
+            self.loader = None
+        self.engine.close()
+        if self.pinner is not None:
+            self.pinner.close()
+            self.pinner = None
+
+    # -- gating -------------------------------------------------------------------------------
+
+    def _pending_release(self) -> torch.cuda.Event | None:
+        last = self._last_d2h
+        if last is None or last.source_released():
+            return None
+        return last.released_event
+
+    def gate_forward(self) -> None:
+        """Make the model's stream wait until the last store gathered its blocks (GPU side)."""
+        ev = self._pending_release()
+        if ev is not None:
+            torch.cuda.current_stream(self.device.device).wait_event(ev)
+
+    # -- loads --------------------------------------------------------------------------------
+
+    def load_host(self, slots: list[int], gpu_blocks: list[int]) -> CudaCopyHandle:
+        assert self.host is not None
+        return _cuda(
+            self.engine.host_to_device(
+                self.host, self.device, slots, gpu_blocks, gate=self._pending_release()
+            )
+        )
+
+    def load_disk(self, hashes: list[int], gpu_blocks: list[int]) -> DiskLoadHandle:
+        if self.loader is None:
+            raise RuntimeError("kvtier: a G3 load was planned but this worker has no G3")
+        return self.loader.load(self.device, hashes, gpu_blocks, gate=self._pending_release())
+
+    # -- stores -------------------------------------------------------------------------------
+
+    def store(self, plan: StepPlan, step_failed: bool) -> None:
+        """Issue this step's stores behind an event after the forward pass; return at once."""
+        batch = plan.stores
+        from_gpu = [w for w in plan.disk_writes if w.gpu_block >= 0]
+        if not batch.gpu_blocks and not plan.disk_writes:
+            return
+        with torch.cuda.device(self.device.device):
+            after_forward = new_event()
+            after_forward.record(torch.cuda.current_stream())
+        run = StoreRun(plan.step, list(batch.hashes), None, list(plan.disk_writes))
+        if batch.gpu_blocks:
+            if step_failed or self.host is None:
+                run.failed.update(batch.hashes)
+            else:
+                run.host = _cuda(
+                    self.engine.device_to_host(
+                        self.device,
+                        self.host,
+                        batch.gpu_blocks,
+                        batch.host_slots,
+                        gate=after_forward,
+                    )
+                )
+                self._last_d2h = run.host
+        if from_gpu and not step_failed:
+            with torch.inference_mode(False):
+                rows = torch.empty(
+                    (len(from_gpu), self.device.layout.block_bytes),
+                    dtype=torch.uint8,
+                    pin_memory=True,
+                )
+            run.staging = HostStorage.wrap(rows)
+            run.staging_copy = _cuda(
+                self.engine.device_to_host(
+                    self.device,
+                    run.staging,
+                    [w.gpu_block for w in from_gpu],
+                    list(range(len(from_gpu))),
+                    gate=after_forward,
+                )
+            )
+            self._last_d2h = run.staging_copy
+        self.runs.append(run)
+
+    def poll(self, report: WorkerReport, queue_write: QueueWrite, *, wait: bool = False) -> None:
+        """Report stores that landed, queue their G3 writes (in step order), advance
+        ``released_through``; ``wait``: block until every run landed (shutdown)."""
+        while self.runs:
+            run = self.runs[0]
+            if wait:
+                for h in run.handles():
+                    h.wait()
+            if not run.done():
+                break
+            self.runs.pop(0)
+            self._finish(run, report, queue_write)
+        released = self.released_through
+        for run in self.runs:
+            if not run.released():
+                break
+            released = run.step
+        else:
+            released = max(released, self._planned_through)
+        self.released_through = max(self.released_through, released)
+
+    def planned(self, step: int) -> None:
+        """Step ``step``'s stores (if any) were issued: with none in flight, all are released."""
+        self._planned_through = max(self._planned_through, step)
+        if not self.runs:
+            self.released_through = max(self.released_through, step)
+
+    def _finish(self, run: StoreRun, report: WorkerReport, queue_write: QueueWrite) -> None:
+        failed = set(run.failed)
+        if run.host is not None and run.host.error is not None:
+            logger.warning("kvtier: G2 store of step %d failed: %s", run.step, run.host.error)
+            failed.update(run.hashes)
+        if failed:
+            report.host_store_failed.extend(h for h in run.hashes if h in failed)
+        report.host_stored.extend(h for h in run.hashes if h not in failed)
+        staging_ok = run.staging_copy is not None and run.staging_copy.error is None
+        gpu_row = 0
+        for w in run.writes:
+            row: torch.Tensor | None = None
+            if w.host_slot >= 0:
+                if w.seq_hash not in failed and self.host is not None:
+                    row = self.host.row(w.host_slot)
+            else:
+                if staging_ok and run.staging is not None:
+                    row = run.staging.row(gpu_row)
+                gpu_row += 1
+            queue_write(w, row)
+
+    def take_pinned(self) -> int:
+        """The pinned-row count when it changed since the last call, else -1."""
+        if self.pinner is None:
+            return -1
+        n = self.pinner.pinned_rows
+        if n == self._reported_pinned:
+            return -1
+        self._reported_pinned = n
+        return n
