@@ -514,9 +514,7 @@ class KvTierWorker:
         self._sync_runs = []
         if plan is None:
             return
-        gpu.store(plan, step_failed)
-        if step_failed and plan.stores.gpu_blocks:
-            self._report.host_store_failed.extend(plan.stores.hashes)
+        gpu.store(plan, step_failed)  # a failed step's stores are reported failed by poll
         gpu.planned(plan.step)
         gpu.poll(self._report, self._queue_write)
         self._report.stores_read_step = gpu.released_through

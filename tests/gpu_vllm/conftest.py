@@ -1,0 +1,56 @@
+"""Fixtures of the GPU vLLM tests: skip cleanly without a GPU or without a GPU build of vLLM.
+
+These run on the lent H200 with the carried vLLM 0.26.0 (``../shared/gpu-vllm``); CI has no GPU,
+so every test here is skipped there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvtier.ops.tinymodel import TinyLlamaSpec, build_tiny_llama
+
+
+def gpu_vllm_missing() -> str | None:
+    """Why the GPU vLLM tests cannot run here (None: they can)."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "needs an NVIDIA GPU"
+    try:
+        from vllm.platforms import current_platform
+    except Exception as exc:  # any import failure means no usable vLLM
+        return f"vLLM is not importable: {exc}"
+    if not current_platform.is_cuda():
+        return "the installed vLLM is not a CUDA build"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    why = gpu_vllm_missing()
+    if why is None:
+        return
+    skip = pytest.mark.skip(reason=why)
+    for item in items:
+        if "gpu_vllm" in item.keywords:
+            item.add_marker(skip)
+
+
+GPU_TINY = TinyLlamaSpec(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1024,
+)
+"""head_dim 64 (FlashAttention 3 needs a multiple of 8, FA's fast paths 64+), 4 layers."""
+
+
+@pytest.fixture(scope="session")
+def gpu_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("gpu-tiny-llama"), GPU_TINY)
