@@ -229,6 +229,11 @@ def run_phase(phase: str, model: Path, reps: int, workdir: Path) -> dict[str, An
     llm = make_llm(model, kv)
     res["start_s"] = time.perf_counter() - t0
     res["pin_wait_s"] = wait_pinned(llm)
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    wconn: Any = get_kv_transfer_group()
+    res["layout"] = str(wconn.worker.layout.kind.value)
+    print(f"[{phase}] layout {res['layout']}, pinned in {res['pin_wait_s']:.1f} s", flush=True)
     for _ in range(2):  # the second run loads: kernels compile outside the measurements
         gen(llm, [prompt(1, 512)])
         settle(llm, True)

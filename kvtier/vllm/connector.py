@@ -107,6 +107,11 @@ def _on_cuda(vllm_config: Any) -> bool:
     return str(getattr(vllm_config.device_config, "device_type", "")) == "cuda"
 
 
+def _async_scheduling(vllm_config: Any) -> bool:
+    """Whether vLLM schedules a step ahead (then a failed in-pass load cannot be taken back)."""
+    return bool(getattr(vllm_config.scheduler_config, "async_scheduling", False))
+
+
 def _backend_name(vllm_config: Any, kv_caches: dict[str, torch.Tensor]) -> str:
     """The attention backend of the first KV layer, for error messages ("" when unknown)."""
     try:
@@ -152,6 +157,7 @@ class KvTierConnector(KVConnectorBase_V1):
                     # CUDA workers store asynchronously and pin G2 in chunks (kvtier.vllm.gpu_path)
                     async_store_reads=_on_cuda(vllm_config),
                     pinned_host_rows=_on_cuda(vllm_config),
+                    layerwise_disk=not _async_scheduling(vllm_config),
                 )
             )
             # Metrics and KV events live with the scheduler half (engine-core process), up as

@@ -41,6 +41,7 @@ from kvtier.transfer.cuda.disk import DiskLoadHandle, DiskToDeviceLoader
 from kvtier.transfer.cuda.engine import CudaCopyEngine
 from kvtier.transfer.cuda.events import new_event
 from kvtier.transfer.cuda.handle import CudaCopyHandle
+from kvtier.transfer.cuda.plan import triton_available
 from kvtier.transfer.engine import CopyHandle
 from kvtier.vllm.metadata import DiskWrite, StepPlan, WorkerReport
 
@@ -49,8 +50,13 @@ __all__ = ["GpuDataPath", "StoreRun"]
 logger = logging.getLogger(__name__)
 
 STORE_COPY = CudaCopyConfig(staging_bytes=512 << 20, gather_programs=32)
-"""The worker's engine: 256 MiB staging slots; a gather grid of 32 programs leaves most SMs to
-the model while still far outrunning PCIe."""
+"""The worker's engine for stores, asynchronous loads and G3: 256 MiB staging slots; a gather grid
+of 32 programs leaves most SMs to the model while still far outrunning PCIe."""
+
+LAYERWISE_LOAD = CudaCopyConfig(mode="kernel", kernel_programs=32)
+"""The engine for layer-wise G2 loads: a small-grid kernel reading the mapped pinned rows lands
+the layers one by one (each with its own event), so layer l's attention starts while later
+layers still cross PCIe; the DMA path lands every layer at the end."""
 
 QueueWrite = Callable[[DiskWrite, torch.Tensor | None], None]
 """Queue one G3 write from a host row (None: its source copy failed)."""
@@ -91,6 +97,7 @@ class GpuDataPath:
         self.device = device
         self.host = host
         self.engine = CudaCopyEngine(STORE_COPY, device=device.device)
+        self.layer_engine = CudaCopyEngine(LAYERWISE_LOAD, device=device.device)
         self.pinner: ChunkedPinner | None = None
         self.loader: DiskToDeviceLoader | None = None
         self.runs: list[StoreRun] = []
@@ -106,6 +113,9 @@ class GpuDataPath:
             self.pinner = ChunkedPinner(self.host.rows)
             self.pinner.start()
             self.engine.attach_pinner(self.host, self.pinner)
+            if self.layer_engine.config.mode == "kernel" and triton_available():
+                self.layer_engine.start()
+                self.layer_engine.attach_pinner(self.host, self.pinner)
         if disk is not None:
             self.loader = DiskToDeviceLoader(disk, self.engine)
             self.loader.start()
@@ -118,6 +128,7 @@ class GpuDataPath:
             self.loader.close()
             self.loader = None
         self.engine.close()
+        self.layer_engine.close()
         if self.pinner is not None:
             self.pinner.close()
             self.pinner = None
@@ -138,10 +149,14 @@ class GpuDataPath:
 
     # -- loads --------------------------------------------------------------------------------
 
-    def load_host(self, slots: list[int], gpu_blocks: list[int]) -> CudaCopyHandle:
+    def load_host(
+        self, slots: list[int], gpu_blocks: list[int], *, layerwise: bool = False
+    ) -> CudaCopyHandle:
+        """G2 -> GPU; ``layerwise`` (a load inside the forward pass) lands layer by layer."""
         assert self.host is not None
+        engine = self.layer_engine if layerwise and self.layer_engine.started else self.engine
         return _cuda(
-            self.engine.host_to_device(
+            engine.host_to_device(
                 self.host, self.device, slots, gpu_blocks, gate=self._pending_release()
             )
         )

@@ -66,6 +66,12 @@ class SchedulerConfig:
     (an asynchronous copy stream); then ``request_finished`` keeps the blocks until the workers
     confirm. kvtier's worker finishes those reads inside the step (``wait_for_save``), so
     vLLM may free a finished request's blocks at once."""
+    layerwise_disk: bool = True
+    """With ``layerwise_onboard``, whether matches with G3 blocks load inside the forward pass
+    too. False sends them through the asynchronous path: vLLM with asynchronous scheduling (its
+    GPU default) has already scheduled the next step when an in-pass load fails, so it would emit
+    one token computed from the missing block; a G3 read can fail (a corrupt file), a G2 copy
+    cannot once issued."""
     pinned_host_rows: bool = False
     """True when workers pin G2 in chunks after start-up (CUDA): G2 slots are handed out only
     below the smallest pinned-row count every worker has reported (``WorkerReport``)."""
@@ -217,7 +223,7 @@ class KvTierScheduler:
         self.counters.lookup_blocks += max(0, limit - start)
         if n == start:
             return 0, False
-        return (n - start) * bs, not self.config.layerwise_onboard
+        return (n - start) * bs, self._load_async(st)
 
     def update_state_after_alloc(
         self, request: RequestLike, block_ids: Sequence[int], num_external_tokens: int
@@ -256,7 +262,7 @@ class KvTierScheduler:
             LoadJob(
                 job_id,
                 request.request_id,
-                not self.config.layerwise_onboard,
+                self._load_async(st),
                 host_slots,
                 host_gpu,
                 list(disk_hashes),
@@ -453,6 +459,12 @@ class KvTierScheduler:
         return len(self._reqs)
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _load_async(self, st: _Req) -> bool:
+        """Whether the current match loads outside the forward pass (see ``SchedulerConfig``)."""
+        if not self.config.layerwise_onboard:
+            return True
+        return st.match_disk > 0 and not self.config.layerwise_disk
 
     def _track(self, request: RequestLike) -> _Req:
         st = self._reqs.get(request.request_id)

@@ -367,13 +367,12 @@ class KvTierWorker:
         if self._gpu is not None:
             if job.host_slots and self._host is None:
                 raise RuntimeError("kvtier: a G2 load was planned but this worker has no G2")
-            gpu_run = _LoadRun(
-                job,
-                self._gpu.load_host(job.host_slots, job.host_gpu_blocks)
-                if job.host_slots
-                else None,
-                None,
-            )
+            host = None
+            if job.host_slots:
+                host = self._gpu.load_host(
+                    job.host_slots, job.host_gpu_blocks, layerwise=not job.is_async
+                )
+            gpu_run = _LoadRun(job, host, None)
             if job.disk_hashes:
                 gpu_run.disk_load = self._gpu.load_disk(job.disk_hashes, job.disk_gpu_blocks)
             return gpu_run

@@ -96,5 +96,12 @@ def drain(llm: Any, timeout: float = 60.0) -> None:
         time.sleep(0.002)
 
 
-def reset_g1(llm: Any) -> None:
-    assert llm.reset_prefix_cache() is True
+def reset_g1(llm: Any, timeout: float = 30.0) -> None:
+    """Empty G1 once vLLM freed every block (kvtier delays freeing a finished request's blocks
+    until its asynchronous stores read them, so step the engine until then)."""
+    drain(llm)
+    deadline = time.monotonic() + timeout
+    while not llm.reset_prefix_cache():
+        assert time.monotonic() < deadline, "vLLM still holds blocks after kvtier drained"
+        llm.llm_engine.step()
+        time.sleep(0.002)

@@ -84,12 +84,25 @@ def _g1_reference(llm: Any, p: list[int]) -> list[int]:
 def test_layout_and_engine(llm: Any) -> None:
     _, worker = connectors(llm)
     layout = worker.worker.layout
-    if llm._kvtier_config == "triton-crosslayer":
-        assert layout.kind.value == "fully_contiguous"
-    else:
-        assert layout.kind.value == "block_first"
+    want = "fully_contiguous" if llm._kvtier_config == "triton-crosslayer" else "block_first"
+    ok = layout.kind.value == want
     assert worker.worker._gpu is not None, "the CUDA data path is not in use"
-    print(llm._kvtier_config, layout)
+    try:  # what vLLM decided, for the log
+        runner = core(llm).model_executor.driver_worker.worker.model_runner
+        uniform = runner.use_uniform_kv_cache(runner.attn_groups)
+    except Exception as exc:
+        uniform = repr(exc)
+    print(
+        llm._kvtier_config,
+        layout,
+        "prefer_cross_layer_blocks:",
+        worker.prefer_cross_layer_blocks,
+        "uniform:",
+        uniform,
+        "async scheduling:",
+        core(llm).vllm_config.scheduler_config.async_scheduling,
+    )
+    assert ok, f"{llm._kvtier_config}: layout {layout.kind.value}, expected {want}"
 
 
 def test_g2_and_g3_onboard_match_g1_reuse(llm: Any) -> None:

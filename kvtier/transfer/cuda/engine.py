@@ -121,6 +121,10 @@ class CudaCopyEngine(SubmittingEngine, Lifecycle):
         self._gather.clear()
         self._started = False
 
+    @property
+    def started(self) -> bool:
+        return self._started
+
     def attach_pinner(self, host: HostStorage, pinner: ChunkedPinner) -> None:
         """Declare that ``host``'s rows are page-locked by ``pinner`` (rows below its progress)."""
         if pinner.rows.data_ptr() != host.rows.data_ptr() or pinner.total_rows != host.num_blocks:
