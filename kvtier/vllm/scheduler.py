@@ -18,8 +18,9 @@ Rules it keeps:
   reports the read done, so it is never reused under a copy.
 - A request that finishes while stores of its blocks may still read GPU memory keeps its blocks
   (``request_finished`` returns True) until the workers confirm (``finished_sending``). With
-  kvtier's worker that never happens (its stores read GPU memory within the step that planned
-  them); ``SchedulerConfig.async_store_reads`` turns it on for an asynchronous copy path.
+  kvtier's CPU worker that never happens (its stores read memory within the step that planned
+  them); its CUDA worker stores asynchronously (``SchedulerConfig.async_store_reads``) and pins
+  G2 in chunks (``pinned_host_rows``: G2 slots only below the rows every worker reported pinned).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ class SchedulerConfig:
     async_store_reads: bool = False
     """True when workers may still read a store's GPU blocks after the step that planned it
     (an asynchronous copy stream); then ``request_finished`` keeps the blocks until the workers
-    confirm. kvtier's worker finishes those reads inside the step (``wait_for_save``), so
-    vLLM may free a finished request's blocks at once."""
+    confirm. kvtier's CPU worker finishes those reads inside the step (``wait_for_save``), so
+    vLLM may free a finished request's blocks at once; its CUDA worker does not."""
     layerwise_disk: bool = True
     """With ``layerwise_onboard``, whether matches with G3 blocks load inside the forward pass
     too. False sends them through the asynchronous path: vLLM with asynchronous scheduling (its

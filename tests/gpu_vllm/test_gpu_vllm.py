@@ -2,7 +2,8 @@
 
 Each engine is in-process, with the tiny 4-layer model (bf16, head_dim 64). Shown, for three
 engines (FlashAttention with asynchronous loads; FlashAttention with layer-wise loads; Triton
-with vLLM 0.26's cross-layer tensor and layer-wise loads):
+asking for vLLM 0.26's cross-layer tensor, with layer-wise loads; 0.26's default V2 model runner
+does not allocate one, so that engine gets per-layer tensors too):
 
 - a prompt onboarded from G2 (after ``reset_prefix_cache()``) and from G3 (after G2 evicted it)
   gives the greedy output vLLM gives when it reuses the same KV from its own G1 prefix cache;
@@ -84,14 +85,16 @@ def _g1_reference(llm: Any, p: list[int]) -> list[int]:
 def test_layout_and_engine(llm: Any) -> None:
     _, worker = connectors(llm)
     layout = worker.worker.layout
-    want = "fully_contiguous" if llm._kvtier_config == "triton-crosslayer" else "block_first"
-    ok = layout.kind.value == want
     assert worker.worker._gpu is not None, "the CUDA data path is not in use"
-    try:  # what vLLM decided, for the log
-        runner = core(llm).model_executor.driver_worker.worker.model_runner
-        uniform = runner.use_uniform_kv_cache(runner.attn_groups)
-    except Exception as exc:
-        uniform = repr(exc)
+    # vLLM 0.26's default (V2) GPU model runner has no cross-layer allocation (its
+    # kv_connector.py: "TODO: support cross_layers_kv_cache"): kvtier then gets per-layer tensors.
+    runner = core(llm).model_executor.driver_worker.worker.model_runner
+    uniform = hasattr(runner, "use_uniform_kv_cache") and bool(
+        runner.use_uniform_kv_cache(runner.attn_groups)
+    )
+    cross = llm._kvtier_config == "triton-crosslayer" and uniform
+    want = "fully_contiguous" if cross else "block_first"
+    ok = layout.kind.value == want
     print(
         llm._kvtier_config,
         layout,
