@@ -351,3 +351,40 @@ def test_restart_hits_on_both_ranks(
         for rank in range(TP):
             path = _rank_file(disk_dir, rank, h)
             verify_block_file(path, int(path.parent.name, 16))
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_layerwise_onboard_from_g3_with_a_rank_corrupt(
+    tiny_model: Path, tmp_path: Path, cpu_binding: None
+) -> None:
+    """Loads inside the forward pass (each rank's layer waits for its own shard); no G2, so
+    every block goes GPU -> G3 directly; a block corrupt on rank 0 only is recomputed."""
+    extra = {
+        "cpu_cache_blocks": 0,
+        "disk_cache_blocks": 16,
+        "disk_dir": str(tmp_path),
+        "disk_filter": False,
+        "layerwise_onboard": True,
+    }
+    p = prompt(7, 4 * BLOCK + 9)
+    hashes = _hashes(p)
+    with engine(tiny_model, extra, in_process=True, tensor_parallel_size=TP) as llm:
+        c = scheduler_connector(llm).scheduler.counters
+        [(cold, _)] = generate(llm, [p], max_tokens=TOKENS)
+        drain(llm)
+        reset_g1(llm)
+        assert generate(llm, [p], max_tokens=TOKENS) == [(cold, 4 * BLOCK)]
+        assert (c.disk_hit_blocks, c.load_failures) == (4, 0)
+        bad = _rank_file(tmp_path, 0, hashes[2])
+        data = bytearray(bad.read_bytes())
+        data[4096:] = os.urandom(len(data) - 4096)
+        bad.write_bytes(bytes(data))
+        drain(llm)
+        reset_g1(llm)
+        [(out, _)] = generate(llm, [p], max_tokens=TOKENS)
+        assert out == cold
+        assert (c.disk_corrupt, c.load_failures, c.disk_load_failures) == (1, 1, 1)
+        drain(llm)
+        reset_g1(llm)
+        assert generate(llm, [p], max_tokens=TOKENS) == [(cold, 4 * BLOCK)]
