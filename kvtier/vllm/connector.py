@@ -188,6 +188,7 @@ class KvTierConnector(KVConnectorBase_V1):
                     disk_dir=disk_dir,
                     disk_o_direct=self.settings.disk_o_direct,
                     io_threads=self.settings.io_threads,
+                    world_size=world,
                 )
             )
 

@@ -372,7 +372,10 @@ class KvTierScheduler:
                 self._finish_disk(h, ok=False)
             for h in r.disk_bad:
                 self.counters.disk_corrupt += 1
-                self.disk.remove(h)
+                if self.disk.remove(h) and self.config.num_workers > 1:
+                    # Tensor parallelism: a block bad on one rank is bad for all (vLLM recomputes
+                    # it everywhere); the other ranks' shards of it are deleted too, not orphaned.
+                    self._disk_deletes.append(h)
             self.counters.load_failures += r.load_failed_blocks
             self.counters.host_load_failures += r.host_load_failed
             self.counters.disk_load_failures += r.disk_load_failed
@@ -607,7 +610,9 @@ class KvTierScheduler:
             self.disk.commit(h)
 
     def _restore_disk(self) -> None:
+        # A block is usable only if every rank found its shard; shards of the others are deleted.
         common = set.intersection(*self._restored_reports)
+        self._disk_deletes.extend(sorted(set.union(*self._restored_reports) - common))
         newest_first = [h for h in self._restored_order if h in common]
         keep = newest_first[: self.config.disk_blocks]
         parents = self._restored_parents

@@ -43,6 +43,7 @@ from kvtier.storage.layout import KvLayout, LayoutKind, detect_layout
 from kvtier.transfer.disk_io import DiskIo
 from kvtier.transfer.engine import CopyFuture, CopyHandle, TorchCopyEngine
 from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, WorkerReport
+from kvtier.vllm.tensor_parallel import rank_fingerprint
 
 if TYPE_CHECKING:
     from kvtier.transfer.cuda.disk import DiskLoadHandle
@@ -66,10 +67,14 @@ class WorkerConfig:
     disk_dir: str | None
     disk_o_direct: bool = True
     io_threads: int = 4
+    world_size: int = 1
+    """Workers of the engine (tensor parallelism): part of this rank's G3 namespace."""
 
     def __post_init__(self) -> None:
         if self.rank < 0 or self.host_blocks < 0 or self.disk_blocks < 0 or self.io_threads <= 0:
             raise ValueError(f"bad WorkerConfig {self}")
+        if self.world_size <= self.rank:
+            raise ValueError(f"WorkerConfig: rank {self.rank} of world_size {self.world_size}")
         if self.disk_blocks and not self.disk_dir:
             raise ValueError("WorkerConfig: disk_blocks > 0 needs disk_dir")
 
@@ -203,9 +208,11 @@ class KvTierWorker:
         parents: list[int | None] = []
         if self.config.disk_blocks:
             assert self.config.disk_dir is not None
+            # Each TP rank holds its own shard of every block: the rank is in its namespace
+            # (kvtier.vllm.tensor_parallel), so no rank is ever served another rank's file.
             self._disk = DiskStorage(
                 Path(self.config.disk_dir),
-                layout.fingerprint,
+                rank_fingerprint(layout.fingerprint, self.config.rank, self.config.world_size),
                 layout.block_bytes,
                 o_direct=self.config.disk_o_direct,
             )

@@ -41,9 +41,20 @@ def engine(
     in_process: bool,
     kv_bytes: int = KV_BYTES,
     max_model_len: int = 2048,
+    tensor_parallel_size: int = 1,
 ) -> Iterator[Any]:
-    """A ``vllm.LLM`` with kvtier, shut down (connector and threads included) on exit."""
+    """A ``vllm.LLM`` with kvtier, shut down (connector and threads included) on exit.
+
+    ``tensor_parallel_size > 1`` runs one worker process per rank (vLLM's multiprocess
+    executor) even when ``in_process`` keeps the engine core in this process."""
     from vllm import LLM
+
+    parallel: dict[str, Any] = {}
+    if tensor_parallel_size > 1:
+        parallel = {
+            "tensor_parallel_size": tensor_parallel_size,
+            "distributed_executor_backend": "mp",
+        }
 
     old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
@@ -58,6 +69,7 @@ def engine(
             dtype="float32",
             seed=0,
             kv_transfer_config=kv_config(extra),
+            **parallel,
         )
     finally:
         if old is None:
@@ -88,17 +100,21 @@ def generate(
     return [(list(o.outputs[0].token_ids), int(o.num_cached_tokens or 0)) for o in outs]
 
 
+def scheduler_connector(llm: Any) -> Any:
+    """The scheduler-side ``KvTierConnector`` of an engine whose engine core is in-process."""
+    return llm.llm_engine.engine_core.engine_core.scheduler.connector
+
+
 def connectors(llm: Any) -> tuple[Any, Any]:
     """(scheduler-side, worker-side) ``KvTierConnector`` of an in-process engine."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    sched = llm.llm_engine.engine_core.engine_core.scheduler.connector
-    return sched, get_kv_transfer_group()
+    return scheduler_connector(llm), get_kv_transfer_group()
 
 
 def drain(llm: Any, timeout: float = 30.0) -> None:
     """Step an idle in-process engine until kvtier has no store or load in flight."""
-    sched, _ = connectors(llm)
+    sched = scheduler_connector(llm)
     deadline = time.monotonic() + timeout
     while sched.scheduler.has_pending_work():
         if time.monotonic() > deadline:
