@@ -14,6 +14,7 @@ payload length, payload xxh3_64, then the xxh3_64 of all preceding header bytes.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import xxhash
@@ -26,6 +27,7 @@ __all__ = [
     "VERSION",
     "BlockFileError",
     "BlockHeader",
+    "acyclic_parents",
     "file_size",
     "padded",
     "payload_checksum",
@@ -120,3 +122,26 @@ class BlockHeader:
             payload_len=plen,
             checksum=csum,
         )
+
+
+def acyclic_parents(
+    order: Iterable[int], parents: Mapping[int, int | None]
+) -> dict[int, int | None]:
+    """The parent links of blocks restored in ``order`` that cannot pin anything forever.
+
+    A header may name any parent: itself, or a chain that loops back (a corrupt or hostile
+    file). A pool counts a block's children to keep parents alive, so such a link would make
+    blocks that are never evicted. A link to a parent among the restored blocks is kept only if
+    that parent comes *earlier* in ``order`` (give parents first); a self link and every cycle
+    become None. A link to a block not restored at all is kept (it cannot close a cycle).
+    """
+    blocks = list(order)
+    members = set(blocks)
+    seen: set[int] = set()
+    out: dict[int, int | None] = {}
+    for h in blocks:
+        p = parents.get(h)
+        keep = p is not None and p != h and (p in seen or p not in members)
+        out[h] = p if keep else None
+        seen.add(h)
+    return out
