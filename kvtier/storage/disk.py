@@ -237,7 +237,8 @@ class DiskStorage:
         try:
             fd = self._dir.create(tmp, os.O_WRONLY)
             try:
-                os.write(fd, json.dumps(self.identity, indent=2, sort_keys=True).encode())
+                doc = {**self.identity, "block_bytes": self.block_bytes}
+                os.write(fd, json.dumps(doc, indent=2, sort_keys=True).encode())
             finally:
                 os.close(fd)
             self._dir.publish(tmp, IDENTITY_FILE)

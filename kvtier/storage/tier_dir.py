@@ -42,7 +42,15 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["COUNT_FILE", "STATE_PREFIX", "TierDir", "TierDirError"]
+__all__ = [
+    "COUNT_FILE",
+    "STATE_PREFIX",
+    "TierDir",
+    "TierDirError",
+    "is_leftover_at",
+    "open_folder",
+    "open_regular_at",
+]
 
 STATE_PREFIX = ".kvtier-"
 """Names of the tier's own bookkeeping files in a namespace folder start with this."""
@@ -55,6 +63,40 @@ _OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 class TierDirError(OSError):
     """The tier directory cannot be used safely; the message says why."""
+
+
+def open_folder(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> int:
+    """An fd of a real directory (a symlink is refused with ELOOP/ENOTDIR, never followed)."""
+    return os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+def open_regular_at(dir_fd: int, name: str, flags: int) -> int:
+    """An fd of ``name`` in ``dir_fd`` if it is a regular file: never follows a symlink, never
+    blocks (a FIFO opens with O_NONBLOCK and is then refused), never a directory."""
+    fd = os.open(name, flags | _OPEN_FLAGS, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{name} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def is_leftover_at(dir_fd: int, name: str) -> bool:
+    """A temporary file no live writer holds (a crash leftover, safe to delete): writers hold
+    an exclusive ``flock`` on their temporary file until it is published."""
+    try:
+        fd = open_regular_at(dir_fd, name, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 class TierDir:
@@ -107,7 +149,7 @@ class TierDir:
             with contextlib.suppress(FileExistsError, PermissionError, OSError):
                 os.mkdir(self.name, self.dir_mode, dir_fd=root_fd)
             try:
-                self.fd = os.open(self.name, _DIR_FLAGS, dir_fd=root_fd)
+                self.fd = open_folder(self.name, dir_fd=root_fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise TierDirError(
@@ -209,14 +251,7 @@ class TierDir:
 
     def open_regular(self, name: str, flags: int) -> int:
         """An fd of ``name`` if it is a regular file (never follows a symlink, never blocks)."""
-        fd = os.open(name, flags | _OPEN_FLAGS, dir_fd=self.fd)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(errno.EINVAL, "not a regular file")
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return open_regular_at(self.fd, name, flags)
 
     def create(self, name: str, flags: int) -> int:
         """A new file (``O_EXCL``), owner-only or group read-write."""
@@ -279,15 +314,5 @@ class TierDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def is_leftover(self, name: str) -> bool:
-        """A temporary file no live writer holds (a crash leftover, safe to delete)."""
-        try:
-            fd = self.open_regular(name, os.O_RDONLY)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
+        """A temporary file no live writer holds (see ``is_leftover_at``)."""
+        return is_leftover_at(self.fd, name)
