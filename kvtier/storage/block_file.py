@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import xxhash
 
 __all__ = [
+    "BLOCK_SUFFIX",
     "HEADER_SIZE",
     "MAGIC",
     "PRIORITY_MAX",
@@ -28,6 +29,7 @@ __all__ = [
     "BlockFileError",
     "BlockHeader",
     "acyclic_parents",
+    "block_file_name",
     "file_size",
     "padded",
     "payload_checksum",
@@ -40,6 +42,9 @@ _PAGE = 4096
 _FIELDS = struct.Struct("<8sIIQQQIiQQ")
 _CHECK = struct.Struct("<Q")
 _FLAG_PARENT = 1
+
+BLOCK_SUFFIX = ".kvb"
+"""Block files are named ``<sequence hash as 16 lowercase hex digits>.kvb``."""
 
 PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
 """Priorities a block file can hold (a signed 32-bit header field)."""
@@ -57,6 +62,11 @@ def padded(nbytes: int) -> int:
 def file_size(payload_len: int) -> int:
     """Exact size of a block file holding ``payload_len`` bytes."""
     return HEADER_SIZE + padded(payload_len)
+
+
+def block_file_name(sequence_hash: int) -> str:
+    """The file name of a block: the key of the index every process shares."""
+    return f"{sequence_hash:016x}{BLOCK_SUFFIX}"
 
 
 def payload_checksum(data: memoryview | bytes) -> int:

@@ -39,9 +39,11 @@ from pathlib import Path
 import torch
 
 from kvtier.storage.block_file import (
+    BLOCK_SUFFIX,
     HEADER_SIZE,
     BlockFileError,
     BlockHeader,
+    block_file_name,
     file_size,
     payload_checksum,
 )
@@ -51,7 +53,7 @@ __all__ = ["IDENTITY_FILE", "DiskBlockError", "DiskStorage", "StoredBlock"]
 
 logger = logging.getLogger(__name__)
 
-_SUFFIX = ".kvb"
+_SUFFIX = BLOCK_SUFFIX
 _TMP_SUFFIX = ".tmp"
 _ALIGN = 4096
 _NAME_LEN = 16 + len(_SUFFIX)
@@ -278,7 +280,7 @@ class DiskStorage:
 
     @staticmethod
     def _name(sequence_hash: int) -> str:
-        return f"{sequence_hash:016x}{_SUFFIX}"
+        return block_file_name(sequence_hash)
 
     def path(self, sequence_hash: int) -> Path:
         """Where the block of ``sequence_hash`` lives."""

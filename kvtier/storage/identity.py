@@ -60,6 +60,27 @@ class ModelIdentity:
         if not (isinstance(self.tp_rank, int) and 0 <= self.tp_rank < self.tp_size):
             raise ValueError(f"tp_rank must be in 0..{self.tp_size - 1}, got {self.tp_rank!r}")
 
+    @classmethod
+    def from_vllm_config(
+        cls, vllm_config: object, *, tp_rank: int, tp_size: int, model_id: str | None = None
+    ) -> ModelIdentity:
+        """The identity of the model a vLLM engine serves (read from ``vllm_config``'s
+        ``model_config``: model name or path, revision, dtype; weights digest of a local
+        checkpoint folder). Duck-typed: no vLLM import."""
+        mc = getattr(vllm_config, "model_config", None)
+        model = str(getattr(mc, "model", "") or "")
+        weights = str(getattr(mc, "model_weights", "") or "") or model
+        dtype = str(getattr(mc, "dtype", "") or "").removeprefix("torch.")
+        return cls(
+            model=model,
+            revision=str(getattr(mc, "revision", "") or ""),
+            weights=weights_digest(weights) if weights else "",
+            dtype=dtype,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            model_id=model_id,
+        )
+
     def fields(self) -> dict[str, object]:
         """The fields that enter the key (``model_id`` replaces model, revision, weights)."""
         doc: dict[str, object] = asdict(self)

@@ -50,6 +50,7 @@ __all__ = [
     "is_leftover_at",
     "open_folder",
     "open_regular_at",
+    "regular_file_exists",
 ]
 
 STATE_PREFIX = ".kvtier-"
@@ -81,6 +82,17 @@ def open_regular_at(dir_fd: int, name: str, flags: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def regular_file_exists(path: str | os.PathLike[str]) -> bool:
+    """``path`` is a regular file now (one ``lstat``; the last component is not followed).
+
+    For a process that only needs to know whether a block is in the tier (the vLLM scheduler
+    half); whoever reads the file opens it safely and verifies it."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def is_leftover_at(dir_fd: int, name: str) -> bool:

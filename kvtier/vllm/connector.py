@@ -33,6 +33,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.config import ModelConfig
 from kvtier.settings import KvTierSettings, load_settings
+from kvtier.storage.identity import ModelIdentity
 from kvtier.vllm.metadata import StepPlan, WorkerReport
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
 from kvtier.vllm.telemetry import ConnectorTelemetry
@@ -159,6 +160,10 @@ class KvTierConnector(KVConnectorBase_V1):
                     disk_dir=disk_dir,
                     disk_o_direct=self.settings.disk_o_direct,
                     io_threads=self.settings.io_threads,
+                    model_identity=ModelIdentity.from_vllm_config(  # G3 never serves another
+                        vllm_config, tp_rank=rank, tp_size=world, model_id=self.settings.model_id
+                    ),
+                    disk_group=self.settings.disk_group,
                 )
             )
 

@@ -33,6 +33,7 @@ from kvtier.storage.block_file import BlockHeader
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage
+from kvtier.storage.identity import ModelIdentity
 from kvtier.storage.layout import KvLayout, LayoutKind, detect_layout
 from kvtier.transfer.disk_io import DiskIo
 from kvtier.transfer.engine import CopyFuture, CopyHandle, TorchCopyEngine
@@ -56,6 +57,8 @@ class WorkerConfig:
     disk_dir: str | None
     disk_o_direct: bool = True
     io_threads: int = 4
+    model_identity: ModelIdentity | None = None  # G3 namespace (kvtier.storage.identity)
+    disk_group: str | None = None
 
     def __post_init__(self) -> None:
         if self.rank < 0 or self.host_blocks < 0 or self.disk_blocks < 0 or self.io_threads <= 0:
@@ -145,13 +148,18 @@ class KvTierWorker:
         parents: list[int | None] = []
         if self.config.disk_blocks:
             assert self.config.disk_dir is not None
+            ident = self.config.model_identity
             self._disk = DiskStorage(
                 Path(self.config.disk_dir),
-                layout.fingerprint,
+                ident.namespace(layout.fingerprint) if ident else layout.fingerprint,
                 layout.block_bytes,
                 o_direct=self.config.disk_o_direct,
+                capacity=self.config.disk_blocks,
+                group=self.config.disk_group,
+                identity=ident.describe(layout.fingerprint) if ident else None,
             )
             found = self._disk.open()
+            self._report.disk_folder = str(self._disk.directory)
             restored = [s.header.sequence_hash for s in found]
             parents = [s.header.parent_hash for s in found]
             self._disk_io = DiskIo(self._disk, self.config.io_threads)
@@ -241,7 +249,8 @@ class KvTierWorker:
                 if err is None:
                     self._report.disk_stored.append(h)
                 else:
-                    logger.warning("kvtier: G3 write of block %016x failed: %s", h, err)
+                    if self._disk is None or self._disk.writable:  # read-only: said at start
+                        logger.warning("kvtier: G3 write of block %016x failed: %s", h, err)
                     self._report.disk_store_failed.append(h)
             else:
                 pending.append((h, fut))
