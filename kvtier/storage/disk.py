@@ -389,12 +389,15 @@ class DiskStorage:
                     os.ftruncate(fd, total)
             if self.fsync:
                 os.fsync(fd)
-            if not self._dir.publish(tmp, final):
-                self._dir.unclaim()  # another writer's copy won; ours is discarded
-            else:
-                self._known.append(sequence_hash)
+            published = self._dir.publish(tmp, final)
             os.close(fd)
             fd = -1
+            if published:
+                self._known.append(sequence_hash)
+            elif not self._dir.is_regular(final):
+                raise OSError(errno.EEXIST, f"{final} exists and is not a block file")
+            else:
+                self._dir.unclaim()  # another writer's copy won; ours is discarded
         except OSError as exc:
             if fd >= 0:
                 os.close(fd)
