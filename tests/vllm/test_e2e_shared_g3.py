@@ -8,6 +8,7 @@ model of the same shape with different weights, at the same path, never sees tho
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -57,10 +58,8 @@ class Engine:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            try:
-                self.ask(op="quit")
-            except (BrokenPipeError, RuntimeError):
-                pass
+            with contextlib.suppress(BrokenPipeError, RuntimeError):
+                self.ask(op="quit")  # the engine exits without an answer
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
