@@ -310,6 +310,8 @@ class KvBlockManager(Lifecycle):
                 identity=ident.describe(layout.fingerprint) if ident else None,
             )
             found = disk.open()
+            if disk.names_only:  # a large tier: files are the index, adopted when matched
+                found = []
             pool = BlockPool(cfg.disk_blocks, block_size=bs, tier=G3, registry=self.registry)
             self.disk_pool = DiskPool(pool, disk)
             # Keep the newest files that fit; restore them oldest first, because restore takes

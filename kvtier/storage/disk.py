@@ -15,8 +15,9 @@ the file names are the index, so a block another process wrote is found with one
 the tier full deletes blocks it knows of, oldest known first, to make room.
 
 Start-up is bounded: up to ``scan_headers_up_to`` files every header is read (bad files removed,
-parents, priorities and ages restored); beyond that only names are read (about a second per
-million files) and each header is verified when its block is read.
+parents, priorities and ages restored into the caller's index); beyond that only names are read
+(a few seconds per million files, ``names_only``), the caller indexes nothing at start, and each
+block joins its index when first looked up, header verified when it is read.
 
 This class is thread-safe for different sequence hashes; the transfer manager never reads and
 writes the same hash at once.
@@ -146,6 +147,10 @@ class DiskStorage:
         self.writable = False
         self.skipped: list[tuple[Path, str]] = []
         self.evicted_for_room = 0
+        self.names_only = False
+        """Set by ``open()``: the folder held more than ``scan_headers_up_to`` files, so only
+        names were read. A caller then need not index them: a block is found by its file name
+        when first looked up (``has_block``), like a block another process wrote."""
         self._dir = TierDir(
             self.root, self.directory.name, group=group, counted=capacity is not None
         )
@@ -183,7 +188,8 @@ class DiskStorage:
             if h is None or not entry.is_file(follow_symlinks=False):
                 continue
             names.append((name, h))
-        if len(names) > self.scan_headers_up_to:
+        self.names_only = len(names) > self.scan_headers_up_to
+        if self.names_only:
             found = [StoredBlock(h, None, 0, 0) for _, h in names]
         else:
             found = self._read_headers(names)

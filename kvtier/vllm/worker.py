@@ -159,6 +159,8 @@ class KvTierWorker:
                 identity=ident.describe(layout.fingerprint) if ident else None,
             )
             found = self._disk.open()
+            if self._disk.names_only:  # a large tier: the scheduler finds blocks by file name
+                found = []
             self._report.disk_folder = str(self._disk.directory)
             restored = [s.header.sequence_hash for s in found]
             parents = [s.header.parent_hash for s in found]
