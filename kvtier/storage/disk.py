@@ -31,6 +31,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import threading
 import uuid
 from collections.abc import Mapping
@@ -57,8 +58,8 @@ logger = logging.getLogger(__name__)
 _SUFFIX = BLOCK_SUFFIX
 _TMP_SUFFIX = ".tmp"
 _ALIGN = 4096
-_NAME_LEN = 16 + len(_SUFFIX)
 _EVICT_TRIES = 64
+_BLOCK_NAME = re.compile(r"[0-9a-f]{16}\.kvb")
 IDENTITY_FILE = STATE_PREFIX + "identity.json"
 """The model identity of a namespace folder (JSON, written once; shown by ``kvtier inspect``)."""
 
@@ -96,17 +97,6 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
 
 def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % _ALIGN == 0 and t.numel() % _ALIGN == 0
-
-
-def _block_name(name: str) -> int | None:
-    """The sequence hash a block file name holds, or None for any other name."""
-    if len(name) != _NAME_LEN or not name.endswith(_SUFFIX):
-        return None
-    try:
-        h = int(name[:16], 16)
-    except ValueError:
-        return None
-    return h if name[:16] == f"{h:016x}" else None
 
 
 class DiskStorage:
@@ -160,10 +150,11 @@ class DiskStorage:
     # -- life cycle ---------------------------------------------------------------------------
 
     def open(self) -> list[StoredBlock]:
-        """Create or reopen the folder; return the blocks found (newest first when ages are
-        known). Leftover temporary files (a crash mid-write, no live writer) and truncated or
-        corrupt-header files are removed; files of another fingerprint are left alone and
-        listed in ``skipped``; anything else (other names, symlinks, FIFOs, folders) is ignored.
+        """Create or reopen the folder; return the blocks found, newest first (none when the
+        folder is too large to read headers: ``names_only``). Leftover temporary files (a crash
+        mid-write, no live writer) and truncated or corrupt-header files are removed; files of
+        another fingerprint are left alone and listed in ``skipped``; anything else (other
+        names, symlinks, FIFOs, folders) is ignored.
         """
         d = self._dir
         d.open()
@@ -177,27 +168,28 @@ class DiskStorage:
         if not self.writable and self.want_o_direct:
             self.o_direct = hasattr(os, "O_DIRECT")  # reads fall back per file if refused
         self.skipped = []
-        names: list[tuple[str, int]] = []
+        hashes: list[int] = []
+        is_block = _BLOCK_NAME.fullmatch
         for entry in d.scan():
             name = entry.name
-            if name.endswith(_TMP_SUFFIX):
-                if self.writable and d.is_leftover(name):
-                    d.unlink(name)
-                continue
-            h = _block_name(name)
-            if h is None or not entry.is_file(follow_symlinks=False):
-                continue
-            names.append((name, h))
-        self.names_only = len(names) > self.scan_headers_up_to
-        if self.names_only:
-            found = [StoredBlock(h, None, 0, 0) for _, h in names]
+            if is_block(name):
+                if entry.is_file(follow_symlinks=False):
+                    hashes.append(int(name[:16], 16))
+            elif name.endswith(_TMP_SUFFIX) and self.writable and d.is_leftover(name):
+                d.unlink(name)
+        self.names_only = len(hashes) > self.scan_headers_up_to
+        if self.names_only:  # nothing to index: names are the index (a few seconds per 1M)
+            found: list[StoredBlock] = []
+            count = len(hashes)
+            self._known = collections.deque(hashes)
         else:
-            found = self._read_headers(names)
+            found = self._read_headers([(self._name(h), h) for h in hashes])
             found.sort(key=lambda s: s.mtime_ns, reverse=True)
+            count = len(found)
+            self._known = collections.deque(s.sequence_hash for s in reversed(found))
         if d.alone and self.capacity is not None and self.writable:
-            d.recount(len(found))
+            d.recount(count)
         d.shared()
-        self._known = collections.deque(s.sequence_hash for s in reversed(found))
         self._write_identity()
         return found
 

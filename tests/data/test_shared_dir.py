@@ -129,3 +129,22 @@ def test_full_tier_makes_room_across_processes(tmp_path: Path) -> None:
     assert a._dir.count() == 3
     for st in (a, b, c):
         st.close()
+
+
+def test_a_large_tier_starts_from_names_and_still_bounds_capacity(tmp_path: Path) -> None:
+    nbytes = MODEL.block_bytes
+    rows = random_rows(4, nbytes, seed=6)
+    a = DiskStorage(tmp_path, FP, nbytes, capacity=3)
+    a.open()
+    for i in range(3):
+        a.write(10 + i, rows[i])
+    a.close()
+    big = DiskStorage(tmp_path, FP, nbytes, capacity=3, scan_headers_up_to=2)
+    assert big.open() == [] and big.names_only  # more files than headers it reads at start
+    assert big.has_block(11)  # found by name when looked up
+    out = torch.zeros(nbytes, dtype=torch.uint8)
+    big.read(11, out)  # and verified when read
+    assert torch.equal(out, rows[1])
+    big.write(20, rows[3])  # full: the oldest name it scanned makes room
+    assert len(list(big.directory.glob("*.kvb"))) == 3 and big._dir.count() == 3
+    big.close()
