@@ -10,6 +10,9 @@ same bytes, and the ratio is what the target is about (host<->disk >= 0.8 of raw
 - disk->host: kvtier = ``DiskIo`` reads with header and checksum verification. Raw = O_DIRECT
   ``preadv`` of the raw files.
 - disk->device: kvtier's full onboard path (read, verify, copy to the device), for reference.
+- several processes sharing one G3 directory (``--procs``, default 3; ``benchmarks/shared_dir.py``):
+  aggregate write and cross-process read throughput of kvtier processes against raw O_DIRECT
+  processes, same bytes, same threads per process, interleaved.
 - host<->device: kvtier's copy engine moving one batch of all blocks (block-first layout: one
   tensor per layer, so a block is ``num_layers`` scattered pieces) against one contiguous copy of
   the same bytes (the memcpy / DMA limit). CUDA when present (its engine if importable), else CPU.
@@ -274,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if present)")
     p.add_argument("--skip-disk", action="store_true")
     p.add_argument("--skip-device", action="store_true")
+    p.add_argument("--procs", type=int, default=3, help="processes sharing one G3 dir (3)")
+    p.add_argument("--skip-shared", action="store_true", help="skip the multi-process section")
     args = p.parse_args(argv)
     mib = MODEL.block_bytes / 2**20
     print(
@@ -286,6 +291,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for name, kv, raw, ratio in bench_disk(args, root):
                 rows.append((name, f"raw O_DIRECT, {args.threads} threads", kv, raw, ratio))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    if not args.skip_shared and args.procs > 1:
+        from shared_dir import bench_shared  # benchmarks/shared_dir.py
+
+        root = Path(tempfile.mkdtemp(prefix=".bench-shared-", dir=args.dir or "."))
+        try:
+            shared = bench_shared(
+                root, args.procs, args.blocks, MODEL.block_bytes, args.threads, args.repeats
+            )
+            for name, kv, raw, ratio in shared:
+                base = f"{args.procs} raw O_DIRECT processes, {args.threads} threads each"
+                rows.append((name, base, kv, raw, ratio))
         finally:
             shutil.rmtree(root, ignore_errors=True)
     if not args.skip_device:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from kvtier.storage.identity import ModelIdentity
+
 __all__ = ["DEVICE_LAYOUTS", "DTYPE_SIZES", "KvTierConfig", "ModelConfig"]
 
 DEVICE_LAYOUTS: tuple[str, ...] = ("fully_contiguous", "block_first", "outer_first")
@@ -110,6 +112,9 @@ class KvTierConfig:
     - ``disk_fsync``: fsync each block file before it is renamed into place (durable, slower).
     - ``device_layout``: layout of a self-allocated G1: ``fully_contiguous``, ``block_first`` or
       ``outer_first``.
+    - ``model_identity``: what separates this model's G3 blocks from another's of the same
+      layout (``kvtier.storage.identity``); None keys G3 by the layout alone.
+    - ``disk_group``: a group name: G3 files and folders group read-write (else owner-only).
     """
 
     model: ModelConfig
@@ -126,6 +131,8 @@ class KvTierConfig:
     host_pinned: bool | None = None
     disk_fsync: bool = False
     device_layout: str = "fully_contiguous"
+    model_identity: ModelIdentity | None = None
+    disk_group: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelConfig):
@@ -146,6 +153,12 @@ class KvTierConfig:
             )
         if self.disk_blocks > 0 and not self.disk_dir:
             raise ValueError("disk_blocks > 0 needs disk_dir (the G3 directory)")
+        if self.model_identity is not None and not isinstance(self.model_identity, ModelIdentity):
+            raise TypeError("model_identity must be a kvtier.storage.identity.ModelIdentity")
+        if self.disk_group is not None and (
+            not isinstance(self.disk_group, str) or not self.disk_group
+        ):
+            raise TypeError("disk_group must be a non-empty group name or None")
         if self.disk_dir is not None and not isinstance(self.disk_dir, str):
             raise TypeError(f"disk_dir must be a str path, got {type(self.disk_dir).__name__}")
         if not isinstance(self.device, str) or not (

@@ -31,7 +31,7 @@ from kvtier.core.offload import OffloadQueue
 from kvtier.core.pool import BlockPool
 from kvtier.core.registry import TierEvent, TierRegistry
 from kvtier.lifecycle import Lifecycle
-from kvtier.storage.block_file import PRIORITY_MAX, PRIORITY_MIN
+from kvtier.storage.block_file import PRIORITY_MAX, PRIORITY_MIN, acyclic_parents
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage
@@ -298,14 +298,20 @@ class KvBlockManager(Lifecycle):
                 self._pin(host)
         if cfg.disk_blocks:
             assert cfg.disk_dir is not None
+            ident = cfg.model_identity  # G3 namespace: model identity + layout (identity.py)
             disk = DiskStorage(
                 cfg.disk_dir,
-                layout.fingerprint,
+                ident.namespace(layout.fingerprint) if ident else layout.fingerprint,
                 layout.block_bytes,
                 o_direct=cfg.disk_o_direct,
                 fsync=cfg.disk_fsync,
+                capacity=cfg.disk_blocks,
+                group=cfg.disk_group,
+                identity=ident.describe(layout.fingerprint) if ident else None,
             )
             found = disk.open()
+            if disk.names_only:  # a large tier: files are the index, adopted when matched
+                found = []
             pool = BlockPool(cfg.disk_blocks, block_size=bs, tier=G3, registry=self.registry)
             self.disk_pool = DiskPool(pool, disk)
             # Keep the newest files that fit; restore them oldest first, because restore takes
@@ -313,12 +319,16 @@ class KvBlockManager(Lifecycle):
             kept = found[: cfg.disk_blocks]
             for extra in found[cfg.disk_blocks :]:  # beyond G3's size (it shrank): delete
                 disk.remove(extra.header.sequence_hash)
-            for block_id, entry in enumerate(reversed(kept)):
-                hdr = entry.header
+            oldest_first = list(reversed(kept))
+            links = acyclic_parents(  # a header naming itself or a cycle pins nothing
+                (e.sequence_hash for e in oldest_first),
+                {e.sequence_hash: e.parent_hash for e in oldest_first},
+            )
+            for block_id, hdr in enumerate(oldest_first):
                 pool.restore(
                     block_id,
                     hdr.sequence_hash,
-                    parent_sequence_hash=hdr.parent_hash,
+                    parent_sequence_hash=links[hdr.sequence_hash],
                     priority=hdr.priority,
                 )
                 self.disk_pool.slot_hashes[block_id] = hdr.sequence_hash
@@ -505,7 +515,10 @@ class KvBlockManager(Lifecycle):
         self._check_running()
         host = self.host_pool.pool.match(sequence_hashes) if self.host_pool else []
         rest = sequence_hashes[len(host) :]
-        disk = self.disk_pool.pool.match(rest) if self.disk_pool and rest else []
+        disk: list[ImmutableBlock] = []
+        if self.disk_pool is not None and rest:
+            parent = host[-1].sequence_hash if host else None
+            disk = self.disk_pool.match_shared(rest, parent, self._writing[G3])
         n = len(sequence_hashes)
         if self.host_pool is not None:
             self._hits[G2] = _add_hits(self._hits[G2], len(host), n - len(host))

@@ -91,6 +91,13 @@ def _parse_dir(text: object) -> str:
     return path
 
 
+def _parse_name(text: object) -> str:
+    """A non-empty name on one line (a model id, a group name)."""
+    if not isinstance(text, str) or not text.strip() or "\n" in text:
+        raise ValueError(f"expected a non-empty name on one line, got {text!r}")
+    return text.strip()
+
+
 def _parse_policy(text: object) -> str:
     word = str(text).strip().lower()
     if word not in ("recompute", "fail"):
@@ -162,6 +169,8 @@ class KvTierSettings:
     events_endpoint: str = "tcp://127.0.0.1:5557"
     events_replay_endpoint: str | None = None
     events_topic: str = ""
+    model_id: str | None = None
+    disk_group: str | None = None
 
     def __post_init__(self) -> None:
         disk_wanted = self.disk_cache_blocks != 0 and (
@@ -337,6 +346,23 @@ KNOBS: tuple[Knob, ...] = (
         "KVTIER_EVENTS_TOPIC",
         _parse_topic,
         "Topic frame of every published event batch (empty by default, as in vLLM).",
+    ),
+    Knob(
+        "model_id",
+        "model_id",
+        "KVTIER_MODEL_ID",
+        _parse_name,
+        "Name of the model's KV key space in G3 (and G4), replacing the model path, revision "
+        "and weights digest read from vLLM: engines given the same model_id share blocks, "
+        "different ones never do. dtype, layout and tensor-parallel rank/size stay in the key.",
+    ),
+    Knob(
+        "disk_group",
+        "disk_group",
+        "KVTIER_DISK_GROUP",
+        _parse_name,
+        "Unix group that may share the G3 directory: folders 2770 and files 0660 with that "
+        "group (unset: owner-only, 0700 / 0600).",
     ),
 )
 

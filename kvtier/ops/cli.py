@@ -83,8 +83,12 @@ def _cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     table.add_row("payload bytes", str(report.payload_bytes))
     for fp, count in sorted(report.fingerprints.items()):
         table.add_row("fingerprint", f"{fp:#018x} ({count} blocks)")
+    for fp, ident in sorted(report.identities.items()):
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(ident.items()) if k != "namespace")
+        table.add_row("identity", f"{fp:#018x}: {shown}")
     table.add_row("unreadable headers", str(report.unreadable))
     table.add_row("other files", str(report.other_files))
+    table.add_row("writes in progress", str(report.writes_in_progress))
     console.print(table)
     ages = Table(title="age of block files (since last write)")
     ages.add_column("age")
@@ -111,6 +115,11 @@ def _cmd_fsck(args: argparse.Namespace, console: Console) -> int:
     console.print(
         f"checked {report.checked} block files: {report.good} good, {len(report.bad)} bad"
     )
+    if report.vanished or report.writes_in_progress:
+        console.print(
+            f"in use: {report.vanished} blocks deleted by an engine meanwhile, "
+            f"{report.writes_in_progress} writes in progress (neither is bad)"
+        )
     if report.bad:
         table = Table(title="bad blocks")
         table.add_column("file")
@@ -145,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes in all)")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("inspect", help="what a disk tier holds: fingerprint, blocks, bytes, ages")
+    p = sub.add_parser(
+        "inspect", help="what a disk tier holds: model identity, fingerprint, blocks, bytes, ages"
+    )
     p.add_argument("dir", help="the disk tier's directory")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.set_defaults(func=_cmd_inspect)

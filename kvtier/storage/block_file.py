@@ -14,11 +14,13 @@ payload length, payload xxh3_64, then the xxh3_64 of all preceding header bytes.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import xxhash
 
 __all__ = [
+    "BLOCK_SUFFIX",
     "HEADER_SIZE",
     "MAGIC",
     "PRIORITY_MAX",
@@ -26,6 +28,8 @@ __all__ = [
     "VERSION",
     "BlockFileError",
     "BlockHeader",
+    "acyclic_parents",
+    "block_file_name",
     "file_size",
     "padded",
     "payload_checksum",
@@ -38,6 +42,9 @@ _PAGE = 4096
 _FIELDS = struct.Struct("<8sIIQQQIiQQ")
 _CHECK = struct.Struct("<Q")
 _FLAG_PARENT = 1
+
+BLOCK_SUFFIX = ".kvb"
+"""Block files are named ``<sequence hash as 16 lowercase hex digits>.kvb``."""
 
 PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
 """Priorities a block file can hold (a signed 32-bit header field)."""
@@ -55,6 +62,11 @@ def padded(nbytes: int) -> int:
 def file_size(payload_len: int) -> int:
     """Exact size of a block file holding ``payload_len`` bytes."""
     return HEADER_SIZE + padded(payload_len)
+
+
+def block_file_name(sequence_hash: int) -> str:
+    """The file name of a block: the key of the index every process shares."""
+    return f"{sequence_hash:016x}{BLOCK_SUFFIX}"
 
 
 def payload_checksum(data: memoryview | bytes) -> int:
@@ -120,3 +132,26 @@ class BlockHeader:
             payload_len=plen,
             checksum=csum,
         )
+
+
+def acyclic_parents(
+    order: Iterable[int], parents: Mapping[int, int | None]
+) -> dict[int, int | None]:
+    """The parent links of blocks restored in ``order`` that cannot pin anything forever.
+
+    A header may name any parent: itself, or a chain that loops back (a corrupt or hostile
+    file). A pool counts a block's children to keep parents alive, so such a link would make
+    blocks that are never evicted. A link to a parent among the restored blocks is kept only if
+    that parent comes *earlier* in ``order`` (give parents first); a self link and every cycle
+    become None. A link to a block not restored at all is kept (it cannot close a cycle).
+    """
+    blocks = list(order)
+    members = set(blocks)
+    seen: set[int] = set()
+    out: dict[int, int | None] = {}
+    for h in blocks:
+        p = parents.get(h)
+        keep = p is not None and p != h and (p in seen or p not in members)
+        out[h] = p if keep else None
+        seen.add(h)
+    return out

@@ -7,6 +7,7 @@ and keeps slot ids and byte rows from drifting apart. ``TierMatch`` is a cross-t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvtier.core.block import ImmutableBlock
@@ -45,6 +46,39 @@ class DiskPool:
     pool: BlockPool
     storage: DiskStorage
     slot_hashes: dict[int, int] = field(default_factory=dict)
+
+    def match_shared(
+        self, sequence_hashes: Sequence[int], parent: int | None, writing: set[int]
+    ) -> list[ImmutableBlock]:
+        """Prefix match in this process's index and, where it misses, in the directory.
+
+        Several processes share one G3 directory: a block another process wrote since this one
+        started is not in this pool, but its file is there (one ``lstat``). Such a block is
+        adopted (given a slot, which may evict a local block, and registered under its parent)
+        and matched like the others; the read verifies it. The walk stops at the first hash
+        missing from both, so a miss costs one ``lstat``.
+        """
+        out: list[ImmutableBlock] = []
+        n = len(sequence_hashes)
+        while len(out) < n:
+            found = self.pool.match(sequence_hashes[len(out) :])
+            out.extend(found)
+            if len(out) == n:
+                break
+            if out:
+                parent = out[-1].sequence_hash
+            h = sequence_hashes[len(out)]
+            if h in writing or not self.storage.has_block(h):
+                break
+            blocks = self.pool.allocate(1)
+            if not blocks:
+                break
+            self.reclaim([blocks[0].block_id], writing | {h})
+            blocks[0].mark_complete()
+            imm = self.pool.register(blocks[0], h, parent_sequence_hash=parent)
+            self.slot_hashes[imm.block_id] = h
+            out.append(imm)
+        return out
 
     def reclaim(self, block_ids: list[int], keep: set[int]) -> None:
         """Delete the old files of freshly allocated slots (unless registered again or in

@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - exercised on the GPU build (vLLM 0.26)
 
 from kvtier.config import ModelConfig
 from kvtier.settings import KvTierSettings, load_settings
+from kvtier.storage.identity import ModelIdentity
 from kvtier.vllm.metadata import StepPlan, WorkerReport
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
 from kvtier.vllm.telemetry import ConnectorTelemetry
@@ -188,7 +189,10 @@ class KvTierConnector(KVConnectorBase_V1):
                     disk_dir=disk_dir,
                     disk_o_direct=self.settings.disk_o_direct,
                     io_threads=self.settings.io_threads,
-                    world_size=world,
+                    model_identity=ModelIdentity.from_vllm_config(  # G3 never serves another
+                        vllm_config, tp_rank=rank, tp_size=world, model_id=self.settings.model_id
+                    ),
+                    disk_group=self.settings.disk_group,
                 )
             )
 

@@ -141,6 +141,9 @@ class WorkerReport:
     restored_parents: list[int | None] = field(default_factory=list)
     """The parent hash of each ``restored`` block, from its file header (same order; empty when
     not known), so the scheduler rebuilds the G3 index with its parent links."""
+    disk_folder: str | None = None
+    """This worker's G3 namespace folder (sent with ``restored``): where the scheduler half looks
+    for blocks other engines wrote while this one runs."""
 
     @property
     def is_empty(self) -> bool:

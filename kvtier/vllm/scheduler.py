@@ -25,6 +25,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from typing import Any, Protocol
 
 from kvtier.core.filter import FrequencyFilter, FrequencyFilterConfig
 from kvtier.hashing import hash_chain, salt_hash
+from kvtier.storage.block_file import acyclic_parents, block_file_name
+from kvtier.storage.tier_dir import regular_file_exists
 from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, StoreBatch, WorkerReport
 from kvtier.vllm.slots import SlotIndex
 
@@ -199,6 +202,7 @@ class KvTierScheduler:
         self._pinned_rows: dict[int, int] = {}
         if config.pinned_host_rows:
             self.host.limit_usable(0)
+        self._disk_folders: list[str] = []  # each worker's G3 folder, shared with other engines
 
     # -- vLLM scheduler-side API --------------------------------------------------------------
 
@@ -217,8 +221,7 @@ class KvTierScheduler:
         while n < limit and self.host.lookup(st.hashes[n]) is not None:
             n += 1
         host_end = n
-        while n < limit and self.disk.lookup(st.hashes[n]) is not None:
-            n += 1
+        n = self._disk_end(st.hashes, n, limit)
         st.match_start, st.match_host, st.match_disk = start, host_end - start, n - host_end
         self.counters.lookups += 1
         self.counters.lookup_blocks += max(0, limit - start)
@@ -354,6 +357,8 @@ class KvTierScheduler:
                     self.host.set_usable(min(self._pinned_rows.values()))
             if r.restored is not None:
                 self._restored_reports.append(set(r.restored))
+                if r.disk_folder is not None:
+                    self._disk_folders.append(r.disk_folder)
                 if r.rank == 0:
                     self._restored_order = list(r.restored)
                     if r.restored_parents:
@@ -615,13 +620,46 @@ class KvTierScheduler:
         self._disk_deletes.extend(sorted(set.union(*self._restored_reports) - common))
         newest_first = [h for h in self._restored_order if h in common]
         keep = newest_first[: self.config.disk_blocks]
-        parents = self._restored_parents
-        left = self.disk.restore(_parents_first(reversed(keep), parents), parents)
+        order = _parents_first(reversed(keep), self._restored_parents)
+        parents = acyclic_parents(order, self._restored_parents)  # no self links, no cycles
+        left = self.disk.restore(order, parents)
         self._disk_deletes.extend(left)
         self._disk_deletes.extend(newest_first[self.config.disk_blocks :])
         self._disk_ready = True
         self._restored_reports = []
         self._restored_parents = {}
+
+    # -- G3 shared with other engines (kvtier.storage.tier_dir) ------------------------------
+
+    def _disk_end(self, hashes: Sequence[int], n: int, limit: int) -> int:
+        """Where the G3 part of a match that starts at ``n`` ends: this index first and, where
+        it misses, the blocks other engines sharing the directory wrote since this one started
+        (a miss in this index is not a miss in the tier)."""
+        while n < limit:
+            h = hashes[n]
+            if self.disk.lookup(h) is None and not self._adopt_disk(
+                h, hashes[n - 1] if n else None
+            ):
+                break
+            n += 1
+        return n
+
+    def _adopt_disk(self, h: int, parent: int | None) -> bool:
+        """Take a block another engine wrote into this G3 index, if every worker's folder has
+        its file (one ``lstat`` each; the worker's read verifies it, a vanished file is a load
+        error and vLLM recomputes)."""
+        if not self._disk_folders or h in self.disk:
+            return False
+        name = block_file_name(h)
+        if not all(regular_file_exists(os.path.join(f, name)) for f in self._disk_folders):
+            return False
+        got = self.disk.reserve(h, parent)
+        if got is None:
+            return False
+        self.counters.disk_evictions += len(got[1])
+        self._disk_deletes.extend(got[1])
+        self.disk.commit(h)
+        return True
 
 
 def _parents_first(oldest_first: Iterable[int], parents: dict[int, int | None]) -> list[int]:

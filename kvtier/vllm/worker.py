@@ -39,11 +39,11 @@ from kvtier.storage.block_file import BlockHeader
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage
+from kvtier.storage.identity import ModelIdentity
 from kvtier.storage.layout import KvLayout, LayoutKind, detect_layout
 from kvtier.transfer.disk_io import DiskIo
 from kvtier.transfer.engine import CopyFuture, CopyHandle, TorchCopyEngine
 from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, WorkerReport
-from kvtier.vllm.tensor_parallel import rank_fingerprint
 
 if TYPE_CHECKING:
     from kvtier.transfer.cuda.disk import DiskLoadHandle
@@ -67,14 +67,12 @@ class WorkerConfig:
     disk_dir: str | None
     disk_o_direct: bool = True
     io_threads: int = 4
-    world_size: int = 1
-    """Workers of the engine (tensor parallelism): part of this rank's G3 namespace."""
+    model_identity: ModelIdentity | None = None  # G3 namespace (kvtier.storage.identity)
+    disk_group: str | None = None
 
     def __post_init__(self) -> None:
         if self.rank < 0 or self.host_blocks < 0 or self.disk_blocks < 0 or self.io_threads <= 0:
             raise ValueError(f"bad WorkerConfig {self}")
-        if self.world_size <= self.rank:
-            raise ValueError(f"WorkerConfig: rank {self.rank} of world_size {self.world_size}")
         if self.disk_blocks and not self.disk_dir:
             raise ValueError("WorkerConfig: disk_blocks > 0 needs disk_dir")
 
@@ -208,15 +206,20 @@ class KvTierWorker:
         parents: list[int | None] = []
         if self.config.disk_blocks:
             assert self.config.disk_dir is not None
-            # Each TP rank holds its own shard of every block: the rank is in its namespace
-            # (kvtier.vllm.tensor_parallel), so no rank is ever served another rank's file.
+            ident = self.config.model_identity
             self._disk = DiskStorage(
                 Path(self.config.disk_dir),
-                rank_fingerprint(layout.fingerprint, self.config.rank, self.config.world_size),
+                ident.namespace(layout.fingerprint) if ident else layout.fingerprint,
                 layout.block_bytes,
                 o_direct=self.config.disk_o_direct,
+                capacity=self.config.disk_blocks,
+                group=self.config.disk_group,
+                identity=ident.describe(layout.fingerprint) if ident else None,
             )
             found = self._disk.open()
+            if self._disk.names_only:  # a large tier: the scheduler finds blocks by file name
+                found = []
+            self._report.disk_folder = str(self._disk.directory)
             restored = [s.header.sequence_hash for s in found]
             parents = [s.header.parent_hash for s in found]
             self._disk_io = DiskIo(self._disk, self.config.io_threads)
@@ -332,7 +335,8 @@ class KvTierWorker:
                 if err is None:
                     self._report.disk_stored.append(h)
                 else:
-                    logger.warning("kvtier: G3 write of block %016x failed: %s", h, err)
+                    if self._disk is None or self._disk.writable:  # read-only: said at start
+                        logger.warning("kvtier: G3 write of block %016x failed: %s", h, err)
                     self._report.disk_store_failed.append(h)
             else:
                 pending.append((h, fut))

@@ -244,6 +244,7 @@ def test_read_only_directory(tmp_path: Path) -> None:
         assert torch.equal(out.rows[0], src.rows[0])
         with pytest.raises(DiskBlockError, match="is not writable"):
             reader.write(2, src.rows[1])
+        reader.close()  # its folder descriptor would keep the mount busy
     finally:
         if os.geteuid() == 0:
             subprocess.run(["umount", str(ro)], check=False)

@@ -135,3 +135,74 @@ def test_cli_refuses_a_missing_directory(
     (tmp_path / "file").write_text("x")
     assert main(["inspect", str(tmp_path / "file")]) == 2
     assert "not a directory" in capsys.readouterr().out
+
+
+def test_cli_says_when_a_directory_is_not_a_tier(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "notes.txt").write_text("not a cache")
+    (tmp_path / "photos").mkdir()
+    for cmd in ("fsck", "inspect"):
+        assert main([cmd, str(tmp_path)]) == 2
+        assert "is not a kvtier disk tier" in " ".join(capsys.readouterr().out.split())
+
+
+_WRITER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)  # what DiskStorage.write holds until it publishes
+os.write(fd, b"half a block")
+print("writing", flush=True)
+time.sleep(600)
+"""
+
+
+def test_fsck_on_a_live_tier_leaves_writes_in_progress_alone(
+    tier: tuple[Path, DiskStorage], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import subprocess
+    import sys
+
+    root, disk = tier
+    live = disk.directory / f"{42:016x}.kvb.{os.getpid()}.tmp"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(live)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "writing"
+        report = fsck_dir(root, repair=True)
+        assert report.writes_in_progress == 1
+        assert live.exists()  # another process's write in progress: not bad, not removed
+        assert not any(b.path == str(live) for b in report.bad)
+        reopened = DiskStorage(root, FP, BLOCK, o_direct=False)
+        reopened.open()  # an engine starting beside it leaves it alone too
+        assert live.exists()
+        reopened.close()
+        assert main(["fsck", str(root)]) == 0
+        assert "1 writes in progress (neither is bad)" in " ".join(capsys.readouterr().out.split())
+    finally:
+        writer.kill()
+        writer.wait()
+    (bad,) = fsck_dir(root).bad  # its writer died: now it is a leftover
+    assert bad.path == str(live) and "leftover" in bad.reason
+
+
+def test_inspect_shows_the_model_identity(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvtier.storage.identity import ModelIdentity
+
+    ident = ModelIdentity(model="org/llama-tiny", revision="r1", weights="ab12", dtype="bfloat16")
+    ns = ident.namespace(FP)
+    disk = DiskStorage(tmp_path, ns, BLOCK, o_direct=False, identity=ident.describe(FP))
+    disk.open()
+    disk.write(1, row(1))
+    report = inspect_dir(tmp_path)
+    assert report.identities[ns]["model"] == "org/llama-tiny"
+    assert report.identities[ns]["layout_fingerprint"] == f"{FP:016x}"
+    assert report.identities[ns]["block_bytes"] == BLOCK
+    assert report.blocks == 1 and report.other_files == 0  # the identity file is the tier's own
+    assert main(["inspect", str(tmp_path)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "model=org/llama-tiny" in text and "revision=r1" in text
+    disk.close()

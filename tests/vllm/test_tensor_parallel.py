@@ -43,9 +43,9 @@ from kvtier.hashing import salt_hash, sequence_hashes
 from kvtier.ops.diskscan import verify_block_file
 from kvtier.ops.tinymodel import TinyLlamaSpec
 from kvtier.storage.block_file import file_size
+from kvtier.storage.identity import ModelIdentity
 from kvtier.vllm.metadata import WorkerReport
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
-from kvtier.vllm.tensor_parallel import rank_fingerprint
 
 TP = 2
 TOKENS = 16
@@ -109,11 +109,14 @@ def test_block_bad_on_one_rank_is_bad_on_all() -> None:
 
 def test_rank_namespaces_differ() -> None:
     fp = 0x1234
-    assert rank_fingerprint(fp, 0, 1) == fp  # one worker: caches of older versions stay valid
-    names = {rank_fingerprint(fp, r, n) for n in (2, 4) for r in range(n)}
-    assert len(names) == 6 and fp not in names
-    with pytest.raises(ValueError, match="rank 2 is not a rank of 2"):
-        rank_fingerprint(fp, 2, 2)
+    names = {
+        ModelIdentity(model="m", tp_rank=r, tp_size=n).namespace(fp)
+        for n in (1, 2, 4)
+        for r in range(n)
+    }
+    assert len(names) == 7
+    with pytest.raises(ValueError, match=r"tp_rank must be in 0\.\.1"):
+        ModelIdentity(model="m", tp_rank=2, tp_size=2)
 
 
 # -- a real engine with two worker processes -----------------------------------------------------

@@ -63,7 +63,10 @@ def worker(tmp_path: Path) -> Iterator[tuple[KvTierWorker, dict[str, torch.Tenso
     kv = kv_caches()
     w = KvTierWorker(WorkerConfig(rank=0, host_blocks=4, disk_blocks=8, disk_dir=str(tmp_path)))
     w.register_kv_caches(kv, MODEL)
-    assert w.take_report() == WorkerReport(rank=0, restored=[])
+    first = w.take_report()
+    assert first is not None and first.disk_folder is not None
+    assert first == WorkerReport(rank=0, restored=[], disk_folder=first.disk_folder)
+    assert Path(first.disk_folder).parent == tmp_path  # G3's namespace folder, for the scheduler
     yield w, kv
     w.close()
 
@@ -197,7 +200,11 @@ def test_restart_reports_the_g3_index(tmp_path: Path) -> None:
     w2.register_kv_caches(kv_caches(), MODEL)
     try:
         # the parent hash comes from the block file's header
-        assert w2.take_report() == WorkerReport(rank=0, restored=[0xD1], restored_parents=[0xD0])
+        got = w2.take_report()
+        assert got is not None
+        assert got == WorkerReport(
+            rank=0, restored=[0xD1], restored_parents=[0xD0], disk_folder=got.disk_folder
+        )
     finally:
         w2.close()
 
