@@ -34,6 +34,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from kvtier.config import ModelConfig
 from kvtier.settings import KvTierSettings, load_settings
 from kvtier.vllm.metadata import StepPlan, WorkerReport
+from kvtier.vllm.remote_plan import RemotePlanner, remote_config_from
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
 from kvtier.vllm.telemetry import ConnectorTelemetry
 
@@ -121,6 +122,11 @@ class KvTierConnector(KVConnectorBase_V1):
             self._kv_transfer_config.kv_load_failure_policy = (
                 self.settings.load_failure_policy  # type: ignore[assignment]
             )
+            # G4: the scheduler half's batched lookups (kvtier.vllm.remote_plan), when configured.
+            remote_cfg = remote_config_from(self.settings)
+            remote = None
+            if remote_cfg is not None:
+                remote = RemotePlanner(remote_cfg, num_workers=world).start()
             self.scheduler = KvTierScheduler(
                 SchedulerConfig(
                     block_size=self.model.block_size,
@@ -129,7 +135,8 @@ class KvTierConnector(KVConnectorBase_V1):
                     disk_filter=self.settings.disk_filter,
                     layerwise_onboard=self.settings.layerwise_onboard,
                     num_workers=world,
-                )
+                ),
+                remote=remote,
             )
             # Metrics and KV events live with the scheduler half (engine-core process), up as
             # soon as the engine is, fed with every plan and worker report (kvtier.vllm.telemetry).
@@ -177,6 +184,11 @@ class KvTierConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         if self.worker is not None:
             self.worker.register_kv_caches(kv_caches, self.model)
+            remote_cfg = remote_config_from(self.settings)
+            if remote_cfg is not None:  # G4 (kvtier.vllm.remote_exec), keyed by the layout
+                from kvtier.vllm.remote_exec import attach_remote
+
+                attach_remote(self.worker, remote_cfg, self.settings, self._vllm_config)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
@@ -233,6 +245,8 @@ class KvTierConnector(KVConnectorBase_V1):
             self.worker.close()
         if self.telemetry is not None:
             self.telemetry.close()
+        if self.scheduler is not None and self.scheduler.remote is not None:
+            self.scheduler.remote.close()
 
     # -- scheduler side -------------------------------------------------------------------------
 
