@@ -263,6 +263,7 @@ class RemoteExecutor(Lifecycle):
         with self._lock:
             report, self._report = self._report, RemoteReport()
         report.written = stats.written
+        report.written_parents = stats.written_parents
         report.written_bytes = stats.written_bytes
         report.write_seconds = stats.write_seconds
         report.write_dropped = stats.dropped

@@ -80,6 +80,8 @@ class RemoteReport:
     """This rank's key namespace (first report only)."""
     written: list[int] = field(default_factory=list)
     """Sequence hashes written to G4 (for KV events with medium REMOTE)."""
+    written_parents: list[int | None] = field(default_factory=list)
+    """The parent hash of each ``written`` block (same order)."""
     bad: list[int] = field(default_factory=list)
     """Sequence hashes a fetch found missing, corrupt or failed (not matched again until
     written again: vLLM recomputes them, and the engine stores them again)."""
