@@ -90,29 +90,39 @@ class RemoteUrl:
 
 
 def parse_remote_url(url: str) -> RemoteUrl:
-    """Parse and check a ``remote_url``; raise ``ValueError`` naming what is wrong."""
+    """Parse and check a ``remote_url``; raise ``ValueError`` naming what is wrong (with any
+    password in the URL masked)."""
     parts = urlsplit(url.strip())
+    shown = _redact(url)
     if parts.scheme not in _SCHEMES:
         raise ValueError(
-            f"remote_url {url!r}: scheme must be redis://, rediss://, redis+cluster:// or "
+            f"remote_url {shown!r}: scheme must be redis://, rediss://, redis+cluster:// or "
             f"rediss+cluster://"
         )
     tls, cluster = _SCHEMES[parts.scheme]
     try:
         port = parts.port or 6379
     except ValueError as exc:
-        raise ValueError(f"remote_url {url!r}: bad port ({exc})") from None
+        raise ValueError(f"remote_url {shown!r}: bad port ({exc})") from None
     if not parts.hostname:
-        raise ValueError(f"remote_url {url!r}: no host")
+        raise ValueError(f"remote_url {shown!r}: no host")
     path = parts.path.strip("/")
     if path and (cluster or not path.isdigit()):
         raise ValueError(
-            f"remote_url {url!r}: the path must be a database number (single node only), "
+            f"remote_url {shown!r}: the path must be a database number (single node only), "
             f"got {path!r}"
         )
     if parts.query or parts.fragment:
-        raise ValueError(f"remote_url {url!r}: query strings and fragments are not supported")
+        raise ValueError(f"remote_url {shown!r}: query strings and fragments are not supported")
     return RemoteUrl(parts.hostname, port, int(path or 0), tls, cluster, parts.password)
+
+
+def _redact(url: str) -> str:
+    """``url`` with the user/password part masked, for messages and logs."""
+    head, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    return f"{head}://***@{rest.split('@', 1)[1]}"
 
 
 @dataclass(frozen=True)
