@@ -5,7 +5,6 @@ restart) and a Redis that sleeps (no engine step waits for it beyond the budget)
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,10 +124,8 @@ def test_slow_redis_never_stretches_a_step(
     want = a.run([p])["outputs"]
     assert a.call("flush")["ok"]
     baseline = b.run([prompt(6, 2 * BLOCK)])["max_step_s"]
-    sleeper = threading.Thread(target=lambda: redis_node.cli("DEBUG", "SLEEP", "3"), daemon=True)
     before = b.call("stats")["remote"]
-    sleeper.start()
-    time.sleep(0.2)  # the server is asleep now
+    sleeper = redis_node.sleep(3)
     t0 = time.monotonic()
     res = b.run([p])
     assert time.monotonic() - t0 < 3.0, "the engine waited for the sleeping server"
