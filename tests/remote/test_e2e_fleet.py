@@ -60,6 +60,13 @@ def _share(a: EngineProcess, b: EngineProcess, p: list[int]) -> None:
     assert after["fetched_blocks"] - before["fetched_blocks"] == full, after
     assert after["hit_blocks"] - before["hit_blocks"] == full, after
     assert after["fetch_corrupt"] == before["fetch_corrupt"]
+    # Onboarded blocks were kept in B's G2: with G1 emptied they come back from there.
+    hits = b.call("stats")["host_hit_blocks"]
+    assert b.call("reset_g1")["ok"]
+    assert b.run([p])["outputs"] == want
+    again = b.call("stats")
+    assert again["host_hit_blocks"] - hits == full, again
+    assert again["remote"]["fetched_blocks"] == after["fetched_blocks"]
 
 
 def test_prefix_from_engine_a_is_onboarded_by_engine_b(
