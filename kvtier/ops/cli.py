@@ -155,7 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true", help="remove the bad blocks")
     p.set_defaults(func=_cmd_fsck)
 
-    p = sub.add_parser("demo", help="multi-turn chat on vLLM (CPU) with and without kvtier")
+    p = sub.add_parser(
+        "demo",
+        help="users chatting over long shared documents, on vLLM (CPU) with and without kvtier",
+        description="Replays users chatting over long shared documents on vLLM's CPU build: "
+        "vLLM alone, vLLM + kvtier, and vLLM with a G1 big enough for everything (the "
+        "reference for kvtier's outputs). Prints time to first token per turn, where the "
+        "prompt tokens came from, the hit rate per tier and the output check; writes "
+        "demo.json and demo.png.",
+    )
     from kvtier.ops.demo import add_demo_arguments
 
     add_demo_arguments(p)
