@@ -84,6 +84,12 @@ class SchedulerCounters:
 
     lookups: int = 0
     lookup_blocks: int = 0
+    query_tokens: int = 0
+    """Tokens beyond G1 of the requests vLLM scheduled (not resumed after preemption), counted
+    once per scheduling, as vLLM counts ``vllm:external_prefix_cache_queries``; retried
+    lookups of a request waiting for G1 space are not counted again."""
+    query_host_tokens: int = 0
+    query_disk_tokens: int = 0
     host_hit_blocks: int = 0
     disk_hit_blocks: int = 0
     matched_tokens: int = 0
@@ -117,6 +123,7 @@ class _Req:
     load_job: int | None = None
     loaded_from: int = 0
     loaded_to: int = 0
+    query_tokens: int = 0
 
 
 @dataclass
@@ -207,6 +214,7 @@ class KvTierScheduler:
         while n < limit and self.disk.lookup(st.hashes[n]) is not None:
             n += 1
         st.match_start, st.match_host, st.match_disk = start, host_end - start, n - host_end
+        st.query_tokens = request.num_tokens - num_computed_tokens
         self.counters.lookups += 1
         self.counters.lookup_blocks += max(0, limit - start)
         if n == start:
@@ -218,9 +226,16 @@ class KvTierScheduler:
     ) -> None:
         """Plan the load of the blocks matched for ``request`` into its new GPU blocks."""
         st = self._track(request)
+        bs = self.config.block_size
+        if st.query_tokens and not getattr(request, "num_preemptions", 0):
+            # Once per lookup that led to this allocation (vLLM counts resumed requests apart).
+            self.counters.query_tokens += st.query_tokens
+            if num_external_tokens:
+                self.counters.query_host_tokens += st.match_host * bs
+                self.counters.query_disk_tokens += st.match_disk * bs
+        st.query_tokens = 0
         if num_external_tokens == 0:
             return
-        bs = self.config.block_size
         start = st.match_start
         count = num_external_tokens // bs
         if count != st.match_host + st.match_disk or len(block_ids) < start + count:
