@@ -82,11 +82,11 @@ class DemoConfig:
     users: int = 6
     turns: int = 3
     docs: int = 2
-    doc_tokens: int = 3072
+    doc_tokens: int = 6144
     question_tokens: int = 128
     reply_tokens: int = 32
-    g1_blocks: int = 30
-    host_blocks: int = 32
+    g1_blocks: int = 54
+    host_blocks: int = 56
     disk_blocks: int = 1024
     seed: int = 0
 
