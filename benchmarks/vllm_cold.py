@@ -167,7 +167,7 @@ def main() -> None:
         "--reserved-cpu", default="1", help="VLLM_CPU_NUM_OF_RESERVED_CPU of both (or 'unset')"
     )
     ap.add_argument("--settle-s", type=float, default=0.5, help=argparse.SUPPRESS)
-    ap.add_argument("--knobs", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--knobs", default="{}", help="more kvtier knobs, as JSON")
     ap.add_argument("--child", choices=("baseline", "kvtier"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -179,7 +179,9 @@ def main() -> None:
     from kvtier.ops.tinymodel import build_tiny_llama
 
     length = args.blocks * BLOCK + 5
-    knobs = {} if args.io_threads is None else {"io_threads": args.io_threads}
+    knobs = json.loads(args.knobs)
+    if args.io_threads is not None:
+        knobs["io_threads"] = args.io_threads
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_llama(Path(tmp) / "model", demo_model_spec())
         engines = {m: _Engine(m, model, Path(tmp), knobs, args) for m in ("baseline", "kvtier")}
