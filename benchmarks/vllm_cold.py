@@ -9,6 +9,13 @@ prompts (prompt throughput); then that engine drains kvtier's pending writes bef
 engine's round starts, so neither engine's leftovers land in the other's timings. Round order
 alternates (ABBA). Every prompt is new to both engines, so a cache hit is an error. Prints the
 median TTFT and the prompt throughput of each engine and the ratios against vLLM alone.
+
+``--load N`` runs N busy processes (a CPU-load generator, as other work on a shared machine)
+for the whole measurement. ``--multiprocess`` runs vLLM's multi-process engine (as ``vllm serve``
+does; then vLLM binds its model threads to cores) with the same ``VLLM_CPU_NUM_OF_RESERVED_CPU``
+for both engines (``--reserved-cpu``, default 1; ``unset`` shows vLLM's own choice, which
+reserves one more core when a KV connector is configured); kvtier's pending writes are then
+waited out by time (``--settle-s``) instead of drained.
 """
 
 from __future__ import annotations
@@ -63,7 +70,10 @@ def _engine(model: Path, mode: str, work: Path, knobs: dict[str, int]) -> Any:
     )
 
 
-def _drain(llm: Any) -> None:
+def _drain(llm: Any, settle_s: float) -> None:
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "1":
+        time.sleep(settle_s)  # the engine is in another process: give its writes time to land
+        return
     connector = llm.llm_engine.engine_core.engine_core.scheduler.connector
     if connector is None:
         return
@@ -72,15 +82,14 @@ def _drain(llm: Any) -> None:
         time.sleep(0.001)
 
 
-def _child(mode: str, model: Path, work: Path, knobs: dict[str, int]) -> int:
+def _child(mode: str, model: Path, work: Path, knobs: dict[str, int], settle_s: float) -> int:
     """One engine; reads ``{"seeds": [...], "length": n, "batch": [...]}`` lines, answers times."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import SamplingParams
 
     llm = _engine(model, mode, work, knobs)
     sp = SamplingParams(temperature=0, max_tokens=1, detokenize=False)
     llm.generate([{"prompt_token_ids": _prompt(999_999, 7 * BLOCK)}], sp, use_tqdm=False)
-    _drain(llm)
+    _drain(llm, settle_s)
     print(MARK + json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -98,7 +107,7 @@ def _child(mode: str, model: Path, work: Path, knobs: dict[str, int]) -> int:
         batch_s = time.perf_counter() - t0
         cached += sum(int(o.num_cached_tokens) for o in outs)
         t0 = time.perf_counter()
-        _drain(llm)
+        _drain(llm, settle_s)
         drain_s = time.perf_counter() - t0
         reply = {"ttft": ttft, "batch_s": batch_s, "drain_s": drain_s, "cached": cached}
         print(MARK + json.dumps(reply), flush=True)
@@ -107,21 +116,23 @@ def _child(mode: str, model: Path, work: Path, knobs: dict[str, int]) -> int:
 
 
 class _Engine:
-    def __init__(self, mode: str, model: Path, work: Path, knobs: dict[str, int]) -> None:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            mode,
-            "--model",
-            str(model),
-            "--work",
-            str(work),
-        ]
-        cmd += ["--knobs", json.dumps(knobs)]
+    def __init__(
+        self, mode: str, model: Path, work: Path, knobs: dict[str, int], args: argparse.Namespace
+    ) -> None:
+        cmd = [sys.executable, __file__, "--child", mode, "--model", str(model)]
+        cmd += ["--work", str(work), "--knobs", json.dumps(knobs), "--settle-s", str(args.settle_s)]
+        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if args.multiprocess else "0")
+        env.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
+        if args.reserved_cpu != "unset":
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = args.reserved_cpu
         self.mode = mode
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
         )
 
     def read(self) -> dict[str, Any]:
@@ -150,25 +161,36 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=4, help="prompts per round (each: TTFT, batch)")
     ap.add_argument("--blocks", type=int, default=7, help="full 128-token blocks per prompt")
     ap.add_argument("--io-threads", type=int, default=None, help="kvtier's io_threads knob")
-    ap.add_argument("--knobs", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--load", type=int, default=0, help="busy processes running meanwhile")
+    ap.add_argument("--multiprocess", action="store_true", help="vLLM's multi-process engine")
+    ap.add_argument(
+        "--reserved-cpu", default="1", help="VLLM_CPU_NUM_OF_RESERVED_CPU of both (or 'unset')"
+    )
+    ap.add_argument("--settle-s", type=float, default=0.5, help=argparse.SUPPRESS)
+    ap.add_argument("--knobs", default="{}", help="more kvtier knobs, as JSON")
     ap.add_argument("--child", choices=("baseline", "kvtier"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        sys.exit(_child(args.child, Path(args.model), Path(args.work), json.loads(args.knobs)))
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        work, knobs_in = Path(args.work), json.loads(args.knobs)
+        sys.exit(_child(args.child, Path(args.model), work, knobs_in, args.settle_s))
     from kvtier.ops.demo import demo_model_spec
     from kvtier.ops.tinymodel import build_tiny_llama
 
     length = args.blocks * BLOCK + 5
-    knobs = {} if args.io_threads is None else {"io_threads": args.io_threads}
+    knobs = json.loads(args.knobs)
+    if args.io_threads is not None:
+        knobs["io_threads"] = args.io_threads
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_llama(Path(tmp) / "model", demo_model_spec())
-        engines = {m: _Engine(m, model, Path(tmp), knobs) for m in ("baseline", "kvtier")}
+        engines = {m: _Engine(m, model, Path(tmp), knobs, args) for m in ("baseline", "kvtier")}
+        burners: list[subprocess.Popen[bytes]] = []
         try:
             for e in engines.values():
                 e.read()
+            spin = "while True: pass"
+            burners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(args.load)]
             ttft: dict[str, list[float]] = {m: [] for m in engines}
             tput: dict[str, list[float]] = {m: [] for m in engines}
             drain: dict[str, list[float]] = {m: [] for m in engines}
@@ -186,12 +208,17 @@ def main() -> None:
                     tput[mode].append(args.burst * length / rep["batch_s"])
                     drain[mode].append(rep["drain_s"])
         finally:
+            for b in burners:
+                b.kill()
+                b.wait()
             for e in engines.values():
                 e.close()
+    engine = "multi-process" if args.multiprocess else "in-process"
     print(
         f"prompt: {length} tokens ({args.blocks} blocks of {BLOCK}); {args.rounds} rounds x "
         f"{args.burst} sequential + {args.burst} batched prompts per engine; "
-        f"kvtier knobs: {knobs or 'defaults'}"
+        f"kvtier knobs: {knobs or 'defaults'}; {engine} engines, "
+        f"VLLM_CPU_NUM_OF_RESERVED_CPU={args.reserved_cpu}; CPU-load processes: {args.load}"
     )
     base_t = statistics.median(ttft["baseline"])
     base_p = statistics.median(tput["baseline"])

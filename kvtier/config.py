@@ -10,11 +10,18 @@ half (control plane) may build a ``KvTierConfig`` too.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from kvtier.storage.identity import ModelIdentity
 
-__all__ = ["DEVICE_LAYOUTS", "DTYPE_SIZES", "KvTierConfig", "ModelConfig"]
+__all__ = [
+    "DEVICE_LAYOUTS",
+    "DTYPE_SIZES",
+    "KvTierConfig",
+    "ModelConfig",
+    "physical_memory_bytes",
+]
 
 DEVICE_LAYOUTS: tuple[str, ...] = ("fully_contiguous", "block_first", "outer_first")
 """Names of the G1 layouts (values of ``kvtier.storage.layout.LayoutKind``)."""
@@ -29,6 +36,14 @@ DTYPE_SIZES: dict[str, int] = {
     "uint8": 1,
 }
 """Element size in bytes of every KV dtype kvtier accepts (names as torch spells them)."""
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory in bytes, or None where the OS does not say."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _positive(name: str, value: int) -> None:
@@ -151,6 +166,13 @@ class KvTierConfig:
             raise ValueError(
                 f"device_layout must be one of {DEVICE_LAYOUTS}, got {self.device_layout!r}"
             )
+        ram = physical_memory_bytes()
+        host_bytes = self.host_blocks * self.model.block_bytes
+        if ram is not None and host_bytes > ram:
+            raise ValueError(
+                f"host_blocks={self.host_blocks} ({host_bytes / 1e9:.3g} GB of G2 host memory) is "
+                f"more than this machine's memory ({ram / 1e9:.3g} GB); lower host_blocks"
+            )
         if self.disk_blocks > 0 and not self.disk_dir:
             raise ValueError("disk_blocks > 0 needs disk_dir (the G3 directory)")
         if self.model_identity is not None and not isinstance(self.model_identity, ModelIdentity):
@@ -171,4 +193,6 @@ class KvTierConfig:
         """Blocks that fit in ``gigabytes`` decimal GB (how ``DYN_KVBM_*_CACHE_GB`` is read)."""
         if not math.isfinite(gigabytes) or gigabytes < 0:
             raise ValueError(f"cache size must be a finite number of GB >= 0, got {gigabytes!r}")
+        if not math.isfinite(gigabytes * 1e9):
+            raise ValueError(f"cache size of {gigabytes:g} GB is too large (it overflows)")
         return int(gigabytes * 1e9) // model.block_bytes

@@ -4,7 +4,8 @@ Why this exists: a block of KV is identified everywhere (pools, disk file names,
 processes and hosts) by a chained content hash, so the same prefix maps to the same key in any
 process. Nothing here depends on the process: no ``hash()``, no PYTHONHASHSEED, no pickling.
 
-Specification (GUIDE section 2):
+Specification (Dynamo KVBM v1's, restated here in full; ``tests/unit/test_hashing.py`` pins it
+with known values):
 
 - tokens are u32, serialised little-endian; the hash function is xxh3_64;
 - ``block_hash(i) = xxh3_64(le_u32(tokens of block i), seed=salt_hash)``;

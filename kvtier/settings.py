@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from kvtier.config import physical_memory_bytes
+
 __all__ = [
     "KNOBS",
     "Knob",
@@ -42,7 +44,13 @@ def _parse_gb(text: object) -> float:
     value = float(text) if isinstance(text, int | float) else float(str(text).strip())
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"expected a finite number of GB >= 0, got {text!r}")
+    if value > MAX_CACHE_GB:
+        raise ValueError(f"{text!r} GB is more than any machine holds (at most {MAX_CACHE_GB:g})")
     return value
+
+
+MAX_CACHE_GB = 1e9
+"""Largest cache size a GB knob accepts (an exabyte): anything above is a typo or an overflow."""
 
 
 def _parse_count(text: object) -> int:
@@ -209,20 +217,42 @@ class KvTierSettings:
             )
 
     def host_blocks(self, block_bytes: int) -> int:
-        """G2 capacity in blocks: the block count if given, else the GB size (decimal GB)."""
-        return _blocks(self.cpu_cache_blocks, self.cpu_cache_gb, block_bytes)
+        """G2 capacity in blocks: the block count if given, else the GB size (decimal GB).
+
+        SettingsError when G2 would be larger than this machine's memory: G2 is allocated (and
+        on GPU hosts pinned) at start, so that size can only fail, and late, in the allocator."""
+        blocks = _blocks(self.cpu_cache_blocks, self.cpu_cache_gb, block_bytes, "cpu_cache")
+        ram = physical_memory_bytes()
+        if ram is not None and blocks * block_bytes > ram:
+            given = (
+                f"cpu_cache_blocks={self.cpu_cache_blocks}"
+                if self.cpu_cache_blocks is not None
+                else f"cpu_cache_gb={self.cpu_cache_gb:g}"
+            )
+            raise SettingsError(
+                f"{given} asks for a G2 host cache of {blocks * block_bytes / 1e9:.3g} GB, more "
+                f"than this machine's memory ({ram / 1e9:.3g} GB); lower cpu_cache_gb "
+                "(KVTIER_CPU_CACHE_GB / DYN_KVBM_CPU_CACHE_GB) or cpu_cache_blocks"
+            )
+        return blocks
 
     def disk_blocks(self, block_bytes: int) -> int:
         """G3 capacity in blocks: the block count if given, else the GB size (decimal GB)."""
-        return _blocks(self.disk_cache_blocks, self.disk_cache_gb, block_bytes)
+        return _blocks(self.disk_cache_blocks, self.disk_cache_gb, block_bytes, "disk_cache")
 
 
-def _blocks(count: int | None, gigabytes: float, block_bytes: int) -> int:
+def _blocks(count: int | None, gigabytes: float, block_bytes: int, knob: str) -> int:
     if block_bytes <= 0:
         raise ValueError(f"block_bytes must be > 0, got {block_bytes}")
     if count is not None:
         return count
-    return int(gigabytes * 1e9) // block_bytes
+    nbytes = gigabytes * 1e9
+    if not math.isfinite(nbytes):
+        raise SettingsError(
+            f"{knob}_gb={gigabytes:g} is too large to be a cache size (it overflows); give a "
+            f"size in decimal GB, e.g. {knob}_gb=4"
+        )
+    return int(nbytes) // block_bytes
 
 
 KNOBS: tuple[Knob, ...] = (

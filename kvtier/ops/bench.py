@@ -37,6 +37,10 @@ _WORD = re.compile(r"\bratio\b|\b[\w-]+/limit\b", re.I)
 _DECIMAL = re.compile(r"-?\d+\.\d+x?")
 _TOKEN = re.compile(r"\S+")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?x?")
+MIN_LIMIT_GBS = 1.0
+"""A ``limit`` column value below this many GB/s (0.0-0.1 on a CPU-only machine, where there is
+no link to measure and the "limit" copy is timer noise) makes that row's ``.../limit`` ratios
+meaningless (46x, 144x); they are left out. Every real copy path is faster than 1 GB/s."""
 
 
 @dataclass(frozen=True)
@@ -90,10 +94,15 @@ def parse_figures(output: str) -> tuple[Figure, ...]:
     - a table whose header has a ``ratio`` (or ``.../limit``) column: each row's value under
       that header, named by the row's words before its first decimal number (a blank line ends
       the table);
-    - ``<label>  ...  4.2x under target; 12.3x faster than naive``: one figure per ``Nx <words>``.
+    - ``<label>  ...  4.2x under target; 12.3x faster than naive``: one figure per ``Nx <words>``
+      (``0.8x under target`` is a missed target and is named so).
+
+    In a table whose ``.../limit`` column follows a ``limit`` column, rows whose limit is below
+    ``MIN_LIMIT_GBS`` (no GPU: nothing measured to compare with) give no figure.
     """
     figures: list[Figure] = []
     column: tuple[int, int] | None = None
+    after_limit = False  # the ratio column follows a "limit" column (GB/s of the baseline)
     for line in output.splitlines():
         if not line.strip():
             column = None
@@ -106,24 +115,34 @@ def parse_figures(output: str) -> tuple[Figure, ...]:
         times = list(_TIMES.finditer(line))
         if times:
             for m in times:
-                name = f"{_first_column(line)}: {m.group('what')}"
-                figures.append(Figure(name, float(m.group("value"))))
+                value = float(m.group("value"))
+                what = m.group("what")
+                if what == "under target" and value < 1:
+                    what = "missed target"  # target / measured below 1: the target was missed
+                figures.append(Figure(f"{_first_column(line)}: {what}", value))
             continue
         header = _WORD.search(line)
         if header:
             column = (header.start(), header.end())
+            words = line[: header.start()].split()
+            after_limit = "/limit" in header.group() and bool(words) and words[-1] == "limit"
             continue
         if column is not None:
-            for tok in _TOKEN.finditer(line):
-                if (
-                    tok.start() < column[1]
-                    and tok.end() > column[0]
-                    and _NUMBER.fullmatch(tok.group())
-                ):
-                    value = float(tok.group().rstrip("x"))
-                    figures.append(Figure(_row_name(line), value))
-                    break
+            numbers = [t for t in _TOKEN.finditer(line) if _NUMBER.fullmatch(t.group())]
+            at = next(
+                (i for i, t in enumerate(numbers) if t.start() < column[1] and t.end() > column[0]),
+                None,
+            )
+            if at is None:
+                continue
+            if after_limit and (at == 0 or _value(numbers[at - 1].group()) < MIN_LIMIT_GBS):
+                continue  # no transfer limit measured (CPU): a ratio to ~0 GB/s means nothing
+            figures.append(Figure(_row_name(line), _value(numbers[at].group())))
     return tuple(dict.fromkeys(figures))  # a line printed twice (log and summary) counts once
+
+
+def _value(token: str) -> float:
+    return float(token.rstrip("x"))
 
 
 def _figures_from_json(path: Path) -> tuple[Figure, ...] | None:
@@ -223,6 +242,8 @@ def plot(results: Sequence[BenchResult], path: Path) -> None:
         ax.set_yticks(range(len(rows)), labels=[lbl[:70] for lbl in labels], fontsize=8)
         ax.invert_yaxis()
         ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+        if min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_xscale("log")  # 0.9 and 40x on one axis: neither bar flattens the other
         ax.set_xlabel("ratio to the baseline measured in the same run")
     else:
         ax.text(0.5, 0.5, "no figures reported", ha="center", va="center")

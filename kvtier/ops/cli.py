@@ -1,4 +1,5 @@
-"""The ``kvtier`` command: ``bench``, ``inspect DIR``, ``fsck DIR [--repair]``, ``demo``.
+"""The ``kvtier`` command: ``bench``, ``inspect DIR``, ``fsck DIR [--repair]``, ``demo``,
+``serve MODEL [vLLM args]``.
 
 Why argparse: it is in the standard library, and every subcommand is a few options; the output is
 rendered with rich (tables, progress bars). Each subcommand's work lives elsewhere
@@ -10,6 +11,8 @@ benchmark failed, fsck found bad blocks and did not repair them), 2 bad usage or
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -140,6 +143,32 @@ def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
     return demo.run_cli(args, console)
 
 
+def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
+    from kvtier.ops import serve
+
+    before = [x for flag in (*serve.SERVE_FLAGS, serve.CONFIG_FLAG)
+              if (v := getattr(args, flag[2:].replace("-", "_"))) is not None
+              for x in (flag, v)]  # fmt: skip
+    rest = [a for a in args.vllm_args if a != "--print-command"]
+    print_only = args.print_command or len(rest) != len(args.vllm_args)
+    cmd = serve.serve_command(
+        args.model,
+        [*before, *rest],
+        os.environ,
+        vllm_cli=serve.has_vllm_distribution(),
+        cpu_build=serve.is_cpu_build(),
+    )
+    line = " ".join(shlex.quote(a) for a in cmd.argv)
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in cmd.env.items())
+    if print_only:
+        print(f"{env} {line}".strip())
+        return 0
+    console.print(f"kvtier serve: starting {env} {line}".strip(), markup=False, highlight=False)
+    sys.stdout.flush()
+    serve.exec_server(cmd)
+    return 0  # not reached: the server replaced this process
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kvtier`` (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -166,11 +195,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true", help="remove the bad blocks")
     p.set_defaults(func=_cmd_fsck)
 
-    p = sub.add_parser("demo", help="multi-turn chat on vLLM (CPU) with and without kvtier")
+    p = sub.add_parser(
+        "demo",
+        help="users chatting over long shared documents, on vLLM (CPU) with and without kvtier",
+        description="Replays users chatting over long shared documents on vLLM's CPU build: "
+        "vLLM alone, vLLM + kvtier, and vLLM with a G1 big enough for everything (the "
+        "reference for kvtier's outputs). Prints time to first token per turn, where the "
+        "prompt tokens came from, the hit rate per tier and the output check; writes "
+        "demo.json and demo.png.",
+    )
     from kvtier.ops.demo import add_demo_arguments
 
     add_demo_arguments(p)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "serve",
+        help="vLLM's OpenAI-compatible server with kvtier configured",
+        description="Starts vLLM's OpenAI-compatible server for MODEL with kvtier as its KV "
+        "connector; every argument after MODEL goes to vLLM, except kvtier's own options "
+        "(--cpu-cache-gb, --disk-cache-gb, --disk-dir, --kvtier-config), which are accepted "
+        "anywhere. Other knobs: --kvtier-config JSON or KVTIER_* variables "
+        "(docs/configuration.md). Works with vLLM's CPU build (where `vllm serve` does not "
+        "start) and with a normal install.",
+    )
+    p.add_argument("--cpu-cache-gb", metavar="GB", help="G2 host cache size (decimal GB)")
+    p.add_argument("--disk-cache-gb", metavar="GB", help="G3 disk cache size (decimal GB)")
+    p.add_argument("--disk-dir", metavar="DIR", help="G3 directory")
+    p.add_argument("--kvtier-config", metavar="JSON", help="more knobs, as a JSON object")
+    p.add_argument("--print-command", action="store_true", help="print the command, run nothing")
+    p.add_argument("model", help="the model (name or path), as `vllm serve` takes it")
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments for vLLM")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

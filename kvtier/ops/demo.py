@@ -1,22 +1,23 @@
-"""``kvtier demo`` (``make demo``): a multi-turn chat on vLLM's CPU build, with and without kvtier.
+"""``kvtier demo`` (``make demo``): users chatting over long shared documents, on vLLM's CPU build.
 
-Why this workload: it is where a KV tier pays off. Several users chat in turns; every prompt is a
-long shared system prompt, the user's whole history, and a new message. The engine's own KV pool
-(G1) is made deliberately small, so by the time a user comes back their history was evicted from
-G1: without kvtier it is recomputed; with kvtier it comes back from G2 (host) or G3 (disk).
+Why this workload: it is what a KV tier is for. A few long documents (a RAG corpus, manuals,
+contracts) are shared by several users; every prompt is one document, the user's own history
+with it and a new question, so thousands of tokens per prompt and almost all of them seen before.
+The engine's own KV pool (G1) holds one conversation, far too few for all of them, so without
+kvtier each request recomputes its document and history; with kvtier they come back from G2
+(host memory, which holds some) or G3 (disk, which holds the rest).
 
 All runs replay the same token ids on the same tiny random-weight Llama (built offline by
-:mod:`kvtier.ops.tinymodel`), each engine in its own process (no state leaks from one to another).
-The engines take turns request by request (the order reversed every other request), so whatever
-else loads the machine falls on every run alike; only one of them computes at any moment.
+:mod:`kvtier.ops.tinymodel`), each engine in its own process. The engines take turns request by
+request (the order reversed every other request), so whatever else loads the machine falls on
+every run alike, and only one of them computes at any moment. Every engine is warmed up (model
+and kvtier's store and load paths) before the timings start, and runs with the same CPU settings
+(``VLLM_CPU_NUM_OF_RESERVED_CPU=1``; see docs/operations.md, "vLLM's CPU build").
 
-Correctness: a third run, vLLM alone with a G1 big enough to keep every conversation, reuses its
-own cached KV for exactly the blocks kvtier brings back, so its greedy outputs must equal kvtier's
-token for token. Against vLLM alone with the small G1 (recomputing), outputs can differ now and
-then: recomputing a prefix in other chunk sizes rounds differently, with or without kvtier.
-The kvtier run serves its Prometheus metrics, and the demo reads the per-tier hit rates from that
-endpoint. Reported: time to first token per turn and overall, prompt tokens recomputed, hit rate
-per tier, whether the greedy outputs of both runs are identical; plus a PNG plot of both runs.
+Correctness: a third run, vLLM alone with a G1 big enough to keep everything, reuses its own
+cached KV for exactly the blocks kvtier brings back, so its greedy outputs must equal kvtier's
+token for token. The kvtier run serves its Prometheus metrics; the report reads the per-tier hits
+from that endpoint. The report and the plot are in :mod:`kvtier.ops.demo_report`.
 """
 
 from __future__ import annotations
@@ -30,76 +31,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from kvtier.ops.demo_report import Summary
+
 MODES: tuple[str, ...] = ("baseline", "kvtier", "reference")
 """The runs: vLLM alone (small G1), vLLM with kvtier (same small G1), and the correctness
-reference: vLLM alone with a G1 big enough to keep every conversation (its own prefix cache
-reuses exactly the blocks kvtier brings back, so the outputs must be identical)."""
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """The demo workload and the engine's sizes (defaults: a few minutes on a 2-core machine).
-
-    ``g1_blocks`` is the engine's own KV pool in blocks of ``BLOCK_TOKENS`` tokens: big enough for
-    one conversation, too small for all users' histories. ``host_blocks`` / ``disk_blocks`` size
-    kvtier's G2 and G3 (0 disables a tier).
-    """
-
-    users: int = 6
-    turns: int = 3
-    system_tokens: int = 256
-    user_tokens: int = 640
-    reply_tokens: int = 32
-    g1_blocks: int = 19
-    host_blocks: int = 48
-    disk_blocks: int = 512
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in (
-            "users",
-            "turns",
-            "system_tokens",
-            "user_tokens",
-            "reply_tokens",
-            "g1_blocks",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"demo {name} must be a positive int, got {value!r}")
-        for name in ("host_blocks", "disk_blocks", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"demo {name} must be an int >= 0, got {value!r}")
-        if self.host_blocks == 0 and self.disk_blocks == 0:
-            raise ValueError("demo needs at least one kvtier tier (host_blocks or disk_blocks)")
-        longest = self.max_prompt_tokens + self.reply_tokens
-        if longest > self.g1_blocks * BLOCK_TOKENS:
-            raise ValueError(
-                f"demo g1_blocks={self.g1_blocks} ({self.g1_blocks * BLOCK_TOKENS} tokens) cannot "
-                f"hold the longest conversation ({longest} tokens)"
-            )
-
-    @property
-    def reference_g1_blocks(self) -> int:
-        """A G1 that keeps every user's whole conversation (the reference run)."""
-        per_user = -(-(self.max_prompt_tokens + self.reply_tokens) // BLOCK_TOKENS)
-        return self.users * per_user + 4
-
-    @property
-    def max_prompt_tokens(self) -> int:
-        """Tokens of the last turn's prompt."""
-        per_turn = self.user_tokens + self.reply_tokens
-        return self.system_tokens + (self.turns - 1) * per_turn + self.user_tokens
-
+reference: vLLM alone with a G1 big enough to keep everything (its own prefix cache reuses
+exactly the blocks kvtier brings back, so the outputs must be identical)."""
 
 BLOCK_TOKENS = 128
 """vLLM's CPU block size (tokens per KV block)."""
@@ -107,11 +51,83 @@ MAX_MODEL_LEN = 8192
 """Context limit of the demo model (its max_position_embeddings)."""
 VOCAB = 4096
 """Vocabulary of the demo model; token ids are drawn from [3, VOCAB)."""
+CPU_ENV: dict[str, str] = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
+"""Set for every engine alike: vLLM's CPU build reserves one more core when a KV connector is
+configured unless this is set, which would give the two runs different CPU bindings."""
+
+HELP: dict[str, str] = {
+    "users": "users chatting at the same time (user u reads document u mod docs)",
+    "turns": "questions each user asks, one per round",
+    "docs": "shared documents (the corpus)",
+    "doc_tokens": "tokens per document",
+    "question_tokens": "tokens per question",
+    "reply_tokens": "tokens of each (greedy) reply",
+    "g1_blocks": f"vLLM's own KV pool (G1), in blocks of {BLOCK_TOKENS} tokens",
+    "host_blocks": "kvtier's G2 (host memory), in blocks (0: no G2)",
+    "disk_blocks": "kvtier's G3 (disk), in blocks (0: no G3)",
+    "seed": "seed of the token ids and of the model's weights",
+}
+"""Help text of each ``kvtier demo`` option (one per DemoConfig field)."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo workload and the engine's sizes (defaults: a few minutes on a 2-core machine).
+
+    ``g1_blocks`` is the engine's own KV pool: big enough for one conversation, far too small for
+    all. ``host_blocks`` / ``disk_blocks`` size kvtier's G2 and G3 (0 disables a tier); by
+    default G2 holds about one document and G3 everything.
+    """
+
+    users: int = 6
+    turns: int = 3
+    docs: int = 2
+    doc_tokens: int = 6144
+    question_tokens: int = 128
+    reply_tokens: int = 32
+    g1_blocks: int = 54
+    host_blocks: int = 56
+    disk_blocks: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            low = 0 if f.name in ("host_blocks", "disk_blocks", "seed") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"demo {f.name} must be an int >= {low}, got {value!r}")
+        if self.host_blocks == 0 and self.disk_blocks == 0:
+            raise ValueError("demo needs at least one kvtier tier (host_blocks or disk_blocks)")
+        if self.docs > self.users:
+            raise ValueError(f"demo docs ({self.docs}) must not exceed users ({self.users})")
+        longest = self.max_prompt_tokens + self.reply_tokens
+        if longest > MAX_MODEL_LEN:
+            raise ValueError(
+                f"demo's longest conversation ({longest} tokens) exceeds the model's "
+                f"{MAX_MODEL_LEN}-token context; lower doc_tokens, turns or question_tokens"
+            )
+        if longest > (self.g1_blocks - 1) * BLOCK_TOKENS:
+            raise ValueError(
+                f"demo g1_blocks={self.g1_blocks} ({self.g1_blocks - 1} usable blocks: vLLM keeps "
+                f"one back) cannot hold the longest conversation ({longest} tokens)"
+            )
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Tokens of the last turn's prompt."""
+        per_turn = self.question_tokens + self.reply_tokens
+        return self.doc_tokens + (self.turns - 1) * per_turn + self.question_tokens
+
+    @property
+    def reference_g1_blocks(self) -> int:
+        """A G1 that keeps every user's whole conversation (the reference run)."""
+        per_user = -(-(self.max_prompt_tokens + self.reply_tokens) // BLOCK_TOKENS)
+        return self.users * per_user + 4
 
 
 def demo_model_spec() -> Any:
-    """The demo's model: bigger than the test model, so that recomputing a prefix costs time
-    (about 50 MFLOP per token) while its KV stays small (4 KiB per token, GQA with 2 KV heads)."""
+    """The demo's model: big enough that recomputing a prefix costs time (about 50 MFLOP per
+    token) while its KV stays small (2 KiB per token in bfloat16, GQA with 2 KV heads)."""
     from kvtier.ops.tinymodel import TinyLlamaSpec
 
     return TinyLlamaSpec(
@@ -122,6 +138,14 @@ def demo_model_spec() -> Any:
         num_key_value_heads=2,
         vocab_size=VOCAB,
         max_position_embeddings=MAX_MODEL_LEN,
+    )
+
+
+def _block_bytes() -> int:
+    spec = demo_model_spec()
+    elem = 2  # vLLM's CPU build runs the model, and keeps its KV, in bfloat16
+    return int(
+        BLOCK_TOKENS * spec.num_hidden_layers * 2 * spec.num_key_value_heads * spec.head_dim * elem
     )
 
 
@@ -152,35 +176,32 @@ class RunResult:
         return sum(t.prompt_tokens - t.cached_tokens for t in self.turns)
 
 
-def _messages(cfg: DemoConfig) -> tuple[list[int], list[list[list[int]]]]:
-    rng = random.Random(cfg.seed)
-    system = [rng.randrange(3, VOCAB) for _ in range(cfg.system_tokens)]
-    msgs = [
-        [[rng.randrange(3, VOCAB) for _ in range(cfg.user_tokens)] for _ in range(cfg.turns)]
-        for _ in range(cfg.users)
-    ]
-    return system, msgs
+@dataclass(frozen=True)
+class Workload:
+    """The token ids of the demo: the documents and every user's questions."""
+
+    documents: list[list[int]]
+    questions: list[list[list[int]]]
+
+    @classmethod
+    def build(cls, cfg: DemoConfig) -> Workload:
+        rng = random.Random(cfg.seed)
+        docs = [[rng.randrange(3, VOCAB) for _ in range(cfg.doc_tokens)] for _ in range(cfg.docs)]
+        n = cfg.question_tokens
+        questions = [
+            [[rng.randrange(3, VOCAB) for _ in range(n)] for _ in range(cfg.turns)]
+            for _ in range(cfg.users)
+        ]
+        return cls(docs, questions)
+
+    def document_of(self, user: int) -> list[int]:
+        return self.documents[user % len(self.documents)]
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _scrape(port: int) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if not s.name.startswith("kvtier_") or s.name.endswith(("_bucket", "_created")):
-                continue
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = float(s.value)
-    return out
 
 
 class _Session:
@@ -193,12 +214,14 @@ class _Session:
         self.port = _free_port()
         self.llm: Any = None
         self.params: Any = None
-        self.system, self.msgs = _messages(cfg)
+        self.workload = Workload.build(cfg)
         self.history: list[list[int]] = [[] for _ in range(cfg.users)]
 
     def start(self) -> float:
         """Build the model and the engine, warm it up; returns the engine start time."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        for key, value in CPU_ENV.items():
+            os.environ.setdefault(key, value)
         from kvtier.ops.tinymodel import build_tiny_llama
 
         model = build_tiny_llama(self.work / "model", demo_model_spec())
@@ -206,11 +229,8 @@ class _Session:
         if self.mode == "kvtier":
             from vllm.config import KVTransferConfig
 
-            extra: dict[str, Any] = {
-                "disk_filter": False,
-                "metrics": True,
-                "metrics_port": self.port,
-            }
+            extra: dict[str, Any] = {"disk_filter": False, "metrics": True}
+            extra["metrics_port"] = self.port
             if self.cfg.host_blocks:
                 extra["cpu_cache_blocks"] = self.cfg.host_blocks
             if self.cfg.disk_blocks:
@@ -223,7 +243,6 @@ class _Session:
                 kv_connector_extra_config=extra,
             )
         from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
 
         g1_blocks = self.cfg.g1_blocks
         if self.mode == "reference":
@@ -233,8 +252,9 @@ class _Session:
             model=str(model),
             skip_tokenizer_init=True,
             enforce_eager=True,
-            max_model_len=min(self.cfg.g1_blocks * BLOCK_TOKENS, MAX_MODEL_LEN),
+            max_model_len=min((self.cfg.g1_blocks - 1) * BLOCK_TOKENS, MAX_MODEL_LEN),
             kv_cache_memory_bytes=g1_blocks * _block_bytes(),
+            dtype="bfloat16",
             disable_log_stats=False,
             seed=self.cfg.seed,
             **kwargs,
@@ -243,175 +263,45 @@ class _Session:
         self.params = SamplingParams(
             max_tokens=self.cfg.reply_tokens, temperature=0.0, ignore_eos=True
         )
-        # Warm-up (first-call kernel set-up), on tokens no conversation uses.
-        warm = [VOCAB - 1 - (i % 7) for i in range(self.cfg.user_tokens)]
-        self.llm.generate([TokensPrompt(prompt_token_ids=warm)], self.params, use_tqdm=False)
+        self._warm_up()
         return took
 
-    def request(self, user: int, turn: int) -> Turn:
-        """The user's next turn: system prompt + their history + the new message."""
+    def _warm_up(self) -> None:
+        """First-call set-up outside the timings: a prompt on tokens no conversation uses, then
+        the same prompt after emptying G1, so kvtier's load path runs once too."""
+        warm = [VOCAB - 1 - (i % 7) for i in range(2 * BLOCK_TOKENS + 5)]
+        for _ in range(2):
+            self._generate(warm)
+            self.llm.reset_prefix_cache()
+
+    def _generate(self, prompt: list[int]) -> Any:
         from vllm.inputs import TokensPrompt
 
-        prompt = self.system + self.history[user] + self.msgs[user][turn]
-        t0 = time.perf_counter()
-        out = self.llm.generate(
+        return self.llm.generate(
             [TokensPrompt(prompt_token_ids=prompt)], self.params, use_tqdm=False
-        )
+        )[0]
+
+    def request(self, user: int, turn: int) -> Turn:
+        """The user's next question: their document + their history + the new question."""
+        question = self.workload.questions[user][turn]
+        prompt = self.workload.document_of(user) + self.history[user] + question
+        t0 = time.perf_counter()
+        out = self._generate(prompt)
         wall = time.perf_counter() - t0
-        ttft = getattr(out[0].metrics, "first_token_latency", 0.0) or wall
-        reply = list(out[0].outputs[0].token_ids)
-        self.history[user] = self.history[user] + self.msgs[user][turn] + reply
-        return Turn(user, turn, len(prompt), int(out[0].num_cached_tokens or 0), ttft, reply)
+        ttft = getattr(out.metrics, "first_token_latency", 0.0) or wall
+        reply = list(out.outputs[0].token_ids)
+        self.history[user] = self.history[user] + question + reply
+        return Turn(user, turn, len(prompt), int(out.num_cached_tokens or 0), ttft, reply)
 
     def metrics(self) -> dict[str, float]:
-        """kvtier's metrics, scraped from its endpoint (empty for the baseline)."""
-        return _scrape(self.port) if self.mode == "kvtier" else {}
+        """kvtier's metrics from its endpoint, and vLLM's own counters (prefix caches)."""
+        from kvtier.ops.demo_report import scrape
 
-
-def _block_bytes() -> int:
-    spec = demo_model_spec()
-    elem = 4  # the tiny model is float32
-    return int(
-        BLOCK_TOKENS * spec.num_hidden_layers * 2 * spec.num_key_value_heads * spec.head_dim * elem
-    )
-
-
-# -- the parent side: run both modes, report, plot ---------------------------------------------
-
-
-@dataclass(frozen=True)
-class Summary:
-    """The demo's figures, as printed and written to ``demo.json``."""
-
-    config: dict[str, Any]
-    ttft_per_turn_ms: dict[str, list[float]]
-    ttft_overall_ms: dict[str, float]
-    recomputed_tokens: dict[str, int]
-    prompt_tokens: int
-    hit_rate: dict[str, float]
-    identical_outputs: int
-    identical_to_reference: int
-    requests: int
-    engine_start_s: dict[str, float]
-    per_request: list[dict[str, Any]]
-
-
-def summarize(cfg: DemoConfig, runs: dict[str, RunResult]) -> Summary:
-    """Per-turn and overall mean TTFT, recompute, hit rates (from the kvtier metrics)."""
-    per_turn = {
-        mode: [
-            1000 * sum(t.ttft_s for t in r.turns if t.turn == k) / cfg.users
-            for k in range(cfg.turns)
-        ]
-        for mode, r in runs.items()
-    }
-    overall = {
-        mode: 1000 * sum(t.ttft_s for t in r.turns) / len(r.turns) for mode, r in runs.items()
-    }
-    m = runs["kvtier"].kvtier_metrics
-    looked = m.get("kvtier_lookup_tokens_total", 0.0)
-    hit = {
-        tier: (
-            m.get(f"kvtier_matched_tokens_total{{tier={tier}}}", 0.0) / looked if looked else 0.0
-        )
-        for tier in ("host", "disk")
-    }
-    prompt_total = sum(t.prompt_tokens for t in runs["baseline"].turns)
-    hit["device (vLLM prefix cache)"] = (
-        sum(t.cached_tokens for t in runs["baseline"].turns) / prompt_total if prompt_total else 0.0
-    )
-    triples = list(
-        zip(runs["baseline"].turns, runs["kvtier"].turns, runs["reference"].turns, strict=True)
-    )
-    same = sum(a.output == b.output for a, b, _ in triples)
-    same_ref = sum(b.output == c.output for _, b, c in triples)
-    rows = [
-        {
-            "user": a.user,
-            "turn": a.turn,
-            "prompt_tokens": a.prompt_tokens,
-            "cached_tokens": {m: t.cached_tokens for m, t in zip(MODES, (a, b, c), strict=True)},
-            "ttft_ms": {
-                m: round(1000 * t.ttft_s, 1) for m, t in zip(MODES, (a, b, c), strict=True)
-            },
-            "kvtier_output_equals": {
-                "baseline": a.output == b.output,
-                "reference": b.output == c.output,
-            },
-        }
-        for a, b, c in triples
-    ]
-    return Summary(
-        per_request=rows,
-        config=asdict(cfg),
-        ttft_per_turn_ms=per_turn,
-        ttft_overall_ms=overall,
-        recomputed_tokens={mode: r.recomputed_tokens for mode, r in runs.items()},
-        prompt_tokens=prompt_total,
-        hit_rate=hit,
-        identical_outputs=same,
-        identical_to_reference=same_ref,
-        requests=len(runs["baseline"].turns),
-        engine_start_s={mode: r.engine_start_s for mode, r in runs.items()},
-    )
-
-
-def plot(cfg: DemoConfig, runs: dict[str, RunResult], path: Path) -> None:
-    """TTFT of every request of both runs, and the mean per turn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    from matplotlib.ticker import MaxNLocator
-
-    colors = {"baseline": "#c0504d", "kvtier": "#3b7dd8", "reference": "#999999"}
-    labels = {
-        "baseline": "vLLM alone",
-        "kvtier": "vLLM + kvtier",
-        "reference": "vLLM, G1 big enough for all (ideal)",
-    }
-    for mode, r in runs.items():
-        left.plot(
-            range(1, len(r.turns) + 1),
-            [1000 * t.ttft_s for t in r.turns],
-            marker="o",
-            color=colors[mode],
-            label=labels[mode],
-            linestyle="--" if mode == "reference" else "-",
-        )
-        means = [
-            1000 * sum(t.ttft_s for t in r.turns if t.turn == k) / cfg.users
-            for k in range(cfg.turns)
-        ]
-        right.plot(
-            range(1, cfg.turns + 1),
-            means,
-            marker="o",
-            color=colors[mode],
-            label=labels[mode],
-            linestyle="--" if mode == "reference" else "-",
-        )
-    left.set_xlabel("request (turn by turn, users round-robin)")
-    left.xaxis.set_major_locator(MaxNLocator(integer=True))
-    left.set_ylabel("time to first token (ms)")
-    left.set_title("every request")
-    right.set_xlabel("turn")
-    right.set_ylabel("mean time to first token (ms)")
-    right.set_title("mean per turn")
-    right.set_xticks(range(1, cfg.turns + 1))
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend()
-        ax.set_ylim(bottom=0)
-    fig.suptitle(
-        f"vLLM CPU, tiny Llama: {cfg.users} users x {cfg.turns} turns, "
-        f"{cfg.system_tokens}-token system prompt, G1 {cfg.g1_blocks} blocks"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        got = scrape(self.port) if self.mode == "kvtier" else {}
+        for m in self.llm.get_metrics():
+            if m.name.startswith(("vllm:external_prefix_cache", "vllm:prefix_cache")):
+                got[m.name] = float(getattr(m, "value", 0.0))
+        return got
 
 
 _MARK = "KVTIER-DEMO "
@@ -433,6 +323,7 @@ class _Child:
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
+            env={**os.environ, **CPU_ENV},
         )
 
     def read(self) -> dict[str, Any]:
@@ -465,18 +356,18 @@ class _Child:
 def _run_lockstep(
     cfg: DemoConfig, work: Path, out_dir: Path, console: Console
 ) -> dict[str, RunResult]:
-    """Both engines alive at once, taking turns request by request (ABBA order), so background
-    load on the machine falls on both runs alike; only one computes at any moment."""
+    """All engines alive at once, taking turns request by request (ABBA order), so background
+    load on the machine falls on every run alike; only one computes at any moment."""
     children: dict[str, _Child] = {}
     runs: dict[str, RunResult] = {}
     try:
         for mode in MODES:
-            with console.status(f"starting vLLM ({mode})"):
+            with console.status(f"starting vLLM ({mode}) and warming it up"):
                 child = _Child(mode, cfg, work, out_dir / f"demo-{mode}.log")
                 children[mode] = child
                 runs[mode] = RunResult(mode, float(child.read()["engine_start_s"]))
         order = [(turn, user) for turn in range(cfg.turns) for user in range(cfg.users)]
-        with console.status("replaying the chat") as status:
+        with console.status("replaying the chats") as status:
             for i, (turn, user) in enumerate(order):
                 status.update(f"turn {turn + 1}/{cfg.turns}, user {user + 1}/{cfg.users}")
                 modes = MODES if i % 2 == 0 else tuple(reversed(MODES))
@@ -494,51 +385,21 @@ def _run_lockstep(
 
 
 def run_demo(cfg: DemoConfig, out_dir: Path, console: Console) -> Summary:
-    """Both runs in child processes, then the report, ``demo.json`` and ``demo.png``."""
-    from rich.table import Table
+    """All runs in child processes, then the report, ``demo.json`` and ``demo.png``."""
+    from kvtier.ops.demo_report import report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kvtier-demo-") as tmp:
         runs = _run_lockstep(cfg, Path(tmp), out_dir, console)
-    summary = summarize(cfg, runs)
-    table = Table(title="time to first token (mean per turn, ms)")
-    table.add_column("turn", justify="right")
-    table.add_column("vLLM alone", justify="right")
-    table.add_column("vLLM + kvtier", justify="right")
-    table.add_column("speed-up", justify="right")
-    table.add_column("ideal (G1 holds all)", justify="right")
-    rows = [*[str(k + 1) for k in range(cfg.turns)], "overall"]
-    base, kvt, ref = ([*summary.ttft_per_turn_ms[m], summary.ttft_overall_ms[m]] for m in MODES)
-    for label, b, k, r in zip(rows, base, kvt, ref, strict=True):
-        table.add_row(label, f"{b:.0f}", f"{k:.0f}", f"{b / k:.2f}x" if k else "-", f"{r:.0f}")
-    console.print(table)
-    console.print(
-        f"prompt tokens recomputed: vLLM alone {summary.recomputed_tokens['baseline']}, "
-        f"with kvtier {summary.recomputed_tokens['kvtier']} (of {summary.prompt_tokens})"
-    )
-    h = summary.hit_rate
-    console.print(
-        f"kvtier hit rate (of the tokens looked up in kvtier): G2 host {h['host']:.1%}, "
-        f"G3 disk {h['disk']:.1%}; vLLM's own G1 prefix cache without kvtier served "
-        f"{h['device (vLLM prefix cache)']:.1%} of the prompt tokens"
-    )
-    n = summary.requests
-    console.print(
-        f"greedy outputs of vLLM + kvtier identical to the ideal run (same KV reused): "
-        f"{summary.identical_to_reference}/{n}; to vLLM alone (recomputing): "
-        f"{summary.identical_outputs}/{n}"
-    )
-    (out_dir / "demo.json").write_text(json.dumps(asdict(summary), indent=2))
-    plot(cfg, runs, out_dir / "demo.png")
-    console.print(f"wrote {out_dir / 'demo.json'} and {out_dir / 'demo.png'}")
-    return summary
+    return report(cfg, runs, out_dir, console)
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``kvtier demo`` (every DemoConfig field, plus the output folder)."""
-    defaults = DemoConfig()
-    for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=value)
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    for name, value in asdict(DemoConfig()).items():
+        flag = f"--{name.replace('_', '-')}"
+        parser.add_argument(flag, type=int, default=value, metavar="N", help=HELP[name])
     parser.add_argument("--out", default="demo-out", help="folder for demo.json, demo.png, logs")
 
 

@@ -151,10 +151,27 @@ def encode_batch(batch: EventBatch) -> bytes:
     return packed
 
 
+_WIRE_TYPES: dict[str, tuple[type, ...]] = {
+    "block_hashes": (list,),
+    "parent_block_hash": (int, type(None)),
+    "token_ids": (list,),
+    "block_size": (int,),
+    "medium": (str, type(None)),
+    "lora_name": (str, type(None)),
+}
+"""Wire types of the event fields decoded here (msgpack arrays come back as lists)."""
+
+
 def _event_from_wire(obj: Any) -> KvEvent:
     if not isinstance(obj, dict) or "type" not in obj:
         raise ValueError(f"KV event is not a tagged map: {obj!r}")
     kind = obj["type"]
+    for key, types in _WIRE_TYPES.items():
+        value = obj.get(key)
+        if key in obj and (isinstance(value, bool) or not isinstance(value, types)):
+            raise ValueError(f"KV event {kind!r}: field {key!r} has the wrong type: {value!r}")
+    if any(isinstance(t, bool) or not isinstance(t, int) for t in obj.get("token_ids", ())):
+        raise ValueError(f"KV event {kind!r}: token_ids must be integers")
     if kind == "BlockStored":
         return BlockStored(
             block_hashes=tuple(obj["block_hashes"]),
@@ -175,14 +192,27 @@ def decode_batch(payload: bytes) -> EventBatch:
     """Parse a payload from :func:`encode_batch` or from vLLM; ValueError when malformed."""
     try:
         obj = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    except (msgpack.UnpackException, ValueError) as exc:
+    except (msgpack.UnpackException, ValueError, TypeError) as exc:
         raise ValueError(f"KV event batch is not valid msgpack: {exc}") from exc
     if not isinstance(obj, list) or len(obj) not in (2, 3):
         raise ValueError(f"KV event batch is not [ts, events, dp_rank]: {obj!r}")
     rank = obj[2] if len(obj) == 3 and obj[2] is not None else 0
-    return EventBatch(
-        ts=float(obj[0]), events=tuple(_event_from_wire(e) for e in obj[1]), data_parallel_rank=rank
-    )
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"KV event batch's data-parallel rank is not an int >= 0: {rank!r}")
+    if isinstance(obj[0], bool) or not isinstance(obj[0], int | float):
+        raise ValueError(f"KV event batch's timestamp is not a number: {obj[0]!r}")
+    if not isinstance(obj[1], list):
+        raise ValueError(f"KV event batch's events are not a list: {obj[1]!r}")
+    try:
+        return EventBatch(
+            ts=float(obj[0]),
+            events=tuple(_event_from_wire(e) for e in obj[1]),
+            data_parallel_rank=rank,
+        )
+    except KeyError as exc:
+        raise ValueError(f"KV event lacks the field {exc.args[0]!r}") from exc
+    except (TypeError, OverflowError) as exc:
+        raise ValueError(f"KV event batch has a field of the wrong type: {exc}") from exc
 
 
 def events_from_tier_events(

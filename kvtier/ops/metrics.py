@@ -8,8 +8,9 @@ What is measured (label values in brackets):
 - ``kvtier_blocks_total`` / ``kvtier_bytes_total`` [path]: blocks and bytes moved per path;
 - ``kvtier_transfer_seconds`` [path]: latency of each transfer batch (histogram);
 - ``kvtier_lookup_tokens_total``, ``kvtier_matched_tokens_total`` [tier]: tokens asked for
-  beyond G1 and tokens found in each tier;
-- ``kvtier_hit_rate`` [tier]: matched blocks / looked-up blocks over a sliding window;
+  beyond G1 and tokens found in each tier (under vLLM: once per scheduled request, the tokens
+  vLLM's ``external_prefix_cache_queries`` count);
+- ``kvtier_hit_rate`` [tier]: matched / looked-up tokens over a sliding window;
 - ``kvtier_pool_blocks`` [tier, state]: pool occupancy (in_use / inactive / free);
 - ``kvtier_disk_filter_rejections_total``: G2 -> G3 offloads refused by the frequency filter;
 - ``kvtier_load_errors_total`` [tier]: blocks whose load failed (recomputed, never served);
@@ -170,7 +171,7 @@ class KvTierMetrics:
         )
         self._lookup_tokens = Counter(
             "kvtier_lookup_tokens",
-            "Tokens of full blocks looked up in kvtier (beyond what G1 already had).",
+            "Tokens looked up in kvtier (beyond what G1 already had).",
             registry=reg,
         )
         self._matched = Counter(
@@ -178,7 +179,7 @@ class KvTierMetrics:
         )
         self._hit_rate = Gauge(
             "kvtier_hit_rate",
-            f"Matched / looked-up blocks over the last {hit_rate_window_s:g} s, per tier.",
+            f"Matched / looked-up tokens over the last {hit_rate_window_s:g} s, per tier.",
             ["tier"],
             registry=reg,
         )
@@ -266,11 +267,22 @@ class KvTierMetrics:
             raise ValueError(
                 f"matched {host_blocks}+{disk_blocks} blocks of only {looked_up_blocks} looked up"
             )
-        self._lookup_tokens.inc(looked_up_blocks * block_size)
-        self._matched.labels("host").inc(host_blocks * block_size)
-        self._matched.labels("disk").inc(disk_blocks * block_size)
-        self._dynamo_matched.set((host_blocks + disk_blocks) * block_size)
-        self._window.add(looked_up_blocks, {"host": host_blocks, "disk": disk_blocks})
+        self.record_lookup_tokens(
+            looked_up_blocks * block_size, host_blocks * block_size, disk_blocks * block_size
+        )
+
+    def record_lookup_tokens(self, looked_up: int, host: int, disk: int) -> None:
+        """One lookup counted in tokens: ``looked_up`` tokens beyond G1 (partial tail included,
+        as vLLM counts its external queries), ``host`` / ``disk`` of them found in G2 / G3."""
+        for name, value in (("looked_up", looked_up), ("host", host), ("disk", disk)):
+            _check_count(name, value)
+        if host + disk > looked_up:
+            raise ValueError(f"matched {host}+{disk} tokens of only {looked_up} looked up")
+        self._lookup_tokens.inc(looked_up)
+        self._matched.labels("host").inc(host)
+        self._matched.labels("disk").inc(disk)
+        self._dynamo_matched.set(host + disk)
+        self._window.add(looked_up, {"host": host, "disk": disk})
 
     def record_remote_lookup(self, looked_up_blocks: int, hit_blocks: int) -> None:
         """G4 lookups: blocks asked past the G2/G3 hit, and found in G4 (its hit rate)."""

@@ -98,6 +98,12 @@ class SchedulerCounters:
 
     lookups: int = 0
     lookup_blocks: int = 0
+    query_tokens: int = 0
+    """Tokens beyond G1 of the requests vLLM scheduled (not resumed after preemption), counted
+    once per scheduling, as vLLM counts ``vllm:external_prefix_cache_queries``; retried
+    lookups of a request waiting for G1 space are not counted again."""
+    query_host_tokens: int = 0
+    query_disk_tokens: int = 0
     host_hit_blocks: int = 0
     disk_hit_blocks: int = 0
     matched_tokens: int = 0
@@ -132,6 +138,7 @@ class _Req:
     load_job: int | None = None
     loaded_from: int = 0
     loaded_to: int = 0
+    query_tokens: int = 0
 
 
 @dataclass
@@ -239,6 +246,7 @@ class KvTierScheduler:
             n += got
         st.match_start, st.match_host, st.match_disk = start, host_end - start, disk_end - host_end
         st.match_remote = n - disk_end
+        st.query_tokens = request.num_tokens - num_computed_tokens
         self.counters.lookups += 1
         self.counters.lookup_blocks += max(0, limit - start)
         if n == start:
@@ -252,9 +260,16 @@ class KvTierScheduler:
         st = self._track(request)
         if self.remote is not None:
             self.remote.forget(request.request_id)
+        bs = self.config.block_size
+        if st.query_tokens and not getattr(request, "num_preemptions", 0):
+            # Once per lookup that led to this allocation (vLLM counts resumed requests apart).
+            self.counters.query_tokens += st.query_tokens
+            if num_external_tokens:
+                self.counters.query_host_tokens += st.match_host * bs
+                self.counters.query_disk_tokens += st.match_disk * bs
+        st.query_tokens = 0
         if num_external_tokens == 0:
             return
-        bs = self.config.block_size
         start = st.match_start
         count = num_external_tokens // bs
         matched = st.match_host + st.match_disk + st.match_remote

@@ -12,8 +12,10 @@ What is derived:
 
 - blocks, bytes and latency per path: a copy counts when the last worker reports it; its latency
   is from the step that planned it to that report (what the engine waits, queueing included);
-- lookups, matched tokens and load errors per tier (the workers say which tier failed): from
-  the scheduler half's counters (deltas per step);
+- lookups and matched tokens per tier: from the scheduler half's counters (deltas per step),
+  counted once per request vLLM schedules (``SchedulerCounters.query_tokens``), as vLLM counts
+  its ``external_prefix_cache_queries/hits``, so ``kvtier_hit_rate`` and vLLM's external hit
+  rate agree; load errors per tier (the workers say which tier failed);
 - occupancy per tier (in use = pinned by a copy in flight, inactive = held and not pinned,
   free), sizes every step, the pinned count at most once per ``occupancy_interval_s`` (it is
   zero whenever nothing is in flight);
@@ -55,9 +57,9 @@ from kvtier.vllm.remote_telemetry import RemoteTelemetry
 
 
 class _Counters(Protocol):
-    lookup_blocks: int
-    host_hit_blocks: int
-    disk_hit_blocks: int
+    query_tokens: int
+    query_host_tokens: int
+    query_disk_tokens: int
     host_load_failures: int
     disk_load_failures: int
 
@@ -318,9 +320,9 @@ class ConnectorTelemetry(Lifecycle):
     def _observe(self, scheduler: SchedulerView, now: float) -> None:
         c = scheduler.counters
         cur = (
-            c.lookup_blocks,
-            c.host_hit_blocks,
-            c.disk_hit_blocks,
+            c.query_tokens,
+            c.query_host_tokens,
+            c.query_disk_tokens,
             c.host_load_failures,
             c.disk_load_failures,
             scheduler.filter.rejections,
@@ -328,10 +330,10 @@ class ConnectorTelemetry(Lifecycle):
         d = [a - b for a, b in zip(cur, self._last, strict=True)]
         self._last = cur
         looked, host, disk, host_errors, disk_errors, rejected = d
-        if looked or host or disk:
-            # A lookup and the allocation that loads its hits fall in the same step; clamp in
-            # case a retried lookup was counted without its hits, or the other way round.
-            self.metrics.record_lookup(max(looked, host + disk), host, disk, self._block_size)
+        if looked:
+            # Counted when vLLM allocates for the lookup, so retries while a request waits for
+            # G1 space count once: the same tokens vLLM's external_prefix_cache_* count.
+            self.metrics.record_lookup_tokens(looked, host, disk)
         # Workers report the tier of each failed load (G2 "host", G3 "disk").
         if host_errors:
             self.metrics.record_load_errors("host", host_errors)

@@ -238,3 +238,110 @@ def test_events_of_a_real_registry_reach_a_subscriber() -> None:
         assert first.batch.events == (BlockStored((0xABC,), None, (), 4, MEDIUM_HOST),)
         assert second.batch.events == (BlockRemoved((0xABC,), MEDIUM_HOST),)
         assert second.seq == first.seq + 1 and sub.gaps == []
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        [],
+        [1.0],
+        ["now", [], 0],
+        [None, [], 0],
+        [1.0, None, 0],
+        [1.0, 7, 0],
+        [1.0, [], "rank"],
+        [1.0, [], -1],
+        [1.0, [7], 0],
+        [1.0, [{"block_hashes": [1]}], 0],
+        [1.0, [{"type": "BlockStored"}], 0],
+        [1.0, [{"type": "BlockStored", "block_hashes": [1], "medium": "CPU"}], 0],
+        [
+            1.0,
+            [
+                {
+                    "type": "BlockStored",
+                    "block_hashes": None,
+                    "parent_block_hash": None,
+                    "token_ids": [],
+                    "block_size": 16,
+                    "medium": "CPU",
+                }
+            ],
+            0,
+        ],
+        [
+            1.0,
+            [
+                {
+                    "type": "BlockStored",
+                    "block_hashes": [1],
+                    "parent_block_hash": "p",
+                    "token_ids": [],
+                    "block_size": 16,
+                    "medium": "CPU",
+                }
+            ],
+            0,
+        ],
+        [
+            1.0,
+            [
+                {
+                    "type": "BlockStored",
+                    "block_hashes": [1],
+                    "parent_block_hash": None,
+                    "token_ids": ["a"] * 16,
+                    "block_size": 16,
+                    "medium": "CPU",
+                }
+            ],
+            0,
+        ],
+        [
+            1.0,
+            [
+                {
+                    "type": "BlockStored",
+                    "block_hashes": [1],
+                    "parent_block_hash": None,
+                    "token_ids": [],
+                    "block_size": "16",
+                    "medium": "CPU",
+                }
+            ],
+            0,
+        ],
+        [
+            1.0,
+            [
+                {
+                    "type": "BlockStored",
+                    "block_hashes": [1],
+                    "parent_block_hash": None,
+                    "token_ids": [],
+                    "block_size": 16,
+                    "medium": 5,
+                }
+            ],
+            0,
+        ],
+        [1.0, [{"type": "BlockRemoved", "block_hashes": [-1], "medium": "CPU"}], 0],
+        [1.0, [{"type": "BlockRemoved", "block_hashes": {"a": 1}, "medium": "CPU"}], 0],
+        [1.0, [{"type": ["BlockRemoved"]}], 0],
+    ],
+)
+def test_decode_batch_raises_value_error_on_junk(obj: object) -> None:
+    """The docstring's promise: ValueError (never KeyError/TypeError) on any malformed batch."""
+    with pytest.raises(ValueError):
+        decode_batch(msgpack.packb(obj))
+
+
+def test_decode_batch_raises_value_error_on_random_bytes() -> None:
+    import contextlib
+    import random
+
+    rng = random.Random(14)
+    for _ in range(2000):
+        payload = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 24)))
+        with contextlib.suppress(ValueError):
+            decode_batch(payload)

@@ -131,3 +131,13 @@ def test_server_serves_over_http_and_frees_the_port() -> None:
             MetricsServer(m, MetricsConfig(enabled=True, port=port)).start()
     with MetricsServer(m, MetricsConfig(enabled=True, port=port)) as again:  # the port is free
         assert scrape(again.url)[("kvtier_bytes_total", (("path", "device_to_host"),))] == 700
+
+
+def test_record_lookup_tokens_counts_tokens_not_blocks() -> None:
+    m = KvTierMetrics()
+    m.record_lookup_tokens(looked_up=300, host=128, disk=128)  # partial tail of 44 included
+    assert m.hit_rate("host") == pytest.approx(128 / 300)
+    with pytest.raises(ValueError, match="of only 10 looked up"):
+        m.record_lookup_tokens(10, 8, 8)
+    with pytest.raises(ValueError, match="looked_up"):
+        m.record_lookup_tokens(-1, 0, 0)

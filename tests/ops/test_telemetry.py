@@ -103,9 +103,9 @@ def test_transfers_count_once_all_workers_report_with_plan_to_report_latency() -
 
 def test_lookups_filter_errors_and_occupancy_come_from_the_scheduler() -> None:
     tel, sched, _ = make()
-    sched.counters.lookup_blocks += 10
-    sched.counters.host_hit_blocks += 4
-    sched.counters.disk_hit_blocks += 1
+    sched.counters.query_tokens += 40
+    sched.counters.query_host_tokens += 16
+    sched.counters.query_disk_tokens += 4
     sched.process_reports([WorkerReport(0, host_load_failed=2, disk_load_failed=3)])
     for h in (1, 1, 2):
         sched.filter.sighting(h)  # first sightings are rejected (the filter is on by default)
