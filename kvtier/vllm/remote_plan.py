@@ -222,7 +222,9 @@ class RemotePlanner(Lifecycle):
             found = look.future.result(timeout=max(0.0, remaining))
         except FutureTimeout:
             self._spent_s += self._clock() - t0
-            if self._clock() < look.deadline:
+            # Judged at the start of the wait, so a lookup that was still inside its deadline
+            # when this step began waiting is asked again next step (not a miss by a hair).
+            if t0 < look.deadline:
                 return None
             self.counters.lookup_timeouts += 1
             del self._lookups[req_id]
