@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 __all__ = [
@@ -123,6 +123,27 @@ def _parse_topic(text: object) -> str:
     return str(text)
 
 
+# -- G4 (remote tier) knobs -----------------------------------------------------------------------
+
+
+def _parse_remote_url(text: object) -> str:
+    from kvtier.storage.remote import parse_remote_url  # imported here: settings loads no redis
+
+    url = str(text).strip()
+    parse_remote_url(url)
+    return url
+
+
+def _parse_secret(text: object) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"expected a string, got {type(text).__name__}")
+    return text
+
+
+def _parse_mb(text: object) -> float:
+    return _parse_gb(text)  # same rules: a finite number >= 0
+
+
 @dataclass(frozen=True)
 class Knob:
     """One knob: the settings field it fills and its three spellings.
@@ -162,6 +183,11 @@ class KvTierSettings:
     events_endpoint: str = "tcp://127.0.0.1:5557"
     events_replay_endpoint: str | None = None
     events_topic: str = ""
+    remote_url: str | None = None
+    remote_password: str | None = field(default=None, repr=False)
+    remote_ttl_s: int = 0
+    remote_timeout_ms: int = 100
+    remote_max_write_queue_mb: float = 256.0
 
     def __post_init__(self) -> None:
         disk_wanted = self.disk_cache_blocks != 0 and (
@@ -337,6 +363,47 @@ KNOBS: tuple[Knob, ...] = (
         "KVTIER_EVENTS_TOPIC",
         _parse_topic,
         "Topic frame of every published event batch (empty by default, as in vLLM).",
+    ),
+    Knob(
+        "remote_url",
+        "remote_url",
+        "KVTIER_REMOTE_URL",
+        _parse_remote_url,
+        "G4 remote tier shared by a fleet of engines: redis://host:port/db (one Redis/Valkey "
+        "server), rediss://... (TLS), redis+cluster://host:port (any node of a cluster; "
+        "rediss+cluster:// with TLS). Unset: no G4.",
+    ),
+    Knob(
+        "remote_password",
+        "remote_password",
+        "KVTIER_REMOTE_PASSWORD",
+        _parse_secret,
+        "Password (AUTH) of the G4 server; overrides one in remote_url. Never logged.",
+    ),
+    Knob(
+        "remote_ttl_s",
+        "remote_ttl_s",
+        "KVTIER_REMOTE_TTL_S",
+        _parse_count,
+        "Expiry of every block written to G4, in seconds (0: none; the server's maxmemory "
+        "policy evicts).",
+    ),
+    Knob(
+        "remote_timeout_ms",
+        "remote_timeout_ms",
+        "KVTIER_REMOTE_TIMEOUT_MS",
+        _parse_positive,
+        "Socket timeout of every G4 call, and the most one engine step waits for G4 lookups "
+        "(all requests together); slower answers are misses. Consecutive failures open a "
+        "circuit breaker that skips G4 (G2/G3 keep serving) and probes it again after 2 s.",
+    ),
+    Knob(
+        "remote_max_write_queue_mb",
+        "remote_max_write_queue_mb",
+        "KVTIER_REMOTE_MAX_WRITE_QUEUE_MB",
+        _parse_mb,
+        "Bytes (decimal MB) of blocks waiting to be written behind to G4 in each worker; a block "
+        "that does not fit, or waited longer than 5 s, is dropped and counted, never waited for.",
     ),
 )
 

@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover - exercised on the GPU build (vLLM 0.26)
 from kvtier.config import ModelConfig
 from kvtier.settings import KvTierSettings, load_settings
 from kvtier.vllm.metadata import StepPlan, WorkerReport
+from kvtier.vllm.remote_plan import RemotePlanner, remote_config_from
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
 from kvtier.vllm.telemetry import ConnectorTelemetry
 
@@ -141,6 +142,11 @@ class KvTierConnector(KVConnectorBase_V1):
             self._kv_transfer_config.kv_load_failure_policy = (
                 self.settings.load_failure_policy  # type: ignore[assignment]
             )
+            # G4: the scheduler half's batched lookups (kvtier.vllm.remote_plan), when configured.
+            remote_cfg = remote_config_from(self.settings)
+            remote = None
+            if remote_cfg is not None:
+                remote = RemotePlanner(remote_cfg, num_workers=world).start()
             self.scheduler = KvTierScheduler(
                 SchedulerConfig(
                     block_size=self.model.block_size,
@@ -152,7 +158,8 @@ class KvTierConnector(KVConnectorBase_V1):
                     # CUDA workers store asynchronously and pin G2 in chunks (kvtier.vllm.gpu_path)
                     async_store_reads=_on_cuda(vllm_config),
                     pinned_host_rows=_on_cuda(vllm_config),
-                )
+                ),
+                remote=remote,
             )
             # Metrics and KV events live with the scheduler half (engine-core process), up as
             # soon as the engine is, fed with every plan and worker report (kvtier.vllm.telemetry).
@@ -207,6 +214,7 @@ class KvTierConnector(KVConnectorBase_V1):
             self.worker.register_kv_caches(
                 kv_caches, self.model, backend=_backend_name(self._vllm_config, kv_caches)
             )
+            self._attach_remote()
 
     def register_cross_layers_kv_cache(self, kv_cache: torch.Tensor, attn_backend: Any) -> None:
         """vLLM 0.26: the cross-layer tensor ``(num_blocks, ...)`` in memory order (see
@@ -214,6 +222,15 @@ class KvTierConnector(KVConnectorBase_V1):
         if self.worker is not None:
             name = getattr(attn_backend, "get_name", lambda: type(attn_backend).__name__)()
             self.worker.register_kv_caches(kv_cache, self.model, backend=str(name))
+            self._attach_remote()
+
+    def _attach_remote(self) -> None:
+        """G4 (kvtier.vllm.remote_exec), keyed by the layout, when configured."""
+        remote_cfg = remote_config_from(self.settings)
+        if remote_cfg is not None and self.worker is not None:
+            from kvtier.vllm.remote_exec import attach_remote
+
+            attach_remote(self.worker, remote_cfg, self.settings, self._vllm_config)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
@@ -270,6 +287,8 @@ class KvTierConnector(KVConnectorBase_V1):
             self.worker.close()
         if self.telemetry is not None:
             self.telemetry.close()
+        if self.scheduler is not None and self.scheduler.remote is not None:
+            self.scheduler.remote.close()
 
     # -- scheduler side -------------------------------------------------------------------------
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# G4 (remote tier) parts: plain data too, kept in their own module (kvtier.vllm.remote_plan).
+from kvtier.vllm.remote_plan import RemoteLoad, RemoteReport, RemoteWrites
+
 __all__ = [
     "DiskWrite",
     "LoadJob",
@@ -37,6 +40,8 @@ class LoadJob:
     host_gpu_blocks: list[int] = field(default_factory=list)
     disk_hashes: list[int] = field(default_factory=list)
     disk_gpu_blocks: list[int] = field(default_factory=list)
+    remote: RemoteLoad | None = None
+    """The G4 part of the load (blocks past the G2/G3 hit), or None."""
 
     def __post_init__(self) -> None:
         if len(self.host_slots) != len(self.host_gpu_blocks):
@@ -46,7 +51,8 @@ class LoadJob:
 
     @property
     def gpu_blocks(self) -> list[int]:
-        return self.host_gpu_blocks + self.disk_gpu_blocks
+        remote = self.remote.gpu_blocks if self.remote is not None else []
+        return self.host_gpu_blocks + self.disk_gpu_blocks + remote
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,8 @@ class StepPlan:
     delayed_free: list[str] = field(default_factory=list)
     idle: bool = False
     """No forward pass this step: a worker may block briefly on its background work."""
+    remote_writes: RemoteWrites | None = None
+    """G2 stores of this step to write behind to G4 once they landed (None: none)."""
 
     @property
     def is_empty(self) -> bool:
@@ -110,6 +118,7 @@ class StepPlan:
             or self.disk_writes
             or self.disk_deletes
             or self.delayed_free
+            or self.remote_writes is not None
         )
 
 
@@ -141,6 +150,8 @@ class WorkerReport:
     restored_parents: list[int | None] = field(default_factory=list)
     """The parent hash of each ``restored`` block, from its file header (same order; empty when
     not known), so the scheduler rebuilds the G3 index with its parent links."""
+    remote: RemoteReport | None = None
+    """G4 figures of this worker since its last report (None: nothing to say)."""
 
     @property
     def is_empty(self) -> bool:
@@ -154,6 +165,7 @@ class WorkerReport:
             or self.load_failed_blocks
             or self.restored is not None
             or self.host_pinned_rows >= 0
+            or self.remote is not None
         )
 
     @property

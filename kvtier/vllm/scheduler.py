@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from kvtier.core.filter import FrequencyFilter, FrequencyFilterConfig
 from kvtier.hashing import hash_chain, salt_hash
 from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, StoreBatch, WorkerReport
+from kvtier.vllm.remote_plan import RemoteLoad, RemotePlanner
 from kvtier.vllm.slots import SlotIndex
 
 __all__ = ["KvTierScheduler", "SchedulerConfig", "SchedulerCounters"]
@@ -116,6 +117,7 @@ class _Req:
     match_start: int = 0
     match_host: int = 0
     match_disk: int = 0
+    match_remote: int = 0
     last_store_step: int = -1
     load_job: int | None = None
     loaded_from: int = 0
@@ -168,8 +170,15 @@ def _lora_name(request: RequestLike) -> str | None:
 class KvTierScheduler:
     """Scheduler half (see the module docstring). All calls come from vLLM's scheduler thread."""
 
-    def __init__(self, config: SchedulerConfig, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        remote: RemotePlanner | None = None,
+    ):
         self.config = config
+        self.remote = remote  # G4 lookups and write-behind planning (kvtier.vllm.remote_plan)
         self.host = SlotIndex("G2", config.host_blocks)
         self.disk = SlotIndex("G3", config.disk_blocks)
         self.filter = CountingFilter(FrequencyFilterConfig(enabled=config.disk_filter), clock=clock)
@@ -212,7 +221,14 @@ class KvTierScheduler:
         host_end = n
         while n < limit and self.disk.lookup(st.hashes[n]) is not None:
             n += 1
-        st.match_start, st.match_host, st.match_disk = start, host_end - start, n - host_end
+        disk_end = n
+        if self.remote is not None and not self.config.layerwise_onboard and n < limit:
+            got = self.remote.match(request.request_id, st.hashes, n, limit)  # G4, step-bounded
+            if got is None:
+                return None, False
+            n += got
+        st.match_start, st.match_host, st.match_disk = start, host_end - start, disk_end - host_end
+        st.match_remote = n - disk_end
         self.counters.lookups += 1
         self.counters.lookup_blocks += max(0, limit - start)
         if n == start:
@@ -224,16 +240,20 @@ class KvTierScheduler:
     ) -> None:
         """Plan the load of the blocks matched for ``request`` into its new GPU blocks."""
         st = self._track(request)
+        if self.remote is not None:
+            self.remote.forget(request.request_id)
         if num_external_tokens == 0:
             return
         bs = self.config.block_size
         start = st.match_start
         count = num_external_tokens // bs
-        if count != st.match_host + st.match_disk or len(block_ids) < start + count:
+        matched = st.match_host + st.match_disk + st.match_remote
+        if count != matched or len(block_ids) < start + count:
             raise RuntimeError(
                 f"kvtier: request {request.request_id} was allocated {num_external_tokens} "
-                f"external tokens for a match of {st.match_host + st.match_disk} blocks"
+                f"external tokens for a match of {matched} blocks"
             )
+        remote = RemoteLoad()
         host_slots: list[int] = []
         host_gpu: list[int] = []
         host_hashes: list[int] = []
@@ -245,6 +265,10 @@ class KvTierScheduler:
                 host_slots.append(self.host.pin(h))
                 host_hashes.append(h)
                 host_gpu.append(block_ids[i])
+            elif i >= start + st.match_host + st.match_disk:  # G4, kept in G2 where room
+                remote.hashes.append(h)
+                remote.gpu_blocks.append(block_ids[i])
+                remote.host_slots.append(self._reserve_g2_copy(h, st.hashes[i - 1] if i else None))
             else:
                 self.disk.pin(h)
                 disk_hashes.append(h)
@@ -261,8 +285,11 @@ class KvTierScheduler:
                 host_gpu,
                 list(disk_hashes),
                 disk_gpu,
+                remote if remote.hashes else None,
             )
         )
+        if self.remote is not None:
+            self.remote.counters.hit_blocks += len(remote.hashes)
         st.load_job = job_id
         st.loaded_from, st.loaded_to = start, start + count
         self.counters.host_hit_blocks += len(host_hashes)
@@ -322,6 +349,12 @@ class KvTierScheduler:
             # Blocks vLLM recomputes (a failed load, a preempted request) are stored again.
             st.next_store = min(st.next_store, computed // self.config.block_size)
             self._plan_stores(st, done_tokens, step, stores, writes, block_tokens)
+        remote_writes = None
+        if self.remote is not None:
+            remote_writes = self.remote.plan_writes(
+                stores.hashes, stores.parents, stores.host_slots
+            )
+            self.remote.end_step()
         plan = StepPlan(
             step=step,
             loads=self._plan_loads,
@@ -330,6 +363,7 @@ class KvTierScheduler:
             disk_deletes=self._disk_deletes,
             delayed_free=self._delayed,
             idle=idle,
+            remote_writes=remote_writes,
         )
         self._plan_loads, self._disk_deletes, self._delayed = [], [], []
         return plan
@@ -345,6 +379,8 @@ class KvTierScheduler:
                 self._pinned_rows[r.rank] = r.host_pinned_rows
                 if len(self._pinned_rows) == n:
                     self.host.set_usable(min(self._pinned_rows.values()))
+            if r.remote is not None and self.remote is not None:
+                self.remote.on_report(r.rank, r.remote)
             if r.restored is not None:
                 self._restored_reports.append(set(r.restored))
                 if r.rank == 0:
@@ -391,6 +427,8 @@ class KvTierScheduler:
     def request_finished(self, request: RequestLike) -> bool:
         """Forget the request; True when its GPU blocks must wait for stores still reading them."""
         st = self._reqs.pop(request.request_id, None)
+        if self.remote is not None:
+            self.remote.forget(request.request_id)
         if st is None:
             return False
         if self.config.async_store_reads and st.last_store_step > self._confirmed_step:
@@ -533,6 +571,18 @@ class KvTierScheduler:
         stores.hashes.append(h)
         stores.parents.append(parent)
         self.counters.offload_d2h += 1
+        return slot
+
+    def _reserve_g2_copy(self, h: int, parent: int | None) -> int:
+        """A G2 slot for a block fetched from G4 (pending until the worker reports it), or -1."""
+        if not self.config.host_blocks or h in self.host:
+            return -1
+        got = self.host.reserve(h, parent)
+        if got is None:
+            return -1
+        slot, evicted = got
+        self.counters.host_evictions += len(evicted)
+        self._host_pending[h] = _Pending()
         return slot
 
     def _store_disk(

@@ -43,6 +43,7 @@ from kvtier.storage.layout import KvLayout, LayoutKind, detect_layout
 from kvtier.transfer.disk_io import DiskIo
 from kvtier.transfer.engine import CopyFuture, CopyHandle, TorchCopyEngine
 from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, WorkerReport
+from kvtier.vllm.remote_exec import RemoteExecutor, RemoteFetch
 
 if TYPE_CHECKING:
     from kvtier.transfer.cuda.disk import DiskLoadHandle
@@ -86,13 +87,19 @@ class _LoadRun:
     disk_load: DiskLoadHandle | None = None
     """The G3 part on CUDA (``DiskToDeviceLoader``), instead of ``disk_future``."""
 
+    remote: RemoteFetch | None = None  # the G4 part (kvtier.vllm.remote_exec)
+
+    def _parts(self) -> tuple[CopyHandle | None, ...]:
+        g4 = self.remote.future if self.remote is not None else None
+        return (self.host_handle, self.disk_future, g4)
+
     def done(self) -> bool:
         if self.disk_load is not None and not self.disk_load.done():
             return False
-        return all(h is None or h.done() for h in (self.host_handle, self.disk_future))
+        return all(h is None or h.done() for h in self._parts())
 
     def wait_layer(self, layer: int) -> None:
-        for h in (self.host_handle, self.disk_future):
+        for h in self._parts():
             if h is not None:
                 h.wait_layer(layer)
 
@@ -120,14 +127,14 @@ class _LoadRun:
                 self.bad_hashes.append(h)
 
     def wait(self, timeout: float | None = None) -> None:
-        """Wait for both parts; with a timeout, return early (unfinished) instead of raising."""
+        """Wait for every part; with a timeout, return early (unfinished) instead of raising."""
         if self.disk_load is not None:
             try:
                 self.disk_load.wait(timeout)
             except TimeoutError:
                 return
             self.disk_land()
-        for h in (self.host_handle, self.disk_future):
+        for h in self._parts():
             if h is not None:
                 try:
                     h.wait(timeout)
@@ -170,6 +177,7 @@ class KvTierWorker:
         self._load_errors: set[int] = set()
         self._report = WorkerReport(rank=config.rank)
         self.layer_waits = 0  # wait_for_layer_load calls that gated a layer-wise load
+        self.remote: RemoteExecutor | None = None  # G4, attached by the connector when configured
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -226,6 +234,8 @@ class KvTierWorker:
             run.wait()
         if self._gpu is not None:
             self._gpu.poll(self._report, self._queue_write, wait=True)
+        if self.remote is not None:
+            self.remote.close()
         if self._onboarder is not None:
             self._onboarder.shutdown(wait=True)
             self._onboarder = None
@@ -293,6 +303,8 @@ class KvTierWorker:
             return
         failed_hashes = self._store_host(plan, step_failed)
         self._queue_disk_writes(plan, step_failed, failed_hashes)
+        if self.remote is not None and plan.remote_writes is not None:
+            self.remote.write_behind(plan.remote_writes, self._host, failed_hashes)
         self._report.stores_read_step = plan.step
 
     def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
@@ -353,6 +365,8 @@ class KvTierWorker:
         return errors
 
     def take_report(self) -> WorkerReport | None:
+        if self.remote is not None:
+            self._report.remote = self.remote.take_report()
         report, self._report = self._report, WorkerReport(rank=self.config.rank)
         return None if report.is_empty else report
 
@@ -386,6 +400,10 @@ class KvTierWorker:
                 self._host, self._device, job.host_slots, job.host_gpu_blocks
             )
         run = _LoadRun(job, host_handle, None)
+        if job.remote is not None and job.remote.hashes:
+            if self.remote is None:
+                raise RuntimeError("kvtier: a G4 load was planned but this worker has no G4")
+            run.remote = self.remote.fetch(job.remote, self._engine, self._device, self._host)
         if job.disk_hashes:
             run.disk_future = CopyFuture(self._device.layout.model.num_layers)
             assert self._onboarder is not None
@@ -429,11 +447,17 @@ class KvTierWorker:
         host_failed, disk_failed = run.finish()
         self._load_errors.update(host_failed)
         self._load_errors.update(disk_failed)
+        remote_failed: list[int] = []
+        if run.remote is not None:  # G4 (counted in its RemoteReport); fetched blocks land in G2
+            remote_failed = run.remote.failed_gpu_blocks
+            self._load_errors.update(remote_failed)
+            self._report.host_stored.extend(run.remote.host_stored)
+            self._report.host_store_failed.extend(run.remote.host_failed)
         self._report.loads_done.append(run.job.job_id)
         self._report.disk_bad.extend(run.bad_hashes)
         self._report.host_load_failed += len(host_failed)
         self._report.disk_load_failed += len(disk_failed)
-        return bool(host_failed or disk_failed)
+        return bool(host_failed or disk_failed or remote_failed)
 
     def _store_host(self, plan: StepPlan, step_failed: bool) -> set[int]:
         """Copy this step's G2 stores out of the GPU and wait; returns the hashes that failed."""

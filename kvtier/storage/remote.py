@@ -1,0 +1,294 @@
+"""G4: a Redis / Valkey server or cluster shared by a fleet of engines (``RemoteStore``).
+
+Why this exists: engines on many hosts recompute prefixes another host already computed. G4 keeps
+blocks in an existing distributed store spoken to in the Redis protocol, one key per block (see
+``kvtier.storage.remote_block`` for keys and values). This module is the client: batched
+gets/sets/exists per shard (one pipeline per batch; a cluster pipeline groups a batch's keys by
+node and follows MOVED/ASK redirections), a connection pool per node, optional password and TLS,
+optional TTL, and a ``CircuitBreaker`` so a sick server costs one timeout, then nothing, until a
+probe finds it healthy again. It never retries for long: a failed or refused call raises
+``RemoteError`` and the caller counts a G4 miss.
+
+Client: redis-py with the hiredis parser; measured faster than valkey-glide for 2 MiB values
+(benchmarks/RESULTS.md). No protocol code of our own. No torch.
+
+URLs: ``redis://[:password@]host:port[/db]``, ``rediss://`` (TLS), ``redis+cluster://host:port``
+(any node of a cluster; ``rediss+cluster://`` with TLS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+
+from kvtier.lifecycle import Lifecycle
+from kvtier.storage.breaker import CircuitBreaker
+
+__all__ = ["RemoteConfig", "RemoteError", "RemoteStore", "RemoteUnavailable", "parse_remote_url"]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_SCHEMES = {
+    "redis": (False, False),
+    "rediss": (True, False),
+    "redis+cluster": (False, True),
+    "rediss+cluster": (True, True),
+}
+
+
+class RemoteError(Exception):
+    """A G4 call failed (connection, timeout, server error); the caller treats it as a miss."""
+
+
+class RemoteUnavailable(RemoteError):
+    """The circuit breaker is open: G4 was not asked."""
+
+
+@dataclass(frozen=True)
+class RemoteUrl:
+    """A parsed ``remote_url``."""
+
+    host: str
+    port: int
+    db: int
+    tls: bool
+    cluster: bool
+    password: str | None
+
+
+def parse_remote_url(url: str) -> RemoteUrl:
+    """Parse and check a ``remote_url``; raise ``ValueError`` naming what is wrong."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in _SCHEMES:
+        raise ValueError(
+            f"remote_url {url!r}: scheme must be redis://, rediss://, redis+cluster:// or "
+            f"rediss+cluster://"
+        )
+    tls, cluster = _SCHEMES[parts.scheme]
+    try:
+        port = parts.port or 6379
+    except ValueError as exc:
+        raise ValueError(f"remote_url {url!r}: bad port ({exc})") from None
+    if not parts.hostname:
+        raise ValueError(f"remote_url {url!r}: no host")
+    path = parts.path.strip("/")
+    if path and (cluster or not path.isdigit()):
+        raise ValueError(
+            f"remote_url {url!r}: the path must be a database number (single node only), "
+            f"got {path!r}"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(f"remote_url {url!r}: query strings and fragments are not supported")
+    return RemoteUrl(parts.hostname, port, int(path or 0), tls, cluster, parts.password)
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """How to reach G4 and how long to wait for it.
+
+    ``timeout_ms``: socket connect/read timeout of every call (and, in the connector, the most a
+    step waits for G4). ``ttl_s``: expiry of every stored block (0: none, the server's eviction
+    policy decides). ``max_batch_bytes``: a larger batch goes out as several pipelines, so one
+    call's buffers stay bounded.
+    """
+
+    url: str
+    password: str | None = None
+    ttl_s: int = 0
+    timeout_ms: int = 100
+    max_batch_bytes: int = 64 << 20
+    breaker_failures: int = 3
+    breaker_cooldown_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        parse_remote_url(self.url)
+        for name in ("ttl_s", "timeout_ms", "max_batch_bytes", "breaker_failures"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"RemoteConfig.{name} must be an int >= 0, got {value!r}")
+        if self.timeout_ms == 0 or self.max_batch_bytes == 0 or self.breaker_failures == 0:
+            raise ValueError("RemoteConfig: timeout_ms, max_batch_bytes, breaker_failures >= 1")
+
+    @property
+    def endpoint(self) -> RemoteUrl:
+        return parse_remote_url(self.url)
+
+
+class RemoteStore(Lifecycle):
+    """A pooled, breaker-guarded client of one G4 server or cluster (see the module docstring).
+
+    Thread-safe: redis-py's pools hand each thread its own connection."""
+
+    def __init__(self, config: RemoteConfig, *, breaker: CircuitBreaker | None = None) -> None:
+        self.config = config
+        self.breaker = breaker or CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._started = False
+        self._down = False
+
+    def start(self) -> RemoteStore:
+        """Ready to serve; connects lazily (a server that is down at start is not an error)."""
+        self._started = True
+        return self
+
+    def close(self) -> None:
+        self._started = False
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                client.close()
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.config.endpoint.cluster
+
+    # -- calls ----------------------------------------------------------------------------------
+
+    def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        """Which keys the store holds (one pipeline of EXISTS, grouped by shard)."""
+        if not keys:
+            return []
+
+        def run(client: Any) -> list[bool]:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(key)
+            return [bool(n) for n in pipe.execute()]
+
+        return self._call(run)
+
+    def get(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The values of ``keys`` (None where missing), fetched in pipelines per shard."""
+        if not keys:
+            return []
+        return self._call(lambda client: self._get(client, keys))
+
+    def put(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """Store ``(key, value)`` pairs (SET with the configured TTL), pipelined per shard."""
+        if not items:
+            return
+        self._call(lambda client: self._put(client, items))
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        """Remove keys; returns how many existed."""
+        if not keys:
+            return 0
+
+        def run(client: Any) -> int:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.delete(key)
+            return sum(int(n) for n in pipe.execute())
+
+        return self._call(run)
+
+    def ping(self) -> bool:
+        """True if every node answers (a health probe that goes through the breaker)."""
+        try:
+            return bool(self._call(lambda client: client.ping()))
+        except RemoteError:
+            return False
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _batches(self, sizes: Sequence[int]) -> list[range]:
+        out: list[range] = []
+        start, total = 0, 0
+        for i, size in enumerate(sizes):
+            if i > start and total + size > self.config.max_batch_bytes:
+                out.append(range(start, i))
+                start, total = i, 0
+            total += size
+        out.append(range(start, len(sizes)))
+        return out
+
+    def _get(self, client: Any, keys: Sequence[bytes]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        # Values are about the same size; batch by count so each pipeline stays near the bound.
+        per = max(1, self.config.max_batch_bytes // (2 << 20))
+        for start in range(0, len(keys), per):
+            chunk = keys[start : start + per]
+            if self.is_cluster:
+                pipe = client.pipeline(transaction=False)
+                for key in chunk:
+                    pipe.get(key)
+                out.extend(pipe.execute())
+            else:
+                out.extend(client.mget(chunk))
+        return out
+
+    def _put(self, client: Any, items: Sequence[tuple[bytes, bytes]]) -> None:
+        ttl = self.config.ttl_s or None
+        for batch in self._batches([len(v) for _, v in items]):
+            pipe = client.pipeline(transaction=False)
+            for i in batch:
+                key, value = items[i]
+                pipe.set(key, value, ex=ttl)
+            pipe.execute()
+
+    def _call(self, fn: Callable[[Any], _T]) -> _T:
+        if not self._started:
+            raise RemoteError("RemoteStore is not started")
+        if not self.breaker.allow():
+            raise RemoteUnavailable("G4 circuit breaker is open")
+        try:
+            result = fn(self._connect())
+        except (redis.RedisError, OSError) as exc:
+            if self.breaker.failure() and not self._down:
+                self._down = True  # logged once per episode, until a call succeeds again
+                logger.warning("kvtier: G4 (%s) unavailable, breaker open: %s", self._where(), exc)
+            if self.is_cluster:
+                self._drop_client()  # rediscover the topology on the next call
+            raise RemoteError(f"G4 call failed: {type(exc).__name__}: {exc}") from exc
+        self.breaker.success()
+        if self._down:
+            self._down = False
+            logger.warning("kvtier: G4 (%s) reachable again", self._where())
+        return result
+
+    def _where(self) -> str:
+        ep = self.config.endpoint
+        return f"{ep.host}:{ep.port}"
+
+    def _drop_client(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                client.close()
+
+    def _connect(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                self._client = self._build()
+            return self._client
+
+    def _build(self) -> Any:
+        ep = self.config.endpoint
+        timeout = self.config.timeout_ms / 1000.0
+        common: dict[str, Any] = {
+            "host": ep.host,
+            "port": ep.port,
+            "password": self.config.password if self.config.password is not None else ep.password,
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "ssl": ep.tls,
+            # One quick retry on a dropped connection (a restarted server), none on timeouts.
+            "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        }
+        if ep.cluster:
+            return RedisCluster(require_full_coverage=False, **common)
+        return redis.Redis(db=ep.db, retry_on_timeout=False, **common)

@@ -1,0 +1,72 @@
+"""How a block lives in G4: its key and its value (the G3 block file header, then the bytes).
+
+Why this exists: a remote value is read by other engines on other hosts, so it must be verifiable
+on its own, exactly like a G3 file: the value is the 4096-byte ``BlockHeader`` of
+``kvtier.storage.block_file`` (fingerprint, sequence hash, parent, payload length, xxh3_64 of the
+payload, self-checksummed) followed by the payload. No pickle, nothing executable. The key names
+the namespace (model identity, layout fingerprint, TP rank) and the sequence hash (which already
+carries the cache salt and LoRA name), so bytes stored for one model, layout or rank are never
+served to another: a value is accepted only if its header matches what the key promised.
+"""
+
+from __future__ import annotations
+
+from kvtier.storage.block_file import HEADER_SIZE, BlockFileError, BlockHeader, payload_checksum
+
+__all__ = ["KEY_PREFIX", "decode_block", "encode_block", "remote_key", "remote_namespace"]
+
+KEY_PREFIX = "kvtier:v1"
+
+
+def remote_namespace(model_identity: int, fingerprint: int, rank: int, world: int) -> str:
+    """The key namespace of one rank of one model with one KV layout."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} out of range for world size {world}")
+    return f"{KEY_PREFIX}:{model_identity:016x}:{fingerprint:016x}:{rank}of{world}"
+
+
+def remote_key(namespace: str, seq_hash: int) -> bytes:
+    """The key of one block. No hash tag: a request's blocks spread over a cluster's shards."""
+    return f"{namespace}:{seq_hash:016x}".encode()
+
+
+def encode_block(
+    fingerprint: int, seq_hash: int, parent_hash: int | None, payload: bytes | memoryview
+) -> bytes:
+    """The value of one block: header (with the payload's checksum) + payload."""
+    header = BlockHeader(
+        fingerprint=fingerprint,
+        sequence_hash=seq_hash,
+        parent_hash=parent_hash,
+        priority=0,
+        payload_len=len(payload),
+        checksum=payload_checksum(payload),
+    )
+    return header.pack() + bytes(payload)
+
+
+def decode_block(
+    value: bytes, fingerprint: int, seq_hash: int, payload_len: int
+) -> tuple[BlockHeader, memoryview]:
+    """Verify a value read from G4 and return its header and payload (a view into ``value``).
+
+    Raises ``BlockFileError`` naming what is wrong (truncated, another layout or block, bad
+    checksum): the caller treats it as a miss and never serves the bytes."""
+    if len(value) != HEADER_SIZE + payload_len:
+        raise BlockFileError(
+            f"remote value is {len(value)} bytes, expected {HEADER_SIZE + payload_len}"
+        )
+    view = memoryview(value)
+    header = BlockHeader.unpack(view[:HEADER_SIZE])
+    if header.fingerprint != fingerprint:
+        raise BlockFileError(
+            f"layout fingerprint {header.fingerprint:016x}, expected {fingerprint:016x}"
+        )
+    if header.sequence_hash != seq_hash:
+        raise BlockFileError(f"holds block {header.sequence_hash:016x}, expected {seq_hash:016x}")
+    if header.payload_len != payload_len:
+        raise BlockFileError(f"payload {header.payload_len} bytes, expected {payload_len}")
+    payload = view[HEADER_SIZE:]
+    if payload_checksum(payload) != header.checksum:
+        raise BlockFileError("payload checksum mismatch (corrupted value)")
+    return header, payload

@@ -1,0 +1,287 @@
+"""G4 (remote tier) on the worker side: fetch planned blocks into GPU blocks (keeping a G2 copy)
+and write registered G2 blocks behind to G4.
+
+Why this exists: the worker owns the bytes, so it talks to G4 for data (the scheduler half only
+asks EXISTS). ``RemoteExecutor.fetch`` runs one ``LoadJob``'s G4 part on a fetch thread: one
+batched GET (pipelined per shard), every value verified (header, layout fingerprint, sequence hash,
+length, xxh3_64 checksum) before its bytes are used; good blocks land in their reserved G2 slot
+(so the prefix stays local) and in the request's GPU blocks; a missing, corrupt or failed block
+is reported as a load error (vLLM recomputes from there) and counted, never served. The fetch is
+asynchronous (the request waits outside the forward pass), so a slow G4 costs that request at most
+the socket timeout, never a step. Writes copy the G2 row at once (the slot may be reused) and go
+out through the bounded ``WriteBehindQueue``.
+
+Keys are namespaced by ``model_identity`` (which model's weights produced the KV), the layout
+fingerprint (geometry, dtype, layout) and the TP rank: ``remote_namespace``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import xxhash
+
+from kvtier.lifecycle import Lifecycle
+from kvtier.settings import KvTierSettings
+from kvtier.storage.block_file import BlockFileError
+from kvtier.storage.device import DeviceStorage
+from kvtier.storage.host import HostStorage
+from kvtier.storage.remote import RemoteConfig, RemoteError, RemoteStore
+from kvtier.storage.remote_block import decode_block, remote_key, remote_namespace
+from kvtier.storage.write_behind import WriteBehindQueue
+from kvtier.transfer.engine import CopyFuture, TorchCopyEngine
+from kvtier.vllm.remote_plan import RemoteLoad, RemoteReport, RemoteWrites
+
+if TYPE_CHECKING:
+    from kvtier.vllm.worker import KvTierWorker
+
+__all__ = ["RemoteExecutor", "RemoteFetch", "attach_remote", "model_identity"]
+
+logger = logging.getLogger(__name__)
+
+
+def model_identity(
+    model: str, revision: str | None = None, dtype: str = "", quantization: str | None = None
+) -> int:
+    """xxh3_64 of what decides the KV a model computes for given tokens, beyond the layout
+    fingerprint: the weights (name or path and revision) and how they run (dtype,
+    quantization). A stand-in the shared model-identity module will replace."""
+    text = json.dumps(
+        {"model": model, "revision": revision, "dtype": dtype, "quantization": quantization},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return xxhash.xxh3_64_intdigest(text.encode())
+
+
+@dataclass
+class RemoteFetch:
+    """One ``RemoteLoad`` in flight; the lists are final once ``future.done()``."""
+
+    load: RemoteLoad
+    future: CopyFuture
+    failed_gpu_blocks: list[int] = field(default_factory=list)
+    host_stored: list[int] = field(default_factory=list)
+    host_failed: list[int] = field(default_factory=list)
+
+
+class RemoteExecutor(Lifecycle):
+    """The worker's G4 client: fetches and write-behind (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: RemoteConfig,
+        namespace: str,
+        fingerprint: int,
+        block_bytes: int,
+        *,
+        max_write_queue_bytes: int,
+        max_write_age_s: float = 5.0,
+    ) -> None:
+        self.config = config
+        self.namespace = namespace
+        self.fingerprint = fingerprint
+        self.block_bytes = block_bytes
+        self.store = RemoteStore(config)
+        self.writer = WriteBehindQueue(
+            self.store,
+            namespace,
+            fingerprint,
+            max_bytes=max_write_queue_bytes,
+            max_age_s=max_write_age_s,
+        )
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._report = RemoteReport(namespace=namespace)
+        self._miss_logged = False
+
+    def start(self) -> RemoteExecutor:
+        self.store.start()
+        self.writer.start()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-g4-fetch")
+        return self
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self.writer.close()
+        self.store.close()
+
+    # -- fetch -----------------------------------------------------------------------------------
+
+    def fetch(
+        self,
+        load: RemoteLoad,
+        engine: TorchCopyEngine,
+        device: DeviceStorage,
+        host: HostStorage | None,
+    ) -> RemoteFetch:
+        """Start fetching ``load`` (returns at once; the fetch thread completes ``future``)."""
+        run = RemoteFetch(load, CopyFuture(device.layout.model.num_layers))
+        if self._pool is None:
+            self._fail_all(run)
+            run.future.complete()
+            return run
+        self._pool.submit(self._fetch, run, engine, device, host)
+        return run
+
+    def _fail_all(self, run: RemoteFetch) -> None:
+        run.failed_gpu_blocks = list(run.load.gpu_blocks)
+        run.host_failed = [
+            h for h, s in zip(run.load.hashes, run.load.host_slots, strict=True) if s >= 0
+        ]
+        run.host_stored = []
+
+    def _fetch(
+        self,
+        run: RemoteFetch,
+        engine: TorchCopyEngine,
+        device: DeviceStorage,
+        host: HostStorage | None,
+    ) -> None:
+        load, fut = run.load, run.future
+        r = RemoteReport()
+        try:
+            t0 = time.perf_counter()
+            try:
+                values = self.store.get([remote_key(self.namespace, h) for h in load.hashes])
+            except RemoteError as exc:
+                r.fetch_failed += len(load.hashes)
+                self._log_miss(f"G4 fetch of {len(load.hashes)} blocks failed: {exc}")
+                self._fail_all(run)
+                self._merge(r)
+                fut.complete()
+                return
+            staging = HostStorage(len(load.hashes), self.block_bytes)
+            staging.allocate()
+            rows = staging.rows.numpy()
+            host_rows = host.rows.numpy() if host is not None else None
+            good_rows: list[int] = []
+            good_gpu: list[int] = []
+            nbytes = 0
+            for i, (h, value) in enumerate(zip(load.hashes, values, strict=True)):
+                slot = load.host_slots[i]
+                if value is None:
+                    r.fetch_missing += 1
+                    self._log_miss(f"G4 block {h:016x} missing (evicted or expired)")
+                    ok = False
+                else:
+                    try:
+                        _, payload = decode_block(value, self.fingerprint, h, self.block_bytes)
+                        rows[i] = np.frombuffer(payload, dtype=np.uint8)
+                        ok = True
+                        nbytes += len(value)
+                    except BlockFileError as exc:
+                        r.fetch_corrupt += 1
+                        self._log_miss(f"G4 block {h:016x} rejected: {exc}")
+                        ok = False
+                if not ok:
+                    run.failed_gpu_blocks.append(load.gpu_blocks[i])
+                    if slot >= 0:
+                        run.host_failed.append(h)
+                    continue
+                good_rows.append(i)
+                good_gpu.append(load.gpu_blocks[i])
+                if slot >= 0:
+                    if host_rows is None:
+                        run.host_failed.append(h)
+                    else:
+                        host_rows[slot] = rows[i]
+                        run.host_stored.append(h)
+            handle = engine.host_to_device(staging, device, good_rows, good_gpu)
+            for layer in range(fut.num_layers):
+                handle.wait_layer(layer)
+            if handle.error is not None:
+                run.failed_gpu_blocks.extend(good_gpu)
+                r.fetch_failed += len(good_gpu)
+            else:
+                r.fetched_blocks += len(good_gpu)
+                r.fetched_bytes += nbytes
+                if len(good_gpu) == len(load.hashes):
+                    self._miss_logged = False
+            r.fetch_seconds += time.perf_counter() - t0
+            self._merge(r)
+            fut.complete()
+        except BaseException as exc:  # the run carries the failure to the model runner thread
+            self._fail_all(run)
+            r.fetch_failed += len(load.hashes)
+            self._merge(r)
+            fut.fail(exc)
+
+    def _merge(self, r: RemoteReport) -> None:
+        with self._lock:
+            rep = self._report
+            rep.fetched_blocks += r.fetched_blocks
+            rep.fetched_bytes += r.fetched_bytes
+            rep.fetch_seconds += r.fetch_seconds
+            rep.fetch_missing += r.fetch_missing
+            rep.fetch_corrupt += r.fetch_corrupt
+            rep.fetch_failed += r.fetch_failed
+
+    def _log_miss(self, message: str) -> None:
+        """Log the first G4 miss of an episode (until a fetch fully succeeds again)."""
+        if not self._miss_logged:
+            self._miss_logged = True
+            logger.warning("kvtier: %s (recomputed; more G4 misses counted, not logged)", message)
+
+    # -- write-behind -----------------------------------------------------------------------------
+
+    def write_behind(
+        self, writes: RemoteWrites | None, host: HostStorage | None, failed: set[int]
+    ) -> None:
+        """Queue this step's landed G2 stores for G4 (copies their rows now; never blocks)."""
+        if writes is None or host is None:
+            return
+        for h, parent, slot in zip(writes.hashes, writes.parents, writes.host_slots, strict=True):
+            if h in failed:
+                continue
+            self.writer.offer(h, parent, host.row(slot).numpy().tobytes())
+
+    # -- report ----------------------------------------------------------------------------------
+
+    def take_report(self) -> RemoteReport | None:
+        stats = self.writer.take_stats()
+        with self._lock:
+            report, self._report = self._report, RemoteReport()
+        report.written = stats.written
+        report.written_bytes = stats.written_bytes
+        report.write_seconds = stats.write_seconds
+        report.write_dropped = stats.dropped
+        report.write_failed = stats.failed
+        report.breaker_state = self.store.breaker.state
+        return None if report.is_empty else report
+
+
+def attach_remote(
+    worker: KvTierWorker, config: RemoteConfig, settings: KvTierSettings, vllm_config: Any
+) -> RemoteExecutor:
+    """Start a G4 executor for a worker whose KV tensors are registered, and attach it (its
+    namespace: this model's identity, the detected layout's fingerprint, this rank)."""
+    layout = worker.layout
+    if layout is None:
+        raise RuntimeError("kvtier: G4 needs the worker's KV layout (register_kv_caches first)")
+    mc = vllm_config.model_config
+    identity = model_identity(
+        str(mc.model),
+        getattr(mc, "revision", None),
+        str(getattr(mc, "dtype", "")),
+        getattr(mc, "quantization", None),
+    )
+    world = int(vllm_config.parallel_config.world_size)
+    executor = RemoteExecutor(
+        config,
+        remote_namespace(identity, layout.fingerprint, worker.config.rank, world),
+        layout.fingerprint,
+        layout.block_bytes,
+        max_write_queue_bytes=int(settings.remote_max_write_queue_mb * 1e6),
+    ).start()
+    worker.remote = executor
+    return executor

@@ -1,0 +1,310 @@
+"""G4 (remote tier) on the scheduler side: the plain-data G4 parts of plans and reports, and the
+``RemotePlanner`` that looks blocks up in G4 without stretching a step.
+
+Why this exists: the prefix walk of a request continues in G4 where G2 and G3 stopped, and the
+scheduler half must answer vLLM (``get_num_new_matched_tokens``) inside a step. The lookup is
+I/O, not tensors, so it runs here, in the scheduler's process: one batched EXISTS per request (all
+ranks' keys of the blocks past the local hit, one pipeline per shard), on a helper thread. The
+step waits for it at most what is left of its G4 budget (``remote_timeout_ms`` per step, all
+requests together); a lookup that has not answered by then makes vLLM ask again next step
+(``None``), and one that has not answered within its own deadline is a miss. With the circuit
+breaker open there is no I/O at all: G4 misses, G2 and G3 serve as before.
+
+The key namespace (model identity, layout fingerprint, rank) is known only where the KV tensors
+are, so each worker sends its namespace in its first ``RemoteReport``; until every rank has, G4
+answers None (ask again), as G3 does before its index is known. Writes to G4 (write-behind of
+blocks registered in G2) are planned here too, so blocks this engine just found in G4 or wrote
+already are not written again. No torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+from kvtier.lifecycle import Lifecycle
+from kvtier.settings import KvTierSettings
+from kvtier.storage.breaker import BreakerState
+from kvtier.storage.remote import RemoteConfig, RemoteError, RemoteStore
+from kvtier.storage.remote_block import remote_key
+
+__all__ = [
+    "RemoteCounters",
+    "RemoteLoad",
+    "RemotePlanner",
+    "RemoteReport",
+    "RemoteWrites",
+    "remote_config_from",
+]
+
+logger = logging.getLogger(__name__)
+
+KNOWN_MAX = 1 << 16
+"""Hashes remembered as present in G4 (not written again); oldest forgotten first."""
+
+
+@dataclass(frozen=True)
+class RemoteLoad:
+    """The G4 part of a ``LoadJob``: fetch ``hashes[i]`` into GPU block ``gpu_blocks[i]`` and keep
+    a copy in G2 slot ``host_slots[i]`` (-1: no G2 slot was free; the block is only onboarded)."""
+
+    hashes: list[int] = field(default_factory=list)
+    gpu_blocks: list[int] = field(default_factory=list)
+    host_slots: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not len(self.hashes) == len(self.gpu_blocks) == len(self.host_slots):
+            raise ValueError("RemoteLoad: hashes, gpu_blocks and host_slots differ in length")
+
+
+@dataclass(frozen=True)
+class RemoteWrites:
+    """Blocks of this step's G2 stores to write behind to G4, read from their G2 slots once the
+    store landed (same order as the three lists)."""
+
+    hashes: list[int] = field(default_factory=list)
+    parents: list[int | None] = field(default_factory=list)
+    host_slots: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RemoteReport:
+    """One worker's G4 figures since its last report (plain data, inside ``WorkerReport``)."""
+
+    namespace: str | None = None
+    """This rank's key namespace (first report only)."""
+    written: list[int] = field(default_factory=list)
+    """Sequence hashes written to G4 (for KV events with medium REMOTE)."""
+    fetched_blocks: int = 0
+    fetched_bytes: int = 0
+    fetch_seconds: float = 0.0
+    fetch_missing: int = 0
+    fetch_corrupt: int = 0
+    fetch_failed: int = 0
+    written_bytes: int = 0
+    write_seconds: float = 0.0
+    write_dropped: int = 0
+    write_failed: int = 0
+    breaker_state: str = BreakerState.CLOSED
+
+    @property
+    def is_empty(self) -> bool:
+        return self.namespace is None and not (
+            self.written
+            or self.fetched_blocks
+            or self.fetch_missing
+            or self.fetch_corrupt
+            or self.fetch_failed
+            or self.write_dropped
+            or self.write_failed
+        )
+
+
+@dataclass
+class RemoteCounters:
+    """Cumulative G4 figures of the scheduler half (blocks unless named otherwise)."""
+
+    lookups: int = 0
+    lookup_blocks: int = 0
+    hit_blocks: int = 0
+    lookup_seconds: float = 0.0
+    lookup_timeouts: int = 0
+    lookup_errors: int = 0
+    fetched_blocks: int = 0
+    fetched_bytes: int = 0
+    fetch_seconds: float = 0.0
+    fetch_missing: int = 0
+    fetch_corrupt: int = 0
+    fetch_failed: int = 0
+    written_blocks: int = 0
+    written_bytes: int = 0
+    write_seconds: float = 0.0
+    write_dropped: int = 0
+    write_failed: int = 0
+    worker_breaker: str = BreakerState.CLOSED
+
+
+@dataclass
+class _Lookup:
+    start: int
+    limit: int
+    future: Future[list[bool]]
+    deadline: float
+
+
+class RemotePlanner(Lifecycle):
+    """G4 lookups and write planning of the scheduler half (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: RemoteConfig,
+        *,
+        num_workers: int = 1,
+        store: RemoteStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.num_workers = num_workers
+        self.store = store or RemoteStore(config)
+        self.counters = RemoteCounters()
+        self._clock = clock
+        self._budget_s = config.timeout_ms / 1000.0
+        self._spent_s = 0.0
+        self._namespaces: dict[int, str] = {}
+        self._lookups: dict[str, _Lookup] = {}
+        self._known: OrderedDict[int, None] = OrderedDict()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def start(self) -> RemotePlanner:
+        self.store.start()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-g4-lookup")
+        return self
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        self.store.close()
+
+    @property
+    def ready(self) -> bool:
+        """Every rank told its namespace (until then G4 misses)."""
+        return len(self._namespaces) == self.num_workers
+
+    @property
+    def breaker_state(self) -> str:
+        return self.store.breaker.state
+
+    # -- lookups ---------------------------------------------------------------------------------
+
+    def match(self, req_id: str, hashes: Sequence[int], start: int, limit: int) -> int | None:
+        """How many blocks ``hashes[start:limit]`` G4 holds as a prefix (all ranks), or None:
+        the lookup is still out and within its deadline (vLLM asks again next step)."""
+        if limit <= start or self._pool is None:
+            return 0
+        if not self.ready:
+            return None  # the workers' first report (their namespaces) comes with the next step
+        look = self._lookups.get(req_id)
+        if look is None or (look.start, look.limit) != (start, limit):
+            if self.store.breaker.state == BreakerState.OPEN:
+                return 0
+            keys = self._keys(hashes[start:limit])
+            look = _Lookup(
+                start,
+                limit,
+                self._pool.submit(self._exists, keys),
+                self._clock() + self._budget_s,
+            )
+            self._lookups[req_id] = look
+            self.counters.lookups += 1
+            self.counters.lookup_blocks += limit - start
+        remaining = self._budget_s - self._spent_s
+        t0 = self._clock()
+        try:
+            found = look.future.result(timeout=max(0.0, remaining))
+        except FutureTimeout:
+            self._spent_s += self._clock() - t0
+            if self._clock() < look.deadline:
+                return None
+            self.counters.lookup_timeouts += 1
+            del self._lookups[req_id]
+            return 0
+        except RemoteError:
+            self._spent_s += self._clock() - t0
+            self.counters.lookup_errors += 1
+            del self._lookups[req_id]
+            return 0
+        self._spent_s += self._clock() - t0
+        world = self.num_workers
+        n = 0
+        while n < limit - start and all(found[n * world : (n + 1) * world]):
+            n += 1
+        for h in hashes[start : start + n]:
+            self._remember(h)
+        return n
+
+    def forget(self, req_id: str) -> None:
+        """The request was allocated or finished: its lookup is no longer needed."""
+        self._lookups.pop(req_id, None)
+
+    def end_step(self) -> None:
+        """A new step starts with the whole G4 budget."""
+        self._spent_s = 0.0
+
+    def _keys(self, hashes: Sequence[int]) -> list[bytes]:
+        spaces = [self._namespaces[r] for r in range(self.num_workers)]
+        return [remote_key(ns, h) for h in hashes for ns in spaces]
+
+    def _exists(self, keys: list[bytes]) -> list[bool]:
+        t0 = time.perf_counter()
+        try:
+            return self.store.exists(keys)
+        finally:
+            self.counters.lookup_seconds += time.perf_counter() - t0
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    def plan_writes(
+        self, hashes: Sequence[int], parents: Sequence[int | None], host_slots: Sequence[int]
+    ) -> RemoteWrites | None:
+        """The G2 stores of this step to write behind (those not known to be in G4 already)."""
+        # Planned before the namespaces are known too: the workers know their own.
+        if self.store.breaker.state == BreakerState.OPEN:
+            return None
+        out = RemoteWrites()
+        for i, h in enumerate(hashes):
+            if h in self._known:
+                continue
+            out.hashes.append(h)
+            out.parents.append(parents[i] if parents else None)
+            out.host_slots.append(host_slots[i])
+        return out if out.hashes else None
+
+    def _remember(self, h: int) -> None:
+        self._known[h] = None
+        self._known.move_to_end(h)
+        while len(self._known) > KNOWN_MAX:
+            self._known.popitem(last=False)
+
+    # -- reports ---------------------------------------------------------------------------------
+
+    def on_report(self, rank: int, report: RemoteReport) -> None:
+        """Fold one worker's G4 report into the counters; learn its namespace."""
+        if report.namespace is not None:
+            self._namespaces[rank] = report.namespace
+        c = self.counters
+        c.fetched_blocks += report.fetched_blocks
+        c.fetched_bytes += report.fetched_bytes
+        c.fetch_seconds += report.fetch_seconds
+        c.fetch_missing += report.fetch_missing
+        c.fetch_corrupt += report.fetch_corrupt
+        c.fetch_failed += report.fetch_failed
+        c.written_bytes += report.written_bytes
+        c.write_seconds += report.write_seconds
+        c.write_dropped += report.write_dropped
+        c.write_failed += report.write_failed
+        c.worker_breaker = report.breaker_state
+        if rank == 0:
+            c.written_blocks += len(report.written)
+        for h in report.written:
+            self._remember(h)
+        if report.fetch_missing or report.fetch_corrupt or report.fetch_failed:
+            # G4 lost blocks (eviction, restart): write what we store again.
+            self._known.clear()
+
+
+def remote_config_from(settings: KvTierSettings) -> RemoteConfig | None:
+    """The G4 client configuration of the connector's knobs, or None when G4 is off."""
+    if settings.remote_url is None:
+        return None
+    return RemoteConfig(
+        url=settings.remote_url,
+        password=settings.remote_password,
+        ttl_s=settings.remote_ttl_s,
+        timeout_ms=settings.remote_timeout_ms,
+    )
