@@ -1,0 +1,371 @@
+"""Live cost model of onboarding vs recompute, and the decision how much of a prefix to load.
+
+Why this exists: loading KV from a tier is not always faster than recomputing it (a slow disk,
+a remote store over a thin link, a queue of loads ahead). This module keeps live measurements and
+answers, per request and in microseconds, how many of the matched blocks to load so that the
+expected time to first token is lowest. It is pure Python, no torch, no clock of its own (every
+call is given ``now``), so the decision is unit-tested on synthetic measurements.
+
+What it measures (fed by the connector's scheduler half, see ``kvtier.vllm.onboard``):
+
+- **Loads.** Each load job is one request's matched blocks, ``bytes[t]`` from each tier ``t``.
+  Its *service time* is measured FIFO on the one onboarding path a worker runs jobs on:
+  ``done - max(submitted, previous job done)`` (a job that waited behind others is not charged
+  for the wait). A decayed least-squares fit of ``service = sum_t [bytes[t] > 0] * latency[t] +
+  bytes[t] / bandwidth[t]`` gives every tier's latency and bandwidth (moving averages: each new
+  job weighs ``1 / (1 - decay)`` times the ones before it fade). What is queued ahead of a new job
+  is the predicted service of the jobs still in flight, less what the oldest has already run.
+- **Prefill.** Each engine step (from the plan sent to the workers to the workers' output coming
+  back, FIFO) with its scheduled tokens: ``step = overhead + per_token * tokens + per_pair *
+  pairs``, where ``pairs`` sums each new token's context length (attention grows with it).
+- Before data, both fits lean on a prior (``OnboardCostConfig``) held with a small fixed weight,
+  so a tier never seen keeps its prior and new measurements dominate within a few observations.
+
+The decision (``OnboardCostModel.choose``): the matched prefix is laid out tier by tier (G2
+blocks, then G3, then G4). Loading ``k`` blocks costs ``T(k) = bias * (queue + sum of each used
+tier's latency + bytes / bandwidth) + R(P0 + k * block_size)``, where ``R(p)`` is the recompute
+of tokens ``p..N``: ``per_token * (N - p) + per_pair * (N^2 - p^2) / 2``; ``T(0) = R(P0)``. Inside
+one tier's segment ``T`` is a linear load term plus ``R``, which is concave in ``k`` (``per_pair
+>= 0``), so its stationary point is a maximum and the optimum lies at an end of the segment: the
+candidates are 0 and, for each tier, its first and its last block. Seven evaluations at most;
+ties go to the longer load. Each overhead per step is paid either way and left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "TIERS",
+    "DecayedLinearFit",
+    "OnboardCostConfig",
+    "OnboardCostModel",
+    "OnboardDecision",
+]
+
+TIERS: tuple[str, ...] = ("G2", "G3", "G4")
+"""Tiers a prefix can be onboarded from, in the order a match walks them."""
+
+
+class DecayedLinearFit:
+    """Least squares ``y ~ x . theta`` over observations that fade by ``decay`` each, pulled
+    towards a prior ``theta0`` with a fixed weight (ridge: ``weight * sum_i (scale_i * (theta_i -
+    theta0_i))^2``, ``scale_i`` a typical size of feature ``i``). Coefficients are kept >= 0 (a
+    negative cost is noise: such a coefficient is fixed at 0 and the rest solved again)."""
+
+    def __init__(
+        self, prior: Sequence[float], scale: Sequence[float], weight: float, decay: float
+    ) -> None:
+        if len(prior) != len(scale) or not prior:
+            raise ValueError("DecayedLinearFit: prior and scale must have the same, non-zero size")
+        if not 0.0 < decay <= 1.0 or weight <= 0.0:
+            raise ValueError(
+                f"DecayedLinearFit: need 0 < decay <= 1 and weight > 0 ({decay}, {weight})"
+            )
+        n = len(prior)
+        self._n = n
+        self._decay = decay
+        self._prior = [float(p) for p in prior]
+        self._ridge = [weight * float(s) * float(s) for s in scale]
+        self._xtx = [[0.0] * n for _ in range(n)]
+        self._xty = [0.0] * n
+        self.observations = 0
+        self._theta: list[float] | None = list(self._prior)
+
+    def observe(self, x: Sequence[float], y: float) -> None:
+        d = self._decay
+        for i in range(self._n):
+            row = self._xtx[i]
+            xi = x[i]
+            for j in range(self._n):
+                row[j] = d * row[j] + xi * x[j]
+            self._xty[i] = d * self._xty[i] + xi * y
+        self.observations += 1
+        self._theta = None
+
+    @property
+    def theta(self) -> list[float]:
+        if self._theta is None:
+            self._theta = self._solve()
+        return self._theta
+
+    def predict(self, x: Sequence[float]) -> float:
+        th = self.theta
+        return sum(th[i] * x[i] for i in range(self._n))
+
+    def _solve(self) -> list[float]:
+        free = list(range(self._n))
+        while True:
+            theta = [0.0] * self._n
+            if free:
+                a = [
+                    [self._xtx[i][j] + (self._ridge[i] if i == j else 0.0) for j in free]
+                    for i in free
+                ]
+                b = [self._xty[i] + self._ridge[i] * self._prior[i] for i in free]
+                for i, v in zip(free, _gauss(a, b), strict=True):
+                    theta[i] = v
+            negative = [i for i in free if theta[i] < 0.0]
+            if not negative:
+                return theta
+            free = [i for i in free if i not in negative]
+
+
+def _gauss(a: list[list[float]], b: list[float]) -> list[float]:
+    """Solve ``a x = b`` (symmetric positive definite thanks to the ridge) by elimination."""
+    n = len(b)
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(a[r][c]))
+        a[c], a[p] = a[p], a[c]
+        b[c], b[p] = b[p], b[c]
+        piv = a[c][c]
+        for r in range(c + 1, n):
+            f = a[r][c] / piv
+            if f:
+                for k in range(c, n):
+                    a[r][k] -= f * a[c][k]
+                b[r] -= f * b[c]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        s = b[r] - sum(a[r][k] * x[k] for k in range(r + 1, n))
+        x[r] = s / a[r][r]
+    return x
+
+
+def _tier_defaults(g2: float, g3: float, g4: float) -> dict[str, float]:
+    return {"G2": g2, "G3": g3, "G4": g4}
+
+
+@dataclass(frozen=True)
+class OnboardCostConfig:
+    """Priors and weights of the cost model, and the bias of the decision.
+
+    The priors are deliberately on the side of loading (the behaviour without this model): a
+    tier that has not been measured yet is assumed fast, and prefill not cheap."""
+
+    block_bytes: int
+    bias: float = 1.0
+    """Factor on every estimated load time: > 1 leans towards recompute, < 1 towards loading."""
+    bandwidth_prior: dict[str, float] = field(
+        default_factory=lambda: _tier_defaults(10e9, 2e9, 1e9)
+    )
+    """Bytes per second of each tier before it is measured."""
+    latency_prior: dict[str, float] = field(
+        default_factory=lambda: _tier_defaults(0.0002, 0.0005, 0.001)
+    )
+    """Seconds of fixed cost per load job with a part in that tier, before it is measured."""
+    prefill_per_token_prior: float = 20e-6
+    prefill_per_pair_prior: float = 0.0
+    prior_weight: float = 0.2
+    """How many observations the prior weighs (a one-block load, a 256-token step), for ever."""
+    decay: float = 0.9
+    """Weight kept by older observations at each new one (0.9: about the last 10 count)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_bytes, bool) or not isinstance(self.block_bytes, int):
+            raise ValueError(
+                f"OnboardCostConfig.block_bytes must be an int, got {self.block_bytes!r}"
+            )
+        if self.block_bytes <= 0:
+            raise ValueError(f"OnboardCostConfig.block_bytes must be > 0, got {self.block_bytes}")
+        if not self.bias > 0.0:
+            raise ValueError(f"OnboardCostConfig.bias must be > 0, got {self.bias!r}")
+        for name in ("bandwidth_prior", "latency_prior"):
+            table = getattr(self, name)
+            if set(table) != set(TIERS):
+                raise ValueError(f"OnboardCostConfig.{name} must name exactly {TIERS}")
+        if any(v <= 0 for v in self.bandwidth_prior.values()):
+            raise ValueError("OnboardCostConfig.bandwidth_prior must be > 0")
+        if any(v < 0 for v in self.latency_prior.values()):
+            raise ValueError("OnboardCostConfig.latency_prior must be >= 0")
+        if self.prefill_per_token_prior < 0 or self.prefill_per_pair_prior < 0:
+            raise ValueError("OnboardCostConfig: prefill priors must be >= 0")
+        if not self.prior_weight > 0 or not 0.0 < self.decay <= 1.0:
+            raise ValueError("OnboardCostConfig: need prior_weight > 0 and 0 < decay <= 1")
+
+
+@dataclass(frozen=True)
+class OnboardDecision:
+    """What to load: ``blocks[t]`` of each tier's matched blocks (a prefix of the match), with
+    the model's estimates (seconds) for that choice and for recomputing everything."""
+
+    blocks: dict[str, int]
+    matched: dict[str, int]
+    est_load_s: float
+    est_queue_s: float
+    est_ttft_s: float
+    est_recompute_all_s: float
+
+    @property
+    def total_blocks(self) -> int:
+        return sum(self.blocks.values())
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return {t: self.matched[t] - self.blocks[t] for t in self.matched}
+
+
+@dataclass
+class _Job:
+    submitted: float
+    features: list[float]
+    predicted: float
+
+
+@dataclass
+class _Step:
+    started: float
+    features: list[float]
+
+
+class OnboardCostModel:
+    """Measurements (loads per tier, engine steps) and the decision; see the module docstring."""
+
+    def __init__(self, config: OnboardCostConfig) -> None:
+        self.config = config
+        bb = float(config.block_bytes)
+        typical_bytes = bb  # the prior weighs as ``prior_weight`` one-block loads
+        prior: list[float] = []
+        scale: list[float] = []
+        for t in TIERS:
+            prior += [config.latency_prior[t], 1.0 / config.bandwidth_prior[t]]
+            scale += [1.0, typical_bytes]
+        self.loads = DecayedLinearFit(prior, scale, config.prior_weight, config.decay)
+        self.prefill = DecayedLinearFit(
+            [0.0, config.prefill_per_token_prior, config.prefill_per_pair_prior],
+            [1.0, 256.0, 256.0 * 128.0],  # ... and as that many 256-token steps
+            config.prior_weight,
+            config.decay,
+        )
+        self._jobs: dict[int, _Job] = {}
+        self._path_free_at = float("-inf")  # when the onboarding path last went idle
+        self._steps: list[_Step] = []
+        self._steps_free_at = float("-inf")
+        self.queued_bytes: dict[str, int] = dict.fromkeys(TIERS, 0)
+
+    # -- measurements -----------------------------------------------------------------------
+
+    def tier_latency(self, tier: str) -> float:
+        return self.loads.theta[2 * TIERS.index(tier)]
+
+    def tier_bandwidth(self, tier: str) -> float:
+        spb = self.loads.theta[2 * TIERS.index(tier) + 1]
+        return 1.0 / spb if spb > 0 else float("inf")
+
+    def prefill_seconds(self, start: int, end: int) -> float:
+        """Estimated compute of prompt tokens ``start..end`` (their context included)."""
+        if end <= start:
+            return 0.0
+        _, per_token, per_pair = self.prefill.theta
+        return per_token * (end - start) + per_pair * (end * end - start * start) / 2.0
+
+    def _load_features(self, bytes_by_tier: dict[str, int]) -> list[float]:
+        x: list[float] = []
+        for t in TIERS:
+            n = bytes_by_tier.get(t, 0)
+            x += [1.0 if n else 0.0, float(n)]
+        return x
+
+    def queue_seconds(self, now: float) -> float:
+        """Predicted wait of a new job behind the jobs still in flight on the onboarding path."""
+        if not self._jobs:
+            return 0.0
+        first = min(j.submitted for j in self._jobs.values())
+        ran = now - max(first, self._path_free_at)
+        return max(0.0, sum(j.predicted for j in self._jobs.values()) - max(0.0, ran))
+
+    def load_submitted(self, job_id: int, bytes_by_tier: dict[str, int], now: float) -> float:
+        """A load job was planned; returns its predicted service seconds."""
+        x = self._load_features(bytes_by_tier)
+        predicted = self.loads.predict(x)
+        self._jobs[job_id] = _Job(now, x, predicted)
+        for t in TIERS:
+            self.queued_bytes[t] += bytes_by_tier.get(t, 0)
+        return predicted
+
+    def load_finished(
+        self, job_id: int, now: float, *, ok: bool = True
+    ) -> tuple[float, float] | None:
+        """A load job was reported done; returns (predicted, measured) service seconds, or None
+        for a job not known. A failed job is not learned from (it may have stopped early)."""
+        job = self._jobs.pop(job_id, None)
+        if job is None:
+            return None
+        for i, t in enumerate(TIERS):
+            self.queued_bytes[t] = max(0, self.queued_bytes[t] - int(job.features[2 * i + 1]))
+        service = max(0.0, now - max(job.submitted, self._path_free_at))
+        self._path_free_at = now
+        if ok:
+            self.loads.observe(job.features, service)
+        return job.predicted, service
+
+    def step_started(self, tokens: int, pairs: float, now: float) -> None:
+        """An engine step with ``tokens`` scheduled tokens and ``pairs`` (sum of each token's
+        context length) was planned."""
+        self._steps.append(_Step(now, [1.0, float(tokens), float(pairs)]))
+
+    def step_finished(self, now: float) -> float | None:
+        """The oldest planned step's output came back; returns its measured seconds."""
+        if not self._steps:
+            return None
+        step = self._steps.pop(0)
+        seconds = max(0.0, now - max(step.started, self._steps_free_at))
+        self._steps_free_at = now
+        if step.features[1] > 0:
+            self.prefill.observe(step.features, seconds)
+        return seconds
+
+    # -- the decision -----------------------------------------------------------------------
+
+    def choose(
+        self,
+        matched: Sequence[tuple[str, int]],
+        start_tokens: int,
+        prompt_tokens: int,
+        block_size: int,
+        now: float,
+    ) -> OnboardDecision:
+        """How many of the matched blocks to load (see the module docstring).
+
+        ``matched``: (tier, blocks) in match order; ``start_tokens``: tokens already computed
+        (vLLM's G1 hit), where the match starts; ``prompt_tokens``: the prompt's length."""
+        bias = self.config.bias
+        bb = self.config.block_bytes
+        th = self.loads.theta
+        queue = self.queue_seconds(now)
+        n_end = prompt_tokens
+        recompute_all = self.prefill_seconds(start_tokens, n_end)
+        best_k, best_t, best_load = 0, recompute_all, 0.0
+        done_blocks = 0
+        done_cost = queue
+        counts = {t: 0 for t in TIERS}
+        for tier, n in matched:
+            if n <= 0:
+                continue
+            counts[tier] += n
+            i = TIERS.index(tier)
+            lat, spb = th[2 * i], th[2 * i + 1]
+            for k in (1, n) if n > 1 else (1,):
+                load = done_cost + lat + k * bb * spb
+                total = bias * load + self.prefill_seconds(
+                    start_tokens + (done_blocks + k) * block_size, n_end
+                )
+                if total <= best_t:
+                    best_k, best_t, best_load = done_blocks + k, total, load
+            done_blocks += n
+            done_cost += lat + n * bb * spb
+        blocks: dict[str, int] = {}
+        left = best_k
+        for t in TIERS:
+            take = min(counts[t], left)
+            blocks[t] = take
+            left -= take
+        return OnboardDecision(
+            blocks=blocks,
+            matched=counts,
+            est_load_s=max(0.0, best_load - queue) if best_k else 0.0,
+            est_queue_s=queue if best_k else 0.0,
+            est_ttft_s=best_t,
+            est_recompute_all_s=recompute_all,
+        )
