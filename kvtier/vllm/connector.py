@@ -366,6 +366,8 @@ class KvTierConnector(KVConnectorBase_V1):
             sched.process_reports(reports)
         if sched.onboard is not None:
             sched.onboard.step_done()  # the step planned in build_connector_meta came back
+            if self.telemetry is not None:
+                self.telemetry.on_onboard(sched.onboard)
         if self.telemetry is not None:
             self.telemetry.on_reports(reports, sched)
         if connector_output.finished_sending:

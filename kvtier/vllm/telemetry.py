@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from kvtier.core.onboard_cost import TIERS
 from kvtier.core.registry import StoreEvent
 from kvtier.lifecycle import Lifecycle
 from kvtier.ops.events import (
@@ -48,9 +49,10 @@ from kvtier.ops.events import (
     KvEventPublisher,
     events_from_tier_events,
 )
-from kvtier.ops.metrics import KvTierMetrics, MetricsConfig, MetricsServer
+from kvtier.ops.metrics import ONBOARD_TIERS, KvTierMetrics, MetricsConfig, MetricsServer
 from kvtier.settings import KvTierSettings
 from kvtier.vllm.metadata import StepPlan, WorkerReport
+from kvtier.vllm.onboard import OnboardAdvisor
 
 
 class _Counters(Protocol):
@@ -142,6 +144,7 @@ class ConnectorTelemetry(Lifecycle):
         self._last: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)
         self._last_occupancy = float("-inf")
         self._pinned = {"host": 0, "disk": 0}
+        self._onboard_seen: dict[str, tuple[int, int]] = {}  # tier -> (loaded, skipped) counted
 
     def start(self) -> ConnectorTelemetry:
         """Serve metrics and open the event socket, as the settings ask."""
@@ -278,6 +281,26 @@ class ConnectorTelemetry(Lifecycle):
             events[:0] = events_from_tier_events(stored_host, self._block_size, host_tokens.get)
         self._publish(events)
         self._observe(scheduler, now)
+
+    def on_onboard(self, advisor: OnboardAdvisor) -> None:
+        """Cost-aware onboarding's tokens loaded / skipped, estimates next to measurements and
+        current beliefs (call once a step, after ``advisor.step_done()``)."""
+        c = advisor.counters
+        m = advisor.model
+        for tier, label in zip(TIERS, ONBOARD_TIERS, strict=True):
+            loaded, skipped = c.loaded_tokens[tier], c.skipped_tokens[tier]
+            seen_loaded, seen_skipped = self._onboard_seen.get(tier, (0, 0))
+            if (loaded, skipped) != (seen_loaded, seen_skipped):
+                self.metrics.record_onboard_tokens(
+                    label, loaded - seen_loaded, skipped - seen_skipped
+                )
+                self._onboard_seen[tier] = (loaded, skipped)
+            self.metrics.set_onboard_model(
+                label, m.tier_bandwidth(tier), m.tier_latency(tier), m.queued_bytes[tier]
+            )
+        for e in advisor.take_estimates():
+            self.metrics.record_onboard_estimate(e.kind, e.estimated, e.measured)
+        self.metrics.set_onboard_prefill(m.prefill_seconds(0, 1))
 
     def on_reset(self) -> None:
         """kvtier's tiers were emptied (``KvTierScheduler.reset``): one ``AllBlocksCleared``."""
