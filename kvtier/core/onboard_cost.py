@@ -11,13 +11,19 @@ What it measures (fed by the connector's scheduler half, see ``kvtier.vllm.onboa
 - **Loads.** Each load job is one request's matched blocks, ``bytes[t]`` from each tier ``t``.
   Its *service time* is measured FIFO on the one onboarding path a worker runs jobs on:
   ``done - max(submitted, previous job done)`` (a job that waited behind others is not charged
-  for the wait). A decayed least-squares fit of ``service = sum_t [bytes[t] > 0] * latency[t] +
-  bytes[t] / bandwidth[t]`` gives every tier's latency and bandwidth (moving averages: each new
-  job weighs ``1 / (1 - decay)`` times the ones before it fade). What is queued ahead of a new job
-  is the predicted service of the jobs still in flight, less what the oldest has already run.
+  for the wait). Per tier, a decayed least-squares fit of ``service = latency + bytes /
+  bandwidth`` (moving averages: older jobs fade by ``decay`` at each new one). A job with parts
+  in several tiers teaches only the part predicted to take longest, with the job's time less
+  the others' predictions (so a G2 + G4 job neither hides G4's slowness nor teaches G2 to be
+  slow; the others learn from jobs of their own). What is queued ahead
+  of a new job is the predicted service of the jobs still in flight, less what the oldest has
+  already run.
 - **Prefill.** Each engine step (from the plan sent to the workers to the workers' output coming
-  back, FIFO) with its scheduled tokens: ``step = overhead + per_token * tokens + per_pair *
-  pairs``, where ``pairs`` sums each new token's context length (attention grows with it).
+  back, FIFO) with its scheduled tokens: ``step = per_token * tokens + per_pair * pairs``,
+  where ``pairs`` sums each new token's context length (attention grows with it). There is no
+  per-step overhead term on purpose: both choices pay one step, and on a shared machine a fitted
+  overhead soaks up the noise and leaves recompute looking free; without it the per-token cost
+  carries the overhead, which errs towards loading (the behaviour without this model).
 - Before data, both fits lean on a prior (``OnboardCostConfig``) held with a small fixed weight,
   so a tier never seen keeps its prior and new measurements dominate within a few observations.
 
@@ -28,7 +34,7 @@ of tokens ``p..N``: ``per_token * (N - p) + per_pair * (N^2 - p^2) / 2``; ``T(0)
 one tier's segment ``T`` is a linear load term plus ``R``, which is concave in ``k`` (``per_pair
 >= 0``), so its stationary point is a maximum and the optimum lies at an end of the segment: the
 candidates are 0 and, for each tier, its first and its last block. Seven evaluations at most;
-ties go to the longer load. Each overhead per step is paid either way and left out.
+ties go to the longer load.
 """
 
 from __future__ import annotations
@@ -226,15 +232,18 @@ class OnboardCostModel:
         self.config = config
         bb = float(config.block_bytes)
         typical_bytes = bb  # the prior weighs as ``prior_weight`` one-block loads
-        prior: list[float] = []
-        scale: list[float] = []
-        for t in TIERS:
-            prior += [config.latency_prior[t], 1.0 / config.bandwidth_prior[t]]
-            scale += [1.0, typical_bytes]
-        self.loads = DecayedLinearFit(prior, scale, config.prior_weight, config.decay)
+        self.loads = {
+            t: DecayedLinearFit(
+                [config.latency_prior[t], 1.0 / config.bandwidth_prior[t]],
+                [1.0, typical_bytes],
+                config.prior_weight,
+                config.decay,
+            )
+            for t in TIERS
+        }
         self.prefill = DecayedLinearFit(
-            [0.0, config.prefill_per_token_prior, config.prefill_per_pair_prior],
-            [1.0, 256.0, 256.0 * 128.0],  # ... and as that many 256-token steps
+            [config.prefill_per_token_prior, config.prefill_per_pair_prior],
+            [256.0, 256.0 * 128.0],  # ... and as that many 256-token steps
             config.prior_weight,
             config.decay,
         )
@@ -247,17 +256,17 @@ class OnboardCostModel:
     # -- measurements -----------------------------------------------------------------------
 
     def tier_latency(self, tier: str) -> float:
-        return self.loads.theta[2 * TIERS.index(tier)]
+        return self.loads[tier].theta[0]
 
     def tier_bandwidth(self, tier: str) -> float:
-        spb = self.loads.theta[2 * TIERS.index(tier) + 1]
+        spb = self.loads[tier].theta[1]
         return 1.0 / spb if spb > 0 else float("inf")
 
     def prefill_seconds(self, start: int, end: int) -> float:
         """Estimated compute of prompt tokens ``start..end`` (their context included)."""
         if end <= start:
             return 0.0
-        _, per_token, per_pair = self.prefill.theta
+        per_token, per_pair = self.prefill.theta
         return per_token * (end - start) + per_pair * (end * end - start * start) / 2.0
 
     def _load_features(self, bytes_by_tier: dict[str, int]) -> list[float]:
@@ -266,6 +275,12 @@ class OnboardCostModel:
             n = bytes_by_tier.get(t, 0)
             x += [1.0 if n else 0.0, float(n)]
         return x
+
+    def _tier_seconds(self, x: list[float], i: int) -> float:
+        """Predicted seconds of tier ``TIERS[i]``'s part of a job with features ``x``."""
+        if not x[2 * i]:
+            return 0.0
+        return self.loads[TIERS[i]].predict([1.0, x[2 * i + 1]])
 
     def queue_seconds(self, now: float) -> float:
         """Predicted wait of a new job behind the jobs still in flight on the onboarding path."""
@@ -278,7 +293,7 @@ class OnboardCostModel:
     def load_submitted(self, job_id: int, bytes_by_tier: dict[str, int], now: float) -> float:
         """A load job was planned; returns its predicted service seconds."""
         x = self._load_features(bytes_by_tier)
-        predicted = self.loads.predict(x)
+        predicted = sum(self._tier_seconds(x, i) for i in range(len(TIERS)))
         self._jobs[job_id] = _Job(now, x, predicted)
         for t in TIERS:
             self.queued_bytes[t] += bytes_by_tier.get(t, 0)
@@ -297,13 +312,21 @@ class OnboardCostModel:
         service = max(0.0, now - max(job.submitted, self._path_free_at))
         self._path_free_at = now
         if ok:
-            self.loads.observe(job.features, service)
+            parts = [self._tier_seconds(job.features, i) for i in range(len(TIERS))]
+            used = [i for i in range(len(TIERS)) if job.features[2 * i]]
+            if used:
+                top = max(used, key=lambda i: parts[i])
+                rest = sum(parts[i] for i in used if i != top)
+                x = [1.0, job.features[2 * top + 1]]
+                self.loads[TIERS[top]].observe(x, max(0.0, service - rest))
         return job.predicted, service
 
     def step_started(self, tokens: int, pairs: float, now: float) -> None:
         """An engine step with ``tokens`` scheduled tokens and ``pairs`` (sum of each token's
         context length) was planned."""
-        self._steps.append(_Step(now, [1.0, float(tokens), float(pairs)]))
+        self._steps.append(_Step(now, [float(tokens), float(pairs)]))
+        if len(self._steps) > 64:  # outputs that never came back (a caller that does not report)
+            self._steps.pop(0)
 
     def step_finished(self, now: float) -> float | None:
         """The oldest planned step's output came back; returns its measured seconds."""
@@ -312,7 +335,7 @@ class OnboardCostModel:
         step = self._steps.pop(0)
         seconds = max(0.0, now - max(step.started, self._steps_free_at))
         self._steps_free_at = now
-        if step.features[1] > 0:
+        if step.features[0] > 0:
             self.prefill.observe(step.features, seconds)
         return seconds
 
@@ -332,7 +355,6 @@ class OnboardCostModel:
         (vLLM's G1 hit), where the match starts; ``prompt_tokens``: the prompt's length."""
         bias = self.config.bias
         bb = self.config.block_bytes
-        th = self.loads.theta
         queue = self.queue_seconds(now)
         n_end = prompt_tokens
         recompute_all = self.prefill_seconds(start_tokens, n_end)
@@ -344,8 +366,7 @@ class OnboardCostModel:
             if n <= 0:
                 continue
             counts[tier] += n
-            i = TIERS.index(tier)
-            lat, spb = th[2 * i], th[2 * i + 1]
+            lat, spb = self.loads[tier].theta
             for k in (1, n) if n > 1 else (1,):
                 load = done_cost + lat + k * bb * spb
                 total = bias * load + self.prefill_seconds(

@@ -147,7 +147,7 @@ def test_decision_equals_brute_force_over_every_length() -> None:
 
 
 def test_learns_tier_and_prefill_costs_from_measurements() -> None:
-    # Truth: G3 12 ms latency, 200 MB/s (5 ms per block); prefill 3 ms a step + 0.1 ms a token.
+    # Truth: G3 12 ms latency, 200 MB/s (5 ms per block); prefill 0.1 ms a token.
     m = OnboardCostModel(OnboardCostConfig(block_bytes=BB))
     now = 0.0
     for i in range(40):
@@ -158,7 +158,7 @@ def test_learns_tier_and_prefill_costs_from_measurements() -> None:
     for i in range(40):
         tokens = 64 + 97 * (i % 11)
         m.step_started(tokens, tokens * tokens / 2, now)
-        now += 0.003 + tokens * 1e-4
+        now += tokens * 1e-4
         m.step_finished(now)
     assert m.tier_latency("G3") == pytest.approx(0.012, rel=0.15)  # the prior pulls a little
     assert m.tier_bandwidth("G3") == pytest.approx(200e6, rel=0.05)
@@ -188,3 +188,17 @@ def test_bad_config_is_refused() -> None:
         OnboardCostConfig(block_bytes=0)
     with pytest.raises(ValueError, match="bandwidth_prior"):
         OnboardCostConfig(block_bytes=BB, bandwidth_prior={"G2": 1.0})
+
+
+def test_mixed_jobs_teach_the_slow_tier_not_the_fast_one() -> None:
+    # Truth: G2 0.1 ms per block, G4 20 ms per block (50 MB/s); G4's prior says 1 GB/s.
+    m = OnboardCostModel(OnboardCostConfig(block_bytes=BB, prefill_per_token_prior=1e-4))
+    assert m.choose([("G2", 4), ("G4", 8)], 0, 1250, BS, 0.0).total_blocks == 12
+    now = 0.0
+    for i in range(30):
+        m.load_submitted(i, {"G2": 4 * BB, "G4": 8 * BB}, now)
+        now += 0.0004 + 0.160
+        m.load_finished(i, now)
+    assert m.tier_bandwidth("G4") == pytest.approx(50e6, rel=0.1)
+    assert m.tier_bandwidth("G2") > 1e9
+    assert m.choose([("G2", 4), ("G4", 8)], 0, 1250, BS, now).blocks == {"G2": 4, "G3": 0, "G4": 0}

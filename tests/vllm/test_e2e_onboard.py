@@ -80,6 +80,6 @@ def test_outputs_identical_whatever_is_loaded(llm: Any) -> None:
         "kvtier_onboard_seconds_count", {"kind": "load", "source": "measured"}
     )
     # the cost model has measured G2 loads and the engine's steps by now
-    assert onboard.model.loads.observations >= 3
+    assert onboard.model.loads["G2"].observations >= 3
     assert onboard.model.prefill.observations >= 6
     sched.scheduler.check_invariants()
