@@ -27,18 +27,24 @@ What it measures (fed by the connector's scheduler half, see ``kvtier.vllm.onboa
 - Before data, both fits lean on a prior (``OnboardCostConfig``) held with a small fixed weight,
   so a tier never seen keeps its prior and new measurements dominate within a few observations.
 
+- **Compute backlog.** The prompt tokens other requests still have to prefill (noted at each
+  decision, taken off as steps schedule them), priced by the prefill fit: a request that
+  recomputes waits behind them, a load runs beside them.
+
 The decision (``OnboardCostModel.choose``): the matched prefix is laid out tier by tier (G2
-blocks, then G3, then G4). Loading ``k`` blocks costs ``T(k) = bias * (queue + sum of each used
-tier's latency + bytes / bandwidth) + R(P0 + k * block_size)``, where ``R(p)`` is the recompute
-of tokens ``p..N``: ``per_token * (N - p) + per_pair * (N^2 - p^2) / 2``; ``T(0) = R(P0)``. Inside
-one tier's segment ``T`` is a linear load term plus ``R``, which is concave in ``k`` (``per_pair
->= 0``), so its stationary point is a maximum and the optimum lies at an end of the segment: the
-candidates are 0 and, for each tier, its first and its last block. Seven evaluations at most;
-ties go to the longer load.
+blocks, then G3, then G4). Loading ``k`` blocks costs ``T(k) = max(bias * (queue + sum of each
+used tier's latency + bytes / bandwidth), B) + R(P0 + k * block_size)``, where ``B`` is the
+compute backlog and ``R(p)`` the recompute of tokens ``p..N``: ``per_token * (N - p) + per_pair
+* (N^2 - p^2) / 2``; ``T(0) = B + R(P0)``. Inside one tier's segment the load term is linear in
+``k`` and ``R`` is concave (``per_pair >= 0``), so on each side of the point where the load
+stops hiding behind ``B`` the stationary point is a maximum and the optimum lies at an end: the
+candidates are 0 and, for each tier, its first and last block and the two blocks around that
+crossing point. At most thirteen evaluations; ties go to the longer load.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -252,6 +258,9 @@ class OnboardCostModel:
         self._steps: list[_Step] = []
         self._steps_free_at = float("-inf")
         self.queued_bytes: dict[str, int] = dict.fromkeys(TIERS, 0)
+        self._pending: dict[str, tuple[float, float]] = {}  # request -> (tokens, pairs) to compute
+        self._pending_tokens = 0.0
+        self._pending_pairs = 0.0
 
     # -- measurements -----------------------------------------------------------------------
 
@@ -339,6 +348,30 @@ class OnboardCostModel:
             self.prefill.observe(step.features, seconds)
         return seconds
 
+    def prefill_pending(self, key: str, start: int, end: int) -> None:
+        """Request ``key`` still has prompt tokens ``start..end`` to compute (replaces what was
+        noted for it; nothing left removes it)."""
+        old = self._pending.pop(key, None)
+        if old is not None:
+            self._pending_tokens -= old[0]
+            self._pending_pairs -= old[1]
+        if end > start:
+            item = (float(end - start), (end * end - start * start) / 2.0)
+            self._pending[key] = item
+            self._pending_tokens += item[0]
+            self._pending_pairs += item[1]
+        if not self._pending:
+            self._pending_tokens = self._pending_pairs = 0.0  # no drift from float sums
+
+    def backlog_seconds(self, exclude: str | None = None) -> float:
+        """Predicted prefill still to run for the requests noted by ``prefill_pending``."""
+        tokens, pairs = self._pending_tokens, self._pending_pairs
+        mine = self._pending.get(exclude) if exclude is not None else None
+        if mine is not None:
+            tokens, pairs = tokens - mine[0], pairs - mine[1]
+        per_token, per_pair = self.prefill.theta
+        return max(0.0, per_token * tokens + per_pair * pairs)
+
     # -- the decision -----------------------------------------------------------------------
 
     def choose(
@@ -348,17 +381,20 @@ class OnboardCostModel:
         prompt_tokens: int,
         block_size: int,
         now: float,
+        backlog_s: float = 0.0,
     ) -> OnboardDecision:
         """How many of the matched blocks to load (see the module docstring).
 
         ``matched``: (tier, blocks) in match order; ``start_tokens``: tokens already computed
-        (vLLM's G1 hit), where the match starts; ``prompt_tokens``: the prompt's length."""
+        (vLLM's G1 hit), where the match starts; ``prompt_tokens``: the prompt's length;
+        ``backlog_s``: prefill the engine has yet to run for other requests
+        (``backlog_seconds``)."""
         bias = self.config.bias
         bb = self.config.block_bytes
         queue = self.queue_seconds(now)
         n_end = prompt_tokens
         recompute_all = self.prefill_seconds(start_tokens, n_end)
-        best_k, best_t, best_load = 0, recompute_all, 0.0
+        best_k, best_t, best_load = 0, backlog_s + recompute_all, 0.0
         done_blocks = 0
         done_cost = queue
         counts = {t: 0 for t in TIERS}
@@ -367,9 +403,13 @@ class OnboardCostModel:
                 continue
             counts[tier] += n
             lat, spb = self.loads[tier].theta
-            for k in (1, n) if n > 1 else (1,):
+            ks = {1, n}
+            if spb > 0 and backlog_s > 0:  # where the load stops hiding behind the backlog
+                cross = (backlog_s / bias - done_cost - lat) / (bb * spb)
+                ks.update(k for k in (math.floor(cross), math.ceil(cross)) if 1 <= k <= n)
+            for k in sorted(ks):
                 load = done_cost + lat + k * bb * spb
-                total = bias * load + self.prefill_seconds(
+                total = max(bias * load, backlog_s) + self.prefill_seconds(
                     start_tokens + (done_blocks + k) * block_size, n_end
                 )
                 if total <= best_t:

@@ -110,6 +110,7 @@ class OnboardAdvisor:
         self._clock = clock
         self._decided: dict[str, _Decided] = {}
         self._chosen: dict[str, tuple[list[tuple[str, int]], int, int, bool]] = {}
+        self._prompt_end: dict[str, int] = {}  # requests in the compute backlog
         self._completing: list[list[str]] = []  # per planned step: requests it completes
         self._estimates: deque[OnboardEstimate] = deque(maxlen=4096)
 
@@ -122,9 +123,11 @@ class OnboardAdvisor:
     ) -> int:
         """Blocks to load of the ``matched`` (tier, blocks) run that starts at ``start_block``."""
         total = sum(n for _, n in matched)
-        if total == 0:
-            return 0
         rid = str(request.request_id)
+        prompt_end = int(request.num_tokens)
+        if total == 0:  # nothing to decide; it adds to the compute backlog of later requests
+            self._note_pending(rid, start_block * block_size, prompt_end)
+            return 0
         mode, cap = _override(getattr(request, "kv_transfer_params", None), rid)
         now = self._clock()
         decision: OnboardDecision | None = None
@@ -134,11 +137,17 @@ class OnboardAdvisor:
             chosen = total
         else:
             decision = self.model.choose(
-                matched, start_block * block_size, int(request.num_tokens), block_size, now
+                matched,
+                start_block * block_size,
+                prompt_end,
+                block_size,
+                now,
+                backlog_s=self.model.backlog_seconds(exclude=rid),
             )
             chosen = decision.total_blocks
         if cap is not None:
             chosen = min(chosen, cap // block_size)
+        self._note_pending(rid, (start_block + chosen) * block_size, prompt_end)
         self._chosen[rid] = (matched, chosen, block_size, mode != "auto" or cap is not None)
         if decision is not None:
             first = self._decided.get(rid)  # vLLM may ask again while the request waits
@@ -166,6 +175,10 @@ class OnboardAdvisor:
                 cap,
             )
         return chosen
+
+    def _note_pending(self, rid: str, start: int, end: int) -> None:
+        self._prompt_end[rid] = end
+        self.model.prefill_pending(rid, start, end)
 
     def allocated(self, request_id: str, blocks: int) -> None:
         """vLLM allocated the request's load (``blocks`` loaded): count the last decision once
@@ -212,6 +225,11 @@ class OnboardAdvisor:
                 continue
             tokens += scheduled
             pairs += scheduled * (computed + scheduled / 2.0)
+            end = self._prompt_end.get(rid)
+            if end is not None:
+                self.model.prefill_pending(rid, computed + scheduled, end)
+                if computed + scheduled >= end:
+                    del self._prompt_end[rid]
             d = self._decided.get(rid)
             if d is not None and computed + scheduled >= d.prompt_tokens:
                 completing.append(rid)
@@ -231,6 +249,8 @@ class OnboardAdvisor:
     def forget(self, request_id: str) -> None:
         self._decided.pop(request_id, None)
         self._chosen.pop(request_id, None)
+        if self._prompt_end.pop(request_id, None) is not None:
+            self.model.prefill_pending(request_id, 0, 0)
 
     def take_estimates(self) -> list[OnboardEstimate]:
         """Estimates next to measurements since the last call (for the metrics)."""

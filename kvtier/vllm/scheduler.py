@@ -230,7 +230,7 @@ class KvTierScheduler:
             if got is None:
                 return None, False
             n += got
-        if self.onboard is not None and n > start:  # load only what beats recomputing it
+        if self.onboard is not None:  # load only what beats recomputing it
             matched = [("G2", host_end - start), ("G3", disk_end - host_end), ("G4", n - disk_end)]
             keep = start + self.onboard.choose(request, start, matched, bs)
             host_end, disk_end, n = min(host_end, keep), min(disk_end, keep), keep

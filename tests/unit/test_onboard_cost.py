@@ -106,6 +106,7 @@ def brute_cost(
     costs: tuple[float, float, float],
     start: int,
     prompt: int,
+    backlog: float,
 ) -> float:
     """T(k) straight from its definition, block by block."""
     per_token, per_pair, bias = costs
@@ -116,7 +117,8 @@ def brute_cost(
         if take:
             load += lat[t] + take * BB / bw[t]
     p = (start + k) * BS
-    return bias * load + per_token * (prompt - p) + per_pair * (prompt**2 - p**2) / 2
+    wait = max(bias * load, backlog) if k else backlog
+    return wait + per_token * (prompt - p) + per_pair * (prompt**2 - p**2) / 2
 
 
 def test_decision_equals_brute_force_over_every_length() -> None:
@@ -132,16 +134,17 @@ def test_decision_equals_brute_force_over_every_length() -> None:
         m = model(bw, lat, per_token, per_pair, bias)
         matched = [(t, rng.randint(0, 6)) for t in TIERS]
         start, tail = rng.randint(0, 50), rng.randint(1, 99)
+        backlog = rng.choice([0.0, rng.uniform(0, 0.5)])
         total = sum(n for _, n in matched)
         prompt = (start + total) * BS + tail
 
         costs = [
-            brute_cost(k, matched, bw, lat, (per_token, per_pair, bias), start, prompt)
+            brute_cost(k, matched, bw, lat, (per_token, per_pair, bias), start, prompt, backlog)
             for k in range(total + 1)
         ]
         best = min(costs)
         want = max(k for k in range(total + 1) if costs[k] <= best * (1 + 1e-9))
-        got = m.choose(matched, start * BS, prompt, BS, now=0.0)
+        got = m.choose(matched, start * BS, prompt, BS, now=0.0, backlog_s=backlog)
         assert got.total_blocks == want, (matched, costs)
         assert got.est_ttft_s == pytest.approx(best, rel=1e-6)
 
@@ -202,3 +205,20 @@ def test_mixed_jobs_teach_the_slow_tier_not_the_fast_one() -> None:
     assert m.tier_bandwidth("G4") == pytest.approx(50e6, rel=0.1)
     assert m.tier_bandwidth("G2") > 1e9
     assert m.choose([("G2", 4), ("G4", 8)], 0, 1250, BS, now).blocks == {"G2": 4, "G3": 0, "G4": 0}
+
+
+def test_a_load_hides_behind_the_compute_backlog() -> None:
+    m = model(bw={"G4": 50e6})  # 20 ms per block against 10 ms of recompute
+    assert chosen(m, [("G4", 8)]) == 0
+    # 200 ms of other requests' prefill ahead: loading 8 blocks (160 ms) runs beside it
+    m.prefill_pending("other", 0, 2000)
+    assert m.backlog_seconds() == pytest.approx(0.2)
+    assert m.backlog_seconds(exclude="other") == 0.0
+    assert m.choose([("G4", 8)], 0, 850, BS, 0.0, backlog_s=m.backlog_seconds()).total_blocks == 8
+    # 100 ms ahead: the load hides up to 5 blocks; the 6th to 8th cost more than recomputing
+    m.prefill_pending("other", 1000, 2000)
+    d = m.choose([("G4", 8)], 0, 850, BS, 0.0, backlog_s=m.backlog_seconds())
+    assert d.total_blocks == 5
+    assert d.est_ttft_s == pytest.approx(0.100 + 0.035)
+    m.prefill_pending("other", 2000, 2000)
+    assert m.backlog_seconds() == 0.0
