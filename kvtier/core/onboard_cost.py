@@ -16,8 +16,7 @@ What it measures (fed by the connector's scheduler half, see ``kvtier.vllm.onboa
   in several tiers teaches only the part predicted to take longest, with the job's time less
   the others' predictions (so a G2 + G4 job neither hides G4's slowness nor teaches G2 to be
   slow; the others learn from jobs of their own). What is queued ahead
-  of a new job is the predicted service of the jobs still in flight, less what the oldest has
-  already run.
+  of a new job is the bytes of the loads in flight at each tier's bandwidth.
 - **Prefill.** Each engine step (from the plan sent to the workers to the workers' output coming
   back, FIFO) with its scheduled tokens: ``step = per_token * tokens + per_pair * pairs``,
   where ``pairs`` sums each new token's context length (attention grows with it). There is no
@@ -292,12 +291,12 @@ class OnboardCostModel:
         return self.loads[TIERS[i]].predict([1.0, x[2 * i + 1]])
 
     def queue_seconds(self, now: float) -> float:
-        """Predicted wait of a new job behind the jobs still in flight on the onboarding path."""
-        if not self._jobs:
-            return 0.0
-        first = min(j.submitted for j in self._jobs.values())
-        ran = now - max(first, self._path_free_at)
-        return max(0.0, sum(j.predicted for j in self._jobs.values()) - max(0.0, ran))
+        """Predicted wait of a new job behind the loads in flight: their bytes at each tier's
+        bandwidth. Not their latencies: loads in flight overlap them (pipelined reads, and many
+        jobs ending at one step boundary), so charging each would count one wait many times."""
+        return sum(
+            self.queued_bytes[t] * self.loads[t].theta[1] for t in TIERS if self.queued_bytes[t]
+        )
 
     def load_submitted(self, job_id: int, bytes_by_tier: dict[str, int], now: float) -> float:
         """A load job was planned; returns its predicted service seconds."""

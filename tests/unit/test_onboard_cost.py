@@ -78,7 +78,7 @@ def test_queue_ahead_counts() -> None:
     assert chosen(m, [("G2", 8)]) == 8
     m.load_submitted(1, {"G2": int(10e9)}, now=0.0)  # one second of G2 reads in flight
     assert m.queued_bytes["G2"] == int(10e9)
-    assert m.queue_seconds(0.25) == pytest.approx(0.75)
+    assert m.queue_seconds(0.25) == pytest.approx(1.0)
     assert m.choose([("G2", 8)], 0, 850, BS, now=0.25).total_blocks == 0
     m.load_finished(1, now=1.0)
     assert m.queued_bytes["G2"] == 0
