@@ -38,7 +38,8 @@ compute backlog and ``R(p)`` the recompute of tokens ``p..N``: ``per_token * (N 
 ``k`` and ``R`` is concave (``per_pair >= 0``), so on each side of the point where the load
 stops hiding behind ``B`` the stationary point is a maximum and the optimum lies at an end: the
 candidates are 0 and, for each tier, its first and last block and the two blocks around that
-crossing point. At most thirteen evaluations; ties go to the longer load.
+crossing point. At most thirteen evaluations; a load shorter than the whole match must be
+estimated ``margin`` faster (10%) to be chosen, and ties go to the longer load.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class DecayedLinearFit:
         self._xtx = [[0.0] * n for _ in range(n)]
         self._xty = [0.0] * n
         self.observations = 0
+        self.last_outlier = False  # for OnboardCostModel: was the last observation an outlier
         self._theta: list[float] | None = list(self._prior)
 
     def observe(self, x: Sequence[float], y: float) -> None:
@@ -172,6 +174,13 @@ class OnboardCostConfig:
     """How many observations the prior weighs (a one-block load, a 256-token step), for ever."""
     decay: float = 0.9
     """Weight kept by older observations at each new one (0.9: about the last 10 count)."""
+    outlier_factor: float = 4.0
+    """An observation above this many times the current prediction counts as that much, unless
+    the one before was such an outlier too: one stall of a shared machine must not flip
+    decisions, a lasting change is learnt from its second observation on."""
+    margin: float = 0.1
+    """Loading less than everything matched is chosen only when estimated this fraction faster
+    (measurements are noisy; loading all is what happens without this model)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.block_bytes, bool) or not isinstance(self.block_bytes, int):
@@ -194,6 +203,8 @@ class OnboardCostConfig:
             raise ValueError("OnboardCostConfig: prefill priors must be >= 0")
         if not self.prior_weight > 0 or not 0.0 < self.decay <= 1.0:
             raise ValueError("OnboardCostConfig: need prior_weight > 0 and 0 < decay <= 1")
+        if not self.outlier_factor > 1.0 or not self.margin >= 0.0:
+            raise ValueError("OnboardCostConfig: need outlier_factor > 1 and margin >= 0")
 
 
 @dataclass(frozen=True)
@@ -326,8 +337,17 @@ class OnboardCostModel:
                 top = max(used, key=lambda i: parts[i])
                 rest = sum(parts[i] for i in used if i != top)
                 x = [1.0, job.features[2 * top + 1]]
-                self.loads[TIERS[top]].observe(x, max(0.0, service - rest))
+                self._observe(self.loads[TIERS[top]], x, max(0.0, service - rest))
         return job.predicted, service
+
+    def _observe(self, fit: DecayedLinearFit, x: list[float], y: float) -> None:
+        """Learn ``y``; a lone outlier is clipped, two in a row are a change and learnt."""
+        cap = self.config.outlier_factor * fit.predict(x)
+        outlier = cap > 0 and y > cap
+        if outlier and not fit.last_outlier:
+            y = cap
+        fit.last_outlier = outlier
+        fit.observe(x, y)
 
     def step_started(self, tokens: int, pairs: float, now: float) -> None:
         """An engine step with ``tokens`` scheduled tokens and ``pairs`` (sum of each token's
@@ -344,7 +364,7 @@ class OnboardCostModel:
         seconds = max(0.0, now - max(step.started, self._steps_free_at))
         self._steps_free_at = now
         if step.features[0] > 0:
-            self.prefill.observe(step.features, seconds)
+            self._observe(self.prefill, step.features, seconds)
         return seconds
 
     def prefill_pending(self, key: str, start: int, end: int) -> None:
@@ -393,7 +413,10 @@ class OnboardCostModel:
         queue = self.queue_seconds(now)
         n_end = prompt_tokens
         recompute_all = self.prefill_seconds(start_tokens, n_end)
+        total_blocks = sum(max(0, n) for _, n in matched)
+        shorter = 1.0 + self.config.margin  # a load shorter than the whole match must win by this
         best_k, best_t, best_load = 0, backlog_s + recompute_all, 0.0
+        best_score = best_t * (shorter if total_blocks else 1.0)
         done_blocks = 0
         done_cost = queue
         counts = {t: 0 for t in TIERS}
@@ -411,8 +434,9 @@ class OnboardCostModel:
                 total = max(bias * load, backlog_s) + self.prefill_seconds(
                     start_tokens + (done_blocks + k) * block_size, n_end
                 )
-                if total <= best_t:
-                    best_k, best_t, best_load = done_blocks + k, total, load
+                score = total * (shorter if done_blocks + k < total_blocks else 1.0)
+                if score <= best_score:
+                    best_k, best_t, best_load, best_score = done_blocks + k, total, load, score
             done_blocks += n
             done_cost += lat + n * bb * spb
         blocks: dict[str, int] = {}

@@ -138,15 +138,17 @@ def test_decision_equals_brute_force_over_every_length() -> None:
         total = sum(n for _, n in matched)
         prompt = (start + total) * BS + tail
 
+        full = sum(n for _, n in matched)
         costs = [
             brute_cost(k, matched, bw, lat, (per_token, per_pair, bias), start, prompt, backlog)
             for k in range(total + 1)
         ]
-        best = min(costs)
-        want = max(k for k in range(total + 1) if costs[k] <= best * (1 + 1e-9))
+        scores = [c * (1.1 if k < full else 1.0) for k, c in enumerate(costs)]
+        best = min(scores)
+        want = max(k for k in range(total + 1) if scores[k] <= best * (1 + 1e-9))
         got = m.choose(matched, start * BS, prompt, BS, now=0.0, backlog_s=backlog)
         assert got.total_blocks == want, (matched, costs)
-        assert got.est_ttft_s == pytest.approx(best, rel=1e-6)
+        assert got.est_ttft_s == pytest.approx(costs[want], rel=1e-6)
 
 
 def test_learns_tier_and_prefill_costs_from_measurements() -> None:
@@ -222,3 +224,22 @@ def test_a_load_hides_behind_the_compute_backlog() -> None:
     assert d.est_ttft_s == pytest.approx(0.100 + 0.035)
     m.prefill_pending("other", 2000, 2000)
     assert m.backlog_seconds() == 0.0
+
+
+def test_one_stall_does_not_flip_the_decision() -> None:
+    m = OnboardCostModel(OnboardCostConfig(block_bytes=BB, prefill_per_token_prior=1e-4))
+    now = 0.0
+    for i in range(20):  # G2: 1 ms per 8-block job
+        m.load_submitted(i, {"G2": 8 * BB}, now)
+        now += 0.001
+        m.load_finished(i, now)
+    m.load_submitted(99, {"G2": 8 * BB}, now)
+    now += 1.0  # the machine stalled for a second
+    m.load_finished(99, now)
+    assert m.choose([("G2", 8)], 0, 850, BS, now).total_blocks == 8
+    # a lasting slowdown (a second per job) does show, within a few jobs
+    for i in range(100, 110):
+        m.load_submitted(i, {"G2": 8 * BB}, now)
+        now += 1.0
+        m.load_finished(i, now)
+    assert m.choose([("G2", 8)], 0, 850, BS, now).total_blocks == 0
