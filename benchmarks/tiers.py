@@ -14,6 +14,12 @@ same bytes, and the ratio is what the target is about (host<->disk >= 0.8 of raw
   tensor per layer, so a block is ``num_layers`` scattered pieces) against one contiguous copy of
   the same bytes (the memcpy / DMA limit). CUDA when present (its engine if importable), else CPU.
 
+- G4 remote (Redis), one node and a 3-node cluster started here on localhost: kvtier =
+  ``RemoteStore.put`` of encoded blocks (header + xxh3 checksum, one pipeline per shard) and
+  ``RemoteStore.get`` + ``decode_block`` (verification); raw = ``redis-benchmark`` SET/GET of values
+  of the same size on the same server in the same run (``--remote-clients`` connections, no
+  pipelining). Skipped, saying why, without redis-server.
+
 Run: ``.venv/bin/python benchmarks/tiers.py`` (``--help`` for sizes). Prints medians of
 ``--repeats`` interleaved runs.
 """
@@ -265,6 +271,79 @@ def bench_device(args: argparse.Namespace) -> tuple[str, list[tuple[str, float, 
     ]
 
 
+# -- G4 remote tier -------------------------------------------------------------------------------
+
+
+def _redis_benchmark(port: int, size: int, n: int, clients: int, cluster: bool) -> dict[str, float]:
+    """GB/s of raw SET and GET from ``redis-benchmark`` (values of ``size`` bytes, ``n`` keys).
+
+    It runs at least 1024 requests: its rate includes a fixed ~0.25 s of its own (measured in
+    cluster mode), which would make a short run look several times slower than the server is."""
+    import subprocess
+
+    requests = max(n, 1024)
+    cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "set,get",
+           "-d", str(size), "-n", str(requests), "-r", str(n), "-c", str(clients),
+           "--csv"]  # fmt: skip
+    if cluster:
+        cmd.append("--cluster")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+    rates: dict[str, float] = {}
+    for line in out.splitlines():
+        cells = [c.strip('"') for c in line.split(",")]
+        if len(cells) > 1 and cells[0] in ("SET", "GET"):
+            rates[cells[0]] = float(cells[1]) * size / 1e9
+    return rates
+
+
+def bench_remote(args: argparse.Namespace) -> list[tuple[str, str, float, float, float]]:
+    """G4 put/get of ``--remote-blocks`` 2 MiB blocks against redis-benchmark, node and cluster."""
+    from kvtier.ops.redislocal import LocalRedis, LocalRedisCluster, redis_available
+    from kvtier.storage.remote import RemoteConfig, RemoteStore
+    from kvtier.storage.remote_block import decode_block, encode_block, remote_key
+
+    reason = redis_available()
+    if reason is not None:
+        print(f"G4 remote: skipped ({reason})")
+        return []
+    size, n = MODEL.block_bytes, args.remote_blocks
+    payloads = [os.urandom(size) for _ in range(min(n, 8))]
+    hashes = list(range(1, n + 1))
+    keys = [remote_key("kvtier:v1:bench", h) for h in hashes]
+    rows: list[tuple[str, str, float, float, float]] = []
+    for label, server in (("node", LocalRedis(maxmemory_mb=2048)),
+                          ("3-node cluster", LocalRedisCluster(3, maxmemory_mb=1024))):  # fmt: skip
+        with server:
+            port = server.nodes[0].port if isinstance(server, LocalRedisCluster) else server.port
+            assert port is not None
+            cluster = isinstance(server, LocalRedisCluster)
+            kv: dict[str, list[float]] = {"SET": [], "GET": []}
+            raw: dict[str, list[float]] = {"SET": [], "GET": []}
+            with RemoteStore(RemoteConfig(server.url, timeout_ms=10_000)) as store:
+
+                def put() -> None:
+                    store.put([(k, encode_block(1, h, None, payloads[h % len(payloads)]))
+                               for k, h in zip(keys, hashes, strict=True)])  # fmt: skip
+
+                def get() -> None:
+                    for h, v in zip(hashes, store.get(keys), strict=True):
+                        assert v is not None
+                        decode_block(v, 1, h, size)
+
+                for _ in range(args.repeats):
+                    kv["SET"].append(_gbps(n * size, _timed(put)))
+                    kv["GET"].append(_gbps(n * size, _timed(get)))
+                    rates = _redis_benchmark(port, size, n, args.remote_clients, cluster)
+                    raw["SET"].append(rates["SET"])
+                    raw["GET"].append(rates["GET"])
+            base = f"redis-benchmark -d {size} -c {args.remote_clients}"
+            for op, name in (("SET", "G4 put"), ("GET", "G4 get")):
+                ratio = statistics.median(k / r for k, r in zip(kv[op], raw[op], strict=True))
+                rows.append((f"{name} [{label}]", base, statistics.median(kv[op]),
+                             statistics.median(raw[op]), ratio))  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--blocks", type=int, default=256, help="2 MiB blocks per batch (256)")
@@ -274,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if present)")
     p.add_argument("--skip-disk", action="store_true")
     p.add_argument("--skip-device", action="store_true")
+    p.add_argument("--skip-remote", action="store_true", help="skip G4 (Redis) figures")
+    p.add_argument("--remote-blocks", type=int, default=64, help="2 MiB blocks per G4 batch (64)")
+    p.add_argument("--remote-clients", type=int, default=1, help="redis-benchmark clients (1)")
     args = p.parse_args(argv)
     mib = MODEL.block_bytes / 2**20
     print(
@@ -292,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         where, results = bench_device(args)
         for name, kv, raw, ratio in results:
             rows.append((f"{name} [{where}]", "one contiguous copy", kv, raw, ratio))
+    if not args.skip_remote:
+        rows.extend(bench_remote(args))
     print(f"{'path':<44} {'kvtier GB/s':>11} {'baseline GB/s':>13} {'ratio':>6}  baseline")
     for name, base, kv, raw, ratio in rows:
         print(f"{name:<44} {kv:>11.2f} {raw:>13.2f} {ratio:>6.2f}  {base}")

@@ -36,9 +36,16 @@ MEDIUM_HOST = "CPU"
 """Medium of G2 (pinned host memory) in events, as vLLM names its CPU offload tier."""
 MEDIUM_DISK = "DISK"
 """Medium of G3 (the disk tier) in events, as Dynamo's KVBM names it."""
+MEDIUM_REMOTE = "REMOTE"
+"""Medium of G4 (the remote tier shared by a fleet of engines through Redis / Valkey)."""
 MEDIUM_DEVICE = "GPU"
 """Medium of G1 (vLLM publishes its own G1 events; kvtier's are off by default)."""
-TIER_MEDIUM: dict[str, str] = {"G1": MEDIUM_DEVICE, "G2": MEDIUM_HOST, "G3": MEDIUM_DISK}
+TIER_MEDIUM: dict[str, str] = {
+    "G1": MEDIUM_DEVICE,
+    "G2": MEDIUM_HOST,
+    "G3": MEDIUM_DISK,
+    "G4": MEDIUM_REMOTE,
+}
 """Medium of each registry tier name."""
 END_SEQ = -1
 """Sequence number of the replay socket's end-of-replay marker."""

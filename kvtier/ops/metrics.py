@@ -38,6 +38,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from kvtier.lifecycle import Lifecycle
+from kvtier.ops.remote_metrics import RemoteMetrics
 
 PATHS: tuple[str, ...] = (
     "device_to_host",
@@ -220,6 +221,9 @@ class KvTierMetrics:
         )
         for tier in MATCH_TIERS:
             self._hit_rate.labels(tier).set_function(self._rate_of(tier))
+        # G4 (remote tier): its own kvtier_remote_* families (kvtier.ops.remote_metrics).
+        self._remote_window = SlidingHitRate(hit_rate_window_s, clock)
+        self.remote = RemoteMetrics(reg, lambda: self._remote_window.rate("remote"))
         Gauge(
             "kvbm_host_cache_hit_rate",
             "Dynamo KVBM name of kvtier_hit_rate{tier='host'}.",
@@ -278,6 +282,13 @@ class KvTierMetrics:
         self._matched.labels("disk").inc(disk_blocks * block_size)
         self._dynamo_matched.set((host_blocks + disk_blocks) * block_size)
         self._window.add(looked_up_blocks, {"host": host_blocks, "disk": disk_blocks})
+
+    def record_remote_lookup(self, looked_up_blocks: int, hit_blocks: int) -> None:
+        """G4 lookups: blocks asked past the G2/G3 hit, and found in G4 (its hit rate)."""
+        _check_count("looked_up_blocks", looked_up_blocks)
+        _check_count("hit_blocks", hit_blocks)
+        self.remote.record_lookup(looked_up_blocks, hit_blocks)
+        self._remote_window.add(looked_up_blocks, {"remote": hit_blocks})
 
     def record_filter_rejections(self, count: int = 1) -> None:
         """``count`` G2 -> G3 offloads refused by the frequency filter."""

@@ -35,6 +35,7 @@ class WriteStats:
     """Figures since the last ``take_stats`` (``written``: the sequence hashes now in G4)."""
 
     written: list[int] = field(default_factory=list)
+    written_parents: list[int | None] = field(default_factory=list)
     written_bytes: int = 0
     write_seconds: float = 0.0
     dropped_full: int = 0
@@ -175,5 +176,6 @@ class WriteBehindQueue(Lifecycle):
             return
         with self._cond:
             self._stats.written.extend(it.seq_hash for it in batch)
+            self._stats.written_parents.extend(it.parent for it in batch)
             self._stats.written_bytes += sum(len(v) for _, v in pairs)
             self._stats.write_seconds += time.perf_counter() - t0

@@ -17,6 +17,7 @@ fingerprint (geometry, dtype, layout) and the TP rank: ``remote_namespace``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -70,6 +71,7 @@ class RemoteFetch:
     failed_gpu_blocks: list[int] = field(default_factory=list)
     host_stored: list[int] = field(default_factory=list)
     host_failed: list[int] = field(default_factory=list)
+    bad_hashes: list[int] = field(default_factory=list)
 
 
 class RemoteExecutor(Lifecycle):
@@ -134,6 +136,7 @@ class RemoteExecutor(Lifecycle):
         return run
 
     def _fail_all(self, run: RemoteFetch) -> None:
+        run.bad_hashes = list(run.load.hashes)
         run.failed_gpu_blocks = list(run.load.gpu_blocks)
         run.host_failed = [
             h for h, s in zip(run.load.hashes, run.load.host_slots, strict=True) if s >= 0
@@ -157,7 +160,7 @@ class RemoteExecutor(Lifecycle):
                 r.fetch_failed += len(load.hashes)
                 self._log_miss(f"G4 fetch of {len(load.hashes)} blocks failed: {exc}")
                 self._fail_all(run)
-                self._merge(r)
+                self._merge(r, run.bad_hashes)
                 fut.complete()
                 return
             staging = HostStorage(len(load.hashes), self.block_bytes)
@@ -166,6 +169,7 @@ class RemoteExecutor(Lifecycle):
             host_rows = host.rows.numpy() if host is not None else None
             good_rows: list[int] = []
             good_gpu: list[int] = []
+            corrupt: list[bytes] = []
             nbytes = 0
             for i, (h, value) in enumerate(zip(load.hashes, values, strict=True)):
                 slot = load.host_slots[i]
@@ -180,10 +184,12 @@ class RemoteExecutor(Lifecycle):
                         ok = True
                         nbytes += len(value)
                     except BlockFileError as exc:
+                        corrupt.append(remote_key(self.namespace, h))
                         r.fetch_corrupt += 1
                         self._log_miss(f"G4 block {h:016x} rejected: {exc}")
                         ok = False
                 if not ok:
+                    run.bad_hashes.append(h)
                     run.failed_gpu_blocks.append(load.gpu_blocks[i])
                     if slot >= 0:
                         run.host_failed.append(h)
@@ -199,7 +205,11 @@ class RemoteExecutor(Lifecycle):
             handle = engine.host_to_device(staging, device, good_rows, good_gpu)
             for layer in range(fut.num_layers):
                 handle.wait_layer(layer)
+            if corrupt:  # verifiably bad values: remove them for the whole fleet
+                with contextlib.suppress(RemoteError):
+                    self.store.delete(corrupt)
             if handle.error is not None:
+                run.bad_hashes.extend(load.hashes[i] for i in good_rows)
                 run.failed_gpu_blocks.extend(good_gpu)
                 r.fetch_failed += len(good_gpu)
             else:
@@ -208,17 +218,18 @@ class RemoteExecutor(Lifecycle):
                 if len(good_gpu) == len(load.hashes):
                     self._miss_logged = False
             r.fetch_seconds += time.perf_counter() - t0
-            self._merge(r)
+            self._merge(r, run.bad_hashes)
             fut.complete()
         except BaseException as exc:  # the run carries the failure to the model runner thread
             self._fail_all(run)
             r.fetch_failed += len(load.hashes)
-            self._merge(r)
+            self._merge(r, run.bad_hashes)
             fut.fail(exc)
 
-    def _merge(self, r: RemoteReport) -> None:
+    def _merge(self, r: RemoteReport, bad: list[int]) -> None:
         with self._lock:
             rep = self._report
+            rep.bad.extend(bad)
             rep.fetched_blocks += r.fetched_blocks
             rep.fetched_bytes += r.fetched_bytes
             rep.fetch_seconds += r.fetch_seconds
@@ -252,6 +263,7 @@ class RemoteExecutor(Lifecycle):
         with self._lock:
             report, self._report = self._report, RemoteReport()
         report.written = stats.written
+        report.written_parents = stats.written_parents
         report.written_bytes = stats.written_bytes
         report.write_seconds = stats.write_seconds
         report.write_dropped = stats.dropped

@@ -80,6 +80,11 @@ class RemoteReport:
     """This rank's key namespace (first report only)."""
     written: list[int] = field(default_factory=list)
     """Sequence hashes written to G4 (for KV events with medium REMOTE)."""
+    written_parents: list[int | None] = field(default_factory=list)
+    """The parent hash of each ``written`` block (same order)."""
+    bad: list[int] = field(default_factory=list)
+    """Sequence hashes a fetch found missing, corrupt or failed (not matched again until
+    written again: vLLM recomputes them, and the engine stores them again)."""
     fetched_blocks: int = 0
     fetched_bytes: int = 0
     fetch_seconds: float = 0.0
@@ -96,6 +101,7 @@ class RemoteReport:
     def is_empty(self) -> bool:
         return self.namespace is None and not (
             self.written
+            or self.bad
             or self.fetched_blocks
             or self.fetch_missing
             or self.fetch_corrupt
@@ -158,6 +164,7 @@ class RemotePlanner(Lifecycle):
         self._namespaces: dict[int, str] = {}
         self._lookups: dict[str, _Lookup] = {}
         self._known: OrderedDict[int, None] = OrderedDict()
+        self._bad: OrderedDict[int, None] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
 
     def start(self) -> RemotePlanner:
@@ -189,6 +196,12 @@ class RemotePlanner(Lifecycle):
             return 0
         if not self.ready:
             return None  # the workers' first report (their namespaces) comes with the next step
+        for i in range(start, limit):  # a block a fetch just failed on is not matched again
+            if hashes[i] in self._bad:
+                limit = i
+                break
+        if limit <= start:
+            return 0
         look = self._lookups.get(req_id)
         if look is None or (look.start, look.limit) != (start, limit):
             if self.store.breaker.state == BreakerState.OPEN:
@@ -266,10 +279,7 @@ class RemotePlanner(Lifecycle):
         return out if out.hashes else None
 
     def _remember(self, h: int) -> None:
-        self._known[h] = None
-        self._known.move_to_end(h)
-        while len(self._known) > KNOWN_MAX:
-            self._known.popitem(last=False)
+        _bounded_add(self._known, h)
 
     # -- reports ---------------------------------------------------------------------------------
 
@@ -293,9 +303,20 @@ class RemotePlanner(Lifecycle):
             c.written_blocks += len(report.written)
         for h in report.written:
             self._remember(h)
+            self._bad.pop(h, None)
+        for h in report.bad:
+            _bounded_add(self._bad, h)
+            self._known.pop(h, None)
         if report.fetch_missing or report.fetch_corrupt or report.fetch_failed:
             # G4 lost blocks (eviction, restart): write what we store again.
             self._known.clear()
+
+
+def _bounded_add(table: OrderedDict[int, None], h: int) -> None:
+    table[h] = None
+    table.move_to_end(h)
+    while len(table) > KNOWN_MAX:
+        table.popitem(last=False)
 
 
 def remote_config_from(settings: KvTierSettings) -> RemoteConfig | None:

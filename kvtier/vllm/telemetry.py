@@ -53,6 +53,7 @@ from kvtier.ops.metrics import ONBOARD_TIERS, KvTierMetrics, MetricsConfig, Metr
 from kvtier.settings import KvTierSettings
 from kvtier.vllm.metadata import StepPlan, WorkerReport
 from kvtier.vllm.onboard import OnboardAdvisor
+from kvtier.vllm.remote_telemetry import RemoteTelemetry
 
 
 class _Counters(Protocol):
@@ -145,6 +146,7 @@ class ConnectorTelemetry(Lifecycle):
         self._last_occupancy = float("-inf")
         self._pinned = {"host": 0, "disk": 0}
         self._onboard_seen: dict[str, tuple[int, int]] = {}  # tier -> (loaded, skipped) counted
+        self._remote = RemoteTelemetry(block_size)  # G4: kvtier_remote_* and REMOTE events
 
     def start(self) -> ConnectorTelemetry:
         """Serve metrics and open the event socket, as the settings ask."""
@@ -279,8 +281,12 @@ class ConnectorTelemetry(Lifecycle):
             # Chains of blocks (each one's parent the previous one's hash) become one event whose
             # parent is the first block's parent, as vLLM batches a request's blocks.
             events[:0] = events_from_tier_events(stored_host, self._block_size, host_tokens.get)
+        events.extend(self._remote.events(reports))
         self._publish(events)
         self._observe(scheduler, now)
+        planner = getattr(scheduler, "remote", None)
+        if planner is not None:
+            self._remote.observe(planner, self.metrics)
 
     def on_onboard(self, advisor: OnboardAdvisor) -> None:
         """Cost-aware onboarding's tokens loaded / skipped, estimates next to measurements and

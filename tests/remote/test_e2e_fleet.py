@@ -53,13 +53,14 @@ def _share(a: EngineProcess, b: EngineProcess, p: list[int]) -> None:
     """A computes ``p`` and writes it behind to G4; B gets it from G4 with the same output."""
     want = a.run([p])["outputs"]
     assert a.call("flush")["ok"]
-    before = b.call("stats")["remote"]["fetched_blocks"]
+    before = b.call("stats")["remote"]
     got = b.run([p])["outputs"]
     assert got == want
-    stats = b.call("stats")
+    after = b.call("stats")["remote"]
     full = (len(p) - 1) // BLOCK
-    assert stats["remote"]["fetched_blocks"] - before == full, stats
-    assert stats["remote"]["fetch_corrupt"] == 0
+    assert after["fetched_blocks"] - before["fetched_blocks"] == full, after
+    assert after["hit_blocks"] - before["hit_blocks"] == full, after
+    assert after["fetch_corrupt"] == before["fetch_corrupt"]
 
 
 def test_prefix_from_engine_a_is_onboarded_by_engine_b(
@@ -67,6 +68,24 @@ def test_prefix_from_engine_a_is_onboarded_by_engine_b(
 ) -> None:
     a, b = engines
     _share(a, b, prompt(1, 5 * BLOCK + 17))
+
+
+def test_corrupt_remote_block_is_recomputed(
+    engines: tuple[EngineProcess, EngineProcess], redis_node: LocalRedis
+) -> None:
+    a, b = engines
+    p = prompt(8, 3 * BLOCK + 4)
+    want = a.run([p])["outputs"]
+    assert a.call("flush")["ok"]
+    keys = redis_node.cli("--scan", "--pattern", "kvtier:v1:*").split()
+    assert keys
+    for key in keys:  # flip payload bytes (after the 4096-byte header) of every stored block
+        redis_node.cli("SETRANGE", key, "5000", "garbage")
+    before = b.call("stats")["remote"]
+    assert b.run([p])["outputs"] == want
+    after = b.call("stats")["remote"]
+    assert after["fetch_corrupt"] - before["fetch_corrupt"] == 3, after
+    assert after["fetched_blocks"] == before["fetched_blocks"]
 
 
 def test_redis_killed_mid_run_then_restarted(
