@@ -259,7 +259,9 @@ class OnboardCostModel:
         }
         self.prefill = DecayedLinearFit(
             [config.prefill_per_token_prior, config.prefill_per_pair_prior],
-            [256.0, 256.0 * 128.0],  # ... and as that many 256-token steps
+            # ... and as that many 256-token steps at 4k tokens of context: context-dependent cost
+            # needs data that varies in context to show (same-shaped prompts leave it collinear)
+            [256.0, 256.0 * 4096.0],
             config.prior_weight,
             config.decay,
         )

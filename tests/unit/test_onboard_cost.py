@@ -243,3 +243,19 @@ def test_one_stall_does_not_flip_the_decision() -> None:
         now += 1.0
         m.load_finished(i, now)
     assert m.choose([("G2", 8)], 0, 850, BS, now).total_blocks == 0
+
+
+def test_same_shaped_prompts_teach_a_per_token_cost() -> None:
+    # Every step a 1573-token prompt from no context: tokens and pairs are collinear; the cost
+    # must land on the per-token term, so loading the first blocks saves as much as later ones.
+    m = model(bw={"G4": 50e6}, weight=0.2)
+    now = 0.0
+    for _ in range(30):
+        m.step_started(1573, 1573 * 1573 / 2, now)
+        now += 1573 * 2e-5
+        m.step_finished(now)
+    per_token, per_pair = m.prefill.theta
+    assert per_token == pytest.approx(2e-5, rel=0.1)
+    assert per_pair < 1e-9
+    # G2 part (4 blocks, ~free) + G4 part at 20 ms per block against 2 ms of recompute
+    assert m.choose([("G2", 4), ("G4", 8)], 0, 1237, BS, now).blocks == {"G2": 4, "G3": 0, "G4": 0}
