@@ -19,10 +19,10 @@ What it measures (fed by the connector's scheduler half, see ``kvtier.vllm.onboa
   of a new job is the bytes of the loads in flight at each tier's bandwidth.
 - **Prefill.** Each engine step (from the plan sent to the workers to the workers' output coming
   back, FIFO) with its scheduled tokens: ``step = per_token * tokens + per_pair * pairs``,
-  where ``pairs`` sums each new token's context length (attention grows with it). There is no
-  per-step overhead term on purpose: both choices pay one step, and on a shared machine a fitted
-  overhead soaks up the noise and leaves recompute looking free; without it the per-token cost
-  carries the overhead, which errs towards loading (the behaviour without this model).
+  where ``pairs`` sums each new token's context length (attention grows with it), learnt from
+  steps of at least ``prefill_min_tokens``. There is no per-step overhead term on purpose: both
+  choices pay one step, and on a shared machine a fitted overhead soaks up the noise and leaves
+  recompute looking free; small steps (mostly overhead) are left out instead.
 - Before data, both fits lean on a prior (``OnboardCostConfig``) held with a small fixed weight,
   so a tier never seen keeps its prior and new measurements dominate within a few observations.
 
@@ -174,6 +174,10 @@ class OnboardCostConfig:
     """How many observations the prior weighs (a one-block load, a 256-token step), for ever."""
     decay: float = 0.9
     """Weight kept by older observations at each new one (0.9: about the last 10 count)."""
+    prefill_min_tokens: int = 256
+    """Steps with fewer scheduled tokens are not learnt from: their time is mostly the step's
+    own overhead (decode steps, the short rest after a load), which would be read as a cost per
+    token or, for a rest at a long context, per pair of context."""
     outlier_factor: float = 4.0
     """An observation above this many times the current prediction counts as that much, unless
     the one before was such an outlier too: one stall of a shared machine must not flip
@@ -365,7 +369,7 @@ class OnboardCostModel:
         step = self._steps.pop(0)
         seconds = max(0.0, now - max(step.started, self._steps_free_at))
         self._steps_free_at = now
-        if step.features[0] > 0:
+        if step.features[0] >= self.config.prefill_min_tokens:
             self._observe(self.prefill, step.features, seconds)
         return seconds
 

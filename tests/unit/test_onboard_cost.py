@@ -245,14 +245,18 @@ def test_one_stall_does_not_flip_the_decision() -> None:
     assert m.choose([("G2", 8)], 0, 850, BS, now).total_blocks == 0
 
 
-def test_same_shaped_prompts_teach_a_per_token_cost() -> None:
-    # Every step a 1573-token prompt from no context: tokens and pairs are collinear; the cost
-    # must land on the per-token term, so loading the first blocks saves as much as later ones.
+def test_short_steps_do_not_teach_a_context_cost() -> None:
+    # Full prompts from no context (0.02 ms a token) and, after each load, a 37-token rest at
+    # 1536 tokens of context that takes 2.5 ms (the step's own overhead): the rest must not be
+    # read as attention cost, or loading the first blocks would look worthless.
     m = model(bw={"G4": 50e6}, weight=0.2)
     now = 0.0
-    for _ in range(30):
+    for _ in range(15):
         m.step_started(1573, 1573 * 1573 / 2, now)
         now += 1573 * 2e-5
+        m.step_finished(now)
+        m.step_started(37, 37 * (1536 + 18.5), now)
+        now += 0.0025
         m.step_finished(now)
     per_token, per_pair = m.prefill.theta
     assert per_token == pytest.approx(2e-5, rel=0.1)
