@@ -26,6 +26,9 @@ What it measures (fed by the connector's scheduler half, see ``kvtier.vllm.onboa
 - Before data, both fits lean on a prior (``OnboardCostConfig``) held with a small fixed weight,
   so a tier never seen keeps its prior and new measurements dominate within a few observations.
 
+- **Recompute calibration.** When a request that recomputed everything reaches its first
+  token, the ratio of that time to its estimate moves ``recompute_scale`` (all prefill
+  estimates are multiplied by it): the step time misses what vLLM spends around the forward pass.
 - **Compute backlog.** The prompt tokens other requests still have to prefill (noted at each
   decision, taken off as steps schedule them), priced by the prefill fit: a request that
   recomputes waits behind them, a load runs beside them.
@@ -277,6 +280,7 @@ class OnboardCostModel:
         self._pending: dict[str, tuple[float, float]] = {}  # request -> (tokens, pairs) to compute
         self._pending_tokens = 0.0
         self._pending_pairs = 0.0
+        self.recompute_scale = 1.0  # TTFT of a recompute / the prefill fit's estimate
 
     # -- measurements -----------------------------------------------------------------------
 
@@ -292,7 +296,20 @@ class OnboardCostModel:
         if end <= start:
             return 0.0
         per_token, per_pair = self.prefill.theta
-        return per_token * (end - start) + per_pair * (end * end - start * start) / 2.0
+        cost = per_token * (end - start) + per_pair * (end * end - start * start) / 2.0
+        return cost * self.recompute_scale
+
+    def recompute_observed(self, estimated: float, measured: float) -> None:
+        """A request that recomputed everything reached its first token after ``measured``
+        seconds where ``estimated`` was predicted: the step times the prefill fit learns from
+        leave out what vLLM spends around the forward pass (scheduling, output processing, on a
+        busy machine a lot), which a load's measured time includes; this calibrates the
+        recompute side to TTFT (a moving average of the ratio, in the log, within 1/4..20)."""
+        if estimated <= 0 or measured <= 0:
+            return
+        ratio = measured / estimated
+        step = math.exp((1.0 - self.config.decay) * math.log(ratio))
+        self.recompute_scale = min(20.0, max(0.25, self.recompute_scale * step))
 
     def _load_features(self, bytes_by_tier: dict[str, int]) -> list[float]:
         x: list[float] = []
@@ -395,7 +412,7 @@ class OnboardCostModel:
         if mine is not None:
             tokens, pairs = tokens - mine[0], pairs - mine[1]
         per_token, per_pair = self.prefill.theta
-        return max(0.0, per_token * tokens + per_pair * pairs)
+        return max(0.0, per_token * tokens + per_pair * pairs) * self.recompute_scale
 
     # -- the decision -----------------------------------------------------------------------
 

@@ -67,6 +67,7 @@ class _Decided:
     at: float
     prompt_tokens: int
     est_ttft: float
+    recomputed: bool
 
 
 def _override(params: Any, request_id: str) -> tuple[str, int | None]:
@@ -152,7 +153,9 @@ class OnboardAdvisor:
         if decision is not None:
             first = self._decided.get(rid)  # vLLM may ask again while the request waits
             at = first.at if first is not None else now
-            self._decided[rid] = _Decided(at, int(request.num_tokens), decision.est_ttft_s)
+            self._decided[rid] = _Decided(
+                at, int(request.num_tokens), decision.est_ttft_s, chosen == 0
+            )
             logger.debug(
                 "kvtier onboard: request %s matched %s blocks from block %d; load %d "
                 "(est ttft %.1f ms: load %.1f + queue %.1f ms; recompute all %.1f ms)",
@@ -245,6 +248,8 @@ class OnboardAdvisor:
             d = self._decided.pop(rid, None)
             if d is not None:
                 self._estimates.append(OnboardEstimate("ttft", d.est_ttft, now - d.at))
+                if d.recomputed:
+                    self.model.recompute_observed(d.est_ttft, now - d.at)
 
     def forget(self, request_id: str) -> None:
         self._decided.pop(request_id, None)

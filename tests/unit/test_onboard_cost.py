@@ -263,3 +263,13 @@ def test_short_steps_do_not_teach_a_context_cost() -> None:
     assert per_pair < 1e-9
     # G2 part (4 blocks, ~free) + G4 part at 20 ms per block against 2 ms of recompute
     assert m.choose([("G2", 4), ("G4", 8)], 0, 1237, BS, now).blocks == {"G2": 4, "G3": 0, "G4": 0}
+
+
+def test_recompute_estimate_is_calibrated_to_what_recomputes_took() -> None:
+    m = model(bw={"G4": 40e6})  # 25 ms per block against 10 ms of recompute
+    assert chosen(m, [("G4", 8)]) == 0
+    for _ in range(25):  # every recompute took three times its estimate
+        m.recompute_observed(0.085 * m.recompute_scale, 3 * 0.085)
+    assert m.recompute_scale == pytest.approx(3.0, rel=0.1)
+    assert m.prefill_seconds(0, 100) == pytest.approx(0.030, rel=0.1)
+    assert chosen(m, [("G4", 8)]) == 8  # 25 ms per block now beats 30 ms of recompute
