@@ -81,5 +81,5 @@ def test_outputs_identical_whatever_is_loaded(llm: Any) -> None:
     )
     # the cost model has measured G2 loads and the engine's steps by now
     assert onboard.model.loads["G2"].observations >= 3
-    assert onboard.model.prefill.observations >= 6
+    assert onboard.model.prefill.observations >= 4  # steps of 256+ tokens
     sched.scheduler.check_invariants()
