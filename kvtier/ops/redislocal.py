@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -121,6 +122,24 @@ class LocalRedis(Lifecycle):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
+
+    def sleep(self, seconds: float) -> threading.Thread:
+        """Make the server unresponsive for ``seconds`` (``DEBUG SLEEP`` on a thread); returns
+        once it is asleep (a PING no longer answers within 20 ms). Join the thread after."""
+        assert self.port is not None
+        thread = threading.Thread(target=self.cli, args=("DEBUG", "SLEEP", str(seconds)))
+        thread.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.settimeout(0.02)
+                s.sendall(b"PING\r\n")
+                try:
+                    s.recv(16)
+                except TimeoutError:
+                    return thread
+            time.sleep(0.01)
+        raise RuntimeError("DEBUG SLEEP did not take effect")
 
     def kill(self) -> None:
         """SIGKILL the server (a crash); ``start()`` brings it back on the same port, empty."""

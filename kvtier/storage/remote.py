@@ -227,7 +227,7 @@ class RemoteStore(Lifecycle):
 
         return self._call(run)
 
-    def put(self, items: Sequence[tuple[bytes, bytes]]) -> None:
+    def put(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> None:
         """Store ``(key, value)`` pairs (SET with the configured TTL), pipelined per shard."""
         if not items:
             return
@@ -314,7 +314,7 @@ class RemoteStore(Lifecycle):
                 out.extend(client.mget(chunk))
         return out
 
-    def _put(self, client: Any, items: Sequence[tuple[bytes, bytes]]) -> None:
+    def _put(self, client: Any, items: Sequence[tuple[bytes, bytes | memoryview]]) -> None:
         ttl = self.config.ttl_s or None
         for batch in self._batches([len(v) for _, v in items]):
             pipe = client.pipeline(transaction=False)

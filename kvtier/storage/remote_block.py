@@ -13,7 +13,15 @@ from __future__ import annotations
 
 from kvtier.storage.block_file import HEADER_SIZE, BlockFileError, BlockHeader, payload_checksum
 
-__all__ = ["KEY_PREFIX", "decode_block", "encode_block", "remote_key", "remote_namespace"]
+__all__ = [
+    "KEY_PREFIX",
+    "decode_block",
+    "encode_block",
+    "encode_in_place",
+    "remote_key",
+    "remote_namespace",
+    "value_buffer",
+]
 
 KEY_PREFIX = "kvtier:v1"
 
@@ -43,6 +51,32 @@ def encode_block(
         checksum=payload_checksum(payload),
     )
     return header.pack() + bytes(payload)
+
+
+def value_buffer(payload: bytes | memoryview) -> bytearray:
+    """A value's buffer with ``payload`` copied in after room for the header (the one copy a
+    write-behind makes; ``encode_in_place`` fills the header later, off the engine's step)."""
+    buf = bytearray(HEADER_SIZE + len(payload))
+    buf[HEADER_SIZE:] = payload
+    return buf
+
+
+def encode_in_place(
+    fingerprint: int, seq_hash: int, parent_hash: int | None, buf: bytearray
+) -> memoryview:
+    """Fill the header of a ``value_buffer`` (checksum of its payload) and return the value."""
+    view = memoryview(buf)
+    payload = view[HEADER_SIZE:]
+    header = BlockHeader(
+        fingerprint=fingerprint,
+        sequence_hash=seq_hash,
+        parent_hash=parent_hash,
+        priority=0,
+        payload_len=len(payload),
+        checksum=payload_checksum(payload),
+    )
+    view[:HEADER_SIZE] = header.pack()
+    return view
 
 
 def decode_block(

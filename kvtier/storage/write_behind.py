@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvtier.lifecycle import Lifecycle
+from kvtier.storage.block_file import HEADER_SIZE
 from kvtier.storage.remote import RemoteError, RemoteStore, RemoteUnavailable
-from kvtier.storage.remote_block import encode_block, remote_key
+from kvtier.storage.remote_block import encode_in_place, remote_key, value_buffer
 
 __all__ = ["WriteBehindQueue", "WriteStats"]
 
@@ -52,7 +53,7 @@ class WriteStats:
 class _Item:
     seq_hash: int
     parent: int | None
-    payload: bytes
+    value: bytearray  # header room + payload (``value_buffer``)
     queued_at: float
 
 
@@ -103,14 +104,16 @@ class WriteBehindQueue(Lifecycle):
             self._thread.join(timeout)
             self._thread = None
 
-    def offer(self, seq_hash: int, parent: int | None, payload: bytes) -> bool:
-        """Queue one block (its bytes, already copied); False if dropped: the queue is full."""
+    def offer(self, seq_hash: int, parent: int | None, payload: bytes | memoryview) -> bool:
+        """Queue one block (copies ``payload`` once); False if dropped: the queue is full."""
         with self._cond:
-            if self._bytes + len(payload) > self.max_bytes:
+            if self._bytes + HEADER_SIZE + len(payload) > self.max_bytes:
                 self._stats.dropped_full += 1
                 return False
-            self._items.append(_Item(seq_hash, parent, payload, self._clock()))
-            self._bytes += len(payload)
+        value = value_buffer(payload)  # the copy, outside the lock
+        with self._cond:
+            self._items.append(_Item(seq_hash, parent, value, self._clock()))
+            self._bytes += len(value)
             self._cond.notify()
             return True
 
@@ -138,15 +141,15 @@ class WriteBehindQueue(Lifecycle):
                 size = 0
                 now = self._clock()
                 while self._items and (
-                    not batch or size + len(self._items[0].payload) <= BATCH_BYTES
+                    not batch or size + len(self._items[0].value) <= BATCH_BYTES
                 ):
                     item = self._items.popleft()
-                    self._bytes -= len(item.payload)
+                    self._bytes -= len(item.value)
                     if now - item.queued_at > self.max_age_s:
                         self._stats.dropped_old += 1
                         continue
                     batch.append(item)
-                    size += len(item.payload)
+                    size += len(item.value)
                 self._busy = bool(batch)
             if batch:
                 self._send(batch)
@@ -159,7 +162,7 @@ class WriteBehindQueue(Lifecycle):
         pairs = [
             (
                 remote_key(self.namespace, it.seq_hash),
-                encode_block(self.fingerprint, it.seq_hash, it.parent, it.payload),
+                encode_in_place(self.fingerprint, it.seq_hash, it.parent, it.value),
             )
             for it in batch
         ]

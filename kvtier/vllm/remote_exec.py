@@ -254,7 +254,7 @@ class RemoteExecutor(Lifecycle):
         for h, parent, slot in zip(writes.hashes, writes.parents, writes.host_slots, strict=True):
             if h in failed:
                 continue
-            self.writer.offer(h, parent, host.row(slot).numpy().tobytes())
+            self.writer.offer(h, parent, host.row(slot).numpy().data)
 
     # -- report ----------------------------------------------------------------------------------
 

@@ -5,7 +5,6 @@ restart) and a Redis that sleeps (no engine step waits for it beyond the budget)
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +60,13 @@ def _share(a: EngineProcess, b: EngineProcess, p: list[int]) -> None:
     assert after["fetched_blocks"] - before["fetched_blocks"] == full, after
     assert after["hit_blocks"] - before["hit_blocks"] == full, after
     assert after["fetch_corrupt"] == before["fetch_corrupt"]
+    # Onboarded blocks were kept in B's G2: with G1 emptied they come back from there.
+    hits = b.call("stats")["host_hit_blocks"]
+    assert b.call("reset_g1")["ok"]
+    assert b.run([p])["outputs"] == want
+    again = b.call("stats")
+    assert again["host_hit_blocks"] - hits == full, again
+    assert again["remote"]["fetched_blocks"] == after["fetched_blocks"]
 
 
 def test_prefix_from_engine_a_is_onboarded_by_engine_b(
@@ -125,10 +131,8 @@ def test_slow_redis_never_stretches_a_step(
     want = a.run([p])["outputs"]
     assert a.call("flush")["ok"]
     baseline = b.run([prompt(6, 2 * BLOCK)])["max_step_s"]
-    sleeper = threading.Thread(target=lambda: redis_node.cli("DEBUG", "SLEEP", "3"), daemon=True)
     before = b.call("stats")["remote"]
-    sleeper.start()
-    time.sleep(0.2)  # the server is asleep now
+    sleeper = redis_node.sleep(3)
     t0 = time.monotonic()
     res = b.run([p])
     assert time.monotonic() - t0 < 3.0, "the engine waited for the sleeping server"

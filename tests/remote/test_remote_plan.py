@@ -6,7 +6,6 @@ blocks known to be in G4."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 from kvtier.ops.redislocal import LocalRedis
@@ -56,9 +55,7 @@ def test_a_sleeping_server_costs_a_step_at_most_the_budget(redis_node: LocalRedi
     try:
         planner.on_report(0, RemoteReport(namespace="kvtier:v1:test:0of1"))
         assert planner.match("warm", HASHES, 0, 5) == 0
-        sleeper = threading.Thread(target=lambda: redis_node.cli("DEBUG", "SLEEP", "1"))
-        sleeper.start()
-        time.sleep(0.1)
+        sleeper = redis_node.sleep(1)
         t0 = time.perf_counter()
         answers = [planner.match(f"q{i}", HASHES, 0, 5) for i in range(5)]
         step = time.perf_counter() - t0

@@ -6,7 +6,6 @@ eviction under maxmemory, corrupt values, and the bounded write-behind queue."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import pytest
@@ -158,9 +157,7 @@ def test_breaker_opens_on_a_dead_server_and_closes_after_restart() -> None:
 def test_a_sleeping_server_costs_one_timeout(redis_node: LocalRedis) -> None:
     with RemoteStore(RemoteConfig(redis_node.url, timeout_ms=100)) as store:
         store.ping()
-        sleeper = threading.Thread(target=lambda: redis_node.cli("DEBUG", "SLEEP", "1.5"))
-        sleeper.start()
-        time.sleep(0.2)
+        sleeper = redis_node.sleep(1.5)
         t0 = time.perf_counter()
         with pytest.raises(RemoteError):
             store.exists([b"kvtier:x"])
@@ -230,14 +227,15 @@ def test_corrupt_or_foreign_values_are_rejected(redis_node: LocalRedis) -> None:
 
 def test_write_behind_bounds_drop_and_count(redis_node: LocalRedis) -> None:
     with RemoteStore(RemoteConfig(redis_node.url, timeout_ms=3000)) as store:
-        with WriteBehindQueue(store, NS, FP, max_bytes=2 * MB2, max_age_s=0.5) as q:
+        room = 2 * (MB2 + 4096)  # two values (header + payload)
+        with WriteBehindQueue(store, NS, FP, max_bytes=room, max_age_s=0.5) as q:
             blocks = _blocks(4)
-            sleeper = threading.Thread(target=lambda: redis_node.cli("DEBUG", "SLEEP", "1"))
-            sleeper.start()
-            time.sleep(0.1)
+            sleeper = redis_node.sleep(1.5)
             t0 = time.perf_counter()
             offered = [q.offer(blocks[0][0], None, blocks[0][1])]
-            time.sleep(0.05)  # the writer took it and waits for the sleeping server
+            deadline = time.monotonic() + 5
+            while q.queued_bytes and time.monotonic() < deadline:
+                time.sleep(0.005)  # until the writer took it (it now waits for the server)
             offered += [q.offer(h, None, v) for h, v in blocks[1:]]
             assert time.perf_counter() - t0 < 0.2, "offer must never wait for the server"
             sleeper.join()
