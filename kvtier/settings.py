@@ -159,6 +159,18 @@ def _parse_mb(text: object) -> float:
     return _parse_gb(text)  # same rules: a finite number >= 0
 
 
+# -- cost-aware onboarding knobs (kvtier.core.onboard_cost) ---------------------------------------
+
+
+def _parse_bias(text: object) -> float:
+    if isinstance(text, bool):
+        raise ValueError("expected a positive number, got a boolean")
+    value = float(text) if isinstance(text, int | float) else float(str(text).strip())
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Knob:
     """One knob: the settings field it fills and its three spellings.
@@ -205,6 +217,8 @@ class KvTierSettings:
     remote_ttl_s: int = 0
     remote_timeout_ms: int = 100
     remote_max_write_queue_mb: float = 256.0
+    onboard_cost_aware: bool = False
+    onboard_cost_bias: float = 1.0
 
     def __post_init__(self) -> None:
         disk_wanted = self.disk_cache_blocks != 0 and (
@@ -460,6 +474,25 @@ KNOBS: tuple[Knob, ...] = (
         _parse_mb,
         "Bytes (decimal MB) of blocks waiting to be written behind to G4 in each worker; a block "
         "that does not fit, or waited longer than 5 s, is dropped and counted, never waited for.",
+    ),
+    Knob(
+        "onboard_cost_aware",
+        "onboard_cost_aware",
+        "KVTIER_ONBOARD_COST_AWARE",
+        _parse_bool,
+        "Load only the part of a matched prefix that beats recomputing it, from live "
+        "measurements of each tier's bandwidth, latency and queue and of the engine's prefill "
+        "(kvtier.core.onboard_cost); off: load everything matched. Per request, "
+        'kv_transfer_params {"kvtier_onboard": "auto"|"load"|"recompute", '
+        '"kvtier_load_tokens": N} overrides it.',
+    ),
+    Knob(
+        "onboard_cost_bias",
+        "onboard_cost_bias",
+        "KVTIER_ONBOARD_COST_BIAS",
+        _parse_bias,
+        "Factor on every estimated load time in that decision: > 1 leans towards recompute, "
+        "< 1 towards loading.",
     ),
 )
 

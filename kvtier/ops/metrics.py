@@ -15,7 +15,13 @@ What is measured (label values in brackets):
 - ``kvtier_disk_filter_rejections_total``: G2 -> G3 offloads refused by the frequency filter;
 - ``kvtier_load_errors_total`` [tier]: blocks whose load failed (recomputed, never served);
   tier ``unknown`` when the reporter does not know the source (the vLLM workers' reports);
-- ``kvtier_pinned_bytes``: host memory page-locked for G2.
+- ``kvtier_pinned_bytes``: host memory page-locked for G2;
+- cost-aware onboarding (``kvtier.core.onboard_cost``): ``kvtier_onboard_tokens_total`` [tier,
+  decision: loaded / skipped] matched tokens loaded or left to recompute;
+  ``kvtier_onboard_seconds`` [kind: load / ttft, source: estimated / measured] the model's
+  estimates next to what then happened; gauges of what the model believes now:
+  ``kvtier_onboard_bandwidth_bytes_per_second`` / ``kvtier_onboard_latency_seconds`` /
+  ``kvtier_onboard_queued_bytes`` [tier] and ``kvtier_onboard_prefill_seconds_per_token``.
 
 The Dynamo KVBM names (``kvbm_offload_blocks_d2h`` ...) are exported beside them, so dashboards
 built for Dynamo keep working; docs/operations.md lists the mapping. This module imports no torch.
@@ -47,6 +53,10 @@ TIERS: tuple[str, ...] = ("device", "host", "disk")
 """Tiers as metric labels: G1, G2, G3."""
 MATCH_TIERS: tuple[str, ...] = ("host", "disk")
 """Tiers a lookup can match in (G1 hits are the engine's own prefix cache)."""
+ONBOARD_TIERS: tuple[str, ...] = ("host", "disk", "remote")
+"""Tiers a load can come from (G2, G3, G4), as cost-aware onboarding labels them."""
+ONBOARD_KINDS: tuple[str, ...] = ("load", "ttft")
+"""What an onboarding estimate is of: a load job's service time, or a request's TTFT."""
 ERROR_TIERS: tuple[str, ...] = ("host", "disk", "unknown")
 """Sources of a failed load as metric labels (``unknown``: the reporter does not say)."""
 POOL_STATES: tuple[str, ...] = ("in_use", "inactive", "free")
@@ -198,6 +208,7 @@ class KvTierMetrics:
             registry=reg,
         )
         self._pinned = Gauge("kvtier_pinned_bytes", "Host memory page-locked for G2.", registry=reg)
+        self._init_onboard(reg)
         self._dynamo_blocks = {
             path: Counter(
                 name, f"Dynamo KVBM name of kvtier_blocks_total{{path={path!r}}}.", registry=reg
@@ -315,6 +326,79 @@ class KvTierMetrics:
         """Bytes of host memory currently page-locked for G2."""
         _check_count("nbytes", nbytes)
         self._pinned.set(nbytes)
+
+    # -- cost-aware onboarding (kvtier.core.onboard_cost) -------------------------------------
+
+    def _init_onboard(self, reg: CollectorRegistry) -> None:
+        self._onboard_tokens = Counter(
+            "kvtier_onboard_tokens",
+            "Matched tokens loaded, or skipped (recomputed) by cost-aware onboarding, per tier.",
+            ["tier", "decision"],
+            registry=reg,
+        )
+        self._onboard_seconds = Histogram(
+            "kvtier_onboard_seconds",
+            "Cost-aware onboarding: the model's estimate and what was measured, per kind (a load "
+            "job's service time, a request's time from decision to its prompt's last step).",
+            ["kind", "source"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self._onboard_bw = Gauge(
+            "kvtier_onboard_bandwidth_bytes_per_second",
+            "Load bandwidth the cost model believes now, per tier.",
+            ["tier"],
+            registry=reg,
+        )
+        self._onboard_lat = Gauge(
+            "kvtier_onboard_latency_seconds",
+            "Fixed cost per load job the cost model believes now, per tier.",
+            ["tier"],
+            registry=reg,
+        )
+        self._onboard_queued = Gauge(
+            "kvtier_onboard_queued_bytes",
+            "Bytes of loads planned and not reported done, per tier.",
+            ["tier"],
+            registry=reg,
+        )
+        self._onboard_prefill = Gauge(
+            "kvtier_onboard_prefill_seconds_per_token",
+            "Prefill seconds per token (at no context) the cost model believes now.",
+            registry=reg,
+        )
+        for tier in ONBOARD_TIERS:
+            for decision in ("loaded", "skipped"):
+                self._onboard_tokens.labels(tier, decision)
+
+    def record_onboard_tokens(self, tier: str, loaded: int, skipped: int) -> None:
+        """Matched tokens of ``tier`` loaded and skipped since the last call."""
+        _check_label("tier", tier, ONBOARD_TIERS)
+        _check_count("loaded", loaded)
+        _check_count("skipped", skipped)
+        self._onboard_tokens.labels(tier, "loaded").inc(loaded)
+        self._onboard_tokens.labels(tier, "skipped").inc(skipped)
+
+    def record_onboard_estimate(self, kind: str, estimated: float, measured: float) -> None:
+        """One estimate of the cost model next to what then happened (seconds)."""
+        _check_label("kind", kind, ONBOARD_KINDS)
+        if not (estimated >= 0 and measured >= 0):
+            raise ValueError(f"seconds must be >= 0, got {estimated!r}, {measured!r}")
+        self._onboard_seconds.labels(kind, "estimated").observe(estimated)
+        self._onboard_seconds.labels(kind, "measured").observe(measured)
+
+    def set_onboard_model(
+        self, tier: str, bandwidth: float, latency: float, queued_bytes: int
+    ) -> None:
+        """What the cost model believes of ``tier`` now."""
+        _check_label("tier", tier, ONBOARD_TIERS)
+        _check_count("queued_bytes", queued_bytes)
+        self._onboard_bw.labels(tier).set(bandwidth)
+        self._onboard_lat.labels(tier).set(latency)
+        self._onboard_queued.labels(tier).set(queued_bytes)
+
+    def set_onboard_prefill(self, seconds_per_token: float) -> None:
+        self._onboard_prefill.set(seconds_per_token)
 
     def hit_rate(self, tier: str) -> float:
         """The sliding-window hit rate of ``tier`` (what ``kvtier_hit_rate`` shows)."""

@@ -36,9 +36,11 @@ except ImportError:  # pragma: no cover - exercised on the GPU build (vLLM 0.26)
     CacheHitSource = None  # type: ignore[assignment,misc]
 
 from kvtier.config import ModelConfig
+from kvtier.core.onboard_cost import OnboardCostConfig
 from kvtier.settings import KvTierSettings, load_settings
 from kvtier.storage.identity import ModelIdentity
 from kvtier.vllm.metadata import StepPlan, WorkerReport
+from kvtier.vllm.onboard import OnboardAdvisor
 from kvtier.vllm.remote_plan import RemotePlanner, remote_config_from
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
 from kvtier.vllm.telemetry import ConnectorTelemetry
@@ -167,6 +169,14 @@ class KvTierConnector(KVConnectorBase_V1):
                     layerwise_disk=not _async_scheduling(vllm_config),
                 ),
                 remote=remote,
+                # Cost-aware onboarding (kvtier.vllm.onboard): always measuring, so per-request
+                # overrides work; deciding only when the knob is on.
+                onboard=OnboardAdvisor(
+                    OnboardCostConfig(
+                        block_bytes=self.model.block_bytes, bias=self.settings.onboard_cost_bias
+                    ),
+                    enabled=self.settings.onboard_cost_aware,
+                ),
             )
             # Metrics and KV events live with the scheduler half (engine-core process), up as
             # soon as the engine is, fed with every plan and worker report (kvtier.vllm.telemetry).
@@ -365,6 +375,10 @@ class KvTierConnector(KVConnectorBase_V1):
         reports = meta.reports if isinstance(meta, KvTierWorkerMetadata) else []
         if reports:
             sched.process_reports(reports)
+        if sched.onboard is not None:
+            sched.onboard.step_done()  # the step planned in build_connector_meta came back
+            if self.telemetry is not None:
+                self.telemetry.on_onboard(sched.onboard)
         if self.telemetry is not None:
             self.telemetry.on_reports(reports, sched)
         if connector_output.finished_sending:

@@ -36,6 +36,7 @@ from kvtier.hashing import hash_chain, salt_hash
 from kvtier.storage.block_file import acyclic_parents, block_file_name
 from kvtier.storage.tier_dir import regular_file_exists
 from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, StoreBatch, WorkerReport
+from kvtier.vllm.onboard import OnboardAdvisor
 from kvtier.vllm.remote_plan import RemoteLoad, RemotePlanner
 from kvtier.vllm.slots import SlotIndex
 
@@ -193,9 +194,11 @@ class KvTierScheduler:
         *,
         clock: Callable[[], float] = time.monotonic,
         remote: RemotePlanner | None = None,
+        onboard: OnboardAdvisor | None = None,
     ):
         self.config = config
         self.remote = remote  # G4 lookups and write-behind planning (kvtier.vllm.remote_plan)
+        self.onboard = onboard  # cost-aware cap on each load (kvtier.vllm.onboard)
         self.host = SlotIndex("G2", config.host_blocks)
         self.disk = SlotIndex("G3", config.disk_blocks)
         self.filter = CountingFilter(FrequencyFilterConfig(enabled=config.disk_filter), clock=clock)
@@ -244,6 +247,10 @@ class KvTierScheduler:
             if got is None:
                 return None, False
             n += got
+        if self.onboard is not None:  # load only what beats recomputing it
+            matched = [("G2", host_end - start), ("G3", disk_end - host_end), ("G4", n - disk_end)]
+            keep = start + self.onboard.choose(request, start, matched, bs)
+            host_end, disk_end, n = min(host_end, keep), min(disk_end, keep), keep
         st.match_start, st.match_host, st.match_disk = start, host_end - start, disk_end - host_end
         st.match_remote = n - disk_end
         st.query_tokens = request.num_tokens - num_computed_tokens
@@ -268,6 +275,10 @@ class KvTierScheduler:
                 self.counters.query_host_tokens += st.match_host * bs
                 self.counters.query_disk_tokens += st.match_disk * bs
         st.query_tokens = 0
+        if self.onboard is not None:
+            self.onboard.allocated(
+                request.request_id, num_external_tokens // self.config.block_size
+            )
         if num_external_tokens == 0:
             return
         start = st.match_start
@@ -315,6 +326,9 @@ class KvTierScheduler:
         )
         if self.remote is not None:
             self.remote.counters.hit_blocks += len(remote.hashes)
+        if self.onboard is not None:
+            parts = {"G2": len(host_hashes), "G3": len(disk_hashes), "G4": len(remote.hashes)}
+            self.onboard.load_planned(job_id, parts)
         st.load_job = job_id
         st.loaded_from, st.loaded_to = start, start + count
         self.counters.host_hit_blocks += len(host_hashes)
@@ -368,6 +382,8 @@ class KvTierScheduler:
             elif new_ids:
                 st.block_ids.extend(new_ids)
             touched.append((st, computed, computed + num_scheduled_tokens.get(req_id, 0)))
+        if self.onboard is not None:  # times this step for the prefill cost model
+            self.onboard.step_planned((st.request.request_id, c, d - c) for st, c, d in touched)
         stores = StoreBatch()
         writes: list[DiskWrite] = []
         for st, computed, done_tokens in touched:
@@ -442,6 +458,8 @@ class KvTierScheduler:
                 load.reports += 1
                 if load.reports == n:
                     del self._loads[job_id]
+                    if self.onboard is not None:
+                        self.onboard.load_done(job_id)
                     for h in load.host_hashes:
                         self.host.unpin(h)
                     for h in load.disk_hashes:
@@ -459,6 +477,8 @@ class KvTierScheduler:
         st = self._reqs.pop(request.request_id, None)
         if self.remote is not None:
             self.remote.forget(request.request_id)
+        if self.onboard is not None:
+            self.onboard.forget(request.request_id)
         if st is None:
             return False
         if self.config.async_store_reads and st.last_store_step > self._confirmed_step:

@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from kvtier.core.onboard_cost import TIERS
 from kvtier.core.registry import StoreEvent
 from kvtier.lifecycle import Lifecycle
 from kvtier.ops.events import (
@@ -50,9 +51,10 @@ from kvtier.ops.events import (
     KvEventPublisher,
     events_from_tier_events,
 )
-from kvtier.ops.metrics import KvTierMetrics, MetricsConfig, MetricsServer
+from kvtier.ops.metrics import ONBOARD_TIERS, KvTierMetrics, MetricsConfig, MetricsServer
 from kvtier.settings import KvTierSettings
 from kvtier.vllm.metadata import StepPlan, WorkerReport
+from kvtier.vllm.onboard import OnboardAdvisor
 from kvtier.vllm.remote_telemetry import RemoteTelemetry
 
 
@@ -145,6 +147,7 @@ class ConnectorTelemetry(Lifecycle):
         self._last: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)
         self._last_occupancy = float("-inf")
         self._pinned = {"host": 0, "disk": 0}
+        self._onboard_seen: dict[str, tuple[int, int]] = {}  # tier -> (loaded, skipped) counted
         self._remote = RemoteTelemetry(block_size)  # G4: kvtier_remote_* and REMOTE events
 
     def start(self) -> ConnectorTelemetry:
@@ -286,6 +289,26 @@ class ConnectorTelemetry(Lifecycle):
         planner = getattr(scheduler, "remote", None)
         if planner is not None:
             self._remote.observe(planner, self.metrics)
+
+    def on_onboard(self, advisor: OnboardAdvisor) -> None:
+        """Cost-aware onboarding's tokens loaded / skipped, estimates next to measurements and
+        current beliefs (call once a step, after ``advisor.step_done()``)."""
+        c = advisor.counters
+        m = advisor.model
+        for tier, label in zip(TIERS, ONBOARD_TIERS, strict=True):
+            loaded, skipped = c.loaded_tokens[tier], c.skipped_tokens[tier]
+            seen_loaded, seen_skipped = self._onboard_seen.get(tier, (0, 0))
+            if (loaded, skipped) != (seen_loaded, seen_skipped):
+                self.metrics.record_onboard_tokens(
+                    label, loaded - seen_loaded, skipped - seen_skipped
+                )
+                self._onboard_seen[tier] = (loaded, skipped)
+            self.metrics.set_onboard_model(
+                label, m.tier_bandwidth(tier), m.tier_latency(tier), m.queued_bytes[tier]
+            )
+        for e in advisor.take_estimates():
+            self.metrics.record_onboard_estimate(e.kind, e.estimated, e.measured)
+        self.metrics.set_onboard_prefill(m.prefill_seconds(0, 1))
 
     def on_reset(self) -> None:
         """kvtier's tiers were emptied (``KvTierScheduler.reset``): one ``AllBlocksCleared``."""

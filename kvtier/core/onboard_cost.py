@@ -1,0 +1,394 @@
+"""Live cost model of onboarding vs recompute, and the decision how much of a prefix to load.
+
+Why this exists: loading KV from a tier is not always faster than recomputing it (a slow disk,
+a remote store over a thin link, a queue of loads ahead). This module keeps live measurements and
+answers, per request and in microseconds, how many of the matched blocks to load so that the
+expected time to first token is lowest. It is pure Python, no torch, no clock of its own (every
+call is given ``now``), so the decision is unit-tested on synthetic measurements.
+
+What it measures (fed by the connector's scheduler half, see ``kvtier.vllm.onboard``):
+
+- **Loads.** Each load job is one request's matched blocks, ``bytes[t]`` from each tier ``t``.
+  Its *service time* is measured FIFO on the one onboarding path a worker runs jobs on:
+  ``done - max(submitted, previous job done)`` (a job that waited behind others is not charged
+  for the wait). Per tier, a decayed least-squares fit of ``service = latency + bytes /
+  bandwidth`` (moving averages: older jobs fade by ``decay`` at each new one). A job with parts
+  in several tiers teaches only the part predicted to take longest, with the job's time less
+  the others' predictions (so a G2 + G4 job neither hides G4's slowness nor teaches G2 to be
+  slow; the others learn from jobs of their own). What is queued ahead
+  of a new job is the bytes of the loads in flight at each tier's bandwidth.
+- **Prefill.** Each engine step (from the plan sent to the workers to the workers' output coming
+  back, FIFO) with its scheduled tokens: ``step = per_token * tokens + per_pair * pairs``,
+  where ``pairs`` sums each new token's context length (attention grows with it), learnt from
+  steps of at least ``prefill_min_tokens``. There is no per-step overhead term on purpose: both
+  choices pay one step, and on a shared machine a fitted overhead soaks up the noise and leaves
+  recompute looking free; small steps (mostly overhead) are left out instead.
+- Before data, both fits lean on a prior (``OnboardCostConfig``) held with a small fixed weight,
+  so a tier never seen keeps its prior and new measurements dominate within a few observations.
+
+- **Recompute calibration.** When a request that recomputed everything reaches its first
+  token, the ratio of that time to its estimate moves ``recompute_scale`` (all prefill
+  estimates are multiplied by it): the step time misses what vLLM spends around the forward pass.
+- **Compute backlog.** The prompt tokens other requests still have to prefill (noted at each
+  decision, taken off as steps schedule them), priced by the prefill fit: a request that
+  recomputes waits behind them, a load runs beside them.
+
+The decision (``OnboardCostModel.choose``): the matched prefix is laid out tier by tier (G2
+blocks, then G3, then G4). Loading ``k`` blocks costs ``T(k) = max(bias * (queue + sum of each
+used tier's latency + bytes / bandwidth), B) + R(P0 + k * block_size)``, where ``B`` is the
+compute backlog and ``R(p)`` the recompute of tokens ``p..N``: ``per_token * (N - p) + per_pair
+* (N^2 - p^2) / 2``; ``T(0) = B + R(P0)``. Inside one tier's segment the load term is linear in
+``k`` and ``R`` is concave (``per_pair >= 0``), so on each side of the point where the load
+stops hiding behind ``B`` the stationary point is a maximum and the optimum lies at an end: the
+candidates are 0 and, for each tier, its first and last block and the two blocks around that
+crossing point. At most thirteen evaluations; a load shorter than the whole match must be
+estimated ``margin`` faster (10%) to be chosen, and ties go to the longer load.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvtier.core.decayed_fit import DecayedLinearFit
+
+__all__ = [
+    "TIERS",
+    "DecayedLinearFit",
+    "OnboardCostConfig",
+    "OnboardCostModel",
+    "OnboardDecision",
+]
+
+TIERS: tuple[str, ...] = ("G2", "G3", "G4")
+"""Tiers a prefix can be onboarded from, in the order a match walks them."""
+
+
+def _tier_defaults(g2: float, g3: float, g4: float) -> dict[str, float]:
+    return {"G2": g2, "G3": g3, "G4": g4}
+
+
+@dataclass(frozen=True)
+class OnboardCostConfig:
+    """Priors and weights of the cost model, and the bias of the decision.
+
+    The priors are deliberately on the side of loading (the behaviour without this model): a
+    tier that has not been measured yet is assumed fast, and prefill not cheap."""
+
+    block_bytes: int
+    bias: float = 1.0
+    """Factor on every estimated load time: > 1 leans towards recompute, < 1 towards loading."""
+    bandwidth_prior: dict[str, float] = field(
+        default_factory=lambda: _tier_defaults(10e9, 2e9, 1e9)
+    )
+    """Bytes per second of each tier before it is measured."""
+    latency_prior: dict[str, float] = field(
+        default_factory=lambda: _tier_defaults(0.0002, 0.0005, 0.001)
+    )
+    """Seconds of fixed cost per load job with a part in that tier, before it is measured."""
+    prefill_per_token_prior: float = 20e-6
+    prefill_per_pair_prior: float = 0.0
+    prior_weight: float = 0.2
+    """How many observations the prior weighs (a one-block load, a 256-token step), for ever."""
+    decay: float = 0.9
+    """Weight kept by older observations at each new one (0.9: about the last 10 count)."""
+    prefill_min_tokens: int = 256
+    """Steps with fewer scheduled tokens are not learnt from: their time is mostly the step's
+    own overhead (decode steps, the short rest after a load), which would be read as a cost per
+    token or, for a rest at a long context, per pair of context."""
+    outlier_factor: float = 4.0
+    """An observation above this many times the current prediction counts as that much, unless
+    the one before was such an outlier too: one stall of a shared machine must not flip
+    decisions, a lasting change is learnt from its second observation on."""
+    margin: float = 0.1
+    """Loading less than everything matched is chosen only when estimated this fraction faster
+    (measurements are noisy; loading all is what happens without this model)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_bytes, bool) or not isinstance(self.block_bytes, int):
+            raise ValueError(
+                f"OnboardCostConfig.block_bytes must be an int, got {self.block_bytes!r}"
+            )
+        if self.block_bytes <= 0:
+            raise ValueError(f"OnboardCostConfig.block_bytes must be > 0, got {self.block_bytes}")
+        if not self.bias > 0.0:
+            raise ValueError(f"OnboardCostConfig.bias must be > 0, got {self.bias!r}")
+        for name in ("bandwidth_prior", "latency_prior"):
+            table = getattr(self, name)
+            if set(table) != set(TIERS):
+                raise ValueError(f"OnboardCostConfig.{name} must name exactly {TIERS}")
+        if any(v <= 0 for v in self.bandwidth_prior.values()):
+            raise ValueError("OnboardCostConfig.bandwidth_prior must be > 0")
+        if any(v < 0 for v in self.latency_prior.values()):
+            raise ValueError("OnboardCostConfig.latency_prior must be >= 0")
+        if self.prefill_per_token_prior < 0 or self.prefill_per_pair_prior < 0:
+            raise ValueError("OnboardCostConfig: prefill priors must be >= 0")
+        if not self.prior_weight > 0 or not 0.0 < self.decay <= 1.0:
+            raise ValueError("OnboardCostConfig: need prior_weight > 0 and 0 < decay <= 1")
+        if not self.outlier_factor > 1.0 or not self.margin >= 0.0:
+            raise ValueError("OnboardCostConfig: need outlier_factor > 1 and margin >= 0")
+
+
+@dataclass(frozen=True)
+class OnboardDecision:
+    """What to load: ``blocks[t]`` of each tier's matched blocks (a prefix of the match), with
+    the model's estimates (seconds) for that choice and for recomputing everything."""
+
+    blocks: dict[str, int]
+    matched: dict[str, int]
+    est_load_s: float
+    est_queue_s: float
+    est_ttft_s: float
+    est_recompute_all_s: float
+
+    @property
+    def total_blocks(self) -> int:
+        return sum(self.blocks.values())
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return {t: self.matched[t] - self.blocks[t] for t in self.matched}
+
+
+@dataclass
+class _Job:
+    submitted: float
+    features: list[float]
+    predicted: float
+
+
+@dataclass
+class _Step:
+    started: float
+    features: list[float]
+
+
+class OnboardCostModel:
+    """Measurements (loads per tier, engine steps) and the decision; see the module docstring."""
+
+    def __init__(self, config: OnboardCostConfig) -> None:
+        self.config = config
+        bb = float(config.block_bytes)
+        typical_bytes = bb  # the prior weighs as ``prior_weight`` one-block loads
+        self.loads = {
+            t: DecayedLinearFit(
+                [config.latency_prior[t], 1.0 / config.bandwidth_prior[t]],
+                [1.0, typical_bytes],
+                config.prior_weight,
+                config.decay,
+            )
+            for t in TIERS
+        }
+        self.prefill = DecayedLinearFit(
+            [config.prefill_per_token_prior, config.prefill_per_pair_prior],
+            # ... and as that many 256-token steps at 4k tokens of context: context-dependent cost
+            # needs data that varies in context to show (same-shaped prompts leave it collinear)
+            [256.0, 256.0 * 4096.0],
+            config.prior_weight,
+            config.decay,
+        )
+        self._jobs: dict[int, _Job] = {}
+        self._path_free_at = float("-inf")  # when the onboarding path last went idle
+        self._steps: list[_Step] = []
+        self._steps_free_at = float("-inf")
+        self.queued_bytes: dict[str, int] = dict.fromkeys(TIERS, 0)
+        self._pending: dict[str, tuple[float, float]] = {}  # request -> (tokens, pairs) to compute
+        self._pending_tokens = 0.0
+        self._pending_pairs = 0.0
+        self.recompute_scale = 1.0  # TTFT of a recompute / the prefill fit's estimate
+
+    # -- measurements -----------------------------------------------------------------------
+
+    def tier_latency(self, tier: str) -> float:
+        return self.loads[tier].theta[0]
+
+    def tier_bandwidth(self, tier: str) -> float:
+        spb = self.loads[tier].theta[1]
+        return 1.0 / spb if spb > 0 else float("inf")
+
+    def prefill_seconds(self, start: int, end: int) -> float:
+        """Estimated compute of prompt tokens ``start..end`` (their context included)."""
+        if end <= start:
+            return 0.0
+        per_token, per_pair = self.prefill.theta
+        cost = per_token * (end - start) + per_pair * (end * end - start * start) / 2.0
+        return cost * self.recompute_scale
+
+    def recompute_observed(self, estimated: float, measured: float) -> None:
+        """A request that recomputed everything reached its first token after ``measured``
+        seconds where ``estimated`` was predicted: the step times the prefill fit learns from
+        leave out what vLLM spends around the forward pass (scheduling, output processing, on a
+        busy machine a lot), which a load's measured time includes; this calibrates the
+        recompute side to TTFT (a moving average of the ratio, in the log, within 1/4..20)."""
+        if estimated <= 0 or measured <= 0:
+            return
+        ratio = measured / estimated
+        step = math.exp((1.0 - self.config.decay) * math.log(ratio))
+        self.recompute_scale = min(20.0, max(0.25, self.recompute_scale * step))
+
+    def _load_features(self, bytes_by_tier: dict[str, int]) -> list[float]:
+        x: list[float] = []
+        for t in TIERS:
+            n = bytes_by_tier.get(t, 0)
+            x += [1.0 if n else 0.0, float(n)]
+        return x
+
+    def _tier_seconds(self, x: list[float], i: int) -> float:
+        """Predicted seconds of tier ``TIERS[i]``'s part of a job with features ``x``."""
+        if not x[2 * i]:
+            return 0.0
+        return self.loads[TIERS[i]].predict([1.0, x[2 * i + 1]])
+
+    def queue_seconds(self, now: float) -> float:
+        """Predicted wait of a new job behind the loads in flight: their bytes at each tier's
+        bandwidth. Not their latencies: loads in flight overlap them (pipelined reads, and many
+        jobs ending at one step boundary), so charging each would count one wait many times."""
+        return sum(
+            self.queued_bytes[t] * self.loads[t].theta[1] for t in TIERS if self.queued_bytes[t]
+        )
+
+    def load_submitted(self, job_id: int, bytes_by_tier: dict[str, int], now: float) -> float:
+        """A load job was planned; returns its predicted service seconds."""
+        x = self._load_features(bytes_by_tier)
+        predicted = sum(self._tier_seconds(x, i) for i in range(len(TIERS)))
+        self._jobs[job_id] = _Job(now, x, predicted)
+        for t in TIERS:
+            self.queued_bytes[t] += bytes_by_tier.get(t, 0)
+        return predicted
+
+    def load_finished(
+        self, job_id: int, now: float, *, ok: bool = True
+    ) -> tuple[float, float] | None:
+        """A load job was reported done; returns (predicted, measured) service seconds, or None
+        for a job not known. A failed job is not learned from (it may have stopped early)."""
+        job = self._jobs.pop(job_id, None)
+        if job is None:
+            return None
+        for i, t in enumerate(TIERS):
+            self.queued_bytes[t] = max(0, self.queued_bytes[t] - int(job.features[2 * i + 1]))
+        service = max(0.0, now - max(job.submitted, self._path_free_at))
+        self._path_free_at = now
+        if ok:
+            parts = [self._tier_seconds(job.features, i) for i in range(len(TIERS))]
+            used = [i for i in range(len(TIERS)) if job.features[2 * i]]
+            if used:
+                top = max(used, key=lambda i: parts[i])
+                rest = sum(parts[i] for i in used if i != top)
+                x = [1.0, job.features[2 * top + 1]]
+                self._observe(self.loads[TIERS[top]], x, max(0.0, service - rest))
+        return job.predicted, service
+
+    def _observe(self, fit: DecayedLinearFit, x: list[float], y: float) -> None:
+        """Learn ``y``; a lone outlier is clipped, two in a row are a change and learnt."""
+        cap = self.config.outlier_factor * fit.predict(x)
+        outlier = cap > 0 and y > cap
+        if outlier and not fit.last_outlier:
+            y = cap
+        fit.last_outlier = outlier
+        fit.observe(x, y)
+
+    def step_started(self, tokens: int, pairs: float, now: float) -> None:
+        """An engine step with ``tokens`` scheduled tokens and ``pairs`` (sum of each token's
+        context length) was planned."""
+        self._steps.append(_Step(now, [float(tokens), float(pairs)]))
+        if len(self._steps) > 64:  # outputs that never came back (a caller that does not report)
+            self._steps.pop(0)
+
+    def step_finished(self, now: float) -> float | None:
+        """The oldest planned step's output came back; returns its measured seconds."""
+        if not self._steps:
+            return None
+        step = self._steps.pop(0)
+        seconds = max(0.0, now - max(step.started, self._steps_free_at))
+        self._steps_free_at = now
+        if step.features[0] >= self.config.prefill_min_tokens:
+            self._observe(self.prefill, step.features, seconds)
+        return seconds
+
+    def prefill_pending(self, key: str, start: int, end: int) -> None:
+        """Request ``key`` still has prompt tokens ``start..end`` to compute (replaces what was
+        noted for it; nothing left removes it)."""
+        old = self._pending.pop(key, None)
+        if old is not None:
+            self._pending_tokens -= old[0]
+            self._pending_pairs -= old[1]
+        if end > start:
+            item = (float(end - start), (end * end - start * start) / 2.0)
+            self._pending[key] = item
+            self._pending_tokens += item[0]
+            self._pending_pairs += item[1]
+        if not self._pending:
+            self._pending_tokens = self._pending_pairs = 0.0  # no drift from float sums
+
+    def backlog_seconds(self, exclude: str | None = None) -> float:
+        """Predicted prefill still to run for the requests noted by ``prefill_pending``."""
+        tokens, pairs = self._pending_tokens, self._pending_pairs
+        mine = self._pending.get(exclude) if exclude is not None else None
+        if mine is not None:
+            tokens, pairs = tokens - mine[0], pairs - mine[1]
+        per_token, per_pair = self.prefill.theta
+        return max(0.0, per_token * tokens + per_pair * pairs) * self.recompute_scale
+
+    # -- the decision -----------------------------------------------------------------------
+
+    def choose(
+        self,
+        matched: Sequence[tuple[str, int]],
+        start_tokens: int,
+        prompt_tokens: int,
+        block_size: int,
+        now: float,
+        backlog_s: float = 0.0,
+    ) -> OnboardDecision:
+        """How many of the matched blocks to load (see the module docstring).
+
+        ``matched``: (tier, blocks) in match order; ``start_tokens``: tokens already computed
+        (vLLM's G1 hit), where the match starts; ``prompt_tokens``: the prompt's length;
+        ``backlog_s``: prefill the engine has yet to run for other requests
+        (``backlog_seconds``)."""
+        bias = self.config.bias
+        bb = self.config.block_bytes
+        queue = self.queue_seconds(now)
+        n_end = prompt_tokens
+        recompute_all = self.prefill_seconds(start_tokens, n_end)
+        total_blocks = sum(max(0, n) for _, n in matched)
+        shorter = 1.0 + self.config.margin  # a load shorter than the whole match must win by this
+        best_k, best_t, best_load = 0, backlog_s + recompute_all, 0.0
+        best_score = best_t * (shorter if total_blocks else 1.0)
+        done_blocks = 0
+        done_cost = queue
+        counts = {t: 0 for t in TIERS}
+        for tier, n in matched:
+            if n <= 0:
+                continue
+            counts[tier] += n
+            lat, spb = self.loads[tier].theta
+            ks = {1, n}
+            if spb > 0 and backlog_s > 0:  # where the load stops hiding behind the backlog
+                cross = (backlog_s / bias - done_cost - lat) / (bb * spb)
+                ks.update(k for k in (math.floor(cross), math.ceil(cross)) if 1 <= k <= n)
+            for k in sorted(ks):
+                load = done_cost + lat + k * bb * spb
+                total = max(bias * load, backlog_s) + self.prefill_seconds(
+                    start_tokens + (done_blocks + k) * block_size, n_end
+                )
+                score = total * (shorter if done_blocks + k < total_blocks else 1.0)
+                if score <= best_score:
+                    best_k, best_t, best_load, best_score = done_blocks + k, total, load, score
+            done_blocks += n
+            done_cost += lat + n * bb * spb
+        blocks: dict[str, int] = {}
+        left = best_k
+        for t in TIERS:
+            take = min(counts[t], left)
+            blocks[t] = take
+            left -= take
+        return OnboardDecision(
+            blocks=blocks,
+            matched=counts,
+            est_load_s=max(0.0, best_load - queue) if best_k else 0.0,
+            est_queue_s=queue if best_k else 0.0,
+            est_ttft_s=best_t,
+            est_recompute_all_s=recompute_all,
+        )

@@ -1,0 +1,275 @@
+"""The cost-aware onboarding decision on synthetic measurements: exact chosen lengths.
+
+Units: blocks of 100 tokens and 1 MB; recompute 0.1 ms per token (10 ms per block) unless a
+test says otherwise, so a tier pays off when one block loads in under 10 ms.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvtier.core.onboard_cost import TIERS, OnboardCostConfig, OnboardCostModel
+
+BS = 100
+BB = 1_000_000
+
+
+def model(
+    bw: dict[str, float] | None = None,
+    lat: dict[str, float] | None = None,
+    per_token: float = 1e-4,
+    per_pair: float = 0.0,
+    bias: float = 1.0,
+    weight: float = 1e6,
+) -> OnboardCostModel:
+    """A model whose priors are the 'measurements' (held with a huge weight)."""
+    bandwidth = {"G2": 10e9, "G3": 1e9, "G4": 1e9} | (bw or {})
+    latency = {"G2": 0.0, "G3": 0.0, "G4": 0.0} | (lat or {})
+    return OnboardCostModel(
+        OnboardCostConfig(
+            block_bytes=BB,
+            bias=bias,
+            bandwidth_prior=bandwidth,
+            latency_prior=latency,
+            prefill_per_token_prior=per_token,
+            prefill_per_pair_prior=per_pair,
+            prior_weight=weight,
+        )
+    )
+
+
+def chosen(
+    m: OnboardCostModel, matched: list[tuple[str, int]], start: int = 0, tail: int = 50
+) -> int:
+    prompt = (start + sum(n for _, n in matched)) * BS + tail
+    return m.choose(matched, start * BS, prompt, BS, now=0.0).total_blocks
+
+
+def test_fast_host_tier_loads_everything() -> None:
+    assert chosen(model(), [("G2", 8)]) == 8
+
+
+def test_slow_remote_tier_is_recomputed() -> None:
+    # 50 MB/s: 20 ms per block against 10 ms of recompute
+    m = model(bw={"G4": 50e6})
+    d = m.choose([("G4", 8)], 0, 850, BS, now=0.0)
+    assert d.total_blocks == 0
+    assert d.skipped == {"G2": 0, "G3": 0, "G4": 8}
+    assert d.est_ttft_s == pytest.approx(d.est_recompute_all_s) == pytest.approx(0.085)
+
+
+def test_partial_load_fast_part_only() -> None:
+    m = model(bw={"G4": 50e6})
+    d = m.choose([("G2", 4), ("G3", 0), ("G4", 6)], 0, 1050, BS, now=0.0)
+    assert d.blocks == {"G2": 4, "G3": 0, "G4": 0}
+    assert d.est_ttft_s == pytest.approx(4 * 0.0001 + 0.065)
+
+
+def test_latency_pays_only_for_long_matches() -> None:
+    m = model(bw={"G3": 100e9}, lat={"G3": 0.050})
+    assert chosen(m, [("G3", 3)]) == 0  # saves 30 ms, costs 50
+    assert chosen(m, [("G3", 8)]) == 8  # saves 80 ms
+
+
+def test_queue_ahead_counts() -> None:
+    m = model()
+    assert chosen(m, [("G2", 8)]) == 8
+    m.load_submitted(1, {"G2": int(10e9)}, now=0.0)  # one second of G2 reads in flight
+    assert m.queued_bytes["G2"] == int(10e9)
+    assert m.queue_seconds(0.25) == pytest.approx(1.0)
+    assert m.choose([("G2", 8)], 0, 850, BS, now=0.25).total_blocks == 0
+    m.load_finished(1, now=1.0)
+    assert m.queued_bytes["G2"] == 0
+    assert m.choose([("G2", 8)], 0, 850, BS, now=1.0).total_blocks == 8
+
+
+def test_bias_leans_towards_recompute() -> None:
+    m = model(bw={"G4": 120e6})  # 8.3 ms per block
+    assert chosen(m, [("G4", 8)]) == 8
+    assert chosen(model(bw={"G4": 120e6}, bias=1.5), [("G4", 8)]) == 0  # 12.5 ms per block
+
+
+def test_recompute_cost_grows_with_context() -> None:
+    # 5 ms per block plus 1e-8 s per token of context: 15 ms per block behind a 10k-token hit
+    m = model(bw={"G4": 125e6}, per_token=5e-5, per_pair=1e-8)  # 8 ms per block
+    assert chosen(m, [("G4", 5)], start=0) == 0
+    assert chosen(m, [("G4", 5)], start=100) == 5
+
+
+def brute_cost(
+    k: int,
+    matched: list[tuple[str, int]],
+    bw: dict[str, float],
+    lat: dict[str, float],
+    costs: tuple[float, float, float],
+    start: int,
+    prompt: int,
+    backlog: float,
+) -> float:
+    """T(k) straight from its definition, block by block."""
+    per_token, per_pair, bias = costs
+    load, left = 0.0, k
+    for t, n in matched:
+        take = min(n, left)
+        left -= take
+        if take:
+            load += lat[t] + take * BB / bw[t]
+    p = (start + k) * BS
+    wait = max(bias * load, backlog) if k else backlog
+    return wait + per_token * (prompt - p) + per_pair * (prompt**2 - p**2) / 2
+
+
+def test_decision_equals_brute_force_over_every_length() -> None:
+    rng = random.Random(13)
+    for _ in range(300):
+        bw = {t: 10 ** rng.uniform(7, 10) for t in TIERS}
+        lat = {t: rng.uniform(0, 0.05) for t in TIERS}
+        per_token, per_pair = (
+            10 ** rng.uniform(-6, -3),
+            rng.choice([0.0, 10 ** rng.uniform(-10, -7)]),
+        )
+        bias = rng.choice([1.0, rng.uniform(0.5, 2)])
+        m = model(bw, lat, per_token, per_pair, bias)
+        matched = [(t, rng.randint(0, 6)) for t in TIERS]
+        start, tail = rng.randint(0, 50), rng.randint(1, 99)
+        backlog = rng.choice([0.0, rng.uniform(0, 0.5)])
+        total = sum(n for _, n in matched)
+        prompt = (start + total) * BS + tail
+
+        full = sum(n for _, n in matched)
+        costs = [
+            brute_cost(k, matched, bw, lat, (per_token, per_pair, bias), start, prompt, backlog)
+            for k in range(total + 1)
+        ]
+        scores = [c * (1.1 if k < full else 1.0) for k, c in enumerate(costs)]
+        best = min(scores)
+        want = max(k for k in range(total + 1) if scores[k] <= best * (1 + 1e-9))
+        got = m.choose(matched, start * BS, prompt, BS, now=0.0, backlog_s=backlog)
+        assert got.total_blocks == want, (matched, costs)
+        assert got.est_ttft_s == pytest.approx(costs[want], rel=1e-6)
+
+
+def test_learns_tier_and_prefill_costs_from_measurements() -> None:
+    # Truth: G3 12 ms latency, 200 MB/s (5 ms per block); prefill 0.1 ms a token.
+    m = OnboardCostModel(OnboardCostConfig(block_bytes=BB))
+    now = 0.0
+    for i in range(40):
+        blocks = 1 + i % 8
+        m.load_submitted(i, {"G3": blocks * BB}, now)
+        now += 0.012 + blocks * 0.005
+        assert m.load_finished(i, now) is not None
+    for i in range(40):
+        tokens = 64 + 97 * (i % 11)
+        m.step_started(tokens, tokens * tokens / 2, now)
+        now += tokens * 1e-4
+        m.step_finished(now)
+    assert m.tier_latency("G3") == pytest.approx(0.012, rel=0.15)  # the prior pulls a little
+    assert m.tier_bandwidth("G3") == pytest.approx(200e6, rel=0.05)
+    assert m.prefill_seconds(0, 1000) == pytest.approx(0.1, rel=0.05)
+    # unmeasured tiers keep their priors
+    assert m.tier_bandwidth("G4") == pytest.approx(1e9, rel=0.01)
+    assert m.choose([("G3", 1)], 0, 150, BS, now).total_blocks == 0  # 17 ms > 10 ms
+    assert m.choose([("G3", 8)], 0, 850, BS, now).total_blocks == 8  # 52 ms < 80 ms
+
+
+def test_service_time_is_fifo_not_queue_wait() -> None:
+    m = model()
+    m.load_submitted(1, {"G3": BB}, 0.0)
+    m.load_submitted(2, {"G3": BB}, 0.0)
+    for job, done in ((1, 0.010), (2, 0.020)):
+        got = m.load_finished(job, done)
+        assert got is not None
+        assert got[0] == pytest.approx(0.001)  # predicted from the prior: 1 MB at 1 GB/s
+        assert got[1] == pytest.approx(0.010)  # measured: not the 10 ms job 2 waited
+    assert m.load_finished(3, 0.030) is None
+
+
+def test_bad_config_is_refused() -> None:
+    with pytest.raises(ValueError, match="bias"):
+        OnboardCostConfig(block_bytes=BB, bias=0.0)
+    with pytest.raises(ValueError, match="block_bytes"):
+        OnboardCostConfig(block_bytes=0)
+    with pytest.raises(ValueError, match="bandwidth_prior"):
+        OnboardCostConfig(block_bytes=BB, bandwidth_prior={"G2": 1.0})
+
+
+def test_mixed_jobs_teach_the_slow_tier_not_the_fast_one() -> None:
+    # Truth: G2 0.1 ms per block, G4 20 ms per block (50 MB/s); G4's prior says 1 GB/s.
+    m = OnboardCostModel(OnboardCostConfig(block_bytes=BB, prefill_per_token_prior=1e-4))
+    assert m.choose([("G2", 4), ("G4", 8)], 0, 1250, BS, 0.0).total_blocks == 12
+    now = 0.0
+    for i in range(30):
+        m.load_submitted(i, {"G2": 4 * BB, "G4": 8 * BB}, now)
+        now += 0.0004 + 0.160
+        m.load_finished(i, now)
+    assert m.tier_bandwidth("G4") == pytest.approx(50e6, rel=0.1)
+    assert m.tier_bandwidth("G2") > 1e9
+    assert m.choose([("G2", 4), ("G4", 8)], 0, 1250, BS, now).blocks == {"G2": 4, "G3": 0, "G4": 0}
+
+
+def test_a_load_hides_behind_the_compute_backlog() -> None:
+    m = model(bw={"G4": 50e6})  # 20 ms per block against 10 ms of recompute
+    assert chosen(m, [("G4", 8)]) == 0
+    # 200 ms of other requests' prefill ahead: loading 8 blocks (160 ms) runs beside it
+    m.prefill_pending("other", 0, 2000)
+    assert m.backlog_seconds() == pytest.approx(0.2)
+    assert m.backlog_seconds(exclude="other") == 0.0
+    assert m.choose([("G4", 8)], 0, 850, BS, 0.0, backlog_s=m.backlog_seconds()).total_blocks == 8
+    # 100 ms ahead: the load hides up to 5 blocks; the 6th to 8th cost more than recomputing
+    m.prefill_pending("other", 1000, 2000)
+    d = m.choose([("G4", 8)], 0, 850, BS, 0.0, backlog_s=m.backlog_seconds())
+    assert d.total_blocks == 5
+    assert d.est_ttft_s == pytest.approx(0.100 + 0.035)
+    m.prefill_pending("other", 2000, 2000)
+    assert m.backlog_seconds() == 0.0
+
+
+def test_one_stall_does_not_flip_the_decision() -> None:
+    m = OnboardCostModel(OnboardCostConfig(block_bytes=BB, prefill_per_token_prior=1e-4))
+    now = 0.0
+    for i in range(20):  # G2: 1 ms per 8-block job
+        m.load_submitted(i, {"G2": 8 * BB}, now)
+        now += 0.001
+        m.load_finished(i, now)
+    m.load_submitted(99, {"G2": 8 * BB}, now)
+    now += 1.0  # the machine stalled for a second
+    m.load_finished(99, now)
+    assert m.choose([("G2", 8)], 0, 850, BS, now).total_blocks == 8
+    # a lasting slowdown (a second per job) does show, within a few jobs
+    for i in range(100, 110):
+        m.load_submitted(i, {"G2": 8 * BB}, now)
+        now += 1.0
+        m.load_finished(i, now)
+    assert m.choose([("G2", 8)], 0, 850, BS, now).total_blocks == 0
+
+
+def test_short_steps_do_not_teach_a_context_cost() -> None:
+    # Full prompts from no context (0.02 ms a token) and, after each load, a 37-token rest at
+    # 1536 tokens of context that takes 2.5 ms (the step's own overhead): the rest must not be
+    # read as attention cost, or loading the first blocks would look worthless.
+    m = model(bw={"G4": 50e6}, weight=0.2)
+    now = 0.0
+    for _ in range(15):
+        m.step_started(1573, 1573 * 1573 / 2, now)
+        now += 1573 * 2e-5
+        m.step_finished(now)
+        m.step_started(37, 37 * (1536 + 18.5), now)
+        now += 0.0025
+        m.step_finished(now)
+    per_token, per_pair = m.prefill.theta
+    assert per_token == pytest.approx(2e-5, rel=0.1)
+    assert per_pair < 1e-9
+    # G2 part (4 blocks, ~free) + G4 part at 20 ms per block against 2 ms of recompute
+    assert m.choose([("G2", 4), ("G4", 8)], 0, 1237, BS, now).blocks == {"G2": 4, "G3": 0, "G4": 0}
+
+
+def test_recompute_estimate_is_calibrated_to_what_recomputes_took() -> None:
+    m = model(bw={"G4": 40e6})  # 25 ms per block against 10 ms of recompute
+    assert chosen(m, [("G4", 8)]) == 0
+    for _ in range(25):  # every recompute took three times its estimate
+        m.recompute_observed(0.085 * m.recompute_scale, 3 * 0.085)
+    assert m.recompute_scale == pytest.approx(3.0, rel=0.1)
+    assert m.prefill_seconds(0, 100) == pytest.approx(0.030, rel=0.1)
+    assert chosen(m, [("G4", 8)]) == 8  # 25 ms per block now beats 30 ms of recompute
