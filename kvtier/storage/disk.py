@@ -187,7 +187,7 @@ class DiskStorage:
             found.sort(key=lambda s: s.mtime_ns, reverse=True)
             count = len(found)
             self._known = collections.deque(s.sequence_hash for s in reversed(found))
-        if d.alone and self.capacity is not None and self.writable:
+        if (d.alone or d.fresh_count) and self.capacity is not None and self.writable:
             d.recount(count)
         d.shared()
         self._write_identity()

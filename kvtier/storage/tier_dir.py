@@ -23,6 +23,10 @@ operation of the disk tier therefore goes through one object that
   (``unlink``) one, so the capacity bound holds across processes. A crash between the two steps
   leaves the count high by one (never low); the next process to start alone recounts.
 
+On NFS the membership lock on the folder cannot be taken (a lock on a directory), so no process
+counts as alone there: the count is never recounted automatically (``kvtier fsck`` shows the
+files; stop the engines and delete ``.kvtier-count`` to have the next start recount).
+
 Filesystem requirements: POSIX ``link``/``unlink``/``rename`` atomic in one directory, ``flock``
 honoured between processes (local filesystems; NFSv4 and NFSv3 with NLM, where Linux maps
 ``flock`` to byte-range locks; Lustre with ``-o flock``; GPFS). On a mount where locks are not
@@ -98,8 +102,8 @@ def regular_file_exists(path: str | os.PathLike[str]) -> bool:
 def is_leftover_at(dir_fd: int, name: str) -> bool:
     """A temporary file no live writer holds (a crash leftover, safe to delete): writers hold
     an exclusive ``flock`` on their temporary file until it is published."""
-    try:
-        fd = open_regular_at(dir_fd, name, os.O_RDONLY)
+    try:  # read-write: NFS maps flock to byte-range locks, and an exclusive one needs it
+        fd = open_regular_at(dir_fd, name, os.O_RDWR)
     except OSError:
         return False
     try:
@@ -135,6 +139,7 @@ class TierDir:
         self.fd = -1
         self.writable = False
         self.alone = False
+        self.fresh_count = False
         self._count = -1
         self._lock = threading.Lock()
 
@@ -205,9 +210,19 @@ class TierDir:
             fcntl.flock(self.fd, fcntl.LOCK_SH)
 
     def _open_state(self, name: str) -> int:
-        flags = os.O_RDWR | os.O_CREAT if self.writable else os.O_RDONLY
         try:
-            fd = os.open(name, flags | _OPEN_FLAGS, self.file_mode, dir_fd=self.fd)
+            fd = os.open(
+                name,
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS,
+                self.file_mode,
+                dir_fd=self.fd,
+            )
+            self.fresh_count = True  # this process created it: its scan gives the first count
+        except FileExistsError:
+            try:
+                fd = os.open(name, os.O_RDWR | _OPEN_FLAGS, dir_fd=self.fd)
+            except OSError:
+                return -1
         except OSError:
             return -1
         if not stat.S_ISREG(os.fstat(fd).st_mode):

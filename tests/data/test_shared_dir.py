@@ -148,3 +148,45 @@ def test_a_large_tier_starts_from_names_and_still_bounds_capacity(tmp_path: Path
     big.write(20, rows[3])  # full: the oldest name it scanned makes room
     assert len(list(big.directory.glob("*.kvb"))) == 3 and big._dir.count() == 3
     big.close()
+
+
+_KILLED_WRITER = """
+import sys, torch
+from kvtier.storage.disk import DiskStorage
+st = DiskStorage(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), capacity=10)
+st.open()
+print("writing", flush=True)
+g = torch.Generator().manual_seed(0)
+h = 0
+while True:  # write until killed; the tier stays full, so every write also evicts
+    h += 1
+    st.write(h, torch.randint(0, 256, (int(sys.argv[3]),), dtype=torch.uint8, generator=g))
+"""
+
+
+def test_writers_killed_mid_write_leave_a_tier_that_recounts_and_verifies(tmp_path: Path) -> None:
+    import signal
+
+    from kvtier.ops.diskscan import fsck_dir
+
+    nbytes = MODEL.block_bytes
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for _ in range(3):
+        writer = subprocess.Popen(
+            [sys.executable, "-c", _KILLED_WRITER, str(tmp_path), str(FP), str(nbytes)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "writing"
+        time.sleep(0.3)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    st = DiskStorage(tmp_path, FP, nbytes, capacity=10)
+    found = st.open()  # alone: leftovers removed, the count recounted from the files
+    files = list(st.directory.glob("*.kvb"))
+    assert len(found) == len(files) <= 10 and st._dir.count() == len(files)
+    assert not list(st.directory.glob("*.tmp"))
+    report = fsck_dir(tmp_path)
+    assert report.bad == [] and report.good == len(files)  # no half block was ever published
+    st.close()
