@@ -7,6 +7,8 @@ One command on the lent H200 (vLLM 0.26.0 from ../shared/gpu-vllm), Llama-3-8B s
   prompts: recompute; vLLM's G1 prefix hit; vLLM's ``OffloadingConnector`` (CPU) after a G1
   reset; kvtier from G2 (after a G1 reset; asynchronous and layer-wise loads); kvtier from G3
   (no G2, after a G1 reset); and raw O_DIRECT reads of the same G3 files (8 threads);
+- cost-aware onboarding (``kvtier-g3-cost``): a 32k prefix in G3 loaded, recomputed, and as the
+  cost model chooses, each after a G1 reset;
 - decode throughput (32 concurrent requests, 1k-token prompts, 256 new tokens): vLLM alone vs
   vLLM + kvtier storing every block to G2.
 
@@ -91,10 +93,19 @@ def make_llm(model: Path, kv: dict[str, Any] | None) -> Any:
     )
 
 
-def gen(llm: Any, prompts: list[list[int]], max_tokens: int = 1) -> float:
+def gen(
+    llm: Any,
+    prompts: list[list[int]],
+    max_tokens: int = 1,
+    kv_params: dict[str, Any] | None = None,
+) -> float:
+    """Wall time of one ``generate``; ``kv_params`` go to the connector (``kv_transfer_params``)."""
     from vllm import SamplingParams
 
-    sp = SamplingParams(temperature=0, max_tokens=max_tokens, detokenize=False, ignore_eos=True)
+    extra = {"kv_transfer_params": kv_params} if kv_params is not None else None
+    sp = SamplingParams(
+        temperature=0, max_tokens=max_tokens, detokenize=False, ignore_eos=True, extra_args=extra
+    )
     t = time.perf_counter()
     llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
     return time.perf_counter() - t
@@ -159,6 +170,37 @@ def decode(llm: Any, seed: int, reps: int) -> list[float]:
     return rates
 
 
+def cost_series(llm: Any, reps: int) -> dict[str, Any]:
+    """Issue 13 on the GPU: a 32k-token prefix held by G3 only, loaded or recomputed.
+
+    For each prompt, in one engine after a G1 reset each time: always-load, always-recompute (both
+    as per-request overrides) and the cost model's own choice (``auto``), with the G3 tokens it
+    chose to load. Two 8k prompts first let the model measure G3 loads and prefill steps.
+    """
+    sched = llm.llm_engine.engine_core.engine_core.scheduler.connector.scheduler
+    adv = sched.onboard
+    for r in range(2):
+        p = prompt(seed_of("cost-calibration", r), 8192)
+        gen(llm, [p])
+        settle(llm, True)
+        gen(llm, [p], kv_params={"kvtier_onboard": "load"})
+        settle(llm, True)
+    out: dict[str, Any] = {"load": [], "recompute": [], "auto": [], "auto_g3_tokens": []}
+    for r in range(reps):
+        p = prompt(seed_of("cost", 32768, r), 32768)
+        gen(llm, [p])  # cold: computed and written to G3
+        settle(llm, True)
+        for mode in ("load", "recompute", "auto"):
+            before = adv.counters.loaded_tokens["G3"]
+            out[mode].append(gen(llm, [p], kv_params={"kvtier_onboard": mode}))
+            if mode == "auto":
+                out["auto_g3_tokens"].append(adv.counters.loaded_tokens["G3"] - before)
+            settle(llm, True)
+        ms = {m: round(out[m][-1] * 1e3) for m in ("load", "recompute", "auto")}
+        print(f"[cost] 32k: {ms} ms, auto loaded {out['auto_g3_tokens'][-1]} G3 tokens", flush=True)
+    return out
+
+
 def raw_reads(paths: list[Path], threads: int = 8) -> float:
     """GB/s of O_DIRECT reads of the block files, ``threads`` at a time (the disk baseline)."""
     import mmap
@@ -216,7 +258,8 @@ def run_phase(phase: str, model: Path, reps: int, workdir: Path) -> dict[str, An
         extra["cpu_cache_gb"] = 40
         extra["layerwise_onboard"] = phase != "kvtier"
         extra["cross_layer_blocks"] = phase == "kvtier-crosslayer"
-    elif phase == "kvtier-g3":
+    elif phase in ("kvtier-g3", "kvtier-g3-cost"):
+        extra["onboard_cost_aware"] = phase == "kvtier-g3-cost"
         extra["disk_cache_gb"] = 30
         extra["disk_dir"] = str(workdir / "g3")
         extra["io_threads"] = 8
@@ -237,6 +280,9 @@ def run_phase(phase: str, model: Path, reps: int, workdir: Path) -> dict[str, An
     for _ in range(2):  # the second run loads: kernels compile outside the measurements
         gen(llm, [prompt(1, 512)])
         settle(llm, True)
+    if phase == "kvtier-g3-cost":
+        res["cost"] = cost_series(llm, reps)
+        return res
     res["ttft"] = ttft_series(llm, phase, reps, kvtier=True, reset=True)
     sched = llm.llm_engine.engine_core.engine_core.scheduler.connector.scheduler
     res["counters"] = vars(sched.counters)
@@ -299,6 +345,16 @@ def report(results: dict[str, dict[str, Any]]) -> None:
             f"(forward pass included); raw O_DIRECT reads {raw:.2f} GB/s; "
             f"ratio {gb / (t / 1e3) / raw:.2f}"
         )
+    c = results.get("kvtier-g3-cost", {}).get("cost")
+    if c:
+        load, rec, auto = (med_ms(c[m]) for m in ("load", "recompute", "auto"))
+        faster = "load" if load < rec else "recompute"
+        picked = ["load" if t else "recompute" for t in c["auto_g3_tokens"]]
+        print(
+            f"\nG3 32k, cost-aware: always-load {load:.0f} ms, always-recompute {rec:.0f} ms, "
+            f"cost-aware {auto:.0f} ms (picked {picked}; faster: {faster}); "
+            f"ratio to the better {auto / min(load, rec):.2f}"
+        )
     if "decode" in results.get("vllm", {}) and "decode" in results.get("kvtier", {}):
         a = max(results["vllm"]["decode"])
         b = max(results["kvtier"]["decode"])
@@ -315,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--phases",
         default="vllm,offload,kvtier,kvtier-layerwise,kvtier-g3",
-        help="comma list: vllm, offload, kvtier, kvtier-layerwise, kvtier-crosslayer, kvtier-g3",
+        help="comma list: vllm, offload, kvtier, kvtier-layerwise, kvtier-crosslayer, kvtier-g3, "
+        "kvtier-g3-cost",
     )
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--report", nargs="+", help="only print the table of saved result files")
