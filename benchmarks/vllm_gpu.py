@@ -10,7 +10,8 @@ One command on the lent H200 (vLLM 0.26.0 from ../shared/gpu-vllm), Llama-3-8B s
 - cost-aware onboarding (``kvtier-g3-cost``): a 32k prefix in G3 loaded, recomputed, and as the
   cost model chooses, each after a G1 reset;
 - decode throughput (32 concurrent requests, 1k-token prompts, 256 new tokens): vLLM alone vs
-  vLLM + kvtier storing every block to G2.
+  vLLM + kvtier storing every block to G2 (``decode-ab``: both engines side by side in one
+  process, measured in turns; the ``vllm``/``kvtier`` phases also measure it, one engine each).
 
 Each engine runs in its own process (``--phase``), in-process engine core
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so kvtier's halves can be drained between measurements; the
@@ -72,7 +73,7 @@ def write_model(folder: Path) -> Path:
     return folder
 
 
-def make_llm(model: Path, kv: dict[str, Any] | None) -> Any:
+def make_llm(model: Path, kv: dict[str, Any] | None, gpu_memory: float = 0.80) -> Any:
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -88,7 +89,7 @@ def make_llm(model: Path, kv: dict[str, Any] | None) -> Any:
         seed=0,
         max_model_len=33792,
         max_num_seqs=64,
-        gpu_memory_utilization=0.80,
+        gpu_memory_utilization=gpu_memory,
         kv_transfer_config=ktc,
     )
 
@@ -231,9 +232,35 @@ def raw_reads(paths: list[Path], threads: int = 8) -> float:
     return len(paths) * size / (time.perf_counter() - t) / 1e9
 
 
+def decode_ab(model: Path, reps: int) -> dict[str, Any]:
+    """Decode throughput of vLLM alone and of vLLM + kvtier storing every block to G2, measured
+    in turns in one process: two engines side by side (each with its own engine-core process and
+    40% of the GPU), so that whatever drifts during a run (throughput rose by up to 40% over
+    minutes within one engine on the H200) drifts for both. Order alternates each round."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    kv = {
+        "kv_connector": "KvTierConnector",
+        "kv_connector_module_path": "kvtier.vllm",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"disk_filter": False, "cpu_cache_gb": 40},
+    }
+    engines = {"vllm": make_llm(model, None, 0.40), "kvtier": make_llm(model, kv, 0.40)}
+    for llm in engines.values():  # warm-up (kvtier: G2 pins in the background meanwhile)
+        decode(llm, 1, 2)
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    for r in range(2 * reps):
+        order = list(engines) if r % 2 == 0 else list(reversed(engines))
+        for name in order:
+            rates[name] += decode(engines[name], 20 + r, 1)
+    return {"decode_ab": rates}
+
+
 def run_phase(phase: str, model: Path, reps: int, workdir: Path) -> dict[str, Any]:
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     res: dict[str, Any] = {"phase": phase}
+    if phase == "decode-ab":
+        res.update(decode_ab(model, reps))
+        return res
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     t0 = time.perf_counter()
     if phase == "vllm":
         llm = make_llm(model, None)
@@ -345,6 +372,15 @@ def report(results: dict[str, dict[str, Any]]) -> None:
             f"(forward pass included); raw O_DIRECT reads {raw:.2f} GB/s; "
             f"ratio {gb / (t / 1e3) / raw:.2f}"
         )
+    ab = results.get("decode-ab", {}).get("decode_ab")
+    if ab:
+        a, b = statistics.mean(ab["vllm"]), statistics.mean(ab["kvtier"])
+        print(
+            f"\ndecode 32 x (1k prompt + 256 new), engines side by side, in turns: vLLM "
+            f"{a:.0f} tok/s {[round(x) for x in ab['vllm']]}, vLLM + kvtier storing every block "
+            f"{b:.0f} tok/s {[round(x) for x in ab['kvtier']]}, ratio of means {b / a:.3f}, "
+            f"of bests {max(ab['kvtier']) / max(ab['vllm']):.3f}"
+        )
     c = results.get("kvtier-g3-cost", {}).get("cost")
     if c:
         load, rec, auto = (med_ms(c[m]) for m in ("load", "recompute", "auto"))
@@ -372,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         "--phases",
         default="vllm,offload,kvtier,kvtier-layerwise,kvtier-g3",
         help="comma list: vllm, offload, kvtier, kvtier-layerwise, kvtier-crosslayer, kvtier-g3, "
-        "kvtier-g3-cost",
+        "kvtier-g3-cost, decode-ab",
     )
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--report", nargs="+", help="only print the table of saved result files")
