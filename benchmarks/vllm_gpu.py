@@ -94,6 +94,16 @@ def make_llm(model: Path, kv: dict[str, Any] | None, gpu_memory: float = 0.80) -
     )
 
 
+def kvtier_kv(extra: dict[str, Any]) -> dict[str, Any]:
+    """The ``KVTransferConfig`` fields of a kvtier engine with these knobs."""
+    return {
+        "kv_connector": "KvTierConnector",
+        "kv_connector_module_path": "kvtier.vllm",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": extra,
+    }
+
+
 def gen(
     llm: Any,
     prompts: list[list[int]],
@@ -238,12 +248,7 @@ def decode_ab(model: Path, reps: int) -> dict[str, Any]:
     40% of the GPU), so that whatever drifts during a run (throughput rose by up to 40% over
     minutes within one engine on the H200) drifts for both. Order alternates each round."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    kv = {
-        "kv_connector": "KvTierConnector",
-        "kv_connector_module_path": "kvtier.vllm",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": {"disk_filter": False, "cpu_cache_gb": 40},
-    }
+    kv = kvtier_kv({"disk_filter": False, "cpu_cache_gb": 40})
     engines = {"vllm": make_llm(model, None, 0.40), "kvtier": make_llm(model, kv, 0.40)}
     for llm in engines.values():  # warm-up (kvtier: G2 pins in the background meanwhile)
         decode(llm, 1, 2)
@@ -290,13 +295,7 @@ def run_phase(phase: str, model: Path, reps: int, workdir: Path) -> dict[str, An
         extra["disk_cache_gb"] = 30
         extra["disk_dir"] = str(workdir / "g3")
         extra["io_threads"] = 8
-    kv = {
-        "kv_connector": "KvTierConnector",
-        "kv_connector_module_path": "kvtier.vllm",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": extra,
-    }
-    llm = make_llm(model, kv)
+    llm = make_llm(model, kvtier_kv(extra))
     res["start_s"] = time.perf_counter() - t0
     res["pin_wait_s"] = wait_pinned(llm)
     from vllm.distributed.kv_transfer import get_kv_transfer_group
