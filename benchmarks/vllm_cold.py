@@ -1,7 +1,8 @@
 """Cold prompts through a real vLLM (CPU build): what kvtier costs when nothing can be reused.
 
 One command: ``.venv/bin/python benchmarks/vllm_cold.py``. Two engine processes, vLLM alone and
-vLLM + kvtier (G2 + G3, every new block written through to disk: ``disk_filter`` off), take
+vLLM + kvtier (G2 + G3 on kvtier's default settings: a block goes to disk on its second sighting;
+``--knobs '{"disk_filter": false}'`` writes every new block through to disk instead), take
 turns round by round in the same run. A round sends one engine ``--burst`` distinct prompts one
 after another (so the background copies and disk writes of one prompt compete with the next
 prompt's prefill, as in a server), then one batched ``generate`` of ``--burst`` more distinct
@@ -50,7 +51,6 @@ def _engine(model: Path, mode: str, work: Path, knobs: dict[str, int]) -> Any:
             "cpu_cache_blocks": 256,
             "disk_cache_blocks": 4096,
             "disk_dir": str(work / "g3"),
-            "disk_filter": False,
         }
         extra.update(knobs)
         kwargs["kv_transfer_config"] = KVTransferConfig(
