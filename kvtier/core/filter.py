@@ -8,6 +8,7 @@ a block is offloaded once its count reaches ``min_frequency`` (2: seen twice bef
 Decay is computed lazily per entry from whole intervals elapsed since the filter's first use, which
 equals decrementing every entry at each interval boundary, without a timer thread. The clock is
 injected (tests drive it by hand); the filter can be switched off (then everything passes).
+It counts the sightings it turned away (``rejections``), for the filter-rejection metric.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class FrequencyFilter:
         self._clock = clock
         self._origin: float | None = None  # time of first use; decay epochs count from here
         self._entries: OrderedDict[int, tuple[int, int]] = OrderedDict()  # hash -> (count, epoch)
+        self.rejections = 0
+        """Sightings ``should_offload`` turned away (cumulative)."""
 
     @property
     def config(self) -> FrequencyFilterConfig:
@@ -95,4 +98,7 @@ class FrequencyFilter:
             if self._decayed(oldest[1], epoch) > 0 and len(entries) <= self._config.max_entries:
                 break
             entries.popitem(last=False)
-        return count >= self._config.min_frequency
+        if count >= self._config.min_frequency:
+            return True
+        self.rejections += 1
+        return False

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from kvtier.vllm.metadata import WorkerReport
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
-from kvtier.vllm.slots import SlotIndex
+from kvtier.plan.slots import SlotIndex
 
 BS = 4
 

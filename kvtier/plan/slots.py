@@ -1,4 +1,4 @@
-"""The scheduler half's record of what G2 and G3 hold, on the control plane's ``BlockPool``.
+"""The planner's record of what G2 and G3 hold, on the control plane's ``BlockPool``.
 
 Why this exists: in vLLM the scheduler and the workers may live in different processes, so the
 scheduler half cannot ask the worker what a tier holds. It keeps this index itself and tells the
@@ -9,7 +9,9 @@ a G2 host row, or a G3 capacity unit (G3 files are named by hash; the slot only 
 a store in flight is a pool ``MutableBlock`` (pending: held, not matchable); when the worker
 reports the bytes landed it is registered (ready, matchable, deduplicated, evicted leaf-first by
 the pool's policy); a pin is a pool reference (``match``), so a block being read by a load or a
-G2->G3 copy is never evicted. Pure Python, no torch.
+G2->G3 copy is never evicted. The pool reports to a ``TierRegistry`` when one is given, so
+every arrival (commit, restore) and departure (eviction, removal) is one ``StoreEvent`` or
+``RemoveEvent`` there: the one record of tier contents that telemetry reads. Pure Python, no torch.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 
 from kvtier.core.block import ImmutableBlock, MutableBlock
 from kvtier.core.pool import BlockPool
+from kvtier.core.registry import TierRegistry
 
 __all__ = ["SlotIndex"]
 
@@ -39,12 +42,14 @@ class _Ready:
 class SlotIndex:
     """A tier's slots keyed by sequence hash (see the module docstring)."""
 
-    def __init__(self, name: str, num_slots: int) -> None:
+    def __init__(self, name: str, num_slots: int, *, registry: TierRegistry | None = None) -> None:
         if num_slots < 0:
             raise ValueError(f"{name}: num_slots must be >= 0, got {num_slots}")
         self.name = name
         self.num_slots = num_slots
-        self.pool: BlockPool | None = BlockPool(num_slots, tier=name) if num_slots else None
+        self.pool: BlockPool | None = (
+            BlockPool(num_slots, tier=name, registry=registry) if num_slots else None
+        )
         self._pending: dict[int, _Pending] = {}
         self._pins: dict[int, list[ImmutableBlock]] = {}
         self._ready: set[int] = set()  # registered hashes, for clear()
