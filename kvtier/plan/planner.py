@@ -27,6 +27,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kvtier.core.filter import FrequencyFilter, FrequencyFilterConfig
 from kvtier.core.registry import TierRegistry
@@ -63,9 +64,8 @@ class PlannerConfig:
                 raise ValueError(f"PlannerConfig.{name} must be an int >= {low}, got {value!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class StoreChoice:
-    """What ``TierPlanner.store`` planned for one block."""
+class StoreChoice(NamedTuple):
+    """What ``TierPlanner.store`` planned for one block (a tuple: built once per stored block)."""
 
     host_slot: int | None
     """The G2 slot a new device -> host copy fills, or None (G2 holds it already, or is full)."""
@@ -77,13 +77,6 @@ class StoreChoice:
 
 
 _NOTHING = StoreChoice(None, False, False)
-
-
-@dataclass
-class _Pending:
-    reports: int = 0
-    failed: bool = False
-    host_pin: int | None = None  # a G2 hash pinned as the source of a G3 write
 
 
 @dataclass
@@ -120,8 +113,7 @@ class TierPlanner:
         self.filter = FrequencyFilter(filter_config, clock=clock)
         self.disk_ready = config.disk_blocks == 0
         """Whether the G3 index is known (every worker reported what it found on disk)."""
-        self._host_pending: dict[int, _Pending] = {}
-        self._disk_pending: dict[int, _Pending] = {}
+        self._from_host: set[int] = set()  # G3 writes in flight that pin their G2 slot
         self._loads: dict[int, _Load] = {}
         self._next_job = 0
         self._deletes: list[int] = []
@@ -200,10 +192,7 @@ class TierPlanner:
         if not self.config.host_blocks or h in self.host:
             return -1
         slot = self._reserve(self.host, h, parent)
-        if slot is None:
-            return -1
-        self._host_pending[h] = _Pending()
-        return slot
+        return -1 if slot is None else slot
 
     # -- stores -------------------------------------------------------------------------------
 
@@ -218,43 +207,34 @@ class TierPlanner:
             else:
                 host_slot = source = self._reserve(self.host, h, parent)
                 if host_slot is not None:
-                    self._host_pending[h] = _Pending()
                     self.counters.offload_d2h += 1
         in_host = source is not None
         if not self.config.disk_blocks or h in self.disk or not self.filter.should_offload(h):
             return StoreChoice(host_slot, in_host, False) if in_host else _NOTHING
         if self._reserve(self.disk, h, parent) is None:
             return StoreChoice(host_slot, in_host, False)
-        pending = self._disk_pending[h] = _Pending()
         if source is None:
             self.counters.offload_d2d += 1
             return StoreChoice(host_slot, False, True)
         # A pending G2 copy is ordered before this write by the worker (same or earlier step).
         self.host.pin(h, pending_ok=True)
-        pending.host_pin = h
+        self._from_host.add(h)
         self.counters.offload_h2d += 1
         return StoreChoice(host_slot, True, True, source)
 
     def store_reported(self, tier: str, h: int, *, ok: bool) -> None:
         """One worker's outcome of a G2 store or G3 write; commit or abort once all reported."""
-        table = self._host_pending if tier == G2 else self._disk_pending
-        p = table.get(h)
-        if p is None:
-            return
-        p.reports += 1
-        p.failed = p.failed or not ok
-        if p.reports < self.config.num_workers:
-            return
-        del table[h]
-        if p.host_pin is not None:
-            self.host.unpin(p.host_pin)
         index = self.host if tier == G2 else self.disk
-        if not p.failed:
-            index.commit(h)
+        landed = index.report(h, ok=ok, needed=self.config.num_workers)
+        if landed is None:
+            return
+        if tier == G3 and h in self._from_host:
+            self._from_host.discard(h)
+            self.host.unpin(h)
+        if landed:
             return
         # A G3 write planned from a failed G2 slot is failed by the worker too, dropping its pin.
         self.counters.store_failures += 1
-        index.abort(h)
         if tier == G3:
             self._deletes.append(h)
 
@@ -325,14 +305,14 @@ class TierPlanner:
 
     def has_pending(self) -> bool:
         """A copy is in flight, a delete waits for a plan, or the G3 index is not known yet."""
-        busy = self._host_pending or self._disk_pending or self._loads or self._deletes
-        return bool(busy) or not self.disk_ready
+        in_flight = self.host.in_flight or self.disk.in_flight
+        return bool(in_flight or self._loads or self._deletes) or not self.disk_ready
 
     def reset(self) -> bool:
         """Drop everything G2 and G3 hold (their G3 files are deleted by the next plan).
         Refused (False, nothing dropped) while a copy is in flight or the G3 index is not known
         yet: those copies would land stale blocks after the reset."""
-        if self._loads or self._host_pending or self._disk_pending or not self.disk_ready:
+        if self._loads or self.host.in_flight or self.disk.in_flight or not self.disk_ready:
             return False
         self.host.clear()
         self._deletes.extend(self.disk.clear())
@@ -342,14 +322,10 @@ class TierPlanner:
         """Pools are consistent and every pin is accounted for by a load or a G3 write."""
         self.host.check_invariants()
         self.disk.check_invariants()
-        host_pins: dict[int, int] = {}
-        disk_pins: dict[int, int] = {}
-        for h in self._host_pending:
+        host_pins = dict.fromkeys(self.host.stores_in_flight(), 1)
+        disk_pins = dict.fromkeys(self.disk.stores_in_flight(), 1)
+        for h in self._from_host:
             host_pins[h] = host_pins.get(h, 0) + 1
-        for h, p in self._disk_pending.items():
-            disk_pins[h] = disk_pins.get(h, 0) + 1
-            if p.host_pin is not None:
-                host_pins[p.host_pin] = host_pins.get(p.host_pin, 0) + 1
         for load in self._loads.values():
             for h in load.host_hashes:
                 host_pins[h] = host_pins.get(h, 0) + 1
