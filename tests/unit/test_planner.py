@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,45 @@ def test_registry_records_arrivals_and_departures() -> None:
     ]
     assert isinstance(events[2], StoreEvent) and events[2].parent_sequence_hash == 10
     assert p.registry.holds(G2, 11) and not p.registry.holds(G2, 10)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_copies_keep_the_invariants(seed: int) -> None:
+    """Random stores, loads and (partial, failing) reports from two workers: after every step
+    the pins equal the copies in flight, and once everything is reported nothing stays pinned."""
+    rng = random.Random(seed)
+    p = planner(host=6, disk=5, num_workers=2, disk_filter=bool(seed % 2))
+    waiting: list[tuple[str, int]] = []
+    loads: list[int] = []
+    for _ in range(300):
+        op = rng.random()
+        if op < 0.4:
+            h = rng.randrange(1, 20)
+            got = p.store(h, h - 1 if h > 1 else None)
+            if got.host_slot is not None:
+                waiting.extend([(G2, h), (G2, h)])
+            if got.disk_write:
+                waiting.extend([(G3, h), (G3, h)])
+        elif op < 0.55:
+            start = rng.randrange(1, 20)
+            hashes = list(range(start, start + 4))
+            host_end, disk_end = p.match(hashes, 0, len(hashes))
+            if disk_end:
+                job, _ = p.begin_load("r", hashes[:host_end], hashes[host_end:disk_end])
+                loads.extend([job, job])
+        elif op < 0.9 and waiting:
+            tier, h = waiting.pop(rng.randrange(len(waiting)))
+            p.store_reported(tier, h, ok=rng.random() < 0.85)
+        elif loads:
+            p.load_reported(loads.pop(rng.randrange(len(loads))))
+        if rng.random() < 0.05:
+            p.disk_bad(rng.randrange(1, 20))
+        p.check_invariants()
+    for tier, h in waiting:
+        p.store_reported(tier, h, ok=True)
+    for job in loads:
+        p.load_reported(job)
+    p.check_invariants()
+    assert p.host.pin_counts() == {} and p.disk.pin_counts() == {}
+    assert p.host.in_flight == 0 and p.disk.in_flight == 0
+    assert len(p.host) <= 6 and len(p.disk) <= 5
