@@ -12,11 +12,9 @@ Rules it keeps:
 
 - Requests are hashed with KVBM's chained sequence hash, seeded by their cache salt and LoRA name,
   so requests with different salts never share a block.
-- Matching: G2 from the end of vLLM's G1 hit, then G3 from where G2 stopped; full blocks only, and
-  never the whole prompt (vLLM must compute at least one token).
-- Every block a step completes (prompt or decode) is stored to G2 once; the G2 -> G3 cascade goes
-  through the frequency filter. A G2 slot read by a load or a G3 write is pinned until the worker
-  reports the read done, so it is never reused under a copy.
+- Matching starts at the end of vLLM's G1 hit; full blocks only, never the whole prompt (vLLM
+  must compute at least one token). Every block a step completes (prompt or decode) is offered
+  to the planner once (G2, and G3 through the cascade).
 - A request that finishes while stores of its blocks may still read GPU memory keeps its blocks
   (``request_finished`` returns True) until the workers confirm (``finished_sending``). With
   kvtier's CPU worker that never happens (its stores read memory within the step that planned
@@ -31,11 +29,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kvtier.core.filter import FrequencyFilter
 from kvtier.hashing import salt_hash
 from kvtier.plan.counters import SchedulerCounters
 from kvtier.plan.planner import G2, G3, PlannerConfig, TierPlanner
-from kvtier.plan.slots import SlotIndex
 from kvtier.tokens import SequenceHashes
 from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, StoreBatch, WorkerReport
 from kvtier.vllm.onboard import OnboardAdvisor
@@ -84,14 +80,20 @@ class SchedulerConfig:
     below the smallest pinned-row count every worker has reported (``WorkerReport``)."""
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "num_workers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"SchedulerConfig.{name} must be a positive int, got {value!r}")
-        for name in ("host_blocks", "disk_blocks"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"SchedulerConfig.{name} must be an int >= 0, got {value!r}")
+        bs = self.block_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0:
+            raise ValueError(f"SchedulerConfig.block_size must be a positive int, got {bs!r}")
+        self.planner()  # validates the tier sizes and the worker count
+
+    def planner(self) -> PlannerConfig:
+        """The planner's share of this configuration."""
+        return PlannerConfig(
+            host_blocks=self.host_blocks,
+            disk_blocks=self.disk_blocks,
+            disk_filter=self.disk_filter,
+            num_workers=self.num_workers,
+            pinned_host_rows=self.pinned_host_rows,
+        )
 
 
 @dataclass
@@ -134,38 +136,16 @@ class KvTierScheduler:
         self.remote = remote  # G4 lookups and write-behind planning (kvtier.vllm.remote_plan)
         self.onboard = onboard  # cost-aware cap on each load (kvtier.vllm.onboard)
         self.counters = SchedulerCounters()
-        self.planner = TierPlanner(
-            PlannerConfig(
-                host_blocks=config.host_blocks,
-                disk_blocks=config.disk_blocks,
-                disk_filter=config.disk_filter,
-                num_workers=config.num_workers,
-                pinned_host_rows=config.pinned_host_rows,
-            ),
-            counters=self.counters,
-            clock=clock,
-        )
+        self.planner = TierPlanner(config.planner(), counters=self.counters, clock=clock)
+        self.host = self.planner.host  # what G2 and G3 hold, and the G2 -> G3 filter
+        self.disk = self.planner.disk
+        self.filter = self.planner.filter
         self._reqs: dict[str, _Req] = {}
         self._step = 0
         self._confirmed_step = -1
         self._plan_loads: list[LoadJob] = []
         self._delayed: list[str] = []
         self._delayed_waiting: set[str] = set()
-
-    @property
-    def host(self) -> SlotIndex:
-        """The planner's G2 index."""
-        return self.planner.host
-
-    @property
-    def disk(self) -> SlotIndex:
-        """The planner's G3 index."""
-        return self.planner.disk
-
-    @property
-    def filter(self) -> FrequencyFilter:
-        """The planner's G2 -> G3 frequency filter."""
-        return self.planner.filter
 
     # -- vLLM scheduler-side API --------------------------------------------------------------
 
