@@ -108,8 +108,6 @@ class _Req:
     match_remote: int = 0
     last_store_step: int = -1
     load_job: int | None = None
-    loaded_from: int = 0
-    loaded_to: int = 0
     query_tokens: int = 0
 
 
@@ -238,7 +236,6 @@ class KvTierScheduler:
             parts = {"G2": st.match_host, "G3": st.match_disk, "G4": len(remote.hashes)}
             self.onboard.load_planned(job_id, parts)
         st.load_job = job_id
-        st.loaded_from, st.loaded_to = start, start + count
         self.counters.matched_tokens += num_external_tokens
 
     def external_hit_split(self, request_id: str) -> tuple[int, int]:
