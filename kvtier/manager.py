@@ -31,7 +31,8 @@ from kvtier.core.offload import OffloadQueue
 from kvtier.core.pool import BlockPool
 from kvtier.core.registry import TierEvent, TierRegistry
 from kvtier.lifecycle import Lifecycle
-from kvtier.storage.block_file import PRIORITY_MAX, PRIORITY_MIN, acyclic_parents
+from kvtier.plan.restore import plan_restore
+from kvtier.storage.block_file import PRIORITY_MAX, PRIORITY_MIN
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage
@@ -314,24 +315,21 @@ class KvBlockManager(Lifecycle):
                 found = []
             pool = BlockPool(cfg.disk_blocks, block_size=bs, tier=G3, registry=self.registry)
             self.disk_pool = DiskPool(pool, disk)
-            # Keep the newest files that fit; restore them oldest first, because restore takes
-            # the release tick that orders eviction: the oldest file is then evicted first.
-            kept = found[: cfg.disk_blocks]
-            for extra in found[cfg.disk_blocks :]:  # beyond G3's size (it shrank): delete
-                disk.remove(extra.header.sequence_hash)
-            oldest_first = list(reversed(kept))
-            links = acyclic_parents(  # a header naming itself or a cycle pins nothing
-                (e.sequence_hash for e in oldest_first),
-                {e.sequence_hash: e.parent_hash for e in oldest_first},
-            )
-            for block_id, hdr in enumerate(oldest_first):
+            # The one restore rule (kvtier.plan.restore): the newest files that fit, oldest
+            # first, parents before children, unsafe parent links dropped; the rest deleted.
+            by_hash = {e.sequence_hash: e for e in found}
+            links = {e.sequence_hash: e.parent_hash for e in found}
+            restore = plan_restore(list(by_hash), links, cfg.disk_blocks)
+            for extra in restore.dropped:  # beyond G3's size (it shrank): delete
+                disk.remove(extra)
+            for block_id, h in enumerate(restore.order):
                 pool.restore(
                     block_id,
-                    hdr.sequence_hash,
-                    parent_sequence_hash=links[hdr.sequence_hash],
-                    priority=hdr.priority,
+                    h,
+                    parent_sequence_hash=restore.parents[h],
+                    priority=by_hash[h].priority,
                 )
-                self.disk_pool.slot_hashes[block_id] = hdr.sequence_hash
+                self.disk_pool.slot_hashes[block_id] = h
             self._cascade_queue = OffloadQueue(pool)
             self._disk_io = DiskIo(disk, cfg.io_threads)
             self._disk_io.start()

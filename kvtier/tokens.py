@@ -3,7 +3,9 @@
 Why: during decode a request gains one token per step; re-hashing the whole prompt each step
 would be O(n) per token. ``TokenBlockSequence`` hashes each block exactly once, when it
 completes, chaining from the previous block's sequence hash (same values as
-``kvtier.hashing.sequence_hashes``).
+``kvtier.hashing.sequence_hashes``). ``SequenceHashes`` is the lean form the vLLM scheduler half
+uses (hashes only, no copies of the tokens: vLLM's request already holds them), one batch
+``kvtier.hashing.hash_chain`` call per advance.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 from kvtier import hashing
 from kvtier.hashing import TOKEN_MAX, chain_hash, hash_chain, token_bytes
 
-__all__ = ["TokenBlock", "TokenBlockSequence"]
+__all__ = ["SequenceHashes", "TokenBlock", "TokenBlockSequence"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +30,30 @@ class TokenBlock:
     block_hash: int
     sequence_hash: int
     parent_sequence_hash: int | None
+
+
+class SequenceHashes:
+    """Sequence hashes of the full blocks of a growing token sequence held elsewhere."""
+
+    __slots__ = ("block_size", "hashes", "num_tokens", "salt_hash")
+
+    def __init__(self, block_size: int, salt_hash: int = 0) -> None:
+        self.block_size = block_size
+        self.salt_hash = salt_hash
+        self.hashes: list[int] = []
+        self.num_tokens = 0
+        """Tokens hashed so far (a multiple of ``block_size``)."""
+
+    def advance(self, tokens: Sequence[int], num_tokens: int) -> None:
+        """Hash the blocks of ``tokens[:num_tokens]`` not hashed yet (full blocks only)."""
+        bs = self.block_size
+        full = (num_tokens // bs) * bs
+        if full <= self.num_tokens:
+            return
+        parent = self.hashes[-1] if self.hashes else None
+        _, seqs = hash_chain(list(tokens[self.num_tokens : full]), bs, self.salt_hash, parent)
+        self.hashes.extend(seqs)
+        self.num_tokens = full
 
 
 class TokenBlockSequence:

@@ -8,6 +8,7 @@ a block is offloaded once its count reaches ``min_frequency`` (2: seen twice bef
 Decay is computed lazily per entry from whole intervals elapsed since the filter's first use, which
 equals decrementing every entry at each interval boundary, without a timer thread. The clock is
 injected (tests drive it by hand); the filter can be switched off (then everything passes).
+It counts the sightings it turned away (``rejections``), for the filter-rejection metric.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class FrequencyFilter:
         self._clock = clock
         self._origin: float | None = None  # time of first use; decay epochs count from here
         self._entries: OrderedDict[int, tuple[int, int]] = OrderedDict()  # hash -> (count, epoch)
+        self.rejections = 0
+        """Sightings ``should_offload`` turned away (cumulative)."""
 
     @property
     def config(self) -> FrequencyFilterConfig:
@@ -81,6 +84,10 @@ class FrequencyFilter:
         """Current (decayed) count, without recording a sighting."""
         return self._decayed(self._entries.get(sequence_hash), self._epoch())
 
+    def sighting(self, sequence_hash: int) -> bool:
+        """``should_offload`` under the name the connector's telemetry tests use."""
+        return self.should_offload(sequence_hash)
+
     def should_offload(self, sequence_hash: int) -> bool:
         """Record a sighting of ``sequence_hash``; True when it is now frequent enough."""
         if not self._config.enabled:
@@ -95,4 +102,7 @@ class FrequencyFilter:
             if self._decayed(oldest[1], epoch) > 0 and len(entries) <= self._config.max_entries:
                 break
             entries.popitem(last=False)
-        return count >= self._config.min_frequency
+        if count >= self._config.min_frequency:
+            return True
+        self.rejections += 1
+        return False

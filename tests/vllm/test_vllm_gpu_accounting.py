@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvtier.plan.slots import SlotIndex
 from kvtier.vllm.metadata import WorkerReport
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
-from kvtier.vllm.slots import SlotIndex
 
 BS = 4
 

@@ -1,10 +1,10 @@
-"""SlotIndex (the scheduler half's G2/G3 index over core's BlockPool)"""
+"""SlotIndex (the planner's G2/G3 index over core's BlockPool)"""
 
 from __future__ import annotations
 
 import pytest
 
-from kvtier.vllm.slots import SlotIndex
+from kvtier.plan.slots import SlotIndex
 
 
 def _ready(idx: SlotIndex, *hashes: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""The scheduler half's record of what G2 and G3 hold, on the control plane's ``BlockPool``.
+"""The planner's record of what G2 and G3 hold, on the control plane's ``BlockPool``.
 
 Why this exists: in vLLM the scheduler and the workers may live in different processes, so the
 scheduler half cannot ask the worker what a tier holds. It keeps this index itself and tells the
@@ -9,7 +9,9 @@ a G2 host row, or a G3 capacity unit (G3 files are named by hash; the slot only 
 a store in flight is a pool ``MutableBlock`` (pending: held, not matchable); when the worker
 reports the bytes landed it is registered (ready, matchable, deduplicated, evicted leaf-first by
 the pool's policy); a pin is a pool reference (``match``), so a block being read by a load or a
-G2->G3 copy is never evicted. Pure Python, no torch.
+G2->G3 copy is never evicted. The pool reports to a ``TierRegistry`` when one is given, so
+every arrival (commit, restore) and departure (eviction, removal) is one ``StoreEvent`` or
+``RemoveEvent`` there: the one record of tier contents that telemetry reads. Pure Python, no torch.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 
 from kvtier.core.block import ImmutableBlock, MutableBlock
 from kvtier.core.pool import BlockPool
+from kvtier.core.registry import TierRegistry
 
 __all__ = ["SlotIndex"]
 
@@ -28,7 +31,9 @@ class _Pending:
     block: MutableBlock
     parent: int | None
     pins: int = 1  # the store itself, plus copies planned from the slot before it lands
-    failed: bool = False
+    failed: bool = False  # aborted (kept only while copies planned from it still hold pins)
+    reports: int = 0  # workers that reported the store (``report``)
+    any_failed: bool = False  # a worker reported it failed
 
 
 @dataclass
@@ -39,15 +44,19 @@ class _Ready:
 class SlotIndex:
     """A tier's slots keyed by sequence hash (see the module docstring)."""
 
-    def __init__(self, name: str, num_slots: int) -> None:
+    def __init__(self, name: str, num_slots: int, *, registry: TierRegistry | None = None) -> None:
         if num_slots < 0:
             raise ValueError(f"{name}: num_slots must be >= 0, got {num_slots}")
         self.name = name
         self.num_slots = num_slots
-        self.pool: BlockPool | None = BlockPool(num_slots, tier=name) if num_slots else None
+        self.pool: BlockPool | None = (
+            BlockPool(num_slots, tier=name, registry=registry) if num_slots else None
+        )
         self._pending: dict[int, _Pending] = {}
         self._pins: dict[int, list[ImmutableBlock]] = {}
         self._ready: set[int] = set()  # registered hashes, for clear()
+        self.in_flight = 0
+        """Pending blocks whose store is not yet committed or aborted."""
         self.evictions = 0
         self.usable = num_slots
         """Slots ``[0, usable)`` may be handed out (G2 rows not yet page-locked are not)."""
@@ -113,15 +122,34 @@ class SlotIndex:
         if blocks is None:  # cannot happen after a successful evict; kept as a guard
             return None
         self._pending[seq_hash] = _Pending(blocks[0], parent)
+        self.in_flight += 1
         return blocks[0].block_id, evicted
+
+    def report(self, seq_hash: int, *, ok: bool, needed: int) -> bool | None:
+        """Count one worker's outcome of a pending store; once ``needed`` workers reported,
+        commit it (True) or, if any failed, abort it (False). None until then, and for a hash
+        with no store in flight (a late or repeated report)."""
+        p = self._pending.get(seq_hash)
+        if p is None or p.failed:
+            return None
+        p.reports += 1
+        p.any_failed = p.any_failed or not ok
+        if p.reports < needed:
+            return None
+        if p.any_failed:
+            self.abort(seq_hash)
+            return False
+        self.commit(seq_hash)
+        return True
 
     def commit(self, seq_hash: int) -> None:
         """A pending block's bytes landed: it becomes matchable (and drops its store pin)."""
         p = self._pending.get(seq_hash)
-        if p is None:
+        if p is None or p.failed:
             raise ValueError(f"{self.name}: hash {seq_hash:#x} is not pending")
         assert self.pool is not None
         del self._pending[seq_hash]
+        self.in_flight -= 1
         p.block.mark_complete()
         handle = self.pool.register(p.block, seq_hash, parent_sequence_hash=p.parent)
         self._ready.add(seq_hash)
@@ -138,7 +166,10 @@ class SlotIndex:
         p = self._pending.get(seq_hash)
         if p is None:
             raise ValueError(f"{self.name}: hash {seq_hash:#x} is not pending")
+        if p.failed:
+            raise ValueError(f"{self.name}: hash {seq_hash:#x} was aborted already")
         p.failed = True
+        self.in_flight -= 1
         self._unpin_pending(seq_hash, p)
 
     def pin(self, seq_hash: int, *, pending_ok: bool = False) -> int:
@@ -213,6 +244,8 @@ class SlotIndex:
         """The pool's own invariants, and every pin held is a live reference of the pool."""
         if self.pool is not None:
             self.pool.check_invariants()
+        live = sum(1 for p in self._pending.values() if not p.failed)
+        assert live == self.in_flight, f"{self.name}: {self.in_flight} in flight, {live} pending"
         for h, p in self._pending.items():
             assert p.block.alive and p.pins >= 1, f"{self.name}: pending {h:#x} lost its block"
             assert self.pool is not None and not self.pool.contains(h), (
@@ -230,6 +263,10 @@ class SlotIndex:
         for h, held in self._pins.items():
             out[h] = out.get(h, 0) + len(held)
         return out
+
+    def stores_in_flight(self) -> list[int]:
+        """Hashes of the pending blocks whose store is neither committed nor aborted."""
+        return [h for h, p in self._pending.items() if not p.failed]
 
     @property
     def num_pinned(self) -> int:

@@ -1,0 +1,338 @@
+"""``TierPlanner``: the one place that decides what lives where across G2 and G3. No torch.
+
+Why this exists: the data plane (a worker, possibly in another process) only moves bytes; every
+decision about the tiers is made here, on plain data (sequence hashes, parents, slot ids), so it
+can run in vLLM's scheduler process and be tested in microseconds:
+
+- prefix match: G2 from a start block, then G3 from where G2 stopped; a G3 miss in this index is
+  looked up by file name in the G3 folders other engines share (adopted when every worker's
+  folder has the file);
+- two phases for every copy: ``store``/``reserve_copy``/``begin_load`` reserve (a pending slot, or
+  pins on the slots a load reads), the workers' reports commit or abort once all ``num_workers``
+  reported (a failure on any rank aborts: the slot is freed, a G3 file deleted);
+- a G2 slot read by a copy (a load, or a G3 write from it) is pinned until the read is reported
+  done, so it is never reused under a copy;
+- the G2 -> G3 cascade: a block is written to G3 when G3 does not hold it and the frequency filter
+  admits it (from its G2 slot when it has one, else from the GPU block);
+- restore of G3 at start-up (``kvtier.plan.restore``), reset, invariants.
+
+Every arrival and departure lands in ``registry`` (a ``TierRegistry``) as a Store/Remove event.
+The G3 files to delete (evicted, failed, corrupt on some rank, reset) accumulate until
+``take_deletes`` hands them to the next plan.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from kvtier.core.filter import FrequencyFilter, FrequencyFilterConfig
+from kvtier.core.registry import TierRegistry
+from kvtier.plan.counters import SchedulerCounters
+from kvtier.plan.restore import plan_restore
+from kvtier.plan.slots import SlotIndex
+from kvtier.storage.block_file import block_file_name
+from kvtier.storage.tier_dir import regular_file_exists
+
+__all__ = ["PlannerConfig", "StoreChoice", "TierPlanner"]
+
+G2 = "G2"
+G3 = "G3"
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """Sizes and policy of the tiers the planner manages."""
+
+    host_blocks: int
+    disk_blocks: int
+    disk_filter: bool = True
+    num_workers: int = 1
+    pinned_host_rows: bool = False
+    """G2 slots are handed out only below the pinned-row count every worker reported."""
+    record_events: bool = False
+    """Whether ``registry`` keeps Store/Remove events (only when someone drains them)."""
+
+    def __post_init__(self) -> None:
+        for name in ("host_blocks", "disk_blocks", "num_workers"):
+            value = getattr(self, name)
+            low = 1 if name == "num_workers" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"PlannerConfig.{name} must be an int >= {low}, got {value!r}")
+
+
+class StoreChoice(NamedTuple):
+    """What ``TierPlanner.store`` planned for one block (a tuple: built once per stored block)."""
+
+    host_slot: int | None
+    """The G2 slot a new device -> host copy fills, or None (G2 holds it already, or is full)."""
+    in_host: bool
+    """G2 holds the block after this plan (a new copy, or one pending or ready before)."""
+    disk_write: bool
+    """A G3 write is planned (from ``disk_host_slot`` when >= 0, else from the GPU block)."""
+    disk_host_slot: int = -1
+
+
+_NOTHING = StoreChoice(None, False, False)
+
+
+@dataclass
+class _Load:
+    req_id: str
+    host_hashes: list[int]
+    disk_hashes: list[int]
+    reports: int = 0
+
+
+@dataclass
+class _Restore:
+    reports: list[set[int]] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)  # rank 0's, newest first
+    parents: dict[int, int | None] = field(default_factory=dict)
+
+
+class TierPlanner:
+    """Decisions over G2 and G3 (see the module docstring). Not thread-safe: one caller."""
+
+    def __init__(
+        self,
+        config: PlannerConfig,
+        *,
+        counters: SchedulerCounters | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.counters = counters if counters is not None else SchedulerCounters()
+        self.registry = TierRegistry(record_events=config.record_events)
+        self.host = SlotIndex(G2, config.host_blocks, registry=self.registry)
+        self.disk = SlotIndex(G3, config.disk_blocks, registry=self.registry)
+        filter_config = FrequencyFilterConfig(enabled=config.disk_filter)
+        self.filter = FrequencyFilter(filter_config, clock=clock)
+        self.disk_ready = config.disk_blocks == 0
+        """Whether the G3 index is known (every worker reported what it found on disk)."""
+        self._from_host: set[int] = set()  # G3 writes in flight that pin their G2 slot
+        self._loads: dict[int, _Load] = {}
+        self._next_job = 0
+        self._deletes: list[int] = []
+        self._restore = _Restore()
+        self._pinned_rows: dict[int, int] = {}
+        self._disk_folders: list[str] = []  # each worker's G3 folder, shared with other engines
+        if config.pinned_host_rows:
+            self.host.limit_usable(0)
+
+    # -- matching -----------------------------------------------------------------------------
+
+    def match(self, hashes: Sequence[int], start: int, limit: int) -> tuple[int, int]:
+        """Where the G2 part and then the G3 part of a prefix match from ``start`` end (block
+        indices, at most ``limit``)."""
+        n = start
+        while n < limit and self.host.lookup(hashes[n]) is not None:
+            n += 1
+        host_end = n
+        while n < limit:
+            h = hashes[n]
+            if self.disk.lookup(h) is None and not self._adopt(h, hashes[n - 1] if n else None):
+                break
+            n += 1
+        return host_end, n
+
+    def _adopt(self, h: int, parent: int | None) -> bool:
+        """Take a block another engine wrote into this G3 index, if every worker's folder has
+        its file (one ``lstat`` each; the worker's read verifies it, a vanished file is a load
+        error and vLLM recomputes)."""
+        if not self._disk_folders or h in self.disk:
+            return False
+        name = block_file_name(h)
+        if not all(regular_file_exists(os.path.join(f, name)) for f in self._disk_folders):
+            return False
+        if self._reserve(self.disk, h, parent) is None:
+            return False
+        self.disk.commit(h)
+        return True
+
+    # -- loads --------------------------------------------------------------------------------
+
+    def begin_load(
+        self, req_id: str, host_hashes: list[int], disk_hashes: list[int]
+    ) -> tuple[int, list[int]]:
+        """Pin the matched blocks a load reads; returns its job id and the G2 slots it reads."""
+        slots = [self.host.pin(h) for h in host_hashes]
+        for h in disk_hashes:
+            self.disk.pin(h)
+        job_id = self._next_job
+        self._next_job += 1
+        self._loads[job_id] = _Load(req_id, host_hashes, disk_hashes)
+        self.counters.host_hit_blocks += len(host_hashes)
+        self.counters.disk_hit_blocks += len(disk_hashes)
+        self.counters.onboard_h2d += len(host_hashes)
+        self.counters.onboard_d2d += len(disk_hashes)
+        return job_id, slots
+
+    def load_reported(self, job_id: int) -> str | None:
+        """One worker finished load ``job_id``; once all have, its pins go and the request id is
+        returned."""
+        load = self._loads.get(job_id)
+        if load is None:
+            return None
+        load.reports += 1
+        if load.reports < self.config.num_workers:
+            return None
+        del self._loads[job_id]
+        for h in load.host_hashes:
+            self.host.unpin(h)
+        for h in load.disk_hashes:
+            self.disk.unpin(h)
+        return load.req_id
+
+    def reserve_copy(self, h: int, parent: int | None) -> int:
+        """A G2 slot for a block fetched from a lower tier (pending until reported), or -1."""
+        if not self.config.host_blocks or h in self.host:
+            return -1
+        slot = self._reserve(self.host, h, parent)
+        return -1 if slot is None else slot
+
+    # -- stores -------------------------------------------------------------------------------
+
+    def store(self, h: int, parent: int | None) -> StoreChoice:
+        """Plan the stores of one block a step completed: G2 once, and G3 through the cascade."""
+        host_slot: int | None = None
+        source: int | None = None  # a G2 slot a G3 write may read (pending or ready)
+        if self.config.host_blocks:
+            if h in self.host:
+                self.host.touch(h)
+                source = self.host.slot_of(h)
+            else:
+                host_slot = source = self._reserve(self.host, h, parent)
+                if host_slot is not None:
+                    self.counters.offload_d2h += 1
+        in_host = source is not None
+        if not self.config.disk_blocks or h in self.disk or not self.filter.should_offload(h):
+            return StoreChoice(host_slot, in_host, False) if in_host else _NOTHING
+        if self._reserve(self.disk, h, parent) is None:
+            return StoreChoice(host_slot, in_host, False)
+        if source is None:
+            self.counters.offload_d2d += 1
+            return StoreChoice(host_slot, False, True)
+        # A pending G2 copy is ordered before this write by the worker (same or earlier step).
+        self.host.pin(h, pending_ok=True)
+        self._from_host.add(h)
+        self.counters.offload_h2d += 1
+        return StoreChoice(host_slot, True, True, source)
+
+    def store_reported(self, tier: str, h: int, *, ok: bool) -> None:
+        """One worker's outcome of a G2 store or G3 write; commit or abort once all reported."""
+        index = self.host if tier == G2 else self.disk
+        landed = index.report(h, ok=ok, needed=self.config.num_workers)
+        if landed is None:
+            return
+        if tier == G3 and h in self._from_host:
+            self._from_host.discard(h)
+            self.host.unpin(h)
+        if landed:
+            return
+        # A G3 write planned from a failed G2 slot is failed by the worker too, dropping its pin.
+        self.counters.store_failures += 1
+        if tier == G3:
+            self._deletes.append(h)
+
+    def disk_bad(self, h: int) -> None:
+        """A worker read G3 block ``h`` back corrupt: forget it (vLLM recomputes)."""
+        self.counters.disk_corrupt += 1
+        if self.disk.remove(h) and self.config.num_workers > 1:
+            # Tensor parallelism: a block bad on one rank is bad for all; the other ranks'
+            # shards of it are deleted too, not orphaned.
+            self._deletes.append(h)
+
+    def _reserve(self, index: SlotIndex, h: int, parent: int | None) -> int | None:
+        """A pending slot for ``h`` in ``index`` (evicting if needed; evicted G3 blocks' files
+        are deleted), or None when every slot is pending or pinned."""
+        got = index.reserve(h, parent)
+        if got is None:
+            return None
+        slot, evicted = got
+        if index is self.host:
+            self.counters.host_evictions += len(evicted)
+        else:
+            self.counters.disk_evictions += len(evicted)
+            self._deletes.extend(evicted)
+        return slot
+
+    # -- worker state ---------------------------------------------------------------------
+
+    def pinned_rows(self, rank: int, rows: int) -> None:
+        """Worker ``rank`` has page-locked G2 rows ``[0, rows)``."""
+        self._pinned_rows[rank] = rows
+        if len(self._pinned_rows) == self.config.num_workers:
+            self.host.set_usable(min(self._pinned_rows.values()))
+
+    def restored(
+        self,
+        rank: int,
+        newest_first: list[int],
+        parents: list[int | None],
+        folder: str | None,
+    ) -> None:
+        """Worker ``rank`` found these G3 blocks at start-up; once all reported, the index is
+        rebuilt. A block is usable only if every rank found its shard; the others are deleted."""
+        r = self._restore
+        r.reports.append(set(newest_first))
+        if folder is not None:
+            self._disk_folders.append(folder)
+        if rank == 0:
+            r.order = list(newest_first)
+            if parents:
+                r.parents = dict(zip(newest_first, parents, strict=True))
+        if len(r.reports) < self.config.num_workers:
+            return
+        common = set.intersection(*r.reports)
+        self._deletes.extend(sorted(set.union(*r.reports) - common))
+        found = [h for h in r.order if h in common]
+        plan = plan_restore(found, r.parents, self.config.disk_blocks)
+        self._deletes.extend(self.disk.restore(plan.order, plan.parents))
+        self._deletes.extend(plan.dropped)
+        self.disk_ready = True
+        self._restore = _Restore()
+
+    # -- whole state ----------------------------------------------------------------------
+
+    def take_deletes(self) -> list[int]:
+        """G3 files to delete, for the next plan (the list is handed over and restarted)."""
+        out, self._deletes = self._deletes, []
+        return out
+
+    def has_pending(self) -> bool:
+        """A copy is in flight, a delete waits for a plan, or the G3 index is not known yet."""
+        in_flight = self.host.in_flight or self.disk.in_flight
+        return bool(in_flight or self._loads or self._deletes) or not self.disk_ready
+
+    def reset(self) -> bool:
+        """Drop everything G2 and G3 hold (their G3 files are deleted by the next plan).
+        Refused (False, nothing dropped) while a copy is in flight or the G3 index is not known
+        yet: those copies would land stale blocks after the reset."""
+        if self._loads or self.host.in_flight or self.disk.in_flight or not self.disk_ready:
+            return False
+        self.host.clear()
+        self._deletes.extend(self.disk.clear())
+        return True
+
+    def check_invariants(self) -> None:
+        """Pools are consistent and every pin is accounted for by a load or a G3 write."""
+        self.host.check_invariants()
+        self.disk.check_invariants()
+        host_pins = dict.fromkeys(self.host.stores_in_flight(), 1)
+        disk_pins = dict.fromkeys(self.disk.stores_in_flight(), 1)
+        for h in self._from_host:
+            host_pins[h] = host_pins.get(h, 0) + 1
+        for load in self._loads.values():
+            for h in load.host_hashes:
+                host_pins[h] = host_pins.get(h, 0) + 1
+            for h in load.disk_hashes:
+                disk_pins[h] = disk_pins.get(h, 0) + 1
+        for index, pins in ((self.host, host_pins), (self.disk, disk_pins)):
+            held = index.pin_counts()
+            assert held == {h: c for h, c in pins.items() if c}, (
+                f"{index.name}: pins {held} differ from the loads and writes in flight {pins}"
+            )
