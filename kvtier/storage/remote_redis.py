@@ -16,6 +16,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.connection import PythonRespSerializer
 from redis.retry import Retry
+from redis.utils import HIREDIS_AVAILABLE
 
 __all__ = ["ERRORS", "READ_SIZE", "build_client"]
 
@@ -67,7 +68,8 @@ def build_client(
         # TLS through the connection class (``ssl=True`` would replace it).
         "connection_class": _SSLConnection if tls else _Connection,
         "socket_read_size": READ_SIZE,
-        "parser_class": _Parser,
+        # Without hiredis: redis-py's own (slower) parser; the tier still works.
+        "parser_class": _Parser if HIREDIS_AVAILABLE else redis.connection.DefaultParser,
         # One quick retry on a dropped connection (a restarted server), none on timeouts.
         "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
     }
