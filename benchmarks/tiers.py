@@ -20,8 +20,9 @@ same bytes, and the ratio is what the target is about (host<->disk >= 0.8 of raw
 - G4 remote (Redis), one node and a 3-node cluster started here on localhost: kvtier =
   ``RemoteStore.put`` of encoded blocks (header + xxh3 checksum, one pipeline per shard) and
   ``RemoteStore.get`` + ``decode_block`` (verification); raw = ``redis-benchmark`` SET/GET of values
-  of the same size on the same server in the same run (``--remote-clients`` connections, no
-  pipelining). Skipped, saying why, without redis-server.
+  of the same size on the same server in the same run, no pipelining, with ``--remote-clients``
+  connections and again with as many as kvtier uses (``--remote-parallel``). Skipped, saying
+  why, without redis-server.
 
 Run: ``.venv/bin/python benchmarks/tiers.py`` (``--help`` for sizes). Prints medians of
 ``--repeats`` interleaved runs.
@@ -321,8 +322,12 @@ def bench_remote(args: argparse.Namespace) -> list[tuple[str, str, float, float,
             assert port is not None
             cluster = isinstance(server, LocalRedisCluster)
             kv: dict[str, list[float]] = {"SET": [], "GET": []}
-            raw: dict[str, list[float]] = {"SET": [], "GET": []}
-            with RemoteStore(RemoteConfig(server.url, timeout_ms=10_000)) as store:
+            clients = sorted({args.remote_clients, args.remote_parallel})
+            raw: dict[tuple[int, str], list[float]] = {
+                (c, op): [] for c in clients for op in ("SET", "GET")
+            }
+            config = RemoteConfig(server.url, timeout_ms=10_000, parallel=args.remote_parallel)
+            with RemoteStore(config) as store:
 
                 def put() -> None:
                     store.put([(k, encode_block(1, h, None, payloads[h % len(payloads)]))
@@ -336,14 +341,19 @@ def bench_remote(args: argparse.Namespace) -> list[tuple[str, str, float, float,
                 for _ in range(args.repeats):
                     kv["SET"].append(_gbps(n * size, _timed(put)))
                     kv["GET"].append(_gbps(n * size, _timed(get)))
-                    rates = _redis_benchmark(port, size, n, args.remote_clients, cluster)
-                    raw["SET"].append(rates["SET"])
-                    raw["GET"].append(rates["GET"])
-            base = f"redis-benchmark -d {size} -c {args.remote_clients}"
+                    for c in clients:
+                        rates = _redis_benchmark(port, size, n, c, cluster)
+                        raw[c, "SET"].append(rates["SET"])
+                        raw[c, "GET"].append(rates["GET"])
             for op, name in (("SET", "G4 put"), ("GET", "G4 get")):
-                ratio = statistics.median(k / r for k, r in zip(kv[op], raw[op], strict=True))
-                rows.append((f"{name} [{label}]", base, statistics.median(kv[op]),
-                             statistics.median(raw[op]), ratio))  # fmt: skip
+                for c in clients:
+                    base = f"redis-benchmark -d {size} -c {c}"
+                    ratio = statistics.median(
+                        k / r for k, r in zip(kv[op], raw[c, op], strict=True)
+                    )
+                    rows.append((f"{name} [{label}, {args.remote_parallel} conn]", base,
+                                 statistics.median(kv[op]), statistics.median(raw[c, op]),
+                                 ratio))  # fmt: skip
     return rows
 
 
@@ -361,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-remote", action="store_true", help="skip G4 (Redis) figures")
     p.add_argument("--remote-blocks", type=int, default=64, help="2 MiB blocks per G4 batch (64)")
     p.add_argument("--remote-clients", type=int, default=1, help="redis-benchmark clients (1)")
+    p.add_argument("--remote-parallel", type=int, default=4,
+                   help="connections one G4 get/put uses (RemoteConfig.parallel, 4); the raw "
+                        "run is repeated with as many redis-benchmark clients")  # fmt: skip
     args = p.parse_args(argv)
     mib = MODEL.block_bytes / 2**20
     print(

@@ -9,8 +9,9 @@ optional TTL, and a ``CircuitBreaker`` so a sick server costs one timeout, then 
 probe finds it healthy again. It never retries for long: a failed or refused call raises
 ``RemoteError`` and the caller counts a G4 miss.
 
-Client: redis-py with the hiredis parser; measured faster than valkey-glide for 2 MiB values
-(benchmarks/RESULTS.md). No protocol code of our own. No torch.
+Client: redis-py with the hiredis parser (``kvtier.storage.remote_redis``, imported by ``start()``
+only, so kvtier imports without redis-py where no G4 is configured); measured faster than
+valkey-glide for 2 MiB values (benchmarks/RESULTS.md). No protocol code of our own. No torch.
 
 URLs: ``redis://[:password@]host:port[/db]``, ``rediss://`` (TLS), ``redis+cluster://host:port``
 (any node of a cluster; ``rediss+cluster://`` with TLS).
@@ -27,12 +28,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import redis
-from redis.backoff import NoBackoff
-from redis.cluster import RedisCluster
-from redis.connection import PythonRespSerializer
-from redis.retry import Retry
-
 from kvtier.lifecycle import Lifecycle
 from kvtier.storage.breaker import CircuitBreaker
 
@@ -43,30 +38,12 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 MIN_PART = 4
 """Fewest blocks a parallel part of one get/put carries."""
-READ_SIZE = 1 << 20
-"""Socket read size: 2 MiB values arrive in a few reads, not 32."""
 _SCHEMES = {
     "redis": (False, False),
     "rediss": (True, False),
     "redis+cluster": (False, True),
     "rediss+cluster": (True, True),
 }
-
-
-class _Connection(redis.Connection):
-    """redis-py's connection, packing commands in Python: hiredis' packer copies every 2 MiB
-    value into a new buffer (a third of a put's time, measured); this one sends large values
-    as they are. Replies are still parsed by hiredis."""
-
-    def _construct_command_packer(self, packer: Any) -> Any:
-        return packer or PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)
-
-
-class _SSLConnection(redis.SSLConnection):
-    """``_Connection`` over TLS."""
-
-    def _construct_command_packer(self, packer: Any) -> Any:
-        return packer or PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)
 
 
 class RemoteError(Exception):
@@ -175,9 +152,16 @@ class RemoteStore(Lifecycle):
         self._started = False
         self._down = False
         self._workers: ThreadPoolExecutor | None = None
+        self._errors: tuple[type[BaseException], ...] = (OSError,)
+        self._binding: Any = None
 
     def start(self) -> RemoteStore:
-        """Ready to serve; connects lazily (a server that is down at start is not an error)."""
+        """Ready to serve; connects lazily (a server that is down at start is not an error).
+        Imports redis-py here, not at module import (see the module docstring)."""
+        from kvtier.storage import remote_redis
+
+        self._binding = remote_redis
+        self._errors = remote_redis.ERRORS
         if self.config.parallel > 1 and self._workers is None:
             self._workers = ThreadPoolExecutor(
                 self.config.parallel - 1, thread_name_prefix="kvtier-g4-io"
@@ -193,7 +177,7 @@ class RemoteStore(Lifecycle):
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
-            with contextlib.suppress(redis.RedisError, OSError):
+            with contextlib.suppress(*self._errors):
                 client.close()
 
     @property
@@ -330,7 +314,7 @@ class RemoteStore(Lifecycle):
             raise RemoteUnavailable("G4 circuit breaker is open")
         try:
             result = fn(self._connect())
-        except (redis.RedisError, OSError) as exc:
+        except self._errors as exc:
             if self.breaker.failure() and not self._down:
                 self._down = True  # logged once per episode, until a call succeeds again
                 logger.warning("kvtier: G4 (%s) unavailable, breaker open: %s", self._where(), exc)
@@ -351,7 +335,7 @@ class RemoteStore(Lifecycle):
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
-            with contextlib.suppress(redis.RedisError, OSError):
+            with contextlib.suppress(*self._errors):
                 client.close()
 
     def _connect(self) -> Any:
@@ -362,22 +346,12 @@ class RemoteStore(Lifecycle):
 
     def _build(self) -> Any:
         ep = self.config.endpoint
-        timeout = self.config.timeout_ms / 1000.0
-        common: dict[str, Any] = {
-            "host": ep.host,
-            "port": ep.port,
-            "password": self.config.password if self.config.password is not None else ep.password,
-            "socket_timeout": timeout,
-            "socket_connect_timeout": timeout,
-            # TLS through the connection class (``ssl=True`` would replace it).
-            "connection_class": _SSLConnection if ep.tls else _Connection,
-            "socket_read_size": READ_SIZE,
-            # One quick retry on a dropped connection (a restarted server), none on timeouts.
-            "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-        }
-        if ep.cluster:
-            # from_url: the one way RedisCluster builds its node pools with our connection class.
-            seed = f"redis://{ep.host}:{ep.port}"
-            return RedisCluster.from_url(seed, require_full_coverage=False, **common)
-        pool = redis.ConnectionPool(db=ep.db, **common)
-        return redis.Redis(connection_pool=pool, retry=common["retry"])
+        return self._binding.build_client(
+            host=ep.host,
+            port=ep.port,
+            db=ep.db,
+            tls=ep.tls,
+            cluster=ep.cluster,
+            password=self.config.password if self.config.password is not None else ep.password,
+            timeout_s=self.config.timeout_ms / 1000.0,
+        )
