@@ -103,16 +103,25 @@ class StepTimes:
     worker_cpu: list[int] = field(default_factory=list)
     stores: list[int] = field(default_factory=list)
     prefill: list[bool] = field(default_factory=list)
+    calls: list[dict[str, int]] = field(default_factory=list)
+    """Wall nanoseconds per connector call (or group of calls) in each step."""
 
 
 class _Clock:
-    """Accumulates wall and thread-CPU nanoseconds of timed sections of one half."""
+    """Accumulates wall and thread-CPU nanoseconds of timed sections of one half, in total and
+    per section name (``with clock("name"):``)."""
 
     def __init__(self) -> None:
         self.wall = 0
         self.cpu = 0
+        self.by_name: dict[str, int] = {}
+        self._name = ""
         self._w = 0
         self._c = 0
+
+    def __call__(self, name: str) -> _Clock:
+        self._name = name
+        return self
 
     def __enter__(self) -> _Clock:
         self._w = time.perf_counter_ns()
@@ -121,11 +130,14 @@ class _Clock:
 
     def __exit__(self, *exc: object) -> None:
         self.cpu += time.thread_time_ns() - self._c
-        self.wall += time.perf_counter_ns() - self._w
+        wall = time.perf_counter_ns() - self._w
+        self.wall += wall
+        self.by_name[self._name] = self.by_name.get(self._name, 0) + wall
 
-    def take(self) -> tuple[int, int]:
-        out = (self.wall, self.cpu)
+    def take(self) -> tuple[int, int, dict[str, int]]:
+        out = (self.wall, self.cpu, self.by_name)
         self.wall = self.cpu = 0
+        self.by_name = {}
         return out
 
 
@@ -232,7 +244,7 @@ class Engine:
             cached.append(run)
         while self.waiting and budget > 0:
             req = self.waiting[0]
-            with self.s:
+            with self.s("get_num_new_matched_tokens"):
                 ext, _ = self.sched.get_num_new_matched_tokens(req, 0)
             if ext is None:  # G3 index not known yet: vLLM retries next step
                 break
@@ -243,7 +255,7 @@ class Engine:
             n = min(req.num_tokens, budget)
             self._alloc(run, n)
             blocks = KVCacheBlocks(([KVCacheBlock(b) for b in run.block_ids],))
-            with self.s:
+            with self.s("update_state_after_alloc"):
                 self.sched.update_state_after_alloc(req, blocks, 0)
             scheduled[req.request_id] = n
             budget -= n
@@ -274,18 +286,22 @@ class Engine:
         self.finished_ids = set()
         for r in new + cached:
             r.new_block_ids = []
-        with self.s:
+        with self.s("build_connector_meta"):
             meta = self.sched.build_connector_meta(so)
         so.kv_connector_metadata = meta
         stores = len(meta.plan.stores.gpu_blocks)  # type: ignore[attr-defined]
-        with self.w:  # the model runner's execute_model around the forward pass
-            w = self.worker
+        w = self.worker  # the model runner's execute_model around the forward pass
+        with self.w("bind_connector_metadata"):
             w.bind_connector_metadata(meta)
+        with self.w("wait_for_layer_load+save_kv_layer x layers"):
             for name in self.names:  # maybe_transfer_kv_layer around each attention layer
                 w.wait_for_layer_load(name)
                 w.save_kv_layer(name, self.kv[name], None)  # type: ignore[arg-type]
+        with self.w("start_load_kv"):
             w.start_load_kv(None)  # type: ignore[arg-type]  # after the forward: no sync loads
+        with self.w("wait_for_save"):
             w.wait_for_save()
+        with self.w("get_transfer_results..clear_connector_metadata"):
             results = w.get_transfer_results(so.finished_req_ids)
             out = KVConnectorOutput(
                 finished_sending=results.finished_sending,
@@ -296,8 +312,9 @@ class Engine:
                 kv_connector_worker_meta=w.build_connector_worker_meta(),
             )
             w.clear_connector_metadata()
-        with self.s:  # the scheduler's update_from_output
+        with self.s("update_connector_output"):  # the scheduler's update_from_output
             self.sched.update_connector_output(out)
+        with self.s("get_kv_connector_stats+take_events"):
             self.sched.get_kv_connector_stats()
             self.sched.take_events()
         for rid in out.finished_sending or ():
@@ -308,9 +325,9 @@ class Engine:
             run.computed += n
             run.req.num_computed_tokens = run.computed
             if n and run.computed >= run.req.num_tokens:  # sampled one token
-                run.req.append_output_token_ids(self._rng.randrange(1, 32000))
+                run.req.append_output_token_ids(7 + run.computed % 1000)
             if run.req.num_output_tokens >= wl.new_tokens:
-                with self.s:
+                with self.s("request_finished"):
                     delay, _ = self.sched.request_finished(run.req, run.block_ids)
                 self.finished_ids.add(run.req.request_id)
                 if delay:
@@ -320,10 +337,10 @@ class Engine:
             else:
                 still.append(run)
         self.running = still
-        with self.s:
+        with self.s("has_pending_push_work"):
             self.sched.has_pending_push_work()
-        sw, sc = self.s.take()
-        ww, wc = self.w.take()
+        sw, sc, scalls = self.s.take()
+        ww, wc, wcalls = self.w.take()
         t = self.times
         t.sched_wall.append(sw)
         t.sched_cpu.append(sc)
@@ -331,6 +348,11 @@ class Engine:
         t.worker_cpu.append(wc)
         t.stores.append(stores)
         t.prefill.append(prefill)
+        t.calls.append({**{f"S {k}": v for k, v in scalls.items()}, **wcalls_named(wcalls)})
+
+
+def wcalls_named(calls: dict[str, int]) -> dict[str, int]:
+    return {f"W {k}": v for k, v in calls.items()}
 
 
 def _new_ids(run: _Run) -> tuple[list[int], ...] | None:
@@ -362,6 +384,12 @@ def report(t: StepTimes, skip: int) -> None:
             print(f"  {name}  {_us([series[i] for i in idx])}")
         total = [t.sched_wall[i] + t.worker_wall[i] for i in idx]
         print(f"  total wall      {_us(total)}")
+        names = sorted({k for i in idx for k in t.calls[i]})
+        print("  per call, wall us per step (mean, median over these steps):")
+        for k in names:
+            per_step = [t.calls[i].get(k, 0) for i in idx]
+            mean, med = statistics.fmean(per_step) / 1e3, statistics.median(per_step) / 1e3
+            print(f"    {mean:8.1f} {med:8.1f}  {k}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,16 +418,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         skip = 0
         for r in range(wl.rounds):
-            if r == wl.rounds - 1:
+            last = r == wl.rounds - 1
+            if last:
                 skip = len(eng.times.prefill)  # the first round(s) warm up
-                if prof is not None:
-                    prof.enable()
             eng.add_round()
             while eng.busy:
+                decoding = not eng.waiting and all(
+                    x.computed >= x.req.num_prompt_tokens for x in eng.running
+                )
+                if prof is not None and last and decoding:
+                    prof.enable()
                 eng.step()
+                if prof is not None:
+                    prof.disable()
         while eng.sched.has_pending_push_work():  # drain what is in flight (not measured)
-            if prof is not None:
-                prof.disable()
             eng.step()
         sched = eng.sched.scheduler
         assert sched is not None
@@ -414,8 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         eng.close()
     if prof is not None:
+        print("cProfile of the last round's decode steps (the benchmark's own loop included):")
         stats = pstats.Stats(prof, stream=sys.stdout)
         stats.sort_stats("tottime").print_stats(20)
+        stats.sort_stats("cumulative").print_stats("kvtier/", 20)
     return 0
 
 

@@ -432,10 +432,9 @@ def _copy_batch_cpu(
     shape = (host.num_blocks, nl, outer, -1) if outer_first else (host.num_blocks, nl, -1)
     rows = host.rows.numpy().reshape(shape)
     spans = runs(device_ids, host_ids)
+    views = device.numpy_layers()  # outer-first: [nb, outer, inner], a strided view
     for layer in range(nl):
-        view = device.layer_bytes(layer).numpy()
-        if outer_first:  # [outer, nb, inner] -> [nb, outer, inner], a strided view
-            view = view.swapaxes(0, 1)
+        view = views[layer]
         for d, h, k in spans:
             if to_host:
                 rows[h : h + k, layer] = view[d : d + k]

@@ -344,17 +344,13 @@ class KvTierConnector(KVConnectorBase_V1):
             (r.req_id, r.block_ids[0] if r.block_ids else [], r.num_computed_tokens)
             for r in scheduler_output.scheduled_new_reqs
         ]
-        cached_rows: list[tuple[str, list[int] | None, int, bool]] = []
-        for i, rid in enumerate(cached.req_ids):
-            ids = cached.new_block_ids[i]
-            cached_rows.append(
-                (
-                    rid,
-                    ids[0] if ids else None,
-                    cached.num_computed_tokens[i],
-                    rid in cached.resumed_req_ids,
-                )
+        resumed = cached.resumed_req_ids
+        cached_rows = [
+            (rid, ids[0] if ids else None, computed, rid in resumed)
+            for rid, ids, computed in zip(
+                cached.req_ids, cached.new_block_ids, cached.num_computed_tokens, strict=True
             )
+        ]
         # The blocks' tokens (for KV events) stay in this process: the plan goes to every worker.
         tel = self.telemetry
         tokens: dict[int, tuple[int, ...]] | None = {} if tel and tel.wants_tokens else None

@@ -148,6 +148,9 @@ class ConnectorTelemetry(Lifecycle):
         self._last_occupancy = float("-inf")
         self._pinned = {"host": 0, "disk": 0}
         self._onboard_seen: dict[str, tuple[int, int]] = {}  # tier -> (loaded, skipped) counted
+        self._onboard_beliefs: dict[str, tuple[float, float, int]] = {}  # tier -> last set
+        self._onboard_prefill: float | None = None
+        self._occupancy: dict[str, tuple[int, int, int]] = {}  # tier -> last set
         self._remote = RemoteTelemetry(block_size)  # G4: kvtier_remote_* and REMOTE events
 
     def start(self) -> ConnectorTelemetry:
@@ -303,12 +306,16 @@ class ConnectorTelemetry(Lifecycle):
                     label, loaded - seen_loaded, skipped - seen_skipped
                 )
                 self._onboard_seen[tier] = (loaded, skipped)
-            self.metrics.set_onboard_model(
-                label, m.tier_bandwidth(tier), m.tier_latency(tier), m.queued_bytes[tier]
-            )
+            belief = (m.tier_bandwidth(tier), m.tier_latency(tier), m.queued_bytes[tier])
+            if belief != self._onboard_beliefs.get(tier):  # set when it changes, not every step
+                self._onboard_beliefs[tier] = belief
+                self.metrics.set_onboard_model(label, *belief)
         for e in advisor.take_estimates():
             self.metrics.record_onboard_estimate(e.kind, e.estimated, e.measured)
-        self.metrics.set_onboard_prefill(m.prefill_seconds(0, 1))
+        prefill = m.prefill_seconds(0, 1)
+        if prefill != self._onboard_prefill:
+            self._onboard_prefill = prefill
+            self.metrics.set_onboard_prefill(prefill)
 
     def on_reset(self) -> None:
         """kvtier's tiers were emptied (``KvTierScheduler.reset``): one ``AllBlocksCleared``."""
@@ -375,7 +382,10 @@ class ConnectorTelemetry(Lifecycle):
         for tier, index in (("host", scheduler.host), ("disk", scheduler.disk)):
             held = len(index)
             pinned = min(held, self._pinned[tier])
-            self.metrics.set_pool_occupancy(tier, pinned, held - pinned, index.num_slots - held)
+            occupancy = (pinned, held - pinned, index.num_slots - held)
+            if occupancy != self._occupancy.get(tier):
+                self._occupancy[tier] = occupancy
+                self.metrics.set_pool_occupancy(tier, *occupancy)
 
     def _publish(self, events: list[KvEvent]) -> None:
         if events and self.publisher is not None:

@@ -42,7 +42,13 @@ from kvtier.storage.host import HostStorage
 from kvtier.storage.identity import ModelIdentity
 from kvtier.storage.layout import KvLayout, LayoutKind, detect_layout
 from kvtier.transfer.disk_io import DiskIo
-from kvtier.transfer.engine import CopyFuture, CopyHandle, TorchCopyEngine
+from kvtier.transfer.engine import (
+    CopyFuture,
+    CopyHandle,
+    TorchCopyEngine,
+    check_ids,
+    copy_batch,
+)
 from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, WorkerReport
 from kvtier.vllm.remote_exec import RemoteExecutor, RemoteFetch
 
@@ -477,10 +483,13 @@ class KvTierWorker:
         if step_failed or self._host is None or self._engine is None or self._device is None:
             self._report.host_store_failed.extend(batch.hashes)
             return set(batch.hashes)
-        handle = self._engine.device_to_host(
-            self._device, self._host, batch.gpu_blocks, batch.host_slots
-        )
-        if handle.wait() is not None:
+        # In this thread: the copy is waited for here anyway, and a hand-off to the copy thread
+        # and back cost more than the memcpy of a decode step's few blocks.
+        try:
+            check_ids(self._device, self._host, batch.gpu_blocks, batch.host_slots)
+            copy_batch(True, self._device, self._host, batch.gpu_blocks, batch.host_slots)
+        except Exception as exc:
+            logger.warning("kvtier: G2 store of step %d failed: %s", plan.step, exc)
             self._report.host_store_failed.extend(batch.hashes)
             return set(batch.hashes)
         self._report.host_stored.extend(batch.hashes)
