@@ -14,10 +14,11 @@ Ordering (every rule is a GPU-side event wait unless said otherwise):
 - A step's stores: ``wait_for_save`` records an event on the model's stream after the forward
   pass; the device->host copy waits on it on its own stream, and ``wait_for_save`` returns at
   once. Their G3 writes are queued (``poll``) only once the copy landed, in step order.
-- Reuse of a stored GPU block: the next step's forward pass (``gate_forward``, called from
-  ``start_load_kv``) and every load (the ``gate`` of the host->device copies) wait for the last
-  store's *gather* (``released_event``), so neither a preempted request's freed blocks nor a
-  load into them can overwrite a block before it was read. A finished request's blocks are also
+- Reuse of a stored GPU block: the next step's forward pass (``gate_forward``, called when the
+  step's plan is bound: before the pass in every vLLM version) and every load (the ``gate`` of
+  the host->device copies) wait for the last store's *gather* (``released_event``), so neither a
+  preempted request's freed blocks nor a load into them can overwrite a block before it was
+  read. A finished request's blocks are also
   held by vLLM (delayed free) until ``released_through`` covers its stores.
 - Loads run on the engine's highest-priority streams; a layer-wise load's layer ``l`` is waited
   for with ``stream_wait_layer`` (GPU side). G3 loads go through the ``DiskToDeviceLoader``'s

@@ -254,8 +254,9 @@ class ConnectorTelemetry(Lifecycle):
                 if p is not None and not p.failed:
                     self._transfer("device_to_host", 1, now - p.started)
                     self._host_announced.add(h)
-                    stored_host.append(StoreEvent(len(stored_host), "G2", h, p.parent))
-                    host_tokens[h] = p.tokens
+                    if self.publisher is not None:
+                        stored_host.append(StoreEvent(len(stored_host), "G2", h, p.parent))
+                        host_tokens[h] = p.tokens
             for h in r.host_store_failed:
                 self._fail(self._host, h)
             for h in r.disk_stored:
@@ -282,7 +283,7 @@ class ConnectorTelemetry(Lifecycle):
                     BlockStored((h,), parent_of.get(h), (), self._block_size, MEDIUM_DISK)
                     for h in fresh
                 )
-        if stored_host:
+        if stored_host:  # built only with a publisher
             # Chains of blocks (each one's parent the previous one's hash) become one event whose
             # parent is the first block's parent, as vLLM batches a request's blocks.
             events[:0] = events_from_tier_events(stored_host, self._block_size, host_tokens.get)

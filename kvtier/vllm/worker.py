@@ -271,6 +271,10 @@ class KvTierWorker:
 
     def bind(self, plan: StepPlan) -> None:
         self._plan = plan
+        if self._gpu is not None:
+            # Here, not in start_load_kv: vLLM 0.32 starts loads after launching the forward pass
+            # when none is synchronous, too late to order the pass after the last store's read.
+            self._gpu.gate_forward()
 
     def clear(self) -> None:
         self._plan = None
@@ -283,8 +287,6 @@ class KvTierWorker:
         if self._disk is not None:
             for h in plan.disk_deletes:
                 self._disk.remove(h)
-        if self._gpu is not None:
-            self._gpu.gate_forward()
         for job in plan.loads:
             run = self._start_load(job)
             (self._async_runs if job.is_async else self._sync_runs).append(run)
