@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from kvtier.storage.device import DeviceStorage
@@ -433,6 +434,17 @@ def _copy_batch_cpu(
     rows = host.rows.numpy().reshape(shape)
     spans = runs(device_ids, host_ids)
     views = device.numpy_layers()  # outer-first: [nb, outer, inner], a strided view
+    if len(spans) > 2:  # scattered ids (decode): one indexed copy per layer, not one per run
+        didx = np.asarray(device_ids, dtype=np.intp)
+        hidx = np.asarray(host_ids, dtype=np.intp)
+        for layer in range(nl):
+            if to_host:
+                rows[hidx, layer] = views[layer][didx]
+            else:
+                views[layer][didx] = rows[hidx, layer]
+            if future is not None:
+                future.complete_layer(layer)
+        return
     for layer in range(nl):
         view = views[layer]
         for d, h, k in spans:
