@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from kvtier.config import physical_memory_bytes
+from kvtier.config import blocks_in, require_positive
 
 __all__ = [
     "KNOBS",
@@ -231,42 +231,41 @@ class KvTierSettings:
             )
 
     def host_blocks(self, block_bytes: int) -> int:
-        """G2 capacity in blocks: the block count if given, else the GB size (decimal GB).
-
-        SettingsError when G2 would be larger than this machine's memory: G2 is allocated (and
-        on GPU hosts pinned) at start, so that size can only fail, and late, in the allocator."""
-        blocks = _blocks(self.cpu_cache_blocks, self.cpu_cache_gb, block_bytes, "cpu_cache")
-        ram = physical_memory_bytes()
-        if ram is not None and blocks * block_bytes > ram:
-            given = (
-                f"cpu_cache_blocks={self.cpu_cache_blocks}"
-                if self.cpu_cache_blocks is not None
-                else f"cpu_cache_gb={self.cpu_cache_gb:g}"
-            )
-            raise SettingsError(
-                f"{given} asks for a G2 host cache of {blocks * block_bytes / 1e9:.3g} GB, more "
-                f"than this machine's memory ({ram / 1e9:.3g} GB); lower cpu_cache_gb "
-                "(KVTIER_CPU_CACHE_GB / DYN_KVBM_CPU_CACHE_GB) or cpu_cache_blocks"
-            )
-        return blocks
+        """G2 capacity in blocks: the block count if given, else the GB size (decimal GB)."""
+        return _blocks(self.cpu_cache_blocks, self.cpu_cache_gb, block_bytes, "cpu_cache")
 
     def disk_blocks(self, block_bytes: int) -> int:
         """G3 capacity in blocks: the block count if given, else the GB size (decimal GB)."""
         return _blocks(self.disk_cache_blocks, self.disk_cache_gb, block_bytes, "disk_cache")
 
+    def knob_error(self, field: str, problem: str) -> ValueError:
+        """``problem`` with the ``KvTierConfig`` field ``field`` as a ``SettingsError`` that names
+        the knob which set it, as given (a size: its block count, else its GB knob); a plain
+        ``ValueError`` when no knob sets that field (a fact read from vLLM)."""
+        size = _SIZE_KNOBS.get(field)
+        name = field
+        if size is not None:
+            name = f"{size}_blocks" if getattr(self, f"{size}_blocks") is not None else f"{size}_gb"
+        knob = next((k for k in KNOBS if k.field == name), None)
+        if knob is None:
+            return ValueError(problem)
+        names = " / ".join(n for n in (knob.extra_key, knob.env, knob.dynamo_env) if n)
+        verb = "asks for" if size is not None else "is refused:"
+        return SettingsError(f"{name}={getattr(self, name)!r} {verb} {problem}; change {names}")
+
+
+_SIZE_KNOBS = {"host_blocks": "cpu_cache", "disk_blocks": "disk_cache"}
+"""The ``KvTierConfig`` sizes and the knob pair (``*_blocks`` over ``*_gb``) that sets each."""
+
 
 def _blocks(count: int | None, gigabytes: float, block_bytes: int, knob: str) -> int:
-    if block_bytes <= 0:
-        raise ValueError(f"block_bytes must be > 0, got {block_bytes}")
+    require_positive("block_bytes", block_bytes)
     if count is not None:
         return count
-    nbytes = gigabytes * 1e9
-    if not math.isfinite(nbytes):
-        raise SettingsError(
-            f"{knob}_gb={gigabytes:g} is too large to be a cache size (it overflows); give a "
-            f"size in decimal GB, e.g. {knob}_gb=4"
-        )
-    return int(nbytes) // block_bytes
+    try:
+        return blocks_in(gigabytes, block_bytes)
+    except ValueError as exc:
+        raise SettingsError(f"{knob}_gb={gigabytes:g}: {exc}") from None
 
 
 KNOBS: tuple[Knob, ...] = (

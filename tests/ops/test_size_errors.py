@@ -42,13 +42,14 @@ def test_cpu_cache_larger_than_ram_names_the_knob() -> None:
     too_big = 2 * RAM / 1e9
     settings = load_settings({"cpu_cache_gb": too_big}, {})
     with pytest.raises(SettingsError, match=r"cpu_cache_gb=.*more than this machine's memory"):
-        settings.host_blocks(MODEL.block_bytes)
+        KvTierConfig.from_settings(settings, MODEL)
     blocks = load_settings({}, {"KVTIER_CPU_CACHE_BLOCKS": str(2 * RAM // MODEL.block_bytes)})
     with pytest.raises(SettingsError, match=r"cpu_cache_blocks=\d+ asks for"):
-        blocks.host_blocks(MODEL.block_bytes)
+        KvTierConfig.from_settings(blocks, MODEL)
     # Half the machine is allowed (the check is about impossible sizes, not about policy).
     half = load_settings({"cpu_cache_gb": RAM / 2e9}, {})
     assert half.host_blocks(MODEL.block_bytes) == int(RAM / 2) // MODEL.block_bytes
+    assert KvTierConfig.from_settings(half, MODEL).host_blocks == int(RAM / 2) // MODEL.block_bytes
 
 
 def test_manager_config_refuses_a_g2_larger_than_ram() -> None:
