@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from kvtier.core.onboard_cost import OnboardCostConfig
@@ -32,8 +32,7 @@ __all__ = [
     "ModelConfig",
     "blocks_in",
     "physical_memory_bytes",
-    "require_non_negative",
-    "require_positive",
+    "require_count",
     "require_tiers",
 ]
 
@@ -69,22 +68,17 @@ class ConfigError(ValueError):
         self.field = field
 
 
-def require_positive(name: str, value: int) -> None:
-    """The rule of every count that must be >= 1 (``ConfigError`` naming ``name``)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(name, f"{name} must be a positive int, got {value!r}")
-
-
-def require_non_negative(name: str, value: int) -> None:
-    """The rule of every count that may be 0 (``ConfigError`` naming ``name``)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(name, f"{name} must be a non-negative int, got {value!r}")
+def require_count(name: str, value: int, *, low: int = 0) -> None:
+    """The rule of every count (``low`` 0 or 1): ``ConfigError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = "positive" if low == 1 else "non-negative"
+        raise ConfigError(name, f"{name} must be a {kind} int, got {value!r}")
 
 
 def require_tiers(host_blocks: int, disk_blocks: int, disk_dir: str | None) -> None:
     """The rule of the G2/G3 sizes, shared by ``KvTierConfig`` and the connector's halves."""
-    require_non_negative("host_blocks", host_blocks)
-    require_non_negative("disk_blocks", disk_blocks)
+    require_count("host_blocks", host_blocks)
+    require_count("disk_blocks", disk_blocks)
     if disk_dir is not None and not isinstance(disk_dir, str):
         raise TypeError(f"disk_dir must be a str path, got {type(disk_dir).__name__}")
     if disk_blocks > 0 and not disk_dir:
@@ -97,20 +91,10 @@ def _flag(name: str, value: object, *, optional: bool = False) -> None:
     raise TypeError(f"{name} must be a bool{' or None' if optional else ''}, got {value!r}")
 
 
-_FLAGS = (
-    "disk_o_direct",
-    "disk_filter",
-    "disk_fsync",
-    "layerwise_onboard",
-    "async_scheduling",
-    "onboard_cost_aware",
-)
-
-
 def blocks_in(gigabytes: float, block_bytes: int) -> int:
     """Blocks of ``block_bytes`` that fit in ``gigabytes`` decimal GB (how every ``*_cache_gb``
     knob is read)."""
-    require_positive("block_bytes", block_bytes)
+    require_count("block_bytes", block_bytes, low=1)
     if not math.isfinite(gigabytes) or gigabytes < 0:
         raise ValueError(f"cache size must be a finite number of GB >= 0, got {gigabytes!r}")
     if not math.isfinite(gigabytes * 1e9):
@@ -135,10 +119,8 @@ class ModelConfig:
     outer_dim: int = 2
 
     def __post_init__(self) -> None:
-        require_positive("num_layers", self.num_layers)
-        require_positive("block_size", self.block_size)
-        require_positive("num_kv_heads", self.num_kv_heads)
-        require_positive("head_dim", self.head_dim)
+        for name in ("num_layers", "block_size", "num_kv_heads", "head_dim"):
+            require_count(name, getattr(self, name), low=1)
         if self.dtype not in DTYPE_SIZES:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_SIZES)}, got {self.dtype!r}")
         if self.outer_dim not in (1, 2):
@@ -187,15 +169,10 @@ class KvTierConfig:
     - ``model_identity``: what separates this model's G3 blocks from another's of the same
       layout (``kvtier.storage.identity``); None keys G3 by the layout alone.
     - ``disk_group``: a group name: G3 files and folders group read-write (else owner-only).
-    - ``rank`` / ``num_workers``: this rank among the engine's tensor-parallel workers (each
-      rank keeps its own shard of every tier).
-    - ``layerwise_onboard``: the connector loads inside the forward pass, layer by layer.
-    - ``async_scheduling``: the engine schedules a step ahead, so a failed in-pass load cannot
-      be taken back (the connector then loads G3 blocks before the pass).
-    - ``onboard_cost_aware`` / ``onboard_cost_bias``: load only what beats recomputing it
-      (``kvtier.core.onboard_cost``; see ``onboard_cost``).
-    - ``remote`` / ``remote_write_queue_bytes``: the G4 tier (None = none) and each worker's
-      write-behind bound.
+    - connector only: ``rank`` of ``num_workers`` tensor-parallel ranks (each holds its shard of
+      every tier), ``layerwise_onboard`` (load inside the forward pass), ``async_scheduling`` (the
+      engine schedules a step ahead: G3 then loads before the pass), ``onboard_cost_aware`` /
+      ``onboard_cost_bias`` (``onboard_cost``), ``remote`` (G4) and its write-behind bound.
     """
 
     model: ModelConfig
@@ -226,19 +203,17 @@ class KvTierConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelConfig):
             raise TypeError(f"model must be a ModelConfig, got {type(self.model).__name__}")
-        require_non_negative("device_blocks", self.device_blocks)
+        require_count("device_blocks", self.device_blocks)
         require_tiers(self.host_blocks, self.disk_blocks, self.disk_dir)
-        require_positive("io_threads", self.io_threads)
-        require_positive("max_inflight_blocks", self.max_inflight_blocks)
-        require_positive("staging_blocks", self.staging_blocks)
-        require_positive("num_workers", self.num_workers)
-        require_non_negative("remote_write_queue_bytes", self.remote_write_queue_bytes)
-        if not isinstance(self.rank, int) or not 0 <= self.rank < self.num_workers:
-            raise ConfigError(
-                "rank", f"rank must be in 0..{self.num_workers - 1}, got {self.rank!r}"
-            )
-        for name in _FLAGS:
-            _flag(name, getattr(self, name))
+        for name in ("io_threads", "max_inflight_blocks", "staging_blocks", "num_workers"):
+            require_count(name, getattr(self, name), low=1)
+        require_count("remote_write_queue_bytes", self.remote_write_queue_bytes)
+        require_count("rank", self.rank)
+        if self.rank >= self.num_workers:
+            raise ConfigError("rank", f"rank {self.rank} must be < num_workers {self.num_workers}")
+        for f in fields(self):  # every ``bool`` field (annotations are strings here)
+            if f.type == "bool":
+                _flag(f.name, getattr(self, f.name))
         _flag("host_pinned", self.host_pinned, optional=True)
         if self.device_layout not in DEVICE_LAYOUTS:
             raise ConfigError(
@@ -268,19 +243,9 @@ class KvTierConfig:
         self.onboard_cost  # noqa: B018 - validates the bias (OnboardCostConfig's rule)
 
     @property
-    def on_cuda(self) -> bool:
-        """Whether G1 is on a CUDA GPU (the connector's workers then copy asynchronously)."""
-        return self.device != "cpu"
-
-    @property
     def onboard_cost(self) -> OnboardCostConfig:
         """The cost-aware onboarding model's configuration (``kvtier.core.onboard_cost``)."""
         return OnboardCostConfig(block_bytes=self.model.block_bytes, bias=self.onboard_cost_bias)
-
-    @staticmethod
-    def blocks_for_bytes(model: ModelConfig, gigabytes: float) -> int:
-        """Blocks that fit in ``gigabytes`` decimal GB (how ``DYN_KVBM_*_CACHE_GB`` is read)."""
-        return blocks_in(gigabytes, model.block_bytes)
 
     @classmethod
     def from_settings(

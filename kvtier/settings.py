@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from kvtier.config import blocks_in, require_positive
+from kvtier.config import blocks_in, require_count
 
 __all__ = [
     "KNOBS",
@@ -259,7 +259,7 @@ _SIZE_KNOBS = {"host_blocks": "cpu_cache", "disk_blocks": "disk_cache"}
 
 
 def _blocks(count: int | None, gigabytes: float, block_bytes: int, knob: str) -> int:
-    require_positive("block_bytes", block_bytes)
+    require_count("block_bytes", block_bytes, low=1)
     if count is not None:
         return count
     try:

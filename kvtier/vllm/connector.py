@@ -155,7 +155,7 @@ class KvTierConnector(KVConnectorBase_V1):
             async_scheduling=_async_scheduling(vllm_config),
             model_identity=identity,
         )
-        self.model, self.host_blocks, self.disk_blocks = cfg.model, cfg.host_blocks, cfg.disk_blocks
+        self.model = cfg.model
         self.scheduler: KvTierScheduler | None = None
         self.worker: KvTierWorker | None = None
         self.telemetry: ConnectorTelemetry | None = None

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kvtier.config import KvTierConfig, require_positive
+from kvtier.config import KvTierConfig, require_count
 from kvtier.hashing import salt_hash
 from kvtier.plan.counters import SchedulerCounters
 from kvtier.plan.planner import G2, G3, PlannerConfig, TierPlanner
@@ -81,7 +81,7 @@ class SchedulerConfig:
     below the smallest pinned-row count every worker has reported (``WorkerReport``)."""
 
     def __post_init__(self) -> None:
-        require_positive("block_size", self.block_size)
+        require_count("block_size", self.block_size, low=1)
         self.planner()  # validates the tier sizes and the worker count
 
     @classmethod
@@ -96,8 +96,8 @@ class SchedulerConfig:
             disk_filter=config.disk_filter,
             layerwise_onboard=config.layerwise_onboard,
             num_workers=config.num_workers,
-            async_store_reads=config.on_cuda,
-            pinned_host_rows=config.on_cuda,
+            async_store_reads=config.device != "cpu",
+            pinned_host_rows=config.device != "cpu",
             layerwise_disk=not config.async_scheduling,
         )
 

@@ -34,13 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvtier.config import (
-    KvTierConfig,
-    ModelConfig,
-    require_non_negative,
-    require_positive,
-    require_tiers,
-)
+from kvtier.config import KvTierConfig, ModelConfig, require_count, require_tiers
 from kvtier.storage.block_file import BlockHeader
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
@@ -78,9 +72,9 @@ class WorkerConfig:
     disk_group: str | None = None
 
     def __post_init__(self) -> None:
-        require_non_negative("rank", self.rank)
+        require_count("rank", self.rank)
         require_tiers(self.host_blocks, self.disk_blocks, self.disk_dir)
-        require_positive("io_threads", self.io_threads)
+        require_count("io_threads", self.io_threads, low=1)
 
     @classmethod
     def from_config(cls, config: KvTierConfig) -> WorkerConfig:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.config import KvTierConfig, ModelConfig, physical_memory_bytes
+from kvtier.config import KvTierConfig, ModelConfig, blocks_in, physical_memory_bytes
 from kvtier.ops.tinymodel import build_tiny_llama
 from kvtier.settings import SettingsError, load_settings
 
@@ -57,7 +57,7 @@ def test_manager_config_refuses_a_g2_larger_than_ram() -> None:
     with pytest.raises(ValueError, match=r"host_blocks=\d+ .* more than this machine's memory"):
         KvTierConfig(MODEL, host_blocks=2 * RAM // MODEL.block_bytes)
     with pytest.raises(ValueError, match="too large"):
-        KvTierConfig.blocks_for_bytes(MODEL, 1e300)
+        blocks_in(1e300, MODEL.block_bytes)
 
 
 SCRIPT = """
