@@ -167,7 +167,7 @@ class KvTierConnector(KVConnectorBase_V1):
             # G4: the scheduler half's batched lookups (kvtier.vllm.remote_plan), when configured.
             remote = None
             if cfg.remote is not None:
-                remote = RemotePlanner(cfg.remote, num_workers=world).start()
+                remote = RemotePlanner(cfg.remote, num_workers=cfg.num_workers).start()
             self.scheduler = KvTierScheduler(
                 SchedulerConfig.from_config(cfg),
                 remote=remote,
