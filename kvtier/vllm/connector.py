@@ -104,16 +104,6 @@ def model_config_from(kv_cache_config: KVCacheConfig) -> ModelConfig:
     return model
 
 
-def _on_cuda(vllm_config: Any) -> bool:
-    """Whether the workers run on CUDA GPUs (then they use ``kvtier.vllm.gpu_path``)."""
-    return str(getattr(vllm_config.device_config, "device_type", "")) == "cuda"
-
-
-def _async_scheduling(vllm_config: Any) -> bool:
-    """Whether vLLM schedules a step ahead (then a failed in-pass load cannot be taken back)."""
-    return bool(getattr(vllm_config.scheduler_config, "async_scheduling", False))
-
-
 def _backend_name(vllm_config: Any, kv_caches: dict[str, torch.Tensor]) -> str:
     """The attention backend of the first KV layer, for error messages ("" when unknown)."""
     try:
@@ -151,8 +141,8 @@ class KvTierConnector(KVConnectorBase_V1):
             model_config_from(kv_cache_config),
             num_workers=world,
             rank=rank,
-            on_cuda=_on_cuda(vllm_config),
-            async_scheduling=_async_scheduling(vllm_config),
+            on_cuda=str(getattr(vllm_config.device_config, "device_type", "")) == "cuda",
+            async_scheduling=bool(getattr(vllm_config.scheduler_config, "async_scheduling", False)),
             model_identity=identity,
         )
         self.model = cfg.model
