@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvtier.config import ModelConfig
+from kvtier.config import KvTierConfig, ModelConfig, require_count, require_tiers
 from kvtier.storage.block_file import BlockHeader
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
@@ -72,10 +72,23 @@ class WorkerConfig:
     disk_group: str | None = None
 
     def __post_init__(self) -> None:
-        if self.rank < 0 or self.host_blocks < 0 or self.disk_blocks < 0 or self.io_threads <= 0:
-            raise ValueError(f"bad WorkerConfig {self}")
-        if self.disk_blocks and not self.disk_dir:
-            raise ValueError("WorkerConfig: disk_blocks > 0 needs disk_dir")
+        require_count("rank", self.rank)
+        require_tiers(self.host_blocks, self.disk_blocks, self.disk_dir)
+        require_count("io_threads", self.io_threads, low=1)
+
+    @classmethod
+    def from_config(cls, config: KvTierConfig) -> WorkerConfig:
+        """This worker's share of the one configuration root."""
+        return cls(
+            rank=config.rank,
+            host_blocks=config.host_blocks,
+            disk_blocks=config.disk_blocks,
+            disk_dir=config.disk_dir,
+            disk_o_direct=config.disk_o_direct,
+            io_threads=config.io_threads,
+            model_identity=config.model_identity,
+            disk_group=config.disk_group,
+        )
 
 
 @dataclass
