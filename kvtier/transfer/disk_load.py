@@ -1,12 +1,15 @@
-"""Disk -> device through pinned bounce rows, double-buffered: read group k+1 while k crosses PCIe.
+"""Disk -> device: verified reads into two slots of bounce rows, copied while the next slot fills.
 
-Why this exists: a disk onboard is bounded by the disk (about 2 GB/s on the lent machine, against
-55 GB/s of PCIe), so the copy to the device must hide entirely behind the reads. Blocks are read
-and verified (header, fingerprint, checksum: ``DiskStorage.read``) by a pool of I/O threads into
-one of two slots of page-locked rows; as soon as a slot is complete its blocks go to the device
-through the ``CudaCopyEngine`` while the other slot fills. A block that fails to read is reported
-in the handle's ``failed`` map (the connector turns it into a load error, so vLLM recomputes it);
-it is never copied to the device.
+Why this exists: it is the one disk -> device path (the vLLM worker on CPU and CUDA, and the
+transfer manager's ``DISK_TO_DEVICE``). A disk onboard is bounded by the disk (about 2 GB/s on the
+lent machine, against 55 GB/s of PCIe), so the copy to the device must hide behind the reads.
+Blocks are read and verified (header, fingerprint, checksum: ``DiskStorage.read``) on the
+``DiskIo`` threads into one of two slots of host rows (page-locked with ``pin_memory``, which the
+CUDA engine needs); as soon as a slot is complete its blocks go to the device through the
+``CopyEngine`` while the other slot fills. A block whose file is missing or bad is reported in the
+handle (``failed``, ``bad_files``; the caller turns it into a load error, so it is recomputed); it
+is never copied to the device. The handle is a ``CopyHandle``: ``wait_layer(l)`` returns once
+layer ``l`` of every block that could be read landed, so layer-wise onboarding works on it.
 
 A load that fails partway (a copy that cannot be issued, say) still ends cleanly: before its
 handle completes, and so before the next load may reuse the bounce rows, every read it started has
@@ -24,15 +27,17 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
 import torch
 
+from kvtier.storage.block_file import BlockHeader
 from kvtier.storage.device import DeviceStorage
-from kvtier.storage.disk import DiskStorage
+from kvtier.storage.disk import DiskBlockError
 from kvtier.storage.host import HostStorage
+from kvtier.transfer.disk_io import DiskIo
 from kvtier.transfer.engine import CopyEngine, CopyHandle
 
 __all__ = ["DiskLoadConfig", "DiskLoadHandle", "DiskToDeviceLoader"]
@@ -40,46 +45,73 @@ __all__ = ["DiskLoadConfig", "DiskLoadHandle", "DiskToDeviceLoader"]
 
 @dataclass(frozen=True)
 class DiskLoadConfig:
-    """``group_blocks`` blocks per bounce slot (two slots); ``io_threads`` reads in flight."""
+    """``group_blocks`` blocks per bounce slot (two slots)."""
 
     group_blocks: int = 16
-    io_threads: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("group_blocks", "io_threads"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        v = self.group_blocks
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"group_blocks must be a positive int, got {v!r}")
 
 
-@dataclass
 class DiskLoadHandle:
-    """Completion of one disk -> device load. ``failed`` maps device block id -> reason."""
+    """Completion of one disk -> device load: a ``CopyHandle`` with per-block outcomes.
 
-    device_ids: tuple[int, ...]
-    failed: dict[int, str] = field(default_factory=dict)
-    _done: threading.Event = field(default_factory=threading.Event)
+    ``failed``: device block id -> why it did not land. ``bad_files``: the subset whose file could
+    not be read, -> True when it was corrupt (and removed). ``error``: set when a block failed for
+    another reason (a copy failed or could not be issued); ``wait_layer`` is then False.
+    ``copies``: the host -> device copies, one per bounce slot filled.
+    """
+
+    def __init__(self, device_ids: tuple[int, ...], num_layers: int) -> None:
+        self.device_ids = device_ids
+        self.num_layers = num_layers
+        self.failed: dict[int, str] = {}
+        self.bad_files: dict[int, bool] = {}
+        self.error: BaseException | None = None
+        self.copies: list[CopyHandle] = []
+        self._issued = threading.Event()  # ``copies`` is final
+        self._done = threading.Event()
 
     def done(self) -> bool:
         return self._done.is_set()
 
-    def wait(self, timeout: float | None = None) -> dict[int, str]:
-        """Block until every block landed or failed; return ``failed``."""
+    def wait(self, timeout: float | None = None) -> BaseException | None:
+        """Block until every block landed or failed; return ``error``."""
         if not self._done.wait(timeout):
             raise TimeoutError(f"disk load not finished after {timeout} s")
-        return self.failed
+        return self.error
+
+    def layer_done(self, layer: int) -> bool:
+        return self._issued.is_set() and all(c.layer_done(layer) for c in self.copies)
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
+        """Block until layer ``layer`` of every block that could be read landed; True when some
+        did and no copy failed."""
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range 0..{self.num_layers - 1}")
+        if not self._issued.wait(timeout):
+            raise TimeoutError(f"disk reads not finished after {timeout} s")
+        landed = all([c.wait_layer(layer, timeout) for c in self.copies])
+        return landed and bool(self.copies) and self.error is None
 
     @property
     def loaded(self) -> tuple[int, ...]:
         """Device block ids whose bytes landed exactly (valid once ``done()``)."""
         return tuple(d for d in self.device_ids if d not in self.failed)
 
+    def _fail(self, device_ids: Sequence[int], why: str, exc: BaseException) -> None:
+        for d in device_ids:
+            self.failed.setdefault(d, why)
+        if self.error is None:
+            self.error = exc
+
 
 @dataclass
 class _Job:
     device: DeviceStorage
     hashes: tuple[int, ...]
-    device_ids: tuple[int, ...]
     handle: DiskLoadHandle
     gate: object | None = None
     """Passed to every host->device copy of the job (e.g. an event after pending reads of the
@@ -95,19 +127,24 @@ _Copy = tuple[CopyHandle, tuple[int, ...]]
 class DiskToDeviceLoader:
     """Loads verified block files into device blocks (see the module docstring).
 
-    ``engine`` is a started ``CopyEngine`` for the device (normally ``CudaCopyEngine``). The
-    constructor records; ``start()`` allocates the pinned bounce rows and threads; ``close()``
-    finishes queued loads and frees them.
+    ``disk_io`` and ``engine`` are started by their owner and outlive the loader. The constructor
+    records; ``start()`` allocates the bounce rows (page-locked when ``pin_memory``) and the
+    loader's thread; ``close()`` finishes queued loads and frees them.
     """
 
     def __init__(
-        self, disk: DiskStorage, engine: CopyEngine, config: DiskLoadConfig | None = None
+        self,
+        disk_io: DiskIo,
+        engine: CopyEngine,
+        config: DiskLoadConfig | None = None,
+        *,
+        pin_memory: bool = False,
     ) -> None:
-        self.disk = disk
+        self.disk_io = disk_io
         self.engine = engine
         self.config = config or DiskLoadConfig()
+        self.pin_memory = pin_memory
         self._bounce: HostStorage | None = None
-        self._pool: ThreadPoolExecutor | None = None
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -115,12 +152,11 @@ class DiskToDeviceLoader:
         if self._thread is not None:
             return
         g = self.config.group_blocks
-        # Page-locked whenever CUDA exists (the CUDA engine refuses anything else); plain memory
-        # only on a machine without CUDA, where the engine is the CPU one.
-        pin = torch.cuda.is_available()
-        self._bounce = HostStorage(2 * g, self.disk.block_bytes, pin_memory=pin)
-        self._bounce.allocate()
-        self._pool = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="kvtier-dread")
+        self._bounce = HostStorage(
+            2 * g, self.disk_io.storage.block_bytes, pin_memory=self.pin_memory
+        )
+        with torch.inference_mode(False):  # rows written outside vLLM's inference mode
+            self._bounce.allocate()
         self._thread = threading.Thread(target=self._run, name="kvtier-disk2dev", daemon=True)
         self._thread.start()
 
@@ -130,9 +166,6 @@ class DiskToDeviceLoader:
         self._queue.put(None)
         self._thread.join()
         self._thread = None
-        assert self._pool is not None
-        self._pool.shutdown(wait=True)
-        self._pool = None
         self._bounce = None
 
     def load(
@@ -148,16 +181,15 @@ class DiskToDeviceLoader:
             raise RuntimeError("DiskToDeviceLoader is not started")
         if len(sequence_hashes) != len(device_ids):
             raise ValueError(f"{len(sequence_hashes)} hashes but {len(device_ids)} device ids")
-        if device.layout.block_bytes != self.disk.block_bytes:
+        if device.layout.block_bytes != self.disk_io.storage.block_bytes:
             raise ValueError(
                 f"device blocks are {device.layout.block_bytes} bytes, disk blocks "
-                f"{self.disk.block_bytes}"
+                f"{self.disk_io.storage.block_bytes}"
             )
         if len(set(device_ids)) != len(device_ids):
             raise ValueError("a device block id appears twice in one load")
-        handle = DiskLoadHandle(tuple(int(d) for d in device_ids))
-        job = _Job(device, tuple(int(h) for h in sequence_hashes), handle.device_ids, handle, gate)
-        self._queue.put(job)
+        handle = DiskLoadHandle(tuple(int(d) for d in device_ids), device.layout.model.num_layers)
+        self._queue.put(_Job(device, tuple(int(h) for h in sequence_hashes), handle, gate))
         return handle
 
     def _run(self) -> None:
@@ -168,26 +200,21 @@ class DiskToDeviceLoader:
             try:
                 self._load(job)
             except Exception as exc:  # every block not yet landed is reported failed
-                for d in job.device_ids:
-                    if d not in job.landed:
-                        job.handle.failed.setdefault(d, f"disk load failed: {exc}")
+                rest = [d for d in job.handle.device_ids if d not in job.landed]
+                job.handle._fail(rest, f"disk load failed: {exc}", exc)
             finally:
+                job.handle._issued.set()
                 job.handle._done.set()
 
-    def _read_group(self, job: _Job, start: int, slot: int) -> list[Future[object]]:
-        assert self._pool is not None and self._bounce is not None
+    def _read_group(self, job: _Job, start: int, slot: int) -> list[Future[BlockHeader | None]]:
+        assert self._bounce is not None
         g = self.config.group_blocks
-        end = min(len(job.hashes), start + g)
-        rows = self._bounce.rows
-        return [
-            self._pool.submit(self.disk.read, job.hashes[i], rows[slot * g + (i - start)])
-            for i in range(start, end)
-        ]
+        hashes = job.hashes[start : start + g]
+        return self.disk_io.read(hashes, list(self._bounce.rows[slot * g : slot * g + len(hashes)]))
 
     def _load(self, job: _Job) -> None:
-        assert self._bounce is not None
         in_slot: list[_Copy | None] = [None, None]
-        reads: dict[int, list[Future[object]]] = {}
+        reads: dict[int, list[Future[BlockHeader | None]]] = {}
         try:
             self._load_groups(job, in_slot, reads)
         except BaseException:
@@ -196,13 +223,16 @@ class DiskToDeviceLoader:
             raise
 
     def _load_groups(
-        self, job: _Job, in_slot: list[_Copy | None], reads: dict[int, list[Future[object]]]
+        self,
+        job: _Job,
+        in_slot: list[_Copy | None],
+        reads: dict[int, list[Future[BlockHeader | None]]],
     ) -> None:
         """The double-buffered loop; ``in_slot``/``reads`` hold what is in flight at any time."""
         assert self._bounce is not None
         g = self.config.group_blocks
-        n = len(job.hashes)
-        starts = list(range(0, n, g))
+        handle = job.handle
+        starts = list(range(0, len(job.hashes), g))
         if starts:
             reads[0] = self._read_group(job, 0, 0)
         for k, start in enumerate(starts):
@@ -214,11 +244,11 @@ class DiskToDeviceLoader:
                 reads[nxt] = self._read_group(job, starts[nxt], nxt % 2)
             rows, dids = [], []
             for i, fut in enumerate(reads[k]):
-                d = job.device_ids[start + i]
-                try:
-                    fut.result()
-                except Exception as exc:
-                    job.handle.failed[d] = str(exc)
+                d = handle.device_ids[start + i]
+                exc = fut.exception()
+                if exc is not None:
+                    handle.failed[d] = str(exc)
+                    handle.bad_files[d] = isinstance(exc, DiskBlockError) and exc.corrupt
                     continue
                 rows.append((k % 2) * g + i)
                 dids.append(d)
@@ -227,14 +257,16 @@ class DiskToDeviceLoader:
                 copy = self.engine.host_to_device(
                     self._bounce, job.device, rows, dids, gate=job.gate
                 )
+                handle.copies.append(copy)
                 in_slot[k % 2] = (copy, tuple(dids))
+        handle._issued.set()
         for slot in (0, 1):
             self._settle(job, in_slot[slot])
             in_slot[slot] = None
 
     @staticmethod
     def _quiesce(
-        job: _Job, in_slot: list[_Copy | None], reads: dict[int, list[Future[object]]]
+        job: _Job, in_slot: list[_Copy | None], reads: dict[int, list[Future[BlockHeader | None]]]
     ) -> None:
         """Cancel the job's reads not yet started, wait for the running ones and its copies."""
         pending = [f for group in reads.values() for f in group]
@@ -256,7 +288,6 @@ class DiskToDeviceLoader:
         copy, dids = entry
         err = copy.wait()
         if err is not None:
-            for d in dids:
-                job.handle.failed[d] = f"host->device copy failed: {err}"
+            job.handle._fail(dids, f"host->device copy failed: {err}", err)
         else:
             job.landed.update(dids)
