@@ -229,9 +229,11 @@ class TransferManager:
     def start(self) -> None:
         """Start the disk->device loader (when there are a disk tier and a device)."""
         if self.disk_io is not None and self.device is not None and self._loader is None:
-            group = DiskLoadConfig(group_blocks=max(1, self.staging_blocks // 2))
+            # Slots of the loader's default size at most: the last slot's copy is the part not
+            # hidden behind reads, so a large slot would slow the load; ``staging_blocks`` caps.
+            group = min(DiskLoadConfig().group_blocks, max(1, self.staging_blocks // 2))
             self._loader = DiskToDeviceLoader(
-                self.disk_io, self.engine, group, pin_memory=self.pin_staging
+                self.disk_io, self.engine, DiskLoadConfig(group), pin_memory=self.pin_staging
             )
             self._loader.start()
 
