@@ -1,15 +1,17 @@
-"""Disk -> device: verified reads into two slots of bounce rows, copied while the next slot fills.
+"""Disk -> device: verified reads into slots of bounce rows, each copied while the next ones fill.
 
 Why this exists: it is the one disk -> device path (the vLLM worker on CPU and CUDA, and the
 transfer manager's ``DISK_TO_DEVICE``). A disk onboard is bounded by the disk (about 2 GB/s on the
 lent machine, against 55 GB/s of PCIe), so the copy to the device must hide behind the reads.
 Blocks are read and verified (header, fingerprint, checksum: ``DiskStorage.read``) on the
-``DiskIo`` threads into one of two slots of host rows (page-locked with ``pin_memory``, which the
+``DiskIo`` threads into a ring of slots of host rows (page-locked with ``pin_memory``, which the
 CUDA engine needs); as soon as a slot is complete its blocks go to the device through the
-``CopyEngine`` while the other slot fills. A block whose file is missing or bad is reported in the
-handle (``failed``, ``bad_files``; the caller turns it into a load error, so it is recomputed); it
-is never copied to the device. The handle is a ``CopyHandle``: ``wait_layer(l)`` returns once
-layer ``l`` of every block that could be read landed, so layer-wise onboarding works on it.
+``CopyEngine`` while the next slots fill. Two slots hide the copies; more keep more reads queued,
+so the disk stays busy when the loader's thread is slow to run (a busy CPU). A block whose file
+is missing or bad is reported in the handle (``failed``, ``bad_files``; the caller turns it into a
+load error, so it is recomputed); it is never copied to the device. The handle is a
+``CopyHandle``: ``wait_layer(l)`` returns once layer ``l`` of every block that could be read
+landed, so layer-wise onboarding works on it.
 
 A load that fails partway (a copy that cannot be issued, say) still ends cleanly: before its
 handle completes, and so before the next load may reuse the bounce rows, every read it started has
@@ -45,14 +47,16 @@ __all__ = ["DiskLoadConfig", "DiskLoadHandle", "DiskToDeviceLoader"]
 
 @dataclass(frozen=True)
 class DiskLoadConfig:
-    """``group_blocks`` blocks per bounce slot (two slots)."""
+    """``slots`` bounce slots (at least two) of ``group_blocks`` blocks each."""
 
     group_blocks: int = 16
+    slots: int = 2
 
     def __post_init__(self) -> None:
-        v = self.group_blocks
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"group_blocks must be a positive int, got {v!r}")
+        for name, least in (("group_blocks", 1), ("slots", 2)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
 
 
 class DiskLoadHandle:
@@ -151,10 +155,9 @@ class DiskToDeviceLoader:
     def start(self) -> None:
         if self._thread is not None:
             return
-        g = self.config.group_blocks
-        self._bounce = HostStorage(
-            2 * g, self.disk_io.storage.block_bytes, pin_memory=self.pin_memory
-        )
+        rows = self.config.slots * self.config.group_blocks
+        bb = self.disk_io.storage.block_bytes
+        self._bounce = HostStorage(rows, bb, pin_memory=self.pin_memory)
         with torch.inference_mode(False):  # rows written outside vLLM's inference mode
             self._bounce.allocate()
         self._thread = threading.Thread(target=self._run, name="kvtier-disk2dev", daemon=True)
@@ -213,7 +216,7 @@ class DiskToDeviceLoader:
         return self.disk_io.read(hashes, list(self._bounce.rows[slot * g : slot * g + len(hashes)]))
 
     def _load(self, job: _Job) -> None:
-        in_slot: list[_Copy | None] = [None, None]
+        in_slot: list[_Copy | None] = [None] * self.config.slots
         reads: dict[int, list[Future[BlockHeader | None]]] = {}
         try:
             self._load_groups(job, in_slot, reads)
@@ -228,20 +231,20 @@ class DiskToDeviceLoader:
         in_slot: list[_Copy | None],
         reads: dict[int, list[Future[BlockHeader | None]]],
     ) -> None:
-        """The double-buffered loop; ``in_slot``/``reads`` hold what is in flight at any time."""
+        """The slot ring; ``in_slot``/``reads`` hold what is in flight at any time."""
         assert self._bounce is not None
-        g = self.config.group_blocks
+        g, s = self.config.group_blocks, self.config.slots
         handle = job.handle
         starts = list(range(0, len(job.hashes), g))
-        if starts:
-            reads[0] = self._read_group(job, 0, 0)
+        for k in range(min(s - 1, len(starts))):
+            reads[k] = self._read_group(job, starts[k], k)
         for k, start in enumerate(starts):
-            nxt = k + 1
+            nxt = k + s - 1
             if nxt < len(starts):
-                # Slot nxt % 2 held group k - 1: its copy must have read the rows first.
-                self._settle(job, in_slot[nxt % 2])
-                in_slot[nxt % 2] = None
-                reads[nxt] = self._read_group(job, starts[nxt], nxt % 2)
+                # Slot nxt % s held group k - 1: its copy must have read the rows first.
+                self._settle(job, in_slot[nxt % s])
+                in_slot[nxt % s] = None
+                reads[nxt] = self._read_group(job, starts[nxt], nxt % s)
             rows, dids = [], []
             for i, fut in enumerate(reads[k]):
                 d = handle.device_ids[start + i]
@@ -250,7 +253,7 @@ class DiskToDeviceLoader:
                     handle.failed[d] = str(exc)
                     handle.bad_files[d] = isinstance(exc, DiskBlockError) and exc.corrupt
                     continue
-                rows.append((k % 2) * g + i)
+                rows.append((k % s) * g + i)
                 dids.append(d)
             del reads[k]
             if dids:
@@ -258,9 +261,9 @@ class DiskToDeviceLoader:
                     self._bounce, job.device, rows, dids, gate=job.gate
                 )
                 handle.copies.append(copy)
-                in_slot[k % 2] = (copy, tuple(dids))
+                in_slot[k % s] = (copy, tuple(dids))
         handle._issued.set()
-        for slot in (0, 1):
+        for slot in range(s):
             self._settle(job, in_slot[slot])
             in_slot[slot] = None
 

@@ -194,7 +194,7 @@ class TransferManager:
     """Queues, starts and completes batches; see the module docstring.
 
     ``device``/``host``/``disk_io`` may be None when a tier is absent (a path using it is then
-    refused at submit). ``staging_blocks`` host rows (two slots; pinned when ``pin_staging``)
+    refused at submit). ``staging_blocks`` host rows (loader slots; pinned when ``pin_staging``)
     bounce disk->device loads; device->disk batches stage into rows of their own.
     """
 
@@ -229,11 +229,12 @@ class TransferManager:
     def start(self) -> None:
         """Start the disk->device loader (when there are a disk tier and a device)."""
         if self.disk_io is not None and self.device is not None and self._loader is None:
-            # Slots of the loader's default size at most: the last slot's copy is the part not
-            # hidden behind reads, so a large slot would slow the load; ``staging_blocks`` caps.
+            # ``staging_blocks`` rows as slots of the loader's default size at most (the last
+            # slot's copy is not hidden behind reads); more slots keep more reads queued.
             group = min(DiskLoadConfig().group_blocks, max(1, self.staging_blocks // 2))
+            cfg = DiskLoadConfig(group, slots=max(2, self.staging_blocks // group))
             self._loader = DiskToDeviceLoader(
-                self.disk_io, self.engine, DiskLoadConfig(group), pin_memory=self.pin_staging
+                self.disk_io, self.engine, cfg, pin_memory=self.pin_staging
             )
             self._loader.start()
 

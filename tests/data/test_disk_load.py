@@ -16,13 +16,13 @@ from kvtier.transfer.disk_load import DiskLoadConfig, DiskToDeviceLoader
 from kvtier.transfer.engine import TorchCopyEngine
 
 
-@pytest.mark.parametrize("kind", ["block_first", "outer_first"])
-def test_double_buffered_load_on_cpu(kind: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "slots"), [("block_first", 2), ("outer_first", 3)])
+def test_slot_ring_load_on_cpu(kind: str, slots: int, tmp_path: Path) -> None:
     tensors = engine_tensors(kind, MODEL, 40, seed=3)
     dev = DeviceStorage(detect_layout(tensors, MODEL), tensors)
     disk = DiskStorage(tmp_path, dev.layout.fingerprint, dev.layout.block_bytes)
     disk.open()
-    n = 23  # 6 groups of 4: both bounce slots reused several times, a short last group
+    n = 23  # 6 groups of 4: every bounce slot reused, a short last group
     rows = random_rows(n, dev.layout.block_bytes, seed=4)
     hashes = [1000 + i for i in range(n)]
     for h, r in zip(hashes, rows, strict=True):
@@ -37,7 +37,7 @@ def test_double_buffered_load_on_cpu(kind: str, tmp_path: Path) -> None:
     io.start()
     engine = TorchCopyEngine()
     engine.start()
-    loader = DiskToDeviceLoader(io, engine, DiskLoadConfig(group_blocks=4))
+    loader = DiskToDeviceLoader(io, engine, DiskLoadConfig(group_blocks=4, slots=slots))
     loader.start()
     try:
         handle = loader.load(dev, [*hashes, 999999], [*targets, 0])  # 999999: no such file
