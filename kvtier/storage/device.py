@@ -45,6 +45,7 @@ class DeviceStorage:
             self.device = tensors[layout.layer_names[0]].device
         self._views = views
         self._numpy: list[np.ndarray] | None = None
+        self._bytes: list[memoryview] | None = None
 
     def numpy_layers(self) -> list[np.ndarray]:
         """CPU only: numpy views of ``layer_bytes(i)`` for every layer, ``[num_blocks, ...]``
@@ -58,6 +59,18 @@ class DeviceStorage:
                 v.numpy().swapaxes(0, 1) if outer_first else v.numpy() for v in self._views
             ]
         return self._numpy
+
+    def byte_layers(self) -> list[memoryview] | None:
+        """CPU only: each layer's bytes as one flat memoryview (block ``b`` at
+        ``b * layer_block_bytes``), or None unless every layer is one dense block-major region.
+        A memoryview slice copy is ~2x cheaper than a numpy one for a single (block, layer)."""
+        if self._bytes is None:
+            views = self.numpy_layers()
+            dense = self.layout.kind is not LayoutKind.OUTER_FIRST and all(
+                v.flags.c_contiguous for v in views
+            )
+            self._bytes = [v.data.cast("B") for v in views] if dense else []
+        return self._bytes or None
 
     @classmethod
     def wrap(
