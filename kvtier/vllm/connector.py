@@ -167,6 +167,7 @@ class KvTierConnector(KVConnectorBase_V1):
                     async_store_reads=_on_cuda(vllm_config),
                     pinned_host_rows=_on_cuda(vllm_config),
                     layerwise_disk=not _async_scheduling(vllm_config),
+                    record_events=self.settings.events,  # the telemetry's KV events
                 ),
                 remote=remote,
                 # Cost-aware onboarding (kvtier.vllm.onboard): always measuring, so per-request
@@ -179,12 +180,11 @@ class KvTierConnector(KVConnectorBase_V1):
                 ),
             )
             # Metrics and KV events live with the scheduler half (engine-core process), up as
-            # soon as the engine is, fed with every plan and worker report (kvtier.vllm.telemetry).
+            # soon as the engine is, reading the planner each step (kvtier.vllm.telemetry).
             self.telemetry = ConnectorTelemetry(
                 self.settings,
-                block_size=self.model.block_size,
+                self.scheduler,
                 block_bytes=self.model.block_bytes,
-                num_workers=world,
                 data_parallel_rank=vllm_config.parallel_config.data_parallel_rank,
             ).start()
         else:
@@ -380,7 +380,7 @@ class KvTierConnector(KVConnectorBase_V1):
             if self.telemetry is not None:
                 self.telemetry.on_onboard(sched.onboard)
         if self.telemetry is not None:
-            self.telemetry.on_reports(reports, sched)
+            self.telemetry.on_reports(reports)
         if connector_output.finished_sending:
             sched.finished_sending(connector_output.finished_sending)
 

@@ -78,6 +78,8 @@ class SchedulerConfig:
     pinned_host_rows: bool = False
     """True when workers pin G2 in chunks after start-up (CUDA): G2 slots are handed out only
     below the smallest pinned-row count every worker has reported (``WorkerReport``)."""
+    record_events: bool = False
+    """Keep the planner's Store/Remove events for the telemetry's KV events (events on)."""
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -93,6 +95,7 @@ class SchedulerConfig:
             disk_filter=self.disk_filter,
             num_workers=self.num_workers,
             pinned_host_rows=self.pinned_host_rows,
+            record_events=self.record_events,
         )
 
 
