@@ -84,14 +84,11 @@ class StoreChoice(NamedTuple):
 _NOTHING = StoreChoice(None, False, False)
 
 
-class Transfer(NamedTuple):
-    """A copy every worker reported landed (failed ones are not timed): ``path`` as the metrics
-    name it (``device_to_host``, ``host_to_disk``, ``device_to_disk``, ``host_to_device``,
-    ``disk_to_device``), its blocks, and the seconds from planning to the last report."""
-
-    path: str
-    blocks: int
-    seconds: float
+Transfer = tuple[str, int, float]
+"""A copy every worker reported landed (failed ones are not timed): its path as the metrics name
+it (``device_to_host``, ``host_to_disk``, ``device_to_disk``, ``host_to_device``,
+``disk_to_device``), its blocks, and the seconds from planning to the last report. A plain tuple:
+one is built per landed block, on the scheduler's hot path."""
 
 
 @dataclass
@@ -328,7 +325,7 @@ class TierPlanner:
 
     def _landed(self, path: str, blocks: int, since: float) -> None:
         if blocks:
-            self._transfers.append(Transfer(path, blocks, max(0.0, self._clock() - since)))
+            self._transfers.append((path, blocks, self._clock() - since))
 
     def take_transfers(self) -> list[Transfer]:
         """Copies landed since the last call, oldest first (at most 65536 kept: drain every
