@@ -16,12 +16,11 @@ can run in vLLM's scheduler process and be tested in microseconds:
   admits it (from its G2 slot when it has one, else from the GPU block);
 - restore of G3 at start-up (``kvtier.plan.restore``), reset, invariants.
 
-Every arrival and departure lands in ``registry`` (a ``TierRegistry``) as a Store/Remove event
-(kept only with ``record_events``, for the connector's KV events); every copy that lands on all
-workers is one ``Transfer`` (path, blocks, seconds since planned) until ``take_transfers``, for
-its metrics: the in-flight records that commit copies carry their planning time, so nothing else
-keeps a second copy of what is in flight. The G3 files to delete (evicted, failed, corrupt on
-some rank, reset) accumulate until ``take_deletes`` hands them to the next plan.
+Every arrival and departure lands in ``registry`` (a ``TierRegistry``) as a Store/Remove event,
+and every copy that landed on all workers in ``take_transfers``, timed by the in-flight records
+themselves: the connector's telemetry reads both, and keeps no copy of what is in flight. The G3
+files to delete (evicted, failed, corrupt on some rank, reset) accumulate until ``take_deletes``
+hands them to the next plan.
 """
 
 from __future__ import annotations
@@ -58,8 +57,7 @@ class PlannerConfig:
     pinned_host_rows: bool = False
     """G2 slots are handed out only below the pinned-row count every worker reported."""
     record_events: bool = False
-    """Whether ``registry`` keeps Store/Remove events (only when someone drains them: the
-    connector's telemetry, when KV events are on)."""
+    """Whether ``registry`` keeps Store/Remove events (only when someone drains them)."""
 
     def __post_init__(self) -> None:
         for name in ("host_blocks", "disk_blocks", "num_workers"):
@@ -85,10 +83,8 @@ _NOTHING = StoreChoice(None, False, False)
 
 
 Transfer = tuple[str, int, float]
-"""A copy every worker reported landed (failed ones are not timed): its path as the metrics name
-it (``device_to_host``, ``host_to_disk``, ``device_to_disk``, ``host_to_device``,
-``disk_to_device``), its blocks, and the seconds from planning to the last report. A plain tuple:
-one is built per landed block, on the scheduler's hot path."""
+"""(path as the metrics name it, blocks, seconds from planning to the last report) of a copy every
+worker reported landed; a plain tuple, as one is built per block on the scheduler's hot path."""
 
 
 @dataclass
