@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from kvtier.config import require_count
 from kvtier.core.filter import FrequencyFilter, FrequencyFilterConfig
 from kvtier.core.registry import TierRegistry
 from kvtier.plan.counters import SchedulerCounters
@@ -60,11 +61,9 @@ class PlannerConfig:
     """Whether ``registry`` keeps Store/Remove events (only when someone drains them)."""
 
     def __post_init__(self) -> None:
-        for name in ("host_blocks", "disk_blocks", "num_workers"):
-            value = getattr(self, name)
-            low = 1 if name == "num_workers" else 0
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"PlannerConfig.{name} must be an int >= {low}, got {value!r}")
+        require_count("host_blocks", self.host_blocks)
+        require_count("disk_blocks", self.disk_blocks)
+        require_count("num_workers", self.num_workers, low=1)
 
 
 class StoreChoice(NamedTuple):

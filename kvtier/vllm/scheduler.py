@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kvtier.config import KvTierConfig, require_count
 from kvtier.hashing import salt_hash
 from kvtier.plan.counters import SchedulerCounters
 from kvtier.plan.planner import G2, G3, PlannerConfig, TierPlanner
@@ -82,10 +83,26 @@ class SchedulerConfig:
     """Keep the planner's Store/Remove events for the telemetry's KV events (events on)."""
 
     def __post_init__(self) -> None:
-        bs = self.block_size
-        if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0:
-            raise ValueError(f"SchedulerConfig.block_size must be a positive int, got {bs!r}")
+        require_count("block_size", self.block_size, low=1)
         self.planner()  # validates the tier sizes and the worker count
+
+    @classmethod
+    def from_config(cls, config: KvTierConfig, *, record_events: bool = False) -> SchedulerConfig:
+        """The scheduler half's share of the one configuration root. CUDA workers store
+        asynchronously and pin G2 in chunks (``kvtier.vllm.gpu_path``); with asynchronous
+        scheduling G3 loads run before the forward pass. ``record_events``: KV events are on."""
+        return cls(
+            block_size=config.model.block_size,
+            host_blocks=config.host_blocks,
+            disk_blocks=config.disk_blocks,
+            disk_filter=config.disk_filter,
+            layerwise_onboard=config.layerwise_onboard,
+            num_workers=config.num_workers,
+            async_store_reads=config.device != "cpu",
+            pinned_host_rows=config.device != "cpu",
+            layerwise_disk=not config.async_scheduling,
+            record_events=record_events,
+        )
 
     def planner(self) -> PlannerConfig:
         """The planner's share of this configuration."""
