@@ -43,7 +43,10 @@ from kvtier.core.onboard_cost import TIERS
 from kvtier.core.registry import RemoveEvent, StoreEvent, TierEvent
 from kvtier.lifecycle import Lifecycle
 from kvtier.ops.events import (
+    MEDIUM_DISK,
     AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
     EventsConfig,
     KvEvent,
     KvEventPublisher,
@@ -213,27 +216,37 @@ class ConnectorTelemetry(Lifecycle):
         then G3's (one ``BlockStored`` per block, a run of removes one ``BlockRemoved``), the
         blocks of the G3 index restored at start-up last, in the order ``restored`` lists them.
         A stored block's held tokens go into its event and are dropped."""
-        bs = self._block_size
-        out = events_from_tier_events([e for e in events if e.tier == G2], bs, self._tokens[G2].get)
+        g2 = [e for e in events if e.tier == G2]
+        out = events_from_tier_events(g2, self._block_size, self._tokens[G2].get)
+        for e in g2:
+            if isinstance(e, StoreEvent):
+                self._tokens[G2].pop(e.sequence_hash, None)
         pos = {h: i for i, h in enumerate(dict.fromkeys(restored))}
-        runs: list[list[TierEvent]] = []
         found: list[StoreEvent] = []
+        gone: list[int] = []
         for e in events:
             if e.tier != G3:
                 continue
-            if isinstance(e, StoreEvent) and e.sequence_hash in pos:
+            if isinstance(e, RemoveEvent):
+                gone.append(e.sequence_hash)
+                continue
+            if e.sequence_hash in pos:
                 found.append(e)
-            elif isinstance(e, RemoveEvent) and runs and isinstance(runs[-1][-1], RemoveEvent):
-                runs[-1].append(e)
-            else:
-                runs.append([e])
+                continue
+            if gone:
+                out.append(BlockRemoved(tuple(gone), MEDIUM_DISK))
+                gone = []
+            out.append(self._disk_stored(e))
+        if gone:
+            out.append(BlockRemoved(tuple(gone), MEDIUM_DISK))
         found.sort(key=lambda e: pos[e.sequence_hash])
-        for run in runs + [[e] for e in found]:
-            out.extend(events_from_tier_events(run, bs, self._tokens[G3].get))
-        for e in events:
-            if isinstance(e, StoreEvent):
-                self._tokens[e.tier].pop(e.sequence_hash, None)
+        out.extend(self._disk_stored(e) for e in found)
         return out
+
+    def _disk_stored(self, e: StoreEvent) -> BlockStored:
+        tokens, bs = self._tokens[G3].pop(e.sequence_hash, ()), self._block_size
+        tokens = tokens if len(tokens) == bs else ()
+        return BlockStored((e.sequence_hash,), e.parent_sequence_hash, tokens, bs, MEDIUM_DISK)
 
     def _observe(self, now: float) -> None:
         scheduler = self._sched
