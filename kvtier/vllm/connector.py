@@ -159,19 +159,18 @@ class KvTierConnector(KVConnectorBase_V1):
             if cfg.remote is not None:
                 remote = RemotePlanner(cfg.remote, num_workers=cfg.num_workers).start()
             self.scheduler = KvTierScheduler(
-                SchedulerConfig.from_config(cfg),
+                SchedulerConfig.from_config(cfg, record_events=self.settings.events),
                 remote=remote,
                 # Cost-aware onboarding (kvtier.vllm.onboard): always measuring, so per-request
                 # overrides work; deciding only when the knob is on.
                 onboard=OnboardAdvisor(cfg.onboard_cost, enabled=cfg.onboard_cost_aware),
             )
             # Metrics and KV events live with the scheduler half (engine-core process), up as
-            # soon as the engine is, fed with every plan and worker report (kvtier.vllm.telemetry).
+            # soon as the engine is, reading the planner each step (kvtier.vllm.telemetry).
             self.telemetry = ConnectorTelemetry(
                 self.settings,
-                block_size=self.model.block_size,
+                self.scheduler,
                 block_bytes=self.model.block_bytes,
-                num_workers=world,
                 data_parallel_rank=vllm_config.parallel_config.data_parallel_rank,
             ).start()
         else:
@@ -341,7 +340,7 @@ class KvTierConnector(KVConnectorBase_V1):
             if self.telemetry is not None:
                 self.telemetry.on_onboard(sched.onboard)
         if self.telemetry is not None:
-            self.telemetry.on_reports(reports, sched)
+            self.telemetry.on_reports(reports)
         if connector_output.finished_sending:
             sched.finished_sending(connector_output.finished_sending)
 

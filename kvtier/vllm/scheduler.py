@@ -79,16 +79,18 @@ class SchedulerConfig:
     pinned_host_rows: bool = False
     """True when workers pin G2 in chunks after start-up (CUDA): G2 slots are handed out only
     below the smallest pinned-row count every worker has reported (``WorkerReport``)."""
+    record_events: bool = False
+    """Keep the planner's Store/Remove events for the telemetry's KV events (events on)."""
 
     def __post_init__(self) -> None:
         require_count("block_size", self.block_size, low=1)
         self.planner()  # validates the tier sizes and the worker count
 
     @classmethod
-    def from_config(cls, config: KvTierConfig) -> SchedulerConfig:
+    def from_config(cls, config: KvTierConfig, *, record_events: bool = False) -> SchedulerConfig:
         """The scheduler half's share of the one configuration root. CUDA workers store
         asynchronously and pin G2 in chunks (``kvtier.vllm.gpu_path``); with asynchronous
-        scheduling G3 loads run before the forward pass."""
+        scheduling G3 loads run before the forward pass. ``record_events``: KV events are on."""
         return cls(
             block_size=config.model.block_size,
             host_blocks=config.host_blocks,
@@ -99,6 +101,7 @@ class SchedulerConfig:
             async_store_reads=config.device != "cpu",
             pinned_host_rows=config.device != "cpu",
             layerwise_disk=not config.async_scheduling,
+            record_events=record_events,
         )
 
     def planner(self) -> PlannerConfig:
@@ -109,6 +112,7 @@ class SchedulerConfig:
             disk_filter=self.disk_filter,
             num_workers=self.num_workers,
             pinned_host_rows=self.pinned_host_rows,
+            record_events=self.record_events,
         )
 
 
