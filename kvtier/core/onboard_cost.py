@@ -17,12 +17,13 @@ What it measures (fed by the connector's scheduler half, see ``kvtier.vllm.onboa
   the others' predictions (so a G2 + G4 job neither hides G4's slowness nor teaches G2 to be
   slow; the others learn from jobs of their own). What is queued ahead
   of a new job is the bytes of the loads in flight at each tier's bandwidth.
-- **Prefill.** Each engine step (from the plan sent to the workers to the workers' output coming
-  back, FIFO) with its scheduled tokens: ``step = per_token * tokens + per_pair * pairs``,
-  where ``pairs`` sums each new token's context length (attention grows with it), learnt from
-  steps of at least ``prefill_min_tokens``. There is no per-step overhead term on purpose: both
-  choices pay one step, and on a shared machine a fitted overhead soaks up the noise and leaves
-  recompute looking free; small steps (mostly overhead) are left out instead.
+- **Prefill.** Each engine step (from the plan sent to the workers to the workers' output of that
+  step coming back, matched by step id, queued behind the step before it) with its scheduled
+  tokens: ``step = per_token * tokens + per_pair * pairs``, where ``pairs`` sums each new token's
+  context length (attention grows with it), learnt from steps of at least ``prefill_min_tokens``.
+  There is no per-step overhead term on purpose: both choices pay one step, and on a shared
+  machine a fitted overhead soaks up the noise and leaves recompute looking free; small steps
+  (mostly overhead) are left out instead.
 - Before data, both fits lean on a prior (``OnboardCostConfig``) held with a small fixed weight,
   so a tier never seen keeps its prior and new measurements dominate within a few observations.
 
@@ -48,6 +49,7 @@ estimated ``margin`` faster (10%) to be chosen, and ties go to the longer load.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -160,6 +162,7 @@ class _Job:
 
 @dataclass
 class _Step:
+    step: int
     started: float
     features: list[float]
 
@@ -190,7 +193,7 @@ class OnboardCostModel:
         )
         self._jobs: dict[int, _Job] = {}
         self._path_free_at = float("-inf")  # when the onboarding path last went idle
-        self._steps: list[_Step] = []
+        self._steps: deque[_Step] = deque()
         self._steps_free_at = float("-inf")
         self.queued_bytes: dict[str, int] = dict.fromkeys(TIERS, 0)
         self._pending: dict[str, tuple[float, float]] = {}  # request -> (tokens, pairs) to compute
@@ -288,22 +291,29 @@ class OnboardCostModel:
         fit.last_outlier = outlier
         fit.observe(x, y)
 
-    def step_started(self, tokens: int, pairs: float, now: float) -> None:
-        """An engine step with ``tokens`` scheduled tokens and ``pairs`` (sum of each token's
-        context length) was planned."""
-        self._steps.append(_Step(now, [float(tokens), float(pairs)]))
+    def step_started(self, step: int, tokens: int, pairs: float, now: float) -> None:
+        """Engine step ``step`` (increasing ids) with ``tokens`` scheduled tokens and ``pairs``
+        (sum of each token's context length) was planned."""
+        self._steps.append(_Step(step, now, [float(tokens), float(pairs)]))
         if len(self._steps) > 64:  # outputs that never came back (a caller that does not report)
-            self._steps.pop(0)
+            self._steps.popleft()
 
-    def step_finished(self, now: float) -> float | None:
-        """The oldest planned step's output came back; returns its measured seconds."""
-        if not self._steps:
+    def step_finished(self, step: int, now: float) -> float | None:
+        """Step ``step``'s output came back; returns its measured seconds (None: not planned
+        here). Steps planned before it that never came back are dropped unmeasured: vLLM hands
+        no output back for a step that ran nothing and reported nothing, so matching outputs
+        to steps in order would charge each step the time of another (it did: every prefill
+        step of a benchmark read as the idle step before it, 10x too cheap)."""
+        steps = self._steps
+        while steps and steps[0].step < step:
+            steps.popleft()
+        if not steps or steps[0].step != step:
             return None
-        step = self._steps.pop(0)
-        seconds = max(0.0, now - max(step.started, self._steps_free_at))
+        got = steps.popleft()
+        seconds = max(0.0, now - max(got.started, self._steps_free_at))
         self._steps_free_at = now
-        if step.features[0] >= self.config.prefill_min_tokens:
-            self._observe(self.prefill, step.features, seconds)
+        if got.features[0] >= self.config.prefill_min_tokens:
+            self._observe(self.prefill, got.features, seconds)
         return seconds
 
     def prefill_pending(self, key: str, start: int, end: int) -> None:

@@ -10,9 +10,10 @@ What it times, honestly and without help from the workers:
 
 - a load job from the step it is planned in (``update_state_after_alloc``) to the worker report
   that says it is done (FIFO service time on the onboarding path, see the cost model);
-- an engine step from ``build_connector_meta`` (the plan goes to the workers) to vLLM handing the
-  step's output back (``update_connector_output``), FIFO: forward pass, sampling and kvtier's
-  own stores of that step; with its scheduled tokens and their context lengths;
+- an engine step from ``build_connector_meta`` (the plan goes to the workers) to vLLM handing
+  that step's output back (``update_connector_output``, matched by the step id the workers'
+  metadata carries; vLLM hands nothing back for some idle steps): forward pass, sampling and
+  kvtier's own stores of that step; with its scheduled tokens and their context lengths;
 - for the metrics, each decision's estimated TTFT next to the time from the decision to the end
   of the step that completes that request's prompt.
 
@@ -112,7 +113,7 @@ class OnboardAdvisor:
         self._decided: dict[str, _Decided] = {}
         self._chosen: dict[str, tuple[list[tuple[str, int]], int, int, bool]] = {}
         self._prompt_end: dict[str, int] = {}  # requests in the compute backlog
-        self._completing: list[list[str]] = []  # per planned step: requests it completes
+        self._completing: dict[int, list[str]] = {}  # step -> requests it completes
         self._estimates: deque[OnboardEstimate] = deque(maxlen=4096)
 
     def choose(
@@ -218,8 +219,9 @@ class OnboardAdvisor:
         if got is not None:
             self._estimates.append(OnboardEstimate("load", got[0], got[1]))
 
-    def step_planned(self, rows: Iterable[tuple[str, int, int]]) -> None:
-        """A step goes to the workers: (req_id, computed tokens, scheduled tokens) per request."""
+    def step_planned(self, step: int, rows: Iterable[tuple[str, int, int]]) -> None:
+        """Step ``step`` goes to the workers: (req_id, computed tokens, scheduled tokens) per
+        request."""
         tokens = 0
         pairs = 0.0
         completing: list[str] = []
@@ -236,15 +238,18 @@ class OnboardAdvisor:
             d = self._decided.get(rid)
             if d is not None and computed + scheduled >= d.prompt_tokens:
                 completing.append(rid)
-        self.model.step_started(tokens, pairs, self._clock())
-        self._completing.append(completing)
+        self.model.step_started(step, tokens, pairs, self._clock())
+        if completing:
+            self._completing[step] = completing
 
-    def step_done(self) -> None:
-        """vLLM handed back the output of the oldest step planned."""
+    def step_done(self, step: int) -> None:
+        """vLLM handed back the output of step ``step`` (the workers' report says which)."""
         now = self._clock()
-        if self.model.step_finished(now) is None or not self._completing:
+        if self.model.step_finished(step, now) is None:
             return
-        for rid in self._completing.pop(0):
+        for old in [s for s in self._completing if s < step]:  # no output came back for it
+            del self._completing[old]
+        for rid in self._completing.pop(step, ()):
             d = self._decided.pop(rid, None)
             if d is not None:
                 self._estimates.append(OnboardEstimate("ttft", d.est_ttft, now - d.at))

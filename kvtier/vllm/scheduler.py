@@ -284,7 +284,8 @@ class KvTierScheduler:
                 st.block_ids.extend(new_ids)
             touched.append((st, computed, computed + num_scheduled_tokens.get(req_id, 0)))
         if self.onboard is not None:  # times this step for the prefill cost model
-            self.onboard.step_planned((st.request.request_id, c, d - c) for st, c, d in touched)
+            rows = ((st.request.request_id, c, d - c) for st, c, d in touched)
+            self.onboard.step_planned(step, rows)
         stores = StoreBatch()
         writes: list[DiskWrite] = []
         for st, computed, done_tokens in touched:

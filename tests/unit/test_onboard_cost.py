@@ -162,9 +162,9 @@ def test_learns_tier_and_prefill_costs_from_measurements() -> None:
         assert m.load_finished(i, now) is not None
     for i in range(40):
         tokens = 64 + 97 * (i % 11)
-        m.step_started(tokens, tokens * tokens / 2, now)
+        m.step_started(i, tokens, tokens * tokens / 2, now)
         now += tokens * 1e-4
-        m.step_finished(now)
+        m.step_finished(i, now)
     assert m.tier_latency("G3") == pytest.approx(0.012, rel=0.15)  # the prior pulls a little
     assert m.tier_bandwidth("G3") == pytest.approx(200e6, rel=0.05)
     assert m.prefill_seconds(0, 1000) == pytest.approx(0.1, rel=0.05)
@@ -251,13 +251,13 @@ def test_short_steps_do_not_teach_a_context_cost() -> None:
     # read as attention cost, or loading the first blocks would look worthless.
     m = model(bw={"G4": 50e6}, weight=0.2)
     now = 0.0
-    for _ in range(15):
-        m.step_started(1573, 1573 * 1573 / 2, now)
+    for i in range(15):
+        m.step_started(2 * i, 1573, 1573 * 1573 / 2, now)
         now += 1573 * 2e-5
-        m.step_finished(now)
-        m.step_started(37, 37 * (1536 + 18.5), now)
+        m.step_finished(2 * i, now)
+        m.step_started(2 * i + 1, 37, 37 * (1536 + 18.5), now)
         now += 0.0025
-        m.step_finished(now)
+        m.step_finished(2 * i + 1, now)
     per_token, per_pair = m.prefill.theta
     assert per_token == pytest.approx(2e-5, rel=0.1)
     assert per_pair < 1e-9
@@ -273,3 +273,20 @@ def test_recompute_estimate_is_calibrated_to_what_recomputes_took() -> None:
     assert m.recompute_scale == pytest.approx(3.0, rel=0.1)
     assert m.prefill_seconds(0, 100) == pytest.approx(0.030, rel=0.1)
     assert chosen(m, [("G4", 8)]) == 8  # 25 ms per block now beats 30 ms of recompute
+
+
+def test_a_step_whose_output_never_came_back_does_not_shift_the_others() -> None:
+    # vLLM hands no output back for an idle step with nothing to report: each prefill step
+    # (1573 tokens, 60 ms) follows such a step (1 ms). Matched in order, every prefill step would
+    # be charged the idle step's time; matched by step id, the prefill is learnt as it ran.
+    m = model(weight=0.2)
+    now = 0.0
+    for i in range(20):
+        m.step_started(2 * i, 0, 0.0, now)  # idle: waits for a lookup; never reported
+        now += 0.001
+        m.step_started(2 * i + 1, 1573, 1573 * 1573 / 2, now)
+        now += 0.060
+        assert m.step_finished(2 * i + 1, now) == pytest.approx(0.060)
+    assert m.prefill_seconds(0, 1573) == pytest.approx(0.060, rel=0.05)
+    assert m.step_finished(5, now) is None  # long gone
+    assert m.step_finished(99, now) is None  # never planned
