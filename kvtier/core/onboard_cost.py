@@ -8,15 +8,15 @@ call is given ``now``), so the decision is unit-tested on synthetic measurements
 
 What it measures (fed by the connector's scheduler half, see ``kvtier.vllm.onboard``):
 
-- **Loads.** Each load job is one request's matched blocks, ``bytes[t]`` from each tier ``t``.
-  Its *service time* is measured FIFO on the one onboarding path a worker runs jobs on:
-  ``done - max(submitted, previous job done)`` (a job that waited behind others is not charged
-  for the wait). Per tier, a decayed least-squares fit of ``service = latency + bytes /
-  bandwidth`` (moving averages: older jobs fade by ``decay`` at each new one). A job with parts
-  in several tiers teaches only the part predicted to take longest, with the job's time less
-  the others' predictions (so a G2 + G4 job neither hides G4's slowness nor teaches G2 to be
-  slow; the others learn from jobs of their own). What is queued ahead
-  of a new job is the bytes of the loads in flight at each tier's bandwidth.
+- **Loads.** Each load job is one request's matched blocks, ``bytes[t]`` from each tier ``t``;
+  its parts load side by side, each on its tier's FIFO path (one G3 reader, one G4 fetcher).
+  Its *service time* is measured FIFO on its slowest part's path: ``done - max(submitted, that
+  path's previous job done)`` (a job that waited behind others is not charged for the wait).
+  Per tier, a decayed least-squares fit of ``service = latency + bytes / bandwidth`` (moving
+  averages: older jobs fade by ``decay`` at each new one), taught only by the jobs whose part
+  there is predicted slowest (so a G2 + G4 job neither hides G4's slowness nor teaches G2 to be
+  slow). What is queued ahead of a new part is the bytes in flight on its tier's path at that
+  tier's bandwidth.
 - **Prefill.** Each engine step (from the plan sent to the workers to the workers' output of that
   step coming back, matched by step id, queued behind the step before it) with its scheduled
   tokens: ``step = per_token * tokens + per_pair * pairs``, where ``pairs`` sums each new token's
@@ -35,15 +35,20 @@ What it measures (fed by the connector's scheduler half, see ``kvtier.vllm.onboa
   recomputes waits behind them, a load runs beside them.
 
 The decision (``OnboardCostModel.choose``): the matched prefix is laid out tier by tier (G2
-blocks, then G3, then G4). Loading ``k`` blocks costs ``T(k) = max(bias * (queue + sum of each
-used tier's latency + bytes / bandwidth), B) + R(P0 + k * block_size)``, where ``B`` is the
-compute backlog and ``R(p)`` the recompute of tokens ``p..N``: ``per_token * (N - p) + per_pair
-* (N^2 - p^2) / 2``; ``T(0) = B + R(P0)``. Inside one tier's segment the load term is linear in
-``k`` and ``R`` is concave (``per_pair >= 0``), so on each side of the point where the load
-stops hiding behind ``B`` the stationary point is a maximum and the optimum lies at an end: the
-candidates are 0 and, for each tier, its first and last block and the two blocks around that
-crossing point. At most thirteen evaluations; a load shorter than the whole match must be
-estimated ``margin`` faster (10%) to be chosen, and ties go to the longer load.
+blocks, then G3, then G4). Loading ``k`` blocks takes ``L(k) = max over the used tiers of (queue +
+latency + bytes / bandwidth)`` and costs ``T(k) = max(bias * L(k), B) + R(P0 + k * block_size)``,
+where ``B`` is the compute backlog and ``R(p)`` the recompute of tokens ``p..N``: ``per_token *
+(N - p) + per_pair * (N^2 - p^2) / 2``; ``T(0) = B + R(P0)``. Inside one tier's segment the load
+term is linear in ``k`` past the earlier tiers and ``R`` is concave (``per_pair >= 0``), so on
+each side of the point where this tier's part stops hiding behind the earlier ones and ``B``
+the stationary point is a maximum and the optimum lies at an end: the candidates are 0 and, for
+each tier, its first and last block and the two blocks around that crossing point. Each
+candidate is scored ``T(k)`` plus what its prefill (``T(k) - R`` to ``T(k)``) adds to the loads in
+flight: vLLM runs a running prefill ahead of a loaded request's rest, so each load predicted to
+land inside that span waits until its end (a burst where every request recomputes what the ones
+before it load hold all their rests back). At most thirteen evaluations; a load shorter than the
+whole match must be estimated ``margin`` faster (10%) to be chosen, and ties go to the longer
+load.
 """
 
 from __future__ import annotations
@@ -143,6 +148,8 @@ class OnboardDecision:
     est_queue_s: float
     est_ttft_s: float
     est_recompute_all_s: float
+    est_delay_s: float = 0.0
+    """What this choice adds to the TTFT of the loads in flight (their rest waits for it)."""
 
     @property
     def total_blocks(self) -> int:
@@ -156,7 +163,7 @@ class OnboardDecision:
 @dataclass
 class _Job:
     submitted: float
-    features: list[float]
+    parts: dict[str, float]  # tier -> bytes
     predicted: float
 
 
@@ -192,7 +199,7 @@ class OnboardCostModel:
             config.decay,
         )
         self._jobs: dict[int, _Job] = {}
-        self._path_free_at = float("-inf")  # when the onboarding path last went idle
+        self._path_free_at = dict.fromkeys(TIERS, float("-inf"))  # each tier's path last idle
         self._steps: deque[_Step] = deque()
         self._steps_free_at = float("-inf")
         self.queued_bytes: dict[str, int] = dict.fromkeys(TIERS, 0)
@@ -230,56 +237,62 @@ class OnboardCostModel:
         step = math.exp((1.0 - self.config.decay) * math.log(ratio))
         self.recompute_scale = min(20.0, max(0.25, self.recompute_scale * step))
 
-    def _load_features(self, bytes_by_tier: dict[str, int]) -> list[float]:
-        x: list[float] = []
-        for t in TIERS:
-            n = bytes_by_tier.get(t, 0)
-            x += [1.0 if n else 0.0, float(n)]
-        return x
+    def _part_seconds(self, tier: str, nbytes: float) -> float:
+        """Predicted seconds of a job's part of ``nbytes`` in ``tier`` (0 for no part)."""
+        return self.loads[tier].predict([1.0, nbytes]) if nbytes else 0.0
 
-    def _tier_seconds(self, x: list[float], i: int) -> float:
-        """Predicted seconds of tier ``TIERS[i]``'s part of a job with features ``x``."""
-        if not x[2 * i]:
-            return 0.0
-        return self.loads[TIERS[i]].predict([1.0, x[2 * i + 1]])
+    def queue_seconds(self, tier: str) -> float:
+        """Predicted wait of a new part in ``tier`` behind the loads in flight there: their bytes
+        at the tier's bandwidth (each tier's worker path is FIFO: one G3 reader thread, one G4
+        fetch thread; the tiers run in parallel). Not their latencies: loads in flight overlap
+        them (pipelined reads, and many jobs ending at one step boundary), so charging each
+        would count one wait many times."""
+        return self.queued_bytes[tier] * self.loads[tier].theta[1]
 
-    def queue_seconds(self, now: float) -> float:
-        """Predicted wait of a new job behind the loads in flight: their bytes at each tier's
-        bandwidth. Not their latencies: loads in flight overlap them (pipelined reads, and many
-        jobs ending at one step boundary), so charging each would count one wait many times."""
-        return sum(
-            self.queued_bytes[t] * self.loads[t].theta[1] for t in TIERS if self.queued_bytes[t]
-        )
+    def _loads_ready(self) -> list[float]:
+        """Predicted seconds from now until each load in flight is done (FIFO per tier)."""
+        ahead = dict.fromkeys(TIERS, 0.0)
+        ready: list[float] = []
+        for job in self._jobs.values():
+            end = 0.0
+            for t, n in job.parts.items():
+                ahead[t] += n
+                end = max(end, ahead[t] * self.loads[t].theta[1])
+            ready.append(end)
+        return ready
 
     def load_submitted(self, job_id: int, bytes_by_tier: dict[str, int], now: float) -> float:
-        """A load job was planned; returns its predicted service seconds."""
-        x = self._load_features(bytes_by_tier)
-        predicted = sum(self._tier_seconds(x, i) for i in range(len(TIERS)))
-        self._jobs[job_id] = _Job(now, x, predicted)
-        for t in TIERS:
-            self.queued_bytes[t] += bytes_by_tier.get(t, 0)
+        """A load job was planned; returns its predicted service seconds (its parts run in
+        parallel, one per tier)."""
+        parts = {t: float(n) for t, n in bytes_by_tier.items() if n}
+        predicted = max((self._part_seconds(t, n) for t, n in parts.items()), default=0.0)
+        self._jobs[job_id] = _Job(now, parts, predicted)
+        for t, n in bytes_by_tier.items():
+            self.queued_bytes[t] += n
         return predicted
 
     def load_finished(
         self, job_id: int, now: float, *, ok: bool = True
     ) -> tuple[float, float] | None:
         """A load job was reported done; returns (predicted, measured) service seconds, or None
-        for a job not known. A failed job is not learned from (it may have stopped early)."""
+        for a job not known. A failed job is not learned from (it may have stopped early).
+
+        The job's time is its slowest part's, so only the tier predicted slowest learns from it
+        (a G2 + G4 job neither hides G4's slowness nor teaches G2 to be slow; the others learn
+        from jobs of their own). Service time is FIFO on that tier's path: from when it was
+        submitted or the path's previous job was done, whichever is later."""
         job = self._jobs.pop(job_id, None)
         if job is None:
             return None
-        for i, t in enumerate(TIERS):
-            self.queued_bytes[t] = max(0, self.queued_bytes[t] - int(job.features[2 * i + 1]))
-        service = max(0.0, now - max(job.submitted, self._path_free_at))
-        self._path_free_at = now
+        for t, n in job.parts.items():
+            self.queued_bytes[t] = max(0, self.queued_bytes[t] - int(n))
+        if not job.parts:
+            return job.predicted, 0.0
+        top = max(job.parts, key=lambda t: self._part_seconds(t, job.parts[t]))
+        service = max(0.0, now - max(job.submitted, self._path_free_at[top]))
+        self._path_free_at[top] = now
         if ok:
-            parts = [self._tier_seconds(job.features, i) for i in range(len(TIERS))]
-            used = [i for i in range(len(TIERS)) if job.features[2 * i]]
-            if used:
-                top = max(used, key=lambda i: parts[i])
-                rest = sum(parts[i] for i in used if i != top)
-                x = [1.0, job.features[2 * top + 1]]
-                self._observe(self.loads[TIERS[top]], x, max(0.0, service - rest))
+            self._observe(self.loads[top], [1.0, job.parts[top]], service)
         return job.predicted, service
 
     def _observe(self, fit: DecayedLinearFit, x: list[float], y: float) -> None:
@@ -357,48 +370,56 @@ class OnboardCostModel:
         (vLLM's G1 hit), where the match starts; ``prompt_tokens``: the prompt's length;
         ``backlog_s``: prefill the engine has yet to run for other requests
         (``backlog_seconds``)."""
-        bias = self.config.bias
-        bb = self.config.block_bytes
-        queue = self.queue_seconds(now)
-        n_end = prompt_tokens
-        recompute_all = self.prefill_seconds(start_tokens, n_end)
+        bias, bb, backlog = self.config.bias, self.config.block_bytes, backlog_s
+        ready = self._loads_ready()
+        recompute_all = self.prefill_seconds(start_tokens, prompt_tokens)
         total_blocks = sum(max(0, n) for _, n in matched)
         shorter = 1.0 + self.config.margin  # a load shorter than the whole match must win by this
-        best_k, best_t, best_load = 0, backlog_s + recompute_all, 0.0
-        best_score = best_t * (shorter if total_blocks else 1.0)
-        done_blocks = 0
-        done_cost = queue
-        counts = {t: 0 for t in TIERS}
+
+        def cost(k: int, load: float) -> tuple[float, float]:
+            """(TTFT, delay to the loads in flight) when ``k`` blocks load in ``load`` s."""
+            wait = max(bias * load, backlog) if k else backlog
+            ttft = wait + self.prefill_seconds(start_tokens + k * block_size, prompt_tokens)
+            return ttft, sum(ttft - r for r in ready if wait <= r < ttft)
+
+        best_t, best_delay = cost(0, 0.0)
+        best_k, best_load, best_queue = 0, 0.0, 0.0
+        best_score = (best_t + best_delay) * (shorter if total_blocks else 1.0)
+        done_blocks, done_load, done_queue = 0, 0.0, 0.0  # the tiers before: all their blocks
+        counts = dict.fromkeys(TIERS, 0)
         for tier, n in matched:
             if n <= 0:
                 continue
             counts[tier] += n
             lat, spb = self.loads[tier].theta
+            queue = self.queue_seconds(tier)
             ks = {1, n}
-            if spb > 0 and backlog_s > 0:  # where the load stops hiding behind the backlog
-                cross = (backlog_s / bias - done_cost - lat) / (bb * spb)
+            if spb > 0:  # where this tier's part starts to decide: past the others and backlog
+                cross = (max(done_load, backlog / bias) - queue - lat) / (bb * spb)
                 ks.update(k for k in (math.floor(cross), math.ceil(cross)) if 1 <= k <= n)
             for k in sorted(ks):
-                load = done_cost + lat + k * bb * spb
-                total = max(bias * load, backlog_s) + self.prefill_seconds(
-                    start_tokens + (done_blocks + k) * block_size, n_end
-                )
-                score = total * (shorter if done_blocks + k < total_blocks else 1.0)
+                part = queue + lat + k * bb * spb
+                load = max(done_load, part)
+                ttft, delay = cost(done_blocks + k, load)
+                score = (ttft + delay) * (shorter if done_blocks + k < total_blocks else 1.0)
                 if score <= best_score:
-                    best_k, best_t, best_load, best_score = done_blocks + k, total, load, score
+                    best_k, best_t, best_delay, best_score = done_blocks + k, ttft, delay, score
+                    best_load, best_queue = load, queue if part >= done_load else done_queue
             done_blocks += n
-            done_cost += lat + n * bb * spb
+            part = queue + lat + n * bb * spb
+            if part >= done_load:
+                done_load, done_queue = part, queue
         blocks: dict[str, int] = {}
         left = best_k
         for t in TIERS:
-            take = min(counts[t], left)
-            blocks[t] = take
-            left -= take
+            blocks[t] = min(counts[t], left)
+            left -= blocks[t]
         return OnboardDecision(
             blocks=blocks,
             matched=counts,
-            est_load_s=max(0.0, best_load - queue) if best_k else 0.0,
-            est_queue_s=queue if best_k else 0.0,
+            est_load_s=best_load - best_queue,
+            est_queue_s=best_queue,
             est_ttft_s=best_t,
             est_recompute_all_s=recompute_all,
+            est_delay_s=best_delay,
         )

@@ -159,7 +159,8 @@ class OnboardAdvisor:
             )
             logger.debug(
                 "kvtier onboard: request %s matched %s blocks from block %d; load %d "
-                "(est ttft %.1f ms: load %.1f + queue %.1f ms; recompute all %.1f ms)",
+                "(est ttft %.1f ms: load %.1f + queue %.1f ms; recompute all %.1f ms; "
+                "delays the loads in flight by %.1f ms)",
                 rid,
                 dict(matched),
                 start_block,
@@ -168,6 +169,7 @@ class OnboardAdvisor:
                 decision.est_load_s * 1e3,
                 decision.est_queue_s * 1e3,
                 decision.est_recompute_all_s * 1e3,
+                decision.est_delay_s * 1e3,
             )
         else:
             logger.debug(

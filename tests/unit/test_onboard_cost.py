@@ -78,7 +78,7 @@ def test_queue_ahead_counts() -> None:
     assert chosen(m, [("G2", 8)]) == 8
     m.load_submitted(1, {"G2": int(10e9)}, now=0.0)  # one second of G2 reads in flight
     assert m.queued_bytes["G2"] == int(10e9)
-    assert m.queue_seconds(0.25) == pytest.approx(1.0)
+    assert m.queue_seconds("G2") == pytest.approx(1.0)
     assert m.choose([("G2", 8)], 0, 850, BS, now=0.25).total_blocks == 0
     m.load_finished(1, now=1.0)
     assert m.queued_bytes["G2"] == 0
@@ -108,14 +108,14 @@ def brute_cost(
     prompt: int,
     backlog: float,
 ) -> float:
-    """T(k) straight from its definition, block by block."""
+    """T(k) straight from its definition, block by block (each tier's part loads in parallel)."""
     per_token, per_pair, bias = costs
     load, left = 0.0, k
     for t, n in matched:
         take = min(n, left)
         left -= take
         if take:
-            load += lat[t] + take * BB / bw[t]
+            load = max(load, lat[t] + take * BB / bw[t])
     p = (start + k) * BS
     wait = max(bias * load, backlog) if k else backlog
     return wait + per_token * (prompt - p) + per_pair * (prompt**2 - p**2) / 2
@@ -290,3 +290,37 @@ def test_a_step_whose_output_never_came_back_does_not_shift_the_others() -> None
     assert m.prefill_seconds(0, 1573) == pytest.approx(0.060, rel=0.05)
     assert m.step_finished(5, now) is None  # long gone
     assert m.step_finished(99, now) is None  # never planned
+
+
+def test_each_tier_queues_on_its_own_path() -> None:
+    # A second of G4 reads in flight delays a G4 part, not a G2 one: in a burst, loading the G2
+    # part and recomputing the rest still beats recomputing everything.
+    m = model(bw={"G4": 50e6})  # 20 ms per G4 block against 10 ms of recompute
+    m.load_submitted(1, {"G4": 50 * BB}, now=0.0)
+    assert m.queue_seconds("G4") == pytest.approx(1.0)
+    assert m.queue_seconds("G2") == 0.0
+    d = m.choose([("G2", 4), ("G3", 0), ("G4", 8)], 0, 1250, BS, now=0.0)
+    assert d.blocks == {"G2": 4, "G3": 0, "G4": 0}
+    assert d.est_queue_s == 0.0
+    assert d.est_ttft_s == pytest.approx(4 * 0.0001 + 0.085)
+    # a job's parts load side by side: it takes as long as its slowest part
+    assert m.load_submitted(2, {"G2": 4 * BB, "G4": 8 * BB}, now=0.0) == pytest.approx(0.160)
+
+
+def test_a_recompute_is_charged_for_the_loads_it_holds_up() -> None:
+    # Four 2-block G4 loads in flight (25 ms each: ready at 25, 50, 75, 100 ms). Recomputing 850
+    # tokens (85 ms) is this request's fastest choice, but vLLM runs its prefill ahead of those
+    # loads' rests, delaying the three that land while it runs by 60 + 35 + 10 ms: 190 ms in all
+    # (209 with the margin) against 205 ms for loading behind them, which delays no one.
+    m = model(bw={"G4": 80e6})  # 12.5 ms per block against 10 ms of recompute
+    assert chosen(m, [("G4", 8)]) == 0
+    for job in range(4):
+        m.load_submitted(job, {"G4": 2 * BB}, now=0.0)
+    d = m.choose([("G4", 8)], 0, 850, BS, now=0.0)
+    assert d.total_blocks == 8
+    assert d.est_queue_s == pytest.approx(0.100)
+    assert d.est_ttft_s == pytest.approx(0.205)
+    assert d.est_delay_s == 0.0
+    for job in range(4):
+        m.load_finished(job, now=0.1)
+    assert chosen(m, [("G4", 8)]) == 0
