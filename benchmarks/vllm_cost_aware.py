@@ -154,6 +154,12 @@ def main() -> None:
     ap.add_argument("--rate-mbit", type=int, default=400, help="shaped link rate (50 MB/s)")
     ap.add_argument("--delay-ms", type=float, default=1.0, help="proxy delay each way")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="workloads to run (g2, g4, g4-shaped, g2+g4-shaped; default: all)",
+    )
     args = ap.parse_args()
     # SIGTERM (a timeout) unwinds like ^C, so the namespace and the servers are removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -180,10 +186,13 @@ def main() -> None:
 
             workloads = [("g2", False), ("g4", False), ("g4", True), ("g2+g4", True)]
             for workload, shaped in workloads:
+                if args.only and f"{workload}{'-shaped' if shaped else ''}" not in args.only:
+                    continue
                 g4.shape(shaped)
                 name = f"{workload} ({'G4 shaped' if shaped else 'unshaped'})"
                 for conc in (1, n):
                     ttft: dict[str, list[float]] = {p: [] for p in POLICIES}
+                    runs: list[tuple[int, str, float]] = []  # (rep, policy, mean TTFT)
                     counters = _sched(llm).onboard.counters
                     before = (dict(counters.loaded_tokens), dict(counters.skipped_tokens))
                     for rep in range(args.reps + 1):
@@ -197,7 +206,8 @@ def main() -> None:
                             assert [t for _, t in out] == reference, (name, policy)
                             if rep:  # rep 0 warms the cost model up on this tier
                                 ttft[policy] += [s for s, _ in out]
-                    row: dict[str, Any] = {"workload": name, "concurrency": conc}
+                                runs.append((rep, policy, statistics.fmean(s for s, _ in out)))
+                    row: dict[str, Any] = {"workload": name, "concurrency": conc, "runs": runs}
                     # what cost-aware chose (auto requests only move these: the others are
                     # overrides, counted too, so subtract what load/recompute add per cell)
                     row["loaded_tokens"] = {

@@ -53,6 +53,8 @@ load.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -199,6 +201,7 @@ class OnboardCostModel:
             config.decay,
         )
         self._jobs: dict[int, _Job] = {}
+        self._ready: tuple[list[float], list[float]] | None = None  # see _loads_ready
         self._path_free_at = dict.fromkeys(TIERS, float("-inf"))  # each tier's path last idle
         self._steps: deque[_Step] = deque()
         self._steps_free_at = float("-inf")
@@ -249,17 +252,27 @@ class OnboardCostModel:
         would count one wait many times."""
         return self.queued_bytes[tier] * self.loads[tier].theta[1]
 
-    def _loads_ready(self) -> list[float]:
-        """Predicted seconds from now until each load in flight is done (FIFO per tier)."""
-        ahead = dict.fromkeys(TIERS, 0.0)
-        ready: list[float] = []
-        for job in self._jobs.values():
-            end = 0.0
-            for t, n in job.parts.items():
-                ahead[t] += n
-                end = max(end, ahead[t] * self.loads[t].theta[1])
-            ready.append(end)
-        return ready
+    def _loads_ready(self) -> tuple[list[float], list[float]]:
+        """Predicted seconds until each load in flight is done (FIFO per tier), sorted, and
+        their running sums; kept until a load is submitted or finishes (the fits move then)."""
+        if self._ready is None:
+            ahead = dict.fromkeys(TIERS, 0.0)
+            ready: list[float] = []
+            for job in self._jobs.values():
+                end = 0.0
+                for t, n in job.parts.items():
+                    ahead[t] += n
+                    end = max(end, ahead[t] * self.loads[t].theta[1])
+                ready.append(end)
+            ready.sort()
+            self._ready = (ready, list(itertools.accumulate(ready, initial=0.0)))
+        return self._ready
+
+    def _delay(self, start: float, end: float) -> float:
+        """Sum over the loads in flight landing in ``[start, end)`` of ``end - landing``."""
+        ready, sums = self._loads_ready()
+        lo, hi = bisect.bisect_left(ready, start), bisect.bisect_left(ready, end)
+        return (hi - lo) * end - (sums[hi] - sums[lo])
 
     def load_submitted(self, job_id: int, bytes_by_tier: dict[str, int], now: float) -> float:
         """A load job was planned; returns its predicted service seconds (its parts run in
@@ -267,6 +280,7 @@ class OnboardCostModel:
         parts = {t: float(n) for t, n in bytes_by_tier.items() if n}
         predicted = max((self._part_seconds(t, n) for t, n in parts.items()), default=0.0)
         self._jobs[job_id] = _Job(now, parts, predicted)
+        self._ready = None
         for t, n in bytes_by_tier.items():
             self.queued_bytes[t] += n
         return predicted
@@ -284,6 +298,7 @@ class OnboardCostModel:
         job = self._jobs.pop(job_id, None)
         if job is None:
             return None
+        self._ready = None
         for t, n in job.parts.items():
             self.queued_bytes[t] = max(0, self.queued_bytes[t] - int(n))
         if not job.parts:
@@ -371,7 +386,6 @@ class OnboardCostModel:
         ``backlog_s``: prefill the engine has yet to run for other requests
         (``backlog_seconds``)."""
         bias, bb, backlog = self.config.bias, self.config.block_bytes, backlog_s
-        ready = self._loads_ready()
         recompute_all = self.prefill_seconds(start_tokens, prompt_tokens)
         total_blocks = sum(max(0, n) for _, n in matched)
         shorter = 1.0 + self.config.margin  # a load shorter than the whole match must win by this
@@ -380,7 +394,7 @@ class OnboardCostModel:
             """(TTFT, delay to the loads in flight) when ``k`` blocks load in ``load`` s."""
             wait = max(bias * load, backlog) if k else backlog
             ttft = wait + self.prefill_seconds(start_tokens + k * block_size, prompt_tokens)
-            return ttft, sum(ttft - r for r in ready if wait <= r < ttft)
+            return ttft, self._delay(wait, ttft) if self._jobs else 0.0
 
         best_t, best_delay = cost(0, 0.0)
         best_k, best_load, best_queue = 0, 0.0, 0.0
