@@ -250,7 +250,8 @@ class OnboardAdvisor:
         if self.model.step_finished(step, now) is None:
             return
         for old in [s for s in self._completing if s < step]:  # no output came back for it
-            del self._completing[old]
+            for rid in self._completing.pop(old):
+                self._decided.pop(rid, None)
         for rid in self._completing.pop(step, ()):
             d = self._decided.pop(rid, None)
             if d is not None:
@@ -259,7 +260,11 @@ class OnboardAdvisor:
                     self.model.recompute_observed(d.est_ttft, now - d.at)
 
     def forget(self, request_id: str) -> None:
-        self._decided.pop(request_id, None)
+        """The request finished: vLLM says so before it hands back the connector output of the
+        step that finished it (a one-token request), so a decision that step completes stays
+        until ``step_done`` measures it."""
+        if not any(request_id in rids for rids in self._completing.values()):
+            self._decided.pop(request_id, None)
         self._chosen.pop(request_id, None)
         if self._prompt_end.pop(request_id, None) is not None:
             self.model.prefill_pending(request_id, 0, 0)
