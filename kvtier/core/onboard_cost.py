@@ -12,8 +12,8 @@ What it measures (fed by the connector's scheduler half, see ``kvtier.vllm.onboa
   its parts load side by side, each on its tier's FIFO path (one G3 reader, one G4 fetcher).
   Its *service time* is measured FIFO on its slowest part's path: ``done - max(submitted, that
   path's previous job done)`` (a job that waited behind others is not charged for the wait).
-  Done is only seen at a step end, so a time that a long step hides (done by its end, not by
-  the one before) teaches nothing unless the prediction falls outside that window.
+  Done is only seen at a step end, so what is learnt is the prediction moved into the window
+  the steps leave (done by this step's end, not by the one before): a long step hides the time.
   Per tier, a decayed least-squares fit of ``service = latency + bytes / bandwidth`` (moving
   averages: older jobs fade by ``decay`` at each new one), taught only by the jobs whose part
   there is predicted slowest (so a G2 + G4 job neither hides G4's slowness nor teaches G2 to be
@@ -310,15 +310,14 @@ class OnboardCostModel:
         start = max(job.submitted, self._path_free_at[top])
         service = max(0.0, now - start)
         # Reports come at step ends: the job was done by now but not yet when the step before
-        # came back. A prediction inside that window is not contradicted (a long prefill step
+        # came back. A prediction inside that window is what is learnt (a long prefill step
         # reports a 1 ms G2 load after 300 ms); one outside it learns the nearer end.
-        known, learn = service, ok
+        known = service
         if self._steps or self._steps_free_at > float("-inf"):  # timed by steps
-            after, predicted = max(0.0, self._steps_free_at - start), self.loads[top].predict(x)
-            known = min(service, max(after, predicted))
-            learn = ok and known != predicted
+            after = max(0.0, self._steps_free_at - start)
+            known = min(service, max(after, self.loads[top].predict(x)))
         self._path_free_at[top] = start + known  # when this path took up the next job
-        if learn:
+        if ok:
             self._observe(self.loads[top], x, known)
         return job.predicted, service
 

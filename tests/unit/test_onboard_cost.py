@@ -339,7 +339,7 @@ def test_a_load_reported_at_the_end_of_a_long_step_is_not_learnt_slow() -> None:
         m.load_finished(job, now)
         m.step_finished(step, now)
         step += 1
-    assert m.tier_bandwidth("G2") == pytest.approx(10e9)  # still its prior
+    assert m.loads["G2"].predict([1.0, BB]) == pytest.approx(0.0002 + 1e-4)  # still its prior
     for job in range(100, 130):
         m.load_submitted(job, {"G4": BB}, now)
         done = now + 0.050
@@ -352,8 +352,8 @@ def test_a_load_reported_at_the_end_of_a_long_step_is_not_learnt_slow() -> None:
             step += 1
     assert m.loads["G4"].predict([1.0, BB]) == pytest.approx(0.050, rel=0.15)
     # G2 loads that outlast the steps they were planned in (300 ms, seen past 200 ms) teach that
-    # (the first as a lone outlier, clipped; the second is a change)
-    for job in (200, 201):
+    # (the first as a lone outlier, clipped; then as a change)
+    for job in range(200, 210):
         m.load_submitted(job, {"G2": BB}, now)
         for _ in range(3):
             m.step_started(step, 0, 0.0, now)
@@ -361,4 +361,4 @@ def test_a_load_reported_at_the_end_of_a_long_step_is_not_learnt_slow() -> None:
             m.step_finished(step, now)
             step += 1
         assert m.load_finished(job, now) is not None
-    assert m.loads["G2"].predict([1.0, BB]) > 0.15
+    assert m.loads["G2"].predict([1.0, BB]) > 0.1
