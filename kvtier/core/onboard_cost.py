@@ -32,6 +32,8 @@ What it measures (fed by the connector's scheduler half, see ``kvtier.vllm.onboa
 - **Recompute calibration.** When a request that recomputed everything reaches its first
   token, the ratio of that time to its estimate moves ``recompute_scale`` (all prefill
   estimates are multiplied by it): the step time misses what vLLM spends around the forward pass.
+  Requests decided while loads were in flight move ``loading_factor`` instead, applied on top
+  while loads are in flight (on a CPU build the loads take cores from the prefill).
 - **Compute backlog.** The prompt tokens other requests still have to prefill (noted at each
   decision, taken off as steps schedule them), priced by the prefill fit: a request that
   recomputes waits behind them, a load runs beside them.
@@ -212,6 +214,7 @@ class OnboardCostModel:
         self._pending_tokens = 0.0
         self._pending_pairs = 0.0
         self.recompute_scale = 1.0  # TTFT of a recompute / the prefill fit's estimate
+        self.loading_factor = 1.0  # ... and on top of it while loads are in flight
 
     # -- measurements -----------------------------------------------------------------------
 
@@ -228,19 +231,30 @@ class OnboardCostModel:
             return 0.0
         per_token, per_pair = self.prefill.theta
         cost = per_token * (end - start) + per_pair * (end * end - start * start) / 2.0
-        return cost * self.recompute_scale
+        return cost * self.recompute_scale * (self.loading_factor if self._jobs else 1.0)
 
-    def recompute_observed(self, estimated: float, measured: float) -> None:
+    def recompute_observed(self, estimated: float, measured: float, *, loading: bool) -> None:
         """A request that recomputed everything reached its first token after ``measured``
-        seconds where ``estimated`` was predicted: the step times the prefill fit learns from
-        leave out what vLLM spends around the forward pass (scheduling, output processing, on a
-        busy machine a lot), which a load's measured time includes; this calibrates the
-        recompute side to TTFT (a moving average of the ratio, in the log, within 1/4..20)."""
+        seconds where ``estimated`` was predicted (``loading``: with loads in flight then).
+
+        The step times the prefill fit learns from leave out what vLLM spends around the
+        forward pass (scheduling, output processing, on a busy machine a lot), which a load's
+        measured time includes; this calibrates the recompute side to TTFT (a moving average of
+        the ratio, in the log, within 1/4..20): ``recompute_scale``, and on top of it while
+        loads are in flight ``loading_factor`` (on a CPU build the loads take cores from the
+        prefill: a burst's recomputes took 4x their estimate)."""
         if estimated <= 0 or measured <= 0:
             return
-        ratio = measured / estimated
-        step = math.exp((1.0 - self.config.decay) * math.log(ratio))
-        self.recompute_scale = min(20.0, max(0.25, self.recompute_scale * step))
+        step = math.exp((1.0 - self.config.decay) * math.log(measured / estimated))
+        if loading:
+            self.loading_factor = min(20.0, max(0.25, self.loading_factor * step))
+        else:
+            self.recompute_scale = min(20.0, max(0.25, self.recompute_scale * step))
+
+    @property
+    def loading(self) -> bool:
+        """Loads are in flight."""
+        return bool(self._jobs)
 
     def _part_seconds(self, tier: str, nbytes: float) -> float:
         """Predicted seconds of a job's part of ``nbytes`` in ``tier`` (0 for no part)."""
@@ -377,7 +391,8 @@ class OnboardCostModel:
         if mine is not None:
             tokens, pairs = tokens - mine[0], pairs - mine[1]
         per_token, per_pair = self.prefill.theta
-        return max(0.0, per_token * tokens + per_pair * pairs) * self.recompute_scale
+        scale = self.recompute_scale * (self.loading_factor if self._jobs else 1.0)
+        return max(0.0, per_token * tokens + per_pair * pairs) * scale
 
     # -- the decision -----------------------------------------------------------------------
 

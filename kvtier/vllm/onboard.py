@@ -69,6 +69,7 @@ class _Decided:
     prompt_tokens: int
     est_ttft: float
     recomputed: bool
+    loading: bool  # loads were in flight
 
 
 def _override(params: Any, request_id: str) -> tuple[str, int | None]:
@@ -155,7 +156,7 @@ class OnboardAdvisor:
             first = self._decided.get(rid)  # vLLM may ask again while the request waits
             at = first.at if first is not None else now
             self._decided[rid] = _Decided(
-                at, int(request.num_tokens), decision.est_ttft_s, chosen == 0
+                at, int(request.num_tokens), decision.est_ttft_s, chosen == 0, self.model.loading
             )
             logger.debug(
                 "kvtier onboard: request %s matched %s blocks from block %d; load %d "
@@ -257,7 +258,7 @@ class OnboardAdvisor:
             if d is not None:
                 self._estimates.append(OnboardEstimate("ttft", d.est_ttft, now - d.at))
                 if d.recomputed:
-                    self.model.recompute_observed(d.est_ttft, now - d.at)
+                    self.model.recompute_observed(d.est_ttft, now - d.at, loading=d.loading)
 
     def forget(self, request_id: str) -> None:
         """The request finished: vLLM says so before it hands back the connector output of the

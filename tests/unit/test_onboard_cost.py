@@ -269,7 +269,7 @@ def test_recompute_estimate_is_calibrated_to_what_recomputes_took() -> None:
     m = model(bw={"G4": 40e6})  # 25 ms per block against 10 ms of recompute
     assert chosen(m, [("G4", 8)]) == 0
     for _ in range(25):  # every recompute took three times its estimate
-        m.recompute_observed(0.085 * m.recompute_scale, 3 * 0.085)
+        m.recompute_observed(0.085 * m.recompute_scale, 3 * 0.085, loading=False)
     assert m.recompute_scale == pytest.approx(3.0, rel=0.1)
     assert m.prefill_seconds(0, 100) == pytest.approx(0.030, rel=0.1)
     assert chosen(m, [("G4", 8)]) == 8  # 25 ms per block now beats 30 ms of recompute
@@ -362,3 +362,19 @@ def test_a_load_reported_at_the_end_of_a_long_step_is_not_learnt_slow() -> None:
             step += 1
         assert m.load_finished(job, now) is not None
     assert m.loads["G2"].predict([1.0, BB]) > 0.1
+
+
+def test_recompute_with_loads_in_flight_is_calibrated_on_its_own() -> None:
+    # On a CPU build the loads take cores from the prefill: recomputes decided while loads were
+    # in flight took 4x their estimate, those decided with none took theirs.
+    m = model(bw={"G4": 50e6})
+    for _ in range(40):
+        m.recompute_observed(m.prefill_seconds(0, 850), 0.085, loading=False)
+    m.load_submitted(1, {"G4": BB}, now=0.0)
+    for _ in range(40):
+        m.recompute_observed(m.prefill_seconds(0, 850), 4 * 0.085, loading=True)
+    assert m.loading_factor == pytest.approx(4.0, rel=0.05)
+    assert m.prefill_seconds(0, 850) == pytest.approx(4 * 0.085, rel=0.05)
+    m.load_finished(1, now=0.02)
+    assert m.recompute_scale == pytest.approx(1.0)
+    assert m.prefill_seconds(0, 850) == pytest.approx(0.085)
