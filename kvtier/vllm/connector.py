@@ -305,7 +305,7 @@ class KvTierConnector(KVConnectorBase_V1):
         report = self.worker.take_report()
         # Sent every step, even empty: vLLM calls update_connector_output only for outputs that
         # carry something, and the scheduler half times each step (kvtier.vllm.onboard).
-        meta = self._connector_metadata
+        meta = getattr(self, "_connector_metadata", None)  # vLLM's base class: the bound plan
         step = meta.plan.step if isinstance(meta, KvTierConnectorMetadata) else -1
         return KvTierWorkerMetadata([] if report is None else [report], step)
 
