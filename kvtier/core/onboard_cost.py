@@ -8,46 +8,59 @@ call is given ``now``), so the decision is unit-tested on synthetic measurements
 
 What it measures (fed by the connector's scheduler half, see ``kvtier.vllm.onboard``):
 
-- **Loads.** Each load job is one request's matched blocks, ``bytes[t]`` from each tier ``t``.
-  Its *service time* is measured FIFO on the one onboarding path a worker runs jobs on:
-  ``done - max(submitted, previous job done)`` (a job that waited behind others is not charged
-  for the wait). Per tier, a decayed least-squares fit of ``service = latency + bytes /
-  bandwidth`` (moving averages: older jobs fade by ``decay`` at each new one). A job with parts
-  in several tiers teaches only the part predicted to take longest, with the job's time less
-  the others' predictions (so a G2 + G4 job neither hides G4's slowness nor teaches G2 to be
-  slow; the others learn from jobs of their own). What is queued ahead
-  of a new job is the bytes of the loads in flight at each tier's bandwidth.
-- **Prefill.** Each engine step (from the plan sent to the workers to the workers' output coming
-  back, FIFO) with its scheduled tokens: ``step = per_token * tokens + per_pair * pairs``,
-  where ``pairs`` sums each new token's context length (attention grows with it), learnt from
-  steps of at least ``prefill_min_tokens``. There is no per-step overhead term on purpose: both
-  choices pay one step, and on a shared machine a fitted overhead soaks up the noise and leaves
-  recompute looking free; small steps (mostly overhead) are left out instead.
+- **Loads.** Each load job is one request's matched blocks, ``bytes[t]`` from each tier ``t``;
+  its parts load side by side, each on its tier's FIFO path (one G3 reader, one G4 fetcher).
+  Its *service time* is measured FIFO on its slowest part's path: ``done - max(submitted, that
+  path's previous job done)`` (a job that waited behind others is not charged for the wait).
+  Done is only seen at a step end, so what is learnt is the prediction moved into the window
+  the steps leave (done by this step's end, not by the one before): a long step hides the time.
+  Per tier, a decayed least-squares fit of ``service = latency + bytes / bandwidth`` (moving
+  averages: older jobs fade by ``decay`` at each new one), taught only by the jobs whose part
+  there is predicted slowest (so a G2 + G4 job neither hides G4's slowness nor teaches G2 to be
+  slow). What is queued ahead of a new part is the bytes in flight on its tier's path at that
+  tier's bandwidth.
+- **Prefill.** Each engine step (from the plan sent to the workers to the workers' output of that
+  step coming back, matched by step id, queued behind the step before it) with its scheduled
+  tokens: ``step = per_token * tokens + per_pair * pairs``, where ``pairs`` sums each new token's
+  context length (attention grows with it), learnt from steps of at least ``prefill_min_tokens``.
+  There is no per-step overhead term on purpose: both choices pay one step, and on a shared
+  machine a fitted overhead soaks up the noise and leaves recompute looking free; small steps
+  (mostly overhead) are left out instead.
 - Before data, both fits lean on a prior (``OnboardCostConfig``) held with a small fixed weight,
   so a tier never seen keeps its prior and new measurements dominate within a few observations.
 
 - **Recompute calibration.** When a request that recomputed everything reaches its first
   token, the ratio of that time to its estimate moves ``recompute_scale`` (all prefill
   estimates are multiplied by it): the step time misses what vLLM spends around the forward pass.
+  Requests decided while loads were in flight move ``loading_factor`` instead, applied on top
+  while loads are in flight (on a CPU build the loads take cores from the prefill).
 - **Compute backlog.** The prompt tokens other requests still have to prefill (noted at each
   decision, taken off as steps schedule them), priced by the prefill fit: a request that
   recomputes waits behind them, a load runs beside them.
 
 The decision (``OnboardCostModel.choose``): the matched prefix is laid out tier by tier (G2
-blocks, then G3, then G4). Loading ``k`` blocks costs ``T(k) = max(bias * (queue + sum of each
-used tier's latency + bytes / bandwidth), B) + R(P0 + k * block_size)``, where ``B`` is the
-compute backlog and ``R(p)`` the recompute of tokens ``p..N``: ``per_token * (N - p) + per_pair
-* (N^2 - p^2) / 2``; ``T(0) = B + R(P0)``. Inside one tier's segment the load term is linear in
-``k`` and ``R`` is concave (``per_pair >= 0``), so on each side of the point where the load
-stops hiding behind ``B`` the stationary point is a maximum and the optimum lies at an end: the
-candidates are 0 and, for each tier, its first and last block and the two blocks around that
-crossing point. At most thirteen evaluations; a load shorter than the whole match must be
-estimated ``margin`` faster (10%) to be chosen, and ties go to the longer load.
+blocks, then G3, then G4). Loading ``k`` blocks takes ``L(k) = max over the used tiers of (queue +
+latency + bytes / bandwidth)`` and costs ``T(k) = max(bias * L(k), B) + R(P0 + k * block_size)``,
+where ``B`` is the compute backlog and ``R(p)`` the recompute of tokens ``p..N``: ``per_token *
+(N - p) + per_pair * (N^2 - p^2) / 2``; ``T(0) = B + R(P0)``. Inside one tier's segment the load
+term is linear in ``k`` past the earlier tiers and ``R`` is concave (``per_pair >= 0``), so on
+each side of the point where this tier's part stops hiding behind the earlier ones and ``B``
+the stationary point is a maximum and the optimum lies at an end: the candidates are 0 and, for
+each tier, its first and last block and the two blocks around that crossing point. Each
+candidate is scored ``T(k)`` plus what its prefill (``T(k) - R`` to ``T(k)``) adds to the loads in
+flight: vLLM runs a running prefill ahead of a loaded request's rest, so each load predicted to
+land inside that span waits until its end (a burst where every request recomputes what the ones
+before it load hold all their rests back). At most thirteen evaluations; a load shorter than the
+whole match must be estimated ``margin`` faster (10%) to be chosen, and ties go to the longer
+load.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -141,6 +154,8 @@ class OnboardDecision:
     est_queue_s: float
     est_ttft_s: float
     est_recompute_all_s: float
+    est_delay_s: float = 0.0
+    """What this choice adds to the TTFT of the loads in flight (their rest waits for it)."""
 
     @property
     def total_blocks(self) -> int:
@@ -154,12 +169,13 @@ class OnboardDecision:
 @dataclass
 class _Job:
     submitted: float
-    features: list[float]
+    parts: dict[str, float]  # tier -> bytes
     predicted: float
 
 
 @dataclass
 class _Step:
+    step: int
     started: float
     features: list[float]
 
@@ -189,14 +205,16 @@ class OnboardCostModel:
             config.decay,
         )
         self._jobs: dict[int, _Job] = {}
-        self._path_free_at = float("-inf")  # when the onboarding path last went idle
-        self._steps: list[_Step] = []
+        self._ready: tuple[list[float], list[float]] | None = None  # see _loads_ready
+        self._path_free_at = dict.fromkeys(TIERS, float("-inf"))  # each tier's path last idle
+        self._steps: deque[_Step] = deque()
         self._steps_free_at = float("-inf")
         self.queued_bytes: dict[str, int] = dict.fromkeys(TIERS, 0)
         self._pending: dict[str, tuple[float, float]] = {}  # request -> (tokens, pairs) to compute
         self._pending_tokens = 0.0
         self._pending_pairs = 0.0
         self.recompute_scale = 1.0  # TTFT of a recompute / the prefill fit's estimate
+        self.loading_factor = 1.0  # ... and on top of it while loads are in flight
 
     # -- measurements -----------------------------------------------------------------------
 
@@ -213,70 +231,108 @@ class OnboardCostModel:
             return 0.0
         per_token, per_pair = self.prefill.theta
         cost = per_token * (end - start) + per_pair * (end * end - start * start) / 2.0
-        return cost * self.recompute_scale
+        return cost * self.recompute_scale * (self.loading_factor if self._jobs else 1.0)
 
-    def recompute_observed(self, estimated: float, measured: float) -> None:
+    def recompute_observed(self, estimated: float, measured: float, *, loading: bool) -> None:
         """A request that recomputed everything reached its first token after ``measured``
-        seconds where ``estimated`` was predicted: the step times the prefill fit learns from
-        leave out what vLLM spends around the forward pass (scheduling, output processing, on a
-        busy machine a lot), which a load's measured time includes; this calibrates the
-        recompute side to TTFT (a moving average of the ratio, in the log, within 1/4..20)."""
+        seconds where ``estimated`` was predicted (``loading``: with loads in flight then).
+
+        The step times the prefill fit learns from leave out what vLLM spends around the
+        forward pass (scheduling, output processing, on a busy machine a lot), which a load's
+        measured time includes; this calibrates the recompute side to TTFT (a moving average of
+        the ratio, in the log, within 1/4..20): ``recompute_scale``, and on top of it while
+        loads are in flight ``loading_factor`` (on a CPU build the loads take cores from the
+        prefill: a burst's recomputes took 4x their estimate)."""
         if estimated <= 0 or measured <= 0:
             return
-        ratio = measured / estimated
-        step = math.exp((1.0 - self.config.decay) * math.log(ratio))
-        self.recompute_scale = min(20.0, max(0.25, self.recompute_scale * step))
+        step = math.exp((1.0 - self.config.decay) * math.log(measured / estimated))
+        if loading:
+            self.loading_factor = min(20.0, max(0.25, self.loading_factor * step))
+        else:
+            self.recompute_scale = min(20.0, max(0.25, self.recompute_scale * step))
 
-    def _load_features(self, bytes_by_tier: dict[str, int]) -> list[float]:
-        x: list[float] = []
-        for t in TIERS:
-            n = bytes_by_tier.get(t, 0)
-            x += [1.0 if n else 0.0, float(n)]
-        return x
+    @property
+    def loading(self) -> bool:
+        """Loads are in flight."""
+        return bool(self._jobs)
 
-    def _tier_seconds(self, x: list[float], i: int) -> float:
-        """Predicted seconds of tier ``TIERS[i]``'s part of a job with features ``x``."""
-        if not x[2 * i]:
-            return 0.0
-        return self.loads[TIERS[i]].predict([1.0, x[2 * i + 1]])
+    def _part_seconds(self, tier: str, nbytes: float) -> float:
+        """Predicted seconds of a job's part of ``nbytes`` in ``tier`` (0 for no part)."""
+        return self.loads[tier].predict([1.0, nbytes]) if nbytes else 0.0
 
-    def queue_seconds(self, now: float) -> float:
-        """Predicted wait of a new job behind the loads in flight: their bytes at each tier's
-        bandwidth. Not their latencies: loads in flight overlap them (pipelined reads, and many
-        jobs ending at one step boundary), so charging each would count one wait many times."""
-        return sum(
-            self.queued_bytes[t] * self.loads[t].theta[1] for t in TIERS if self.queued_bytes[t]
-        )
+    def queue_seconds(self, tier: str) -> float:
+        """Predicted wait of a new part in ``tier`` behind the loads in flight there: their bytes
+        at the tier's bandwidth (each tier's worker path is FIFO: one G3 reader thread, one G4
+        fetch thread; the tiers run in parallel). Not their latencies: loads in flight overlap
+        them (pipelined reads, and many jobs ending at one step boundary), so charging each
+        would count one wait many times."""
+        return self.queued_bytes[tier] * self.loads[tier].theta[1]
+
+    def _loads_ready(self) -> tuple[list[float], list[float]]:
+        """Predicted seconds until each load in flight is done (FIFO per tier), sorted, and
+        their running sums; kept until a load is submitted or finishes (the fits move then)."""
+        if self._ready is None:
+            ahead = dict.fromkeys(TIERS, 0.0)
+            ready: list[float] = []
+            for job in self._jobs.values():
+                end = 0.0
+                for t, n in job.parts.items():
+                    ahead[t] += n
+                    end = max(end, ahead[t] * self.loads[t].theta[1])
+                ready.append(end)
+            ready.sort()
+            self._ready = (ready, list(itertools.accumulate(ready, initial=0.0)))
+        return self._ready
+
+    def _delay(self, start: float, end: float) -> float:
+        """Sum over the loads in flight landing in ``[start, end)`` of ``end - landing``."""
+        ready, sums = self._loads_ready()
+        lo, hi = bisect.bisect_left(ready, start), bisect.bisect_left(ready, end)
+        return (hi - lo) * end - (sums[hi] - sums[lo])
 
     def load_submitted(self, job_id: int, bytes_by_tier: dict[str, int], now: float) -> float:
-        """A load job was planned; returns its predicted service seconds."""
-        x = self._load_features(bytes_by_tier)
-        predicted = sum(self._tier_seconds(x, i) for i in range(len(TIERS)))
-        self._jobs[job_id] = _Job(now, x, predicted)
-        for t in TIERS:
-            self.queued_bytes[t] += bytes_by_tier.get(t, 0)
+        """A load job was planned; returns its predicted service seconds (its parts run in
+        parallel, one per tier)."""
+        parts = {t: float(n) for t, n in bytes_by_tier.items() if n}
+        predicted = max((self._part_seconds(t, n) for t, n in parts.items()), default=0.0)
+        self._jobs[job_id] = _Job(now, parts, predicted)
+        self._ready = None
+        for t, n in bytes_by_tier.items():
+            self.queued_bytes[t] += n
         return predicted
 
     def load_finished(
         self, job_id: int, now: float, *, ok: bool = True
     ) -> tuple[float, float] | None:
         """A load job was reported done; returns (predicted, measured) service seconds, or None
-        for a job not known. A failed job is not learned from (it may have stopped early)."""
+        for a job not known. A failed job is not learned from (it may have stopped early).
+
+        The job's time is its slowest part's, so only the tier predicted slowest learns from it
+        (a G2 + G4 job neither hides G4's slowness nor teaches G2 to be slow; the others learn
+        from jobs of their own). Service time is FIFO on that tier's path: from when it was
+        submitted or the path's previous job was done, whichever is later."""
         job = self._jobs.pop(job_id, None)
         if job is None:
             return None
-        for i, t in enumerate(TIERS):
-            self.queued_bytes[t] = max(0, self.queued_bytes[t] - int(job.features[2 * i + 1]))
-        service = max(0.0, now - max(job.submitted, self._path_free_at))
-        self._path_free_at = now
+        self._ready = None
+        for t, n in job.parts.items():
+            self.queued_bytes[t] = max(0, self.queued_bytes[t] - int(n))
+        if not job.parts:
+            return job.predicted, 0.0
+        top = max(job.parts, key=lambda t: self._part_seconds(t, job.parts[t]))
+        x = [1.0, job.parts[top]]
+        start = max(job.submitted, self._path_free_at[top])
+        service = max(0.0, now - start)
+        # Reports come at step ends: the job was done by now but not yet when the step before
+        # came back. A prediction inside that window is what is learnt (a long prefill step
+        # reports a 1 ms G2 load after 300 ms); one outside it learns the nearer end.
+        known = service
+        if self._steps or self._steps_free_at > float("-inf"):  # timed by steps
+            after = max(0.0, self._steps_free_at - start)
+            known = min(service, max(after, self.loads[top].predict(x)))
+        self._path_free_at[top] = start + known  # when this path took up the next job
         if ok:
-            parts = [self._tier_seconds(job.features, i) for i in range(len(TIERS))]
-            used = [i for i in range(len(TIERS)) if job.features[2 * i]]
-            if used:
-                top = max(used, key=lambda i: parts[i])
-                rest = sum(parts[i] for i in used if i != top)
-                x = [1.0, job.features[2 * top + 1]]
-                self._observe(self.loads[TIERS[top]], x, max(0.0, service - rest))
+            self._observe(self.loads[top], x, known)
         return job.predicted, service
 
     def _observe(self, fit: DecayedLinearFit, x: list[float], y: float) -> None:
@@ -288,22 +344,29 @@ class OnboardCostModel:
         fit.last_outlier = outlier
         fit.observe(x, y)
 
-    def step_started(self, tokens: int, pairs: float, now: float) -> None:
-        """An engine step with ``tokens`` scheduled tokens and ``pairs`` (sum of each token's
-        context length) was planned."""
-        self._steps.append(_Step(now, [float(tokens), float(pairs)]))
+    def step_started(self, step: int, tokens: int, pairs: float, now: float) -> None:
+        """Engine step ``step`` (increasing ids) with ``tokens`` scheduled tokens and ``pairs``
+        (sum of each token's context length) was planned."""
+        self._steps.append(_Step(step, now, [float(tokens), float(pairs)]))
         if len(self._steps) > 64:  # outputs that never came back (a caller that does not report)
-            self._steps.pop(0)
+            self._steps.popleft()
 
-    def step_finished(self, now: float) -> float | None:
-        """The oldest planned step's output came back; returns its measured seconds."""
-        if not self._steps:
+    def step_finished(self, step: int, now: float) -> float | None:
+        """Step ``step``'s output came back; returns its measured seconds (None: not planned
+        here). Steps planned before it that never came back are dropped unmeasured: vLLM hands
+        no output back for a step that ran nothing and reported nothing, so matching outputs
+        to steps in order would charge each step the time of another (it did: every prefill
+        step of a benchmark read as the idle step before it, 10x too cheap)."""
+        steps = self._steps
+        while steps and steps[0].step < step:
+            steps.popleft()
+        if not steps or steps[0].step != step:
             return None
-        step = self._steps.pop(0)
-        seconds = max(0.0, now - max(step.started, self._steps_free_at))
+        got = steps.popleft()
+        seconds = max(0.0, now - max(got.started, self._steps_free_at))
         self._steps_free_at = now
-        if step.features[0] >= self.config.prefill_min_tokens:
-            self._observe(self.prefill, step.features, seconds)
+        if got.features[0] >= self.config.prefill_min_tokens:
+            self._observe(self.prefill, got.features, seconds)
         return seconds
 
     def prefill_pending(self, key: str, start: int, end: int) -> None:
@@ -328,7 +391,8 @@ class OnboardCostModel:
         if mine is not None:
             tokens, pairs = tokens - mine[0], pairs - mine[1]
         per_token, per_pair = self.prefill.theta
-        return max(0.0, per_token * tokens + per_pair * pairs) * self.recompute_scale
+        scale = self.recompute_scale * (self.loading_factor if self._jobs else 1.0)
+        return max(0.0, per_token * tokens + per_pair * pairs) * scale
 
     # -- the decision -----------------------------------------------------------------------
 
@@ -347,48 +411,55 @@ class OnboardCostModel:
         (vLLM's G1 hit), where the match starts; ``prompt_tokens``: the prompt's length;
         ``backlog_s``: prefill the engine has yet to run for other requests
         (``backlog_seconds``)."""
-        bias = self.config.bias
-        bb = self.config.block_bytes
-        queue = self.queue_seconds(now)
-        n_end = prompt_tokens
-        recompute_all = self.prefill_seconds(start_tokens, n_end)
+        bias, bb, backlog = self.config.bias, self.config.block_bytes, backlog_s
+        recompute_all = self.prefill_seconds(start_tokens, prompt_tokens)
         total_blocks = sum(max(0, n) for _, n in matched)
         shorter = 1.0 + self.config.margin  # a load shorter than the whole match must win by this
-        best_k, best_t, best_load = 0, backlog_s + recompute_all, 0.0
-        best_score = best_t * (shorter if total_blocks else 1.0)
-        done_blocks = 0
-        done_cost = queue
-        counts = {t: 0 for t in TIERS}
+
+        def cost(k: int, load: float) -> tuple[float, float]:
+            """(TTFT, delay to the loads in flight) when ``k`` blocks load in ``load`` s."""
+            wait = max(bias * load, backlog) if k else backlog
+            ttft = wait + self.prefill_seconds(start_tokens + k * block_size, prompt_tokens)
+            return ttft, self._delay(wait, ttft) if self._jobs else 0.0
+
+        best_t, best_delay = cost(0, 0.0)
+        best_k, best_load, best_queue = 0, 0.0, 0.0
+        best_score = (best_t + best_delay) * (shorter if total_blocks else 1.0)
+        done_blocks, done_load, done_queue = 0, 0.0, 0.0  # the tiers before: all their blocks
+        counts = dict.fromkeys(TIERS, 0)
         for tier, n in matched:
             if n <= 0:
                 continue
             counts[tier] += n
             lat, spb = self.loads[tier].theta
+            queue = self.queue_seconds(tier)
             ks = {1, n}
-            if spb > 0 and backlog_s > 0:  # where the load stops hiding behind the backlog
-                cross = (backlog_s / bias - done_cost - lat) / (bb * spb)
+            if spb > 0:  # where this tier's part starts to decide: past the others and backlog
+                cross = (max(done_load, backlog / bias) - queue - lat) / (bb * spb)
                 ks.update(k for k in (math.floor(cross), math.ceil(cross)) if 1 <= k <= n)
             for k in sorted(ks):
-                load = done_cost + lat + k * bb * spb
-                total = max(bias * load, backlog_s) + self.prefill_seconds(
-                    start_tokens + (done_blocks + k) * block_size, n_end
-                )
-                score = total * (shorter if done_blocks + k < total_blocks else 1.0)
+                part = queue + lat + k * bb * spb
+                load = max(done_load, part)
+                ttft, delay = cost(done_blocks + k, load)
+                score = (ttft + delay) * (shorter if done_blocks + k < total_blocks else 1.0)
                 if score <= best_score:
-                    best_k, best_t, best_load, best_score = done_blocks + k, total, load, score
+                    best_k, best_t, best_delay, best_score = done_blocks + k, ttft, delay, score
+                    best_load, best_queue = load, queue if part >= done_load else done_queue
             done_blocks += n
-            done_cost += lat + n * bb * spb
+            part = queue + lat + n * bb * spb
+            if part >= done_load:
+                done_load, done_queue = part, queue
         blocks: dict[str, int] = {}
         left = best_k
         for t in TIERS:
-            take = min(counts[t], left)
-            blocks[t] = take
-            left -= take
+            blocks[t] = min(counts[t], left)
+            left -= blocks[t]
         return OnboardDecision(
             blocks=blocks,
             matched=counts,
-            est_load_s=max(0.0, best_load - queue) if best_k else 0.0,
-            est_queue_s=queue if best_k else 0.0,
+            est_load_s=best_load - best_queue,
+            est_queue_s=best_queue,
             est_ttft_s=best_t,
             est_recompute_all_s=recompute_all,
+            est_delay_s=best_delay,
         )

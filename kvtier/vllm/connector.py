@@ -66,15 +66,17 @@ class KvTierConnectorMetadata(KVConnectorMetadata):
 
 
 class KvTierWorkerMetadata(KVConnectorWorkerMetadata):
-    """vLLM's wrapper around the workers' ``WorkerReport``s of one step (plain data)."""
+    """vLLM's wrapper around the workers' ``WorkerReport``s of one step (plain data), with the
+    id of the step they ran (-1: none bound), so the scheduler half times that step."""
 
-    def __init__(self, reports: list[WorkerReport]) -> None:
+    def __init__(self, reports: list[WorkerReport], step: int = -1) -> None:
         self.reports = reports
+        self.step = step
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         if not isinstance(other, KvTierWorkerMetadata):
             raise TypeError(f"cannot aggregate kvtier worker metadata with {type(other).__name__}")
-        return KvTierWorkerMetadata(self.reports + other.reports)
+        return KvTierWorkerMetadata(self.reports + other.reports, max(self.step, other.step))
 
 
 def model_config_from(kv_cache_config: KVCacheConfig) -> ModelConfig:
@@ -265,7 +267,11 @@ class KvTierConnector(KVConnectorBase_V1):
         if self.worker is None:
             return None
         report = self.worker.take_report()
-        return None if report is None else KvTierWorkerMetadata([report])
+        # Sent every step, even empty: vLLM calls update_connector_output only for outputs that
+        # carry something, and the scheduler half times each step (kvtier.vllm.onboard).
+        meta = getattr(self, "_connector_metadata", None)  # vLLM's base class: the bound plan
+        step = meta.plan.step if isinstance(meta, KvTierConnectorMetadata) else -1
+        return KvTierWorkerMetadata([] if report is None else [report], step)
 
     def shutdown(self) -> None:
         if self.worker is not None:
@@ -336,7 +342,8 @@ class KvTierConnector(KVConnectorBase_V1):
         if reports:
             sched.process_reports(reports)
         if sched.onboard is not None:
-            sched.onboard.step_done()  # the step planned in build_connector_meta came back
+            if isinstance(meta, KvTierWorkerMetadata) and meta.step >= 0:
+                sched.onboard.step_done(meta.step)  # that step's output came back
             if self.telemetry is not None:
                 self.telemetry.on_onboard(sched.onboard)
         if self.telemetry is not None:

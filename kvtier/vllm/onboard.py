@@ -10,9 +10,10 @@ What it times, honestly and without help from the workers:
 
 - a load job from the step it is planned in (``update_state_after_alloc``) to the worker report
   that says it is done (FIFO service time on the onboarding path, see the cost model);
-- an engine step from ``build_connector_meta`` (the plan goes to the workers) to vLLM handing the
-  step's output back (``update_connector_output``), FIFO: forward pass, sampling and kvtier's
-  own stores of that step; with its scheduled tokens and their context lengths;
+- an engine step from ``build_connector_meta`` (the plan goes to the workers) to vLLM handing
+  that step's output back (``update_connector_output``, matched by the step id the workers'
+  metadata carries; vLLM hands nothing back for some idle steps): forward pass, sampling and
+  kvtier's own stores of that step; with its scheduled tokens and their context lengths;
 - for the metrics, each decision's estimated TTFT next to the time from the decision to the end
   of the step that completes that request's prompt.
 
@@ -68,6 +69,7 @@ class _Decided:
     prompt_tokens: int
     est_ttft: float
     recomputed: bool
+    loading: bool  # loads were in flight
 
 
 def _override(params: Any, request_id: str) -> tuple[str, int | None]:
@@ -112,7 +114,7 @@ class OnboardAdvisor:
         self._decided: dict[str, _Decided] = {}
         self._chosen: dict[str, tuple[list[tuple[str, int]], int, int, bool]] = {}
         self._prompt_end: dict[str, int] = {}  # requests in the compute backlog
-        self._completing: list[list[str]] = []  # per planned step: requests it completes
+        self._completing: dict[int, list[str]] = {}  # step -> requests it completes
         self._estimates: deque[OnboardEstimate] = deque(maxlen=4096)
 
     def choose(
@@ -154,11 +156,12 @@ class OnboardAdvisor:
             first = self._decided.get(rid)  # vLLM may ask again while the request waits
             at = first.at if first is not None else now
             self._decided[rid] = _Decided(
-                at, int(request.num_tokens), decision.est_ttft_s, chosen == 0
+                at, int(request.num_tokens), decision.est_ttft_s, chosen == 0, self.model.loading
             )
             logger.debug(
                 "kvtier onboard: request %s matched %s blocks from block %d; load %d "
-                "(est ttft %.1f ms: load %.1f + queue %.1f ms; recompute all %.1f ms)",
+                "(est ttft %.1f ms: load %.1f + queue %.1f ms; recompute all %.1f ms; "
+                "delays the loads in flight by %.1f ms)",
                 rid,
                 dict(matched),
                 start_block,
@@ -167,6 +170,7 @@ class OnboardAdvisor:
                 decision.est_load_s * 1e3,
                 decision.est_queue_s * 1e3,
                 decision.est_recompute_all_s * 1e3,
+                decision.est_delay_s * 1e3,
             )
         else:
             logger.debug(
@@ -218,8 +222,9 @@ class OnboardAdvisor:
         if got is not None:
             self._estimates.append(OnboardEstimate("load", got[0], got[1]))
 
-    def step_planned(self, rows: Iterable[tuple[str, int, int]]) -> None:
-        """A step goes to the workers: (req_id, computed tokens, scheduled tokens) per request."""
+    def step_planned(self, step: int, rows: Iterable[tuple[str, int, int]]) -> None:
+        """Step ``step`` goes to the workers: (req_id, computed tokens, scheduled tokens) per
+        request."""
         rows = rows if isinstance(rows, list) else list(rows)
         tokens = 0
         pairs = 0.0
@@ -240,23 +245,31 @@ class OnboardAdvisor:
             d = self._decided.get(rid)
             if d is not None and computed + scheduled >= d.prompt_tokens:
                 completing.append(rid)
-        self.model.step_started(tokens, pairs, self._clock())
-        self._completing.append(completing)
+        self.model.step_started(step, tokens, pairs, self._clock())
+        if completing:
+            self._completing[step] = completing
 
-    def step_done(self) -> None:
-        """vLLM handed back the output of the oldest step planned."""
+    def step_done(self, step: int) -> None:
+        """vLLM handed back the output of step ``step`` (the workers' report says which)."""
         now = self._clock()
-        if self.model.step_finished(now) is None or not self._completing:
+        if self.model.step_finished(step, now) is None:
             return
-        for rid in self._completing.pop(0):
+        for old in [s for s in self._completing if s < step]:  # no output came back for it
+            for rid in self._completing.pop(old):
+                self._decided.pop(rid, None)
+        for rid in self._completing.pop(step, ()):
             d = self._decided.pop(rid, None)
             if d is not None:
                 self._estimates.append(OnboardEstimate("ttft", d.est_ttft, now - d.at))
                 if d.recomputed:
-                    self.model.recompute_observed(d.est_ttft, now - d.at)
+                    self.model.recompute_observed(d.est_ttft, now - d.at, loading=d.loading)
 
     def forget(self, request_id: str) -> None:
-        self._decided.pop(request_id, None)
+        """The request finished: vLLM says so before it hands back the connector output of the
+        step that finished it (a one-token request), so a decision that step completes stays
+        until ``step_done`` measures it."""
+        if not any(request_id in rids for rids in self._completing.values()):
+            self._decided.pop(request_id, None)
         self._chosen.pop(request_id, None)
         if self._prompt_end.pop(request_id, None) is not None:
             self.model.prefill_pending(request_id, 0, 0)

@@ -325,7 +325,7 @@ class KvTierScheduler:
             if done // bs > st.next_store and len(st.block_ids) > st.next_store:
                 self._plan_stores(st, done, step, stores, writes, block_tokens)
         if rows is not None and self.onboard is not None:  # times this step for the cost model
-            self.onboard.step_planned(rows)
+            self.onboard.step_planned(step, rows)
         remote_writes = None
         if self.remote is not None:
             remote_writes = self.remote.plan_writes(

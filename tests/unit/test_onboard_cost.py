@@ -78,7 +78,7 @@ def test_queue_ahead_counts() -> None:
     assert chosen(m, [("G2", 8)]) == 8
     m.load_submitted(1, {"G2": int(10e9)}, now=0.0)  # one second of G2 reads in flight
     assert m.queued_bytes["G2"] == int(10e9)
-    assert m.queue_seconds(0.25) == pytest.approx(1.0)
+    assert m.queue_seconds("G2") == pytest.approx(1.0)
     assert m.choose([("G2", 8)], 0, 850, BS, now=0.25).total_blocks == 0
     m.load_finished(1, now=1.0)
     assert m.queued_bytes["G2"] == 0
@@ -108,14 +108,14 @@ def brute_cost(
     prompt: int,
     backlog: float,
 ) -> float:
-    """T(k) straight from its definition, block by block."""
+    """T(k) straight from its definition, block by block (each tier's part loads in parallel)."""
     per_token, per_pair, bias = costs
     load, left = 0.0, k
     for t, n in matched:
         take = min(n, left)
         left -= take
         if take:
-            load += lat[t] + take * BB / bw[t]
+            load = max(load, lat[t] + take * BB / bw[t])
     p = (start + k) * BS
     wait = max(bias * load, backlog) if k else backlog
     return wait + per_token * (prompt - p) + per_pair * (prompt**2 - p**2) / 2
@@ -162,9 +162,9 @@ def test_learns_tier_and_prefill_costs_from_measurements() -> None:
         assert m.load_finished(i, now) is not None
     for i in range(40):
         tokens = 64 + 97 * (i % 11)
-        m.step_started(tokens, tokens * tokens / 2, now)
+        m.step_started(i, tokens, tokens * tokens / 2, now)
         now += tokens * 1e-4
-        m.step_finished(now)
+        m.step_finished(i, now)
     assert m.tier_latency("G3") == pytest.approx(0.012, rel=0.15)  # the prior pulls a little
     assert m.tier_bandwidth("G3") == pytest.approx(200e6, rel=0.05)
     assert m.prefill_seconds(0, 1000) == pytest.approx(0.1, rel=0.05)
@@ -251,13 +251,13 @@ def test_short_steps_do_not_teach_a_context_cost() -> None:
     # read as attention cost, or loading the first blocks would look worthless.
     m = model(bw={"G4": 50e6}, weight=0.2)
     now = 0.0
-    for _ in range(15):
-        m.step_started(1573, 1573 * 1573 / 2, now)
+    for i in range(15):
+        m.step_started(2 * i, 1573, 1573 * 1573 / 2, now)
         now += 1573 * 2e-5
-        m.step_finished(now)
-        m.step_started(37, 37 * (1536 + 18.5), now)
+        m.step_finished(2 * i, now)
+        m.step_started(2 * i + 1, 37, 37 * (1536 + 18.5), now)
         now += 0.0025
-        m.step_finished(now)
+        m.step_finished(2 * i + 1, now)
     per_token, per_pair = m.prefill.theta
     assert per_token == pytest.approx(2e-5, rel=0.1)
     assert per_pair < 1e-9
@@ -269,7 +269,112 @@ def test_recompute_estimate_is_calibrated_to_what_recomputes_took() -> None:
     m = model(bw={"G4": 40e6})  # 25 ms per block against 10 ms of recompute
     assert chosen(m, [("G4", 8)]) == 0
     for _ in range(25):  # every recompute took three times its estimate
-        m.recompute_observed(0.085 * m.recompute_scale, 3 * 0.085)
+        m.recompute_observed(0.085 * m.recompute_scale, 3 * 0.085, loading=False)
     assert m.recompute_scale == pytest.approx(3.0, rel=0.1)
     assert m.prefill_seconds(0, 100) == pytest.approx(0.030, rel=0.1)
     assert chosen(m, [("G4", 8)]) == 8  # 25 ms per block now beats 30 ms of recompute
+
+
+def test_a_step_whose_output_never_came_back_does_not_shift_the_others() -> None:
+    # vLLM hands no output back for an idle step with nothing to report: each prefill step
+    # (1573 tokens, 60 ms) follows such a step (1 ms). Matched in order, every prefill step would
+    # be charged the idle step's time; matched by step id, the prefill is learnt as it ran.
+    m = model(weight=0.2)
+    now = 0.0
+    for i in range(20):
+        m.step_started(2 * i, 0, 0.0, now)  # idle: waits for a lookup; never reported
+        now += 0.001
+        m.step_started(2 * i + 1, 1573, 1573 * 1573 / 2, now)
+        now += 0.060
+        assert m.step_finished(2 * i + 1, now) == pytest.approx(0.060)
+    assert m.prefill_seconds(0, 1573) == pytest.approx(0.060, rel=0.05)
+    assert m.step_finished(5, now) is None  # long gone
+    assert m.step_finished(99, now) is None  # never planned
+
+
+def test_each_tier_queues_on_its_own_path() -> None:
+    # A second of G4 reads in flight delays a G4 part, not a G2 one: in a burst, loading the G2
+    # part and recomputing the rest still beats recomputing everything.
+    m = model(bw={"G4": 50e6})  # 20 ms per G4 block against 10 ms of recompute
+    m.load_submitted(1, {"G4": 50 * BB}, now=0.0)
+    assert m.queue_seconds("G4") == pytest.approx(1.0)
+    assert m.queue_seconds("G2") == 0.0
+    d = m.choose([("G2", 4), ("G3", 0), ("G4", 8)], 0, 1250, BS, now=0.0)
+    assert d.blocks == {"G2": 4, "G3": 0, "G4": 0}
+    assert d.est_queue_s == 0.0
+    assert d.est_ttft_s == pytest.approx(4 * 0.0001 + 0.085)
+    # a job's parts load side by side: it takes as long as its slowest part
+    assert m.load_submitted(2, {"G2": 4 * BB, "G4": 8 * BB}, now=0.0) == pytest.approx(0.160)
+
+
+def test_a_recompute_is_charged_for_the_loads_it_holds_up() -> None:
+    # Four 2-block G4 loads in flight (25 ms each: ready at 25, 50, 75, 100 ms). Recomputing 850
+    # tokens (85 ms) is this request's fastest choice, but vLLM runs its prefill ahead of those
+    # loads' rests, delaying the three that land while it runs by 60 + 35 + 10 ms: 190 ms in all
+    # (209 with the margin) against 205 ms for loading behind them, which delays no one.
+    m = model(bw={"G4": 80e6})  # 12.5 ms per block against 10 ms of recompute
+    assert chosen(m, [("G4", 8)]) == 0
+    for job in range(4):
+        m.load_submitted(job, {"G4": 2 * BB}, now=0.0)
+    d = m.choose([("G4", 8)], 0, 850, BS, now=0.0)
+    assert d.total_blocks == 8
+    assert d.est_queue_s == pytest.approx(0.100)
+    assert d.est_ttft_s == pytest.approx(0.205)
+    assert d.est_delay_s == 0.0
+    for job in range(4):
+        m.load_finished(job, now=0.1)
+    assert chosen(m, [("G4", 8)]) == 0
+
+
+def test_a_load_reported_at_the_end_of_a_long_step_is_not_learnt_slow() -> None:
+    # Reports come at step ends. A 1 MB G2 load (1 ms) planned with a 300 ms prefill step comes
+    # back with it: all that says is "done within 300 ms". A 1 MB G4 load (50 ms) across 5 ms
+    # idle steps is seen to the step.
+    m = OnboardCostModel(OnboardCostConfig(block_bytes=BB))
+    now, step = 0.0, 0
+    for job in range(30):
+        m.step_started(step, 2048, 2048 * 1024, now)
+        m.load_submitted(job, {"G2": BB}, now)
+        now += 0.300
+        m.load_finished(job, now)
+        m.step_finished(step, now)
+        step += 1
+    assert m.loads["G2"].predict([1.0, BB]) == pytest.approx(0.0002 + 1e-4)  # still its prior
+    for job in range(100, 130):
+        m.load_submitted(job, {"G4": BB}, now)
+        done = now + 0.050
+        while now < done:
+            m.step_started(step, 0, 0.0, now)
+            now += 0.005
+            if now >= done - 1e-9:
+                m.load_finished(job, now)
+            m.step_finished(step, now)
+            step += 1
+    assert m.loads["G4"].predict([1.0, BB]) == pytest.approx(0.050, rel=0.15)
+    # G2 loads that outlast the steps they were planned in (300 ms, seen past 200 ms) teach that
+    # (the first as a lone outlier, clipped; then as a change)
+    for job in range(200, 210):
+        m.load_submitted(job, {"G2": BB}, now)
+        for _ in range(3):
+            m.step_started(step, 0, 0.0, now)
+            now += 0.1
+            m.step_finished(step, now)
+            step += 1
+        assert m.load_finished(job, now) is not None
+    assert m.loads["G2"].predict([1.0, BB]) > 0.1
+
+
+def test_recompute_with_loads_in_flight_is_calibrated_on_its_own() -> None:
+    # On a CPU build the loads take cores from the prefill: recomputes decided while loads were
+    # in flight took 4x their estimate, those decided with none took theirs.
+    m = model(bw={"G4": 50e6})
+    for _ in range(40):
+        m.recompute_observed(m.prefill_seconds(0, 850), 0.085, loading=False)
+    m.load_submitted(1, {"G4": BB}, now=0.0)
+    for _ in range(40):
+        m.recompute_observed(m.prefill_seconds(0, 850), 4 * 0.085, loading=True)
+    assert m.loading_factor == pytest.approx(4.0, rel=0.05)
+    assert m.prefill_seconds(0, 850) == pytest.approx(4 * 0.085, rel=0.05)
+    m.load_finished(1, now=0.02)
+    assert m.recompute_scale == pytest.approx(1.0)
+    assert m.prefill_seconds(0, 850) == pytest.approx(0.085)
