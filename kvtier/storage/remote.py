@@ -200,16 +200,36 @@ class RemoteStore(Lifecycle):
         return self._call(run)
 
     def get(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        """The values of ``keys`` (None where missing), fetched in pipelines per shard."""
+        """The values of ``keys`` (None where missing). Keeps every value until the last one
+        arrived: a data path that verifies and copies values should use ``get_each``."""
+        out: list[bytes | None] = [None] * len(keys)
+
+        def keep(i: int, value: bytes | None) -> None:
+            out[i] = value
+
+        self.get_each(keys, keep)
+        return out
+
+    def get_each(self, keys: Sequence[bytes], sink: Callable[[int, bytes | None], None]) -> None:
+        """Fetch ``keys`` (pipelined per shard, split over ``parallel`` connections), calling
+        ``sink(index, value)`` (None where missing) for each value as it is read, on the
+        connection's thread (several at once: ``sink`` must only touch what ``index`` owns).
+        The store keeps no value after its ``sink`` call, so memory stays warm (see
+        ``remote_redis.stream_gets``). An error raised by ``sink`` ends the call."""
         if not keys:
-            return []
+            return
+        # Values are about the same size; batch by count so each pipeline stays near the bound.
+        per = max(1, self.config.max_batch_bytes // (2 << 20))
 
-        def run(client: Any) -> list[bytes | None]:
-            parts = self._split(len(keys), MIN_PART)
-            got = self._parallel(lambda r: self._get(client, keys[r.start : r.stop]), parts)
-            return [v for part in got for v in part]
+        def run(client: Any) -> None:
+            def part(r: range) -> None:
+                self._binding.stream_gets(
+                    client, keys[r.start : r.stop], lambda i, v: sink(r.start + i, v), batch=per
+                )
 
-        return self._call(run)
+            self._parallel(part, self._split(len(keys), MIN_PART))
+
+        self._call(run)
 
     def put(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> None:
         """Store ``(key, value)`` pairs (SET with the configured TTL), pipelined per shard."""
@@ -281,21 +301,6 @@ class RemoteStore(Lifecycle):
                 start, total = i, 0
             total += size
         out.append(range(start, len(sizes)))
-        return out
-
-    def _get(self, client: Any, keys: Sequence[bytes]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        # Values are about the same size; batch by count so each pipeline stays near the bound.
-        per = max(1, self.config.max_batch_bytes // (2 << 20))
-        for start in range(0, len(keys), per):
-            chunk = keys[start : start + per]
-            if self.is_cluster:
-                pipe = client.pipeline(transaction=False)
-                for key in chunk:
-                    pipe.get(key)
-                out.extend(pipe.execute())
-            else:
-                out.extend(client.mget(chunk))
         return out
 
     def _put(self, client: Any, items: Sequence[tuple[bytes, bytes | memoryview]]) -> None:

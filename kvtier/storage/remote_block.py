@@ -11,10 +11,14 @@ served to another: a value is accepted only if its header matches what the key p
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
+
 from kvtier.storage.block_file import HEADER_SIZE, BlockFileError, BlockHeader, payload_checksum
 
 __all__ = [
     "KEY_PREFIX",
+    "ValueBuffers",
     "decode_block",
     "encode_block",
     "encode_in_place",
@@ -59,6 +63,44 @@ def value_buffer(payload: bytes | memoryview) -> bytearray:
     buf = bytearray(HEADER_SIZE + len(payload))
     buf[HEADER_SIZE:] = payload
     return buf
+
+
+class ValueBuffers:
+    """``value_buffer`` from a bounded stock of spare buffers, given back once sent.
+
+    Why: a fresh 2 MiB ``bytearray`` is mapped anew, zeroed and page-faulted in (512 faults)
+    before the payload is copied in, which costs more than the copy (copy + checksum into a
+    spare buffer: about 3x the rate of a fresh one, measured). Keeps at most ``keep_bytes`` of
+    spares. Thread-safe (the engine's thread takes, the writer's gives back)."""
+
+    def __init__(self, keep_bytes: int) -> None:
+        self.keep_bytes = keep_bytes
+        self._spare: list[bytearray] = []
+        self._spare_bytes = 0
+        self._lock = threading.Lock()
+
+    def fill(self, payload: bytes | memoryview) -> bytearray:
+        """A buffer of ``HEADER_SIZE + len(payload)`` bytes with ``payload`` after the header."""
+        size = HEADER_SIZE + len(payload)
+        with self._lock:
+            while self._spare and len(self._spare[-1]) != size:
+                self._spare_bytes -= len(self._spare.pop())  # another block size: let it go
+            buf = self._spare.pop() if self._spare else None
+            if buf is not None:
+                self._spare_bytes -= size
+        if buf is None:
+            return value_buffer(payload)
+        buf[HEADER_SIZE:] = payload
+        return buf
+
+    def give_back(self, bufs: Iterable[bytearray]) -> None:
+        """Keep ``bufs`` for later ``fill`` calls (as many as fit ``keep_bytes``); nothing may
+        still read them."""
+        with self._lock:
+            for buf in bufs:
+                if self._spare_bytes + len(buf) <= self.keep_bytes:
+                    self._spare.append(buf)
+                    self._spare_bytes += len(buf)
 
 
 def encode_in_place(
