@@ -222,12 +222,10 @@ class RemoteStore(Lifecycle):
         per = max(1, self.config.max_batch_bytes // (2 << 20))
 
         def run(client: Any) -> None:
-            def part(r: range) -> None:
-                self._binding.stream_gets(
-                    client, keys[r.start : r.stop], lambda i, v: sink(r.start + i, v), batch=per
-                )
-
-            self._parallel(part, self._split(len(keys), MIN_PART))
+            self._parallel(
+                lambda ids: self._binding.stream_gets(client, keys, ids, sink, batch=per),
+                self._parts(client, keys),
+            )
 
         self._call(run)
 
@@ -237,8 +235,10 @@ class RemoteStore(Lifecycle):
             return
 
         def run(client: Any) -> None:
-            parts = self._split(len(items), MIN_PART)
-            self._parallel(lambda r: self._put(client, items[r.start : r.stop]), parts)
+            self._parallel(
+                lambda ids: self._put(client, [items[i] for i in ids]),
+                self._parts(client, [key for key, _ in items]),
+            )
 
         self._call(run)
 
@@ -264,13 +264,27 @@ class RemoteStore(Lifecycle):
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _split(self, n: int, min_part: int) -> list[range]:
-        """``range(n)`` in at most ``parallel`` contiguous parts of at least ``min_part``."""
-        parts = max(1, min(self.config.parallel, n // min_part))
-        step = -(-n // parts)
-        return [range(i, min(n, i + step)) for i in range(0, n, step)]
+    def _parts(self, client: Any, keys: Sequence[bytes]) -> list[list[int]]:
+        """The indices of ``keys`` in at most ``max(parallel, nodes)`` parts, one connection
+        each: grouped by node first (a part then needs one connection, not one per node, and
+        every node streams at once), a node's keys split in contiguous parts of at least
+        ``MIN_PART``; with fewer connections than nodes, a part holds several nodes' keys."""
+        groups = self._binding.node_groups(client, keys, range(len(keys)))
+        most = self.config.parallel
+        if len(groups) >= most:
+            merged: list[list[int]] = [[] for _ in range(most)]
+            for j, ids in enumerate(groups):
+                merged[j % most].extend(ids)
+            return [ids for ids in merged if ids]
+        share = most // len(groups)
+        out: list[list[int]] = []
+        for ids in groups:
+            n = max(1, min(share, len(ids) // MIN_PART))
+            step = -(-len(ids) // n)
+            out.extend(ids[i : i + step] for i in range(0, len(ids), step))
+        return out
 
-    def _parallel(self, fn: Callable[[range], _T], parts: list[range]) -> list[_T]:
+    def _parallel(self, fn: Callable[[list[int]], _T], parts: list[list[int]]) -> list[_T]:
         """``fn`` over the parts, the first on this thread, the others on the I/O threads (each
         takes its own pooled connection); the first error is raised after all finished."""
         if len(parts) == 1 or self._workers is None:

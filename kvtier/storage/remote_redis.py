@@ -8,7 +8,7 @@ hiredis reply parser.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis
@@ -20,7 +20,7 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.utils import HIREDIS_AVAILABLE
 
-__all__ = ["ERRORS", "READ_SIZE", "build_client", "stream_gets"]
+__all__ = ["ERRORS", "READ_SIZE", "build_client", "node_groups", "stream_gets"]
 
 READ_SIZE = 4 << 20
 """Socket read size: a 2 MiB value arrives in one or two reads, not 32 (redis-py: 64 KiB)."""
@@ -84,26 +84,43 @@ def build_client(
     return redis.Redis(connection_pool=pool, retry=common["retry"])
 
 
+def _is_cluster(client: Any) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def node_groups(client: Any, keys: Sequence[bytes], indices: Iterable[int]) -> list[list[int]]:
+    """``indices`` of ``keys`` grouped by the node serving them (a cluster client's slot map;
+    one group on a single node), in first-seen order."""
+    if not _is_cluster(client):
+        return [list(indices)]
+    groups: dict[str, list[int]] = {}
+    for i in indices:
+        groups.setdefault(client.get_node_from_key(keys[i]).name, []).append(i)
+    return list(groups.values())
+
+
 def stream_gets(
     client: Any,
     keys: Sequence[bytes],
+    indices: Sequence[int],
     sink: Callable[[int, bytes | None], None],
     *,
     batch: int,
 ) -> None:
-    """GET every key, handing each value to ``sink(index, value)`` as soon as it is read.
+    """GET ``keys[i]`` for every ``i`` in ``indices``, handing each value to ``sink(i, value)``
+    as soon as it is read.
 
     Why not a pipeline's ``execute()``: it keeps every reply until the last one arrives, so each
     2 MiB value lands in fresh memory (glibc maps allocations that large anew: 512 page faults a
     value, measured) and is cold again when verified; here a value is dropped before the next
     one is read and the allocator hands the same warm memory back (16 faults a value, a get +
     verify of 64 x 2 MiB 2-3x less CPU). redis-py packs the commands and hiredis parses every
-    reply: no protocol code here. One pipeline per node and ``batch`` keys (a cluster's keys
-    grouped by the client's slot map); a key a node answers with an error (MOVED or ASK while a
-    slot migrates) is fetched again through a cluster pipeline, which follows the redirection
-    and refreshes the slot map. A dropped connection is retried once (a restarted server)."""
-    for start in range(0, len(keys), batch):
-        part = range(start, min(len(keys), start + batch))
+    reply: no protocol code here. One pipeline per node and ``batch`` keys, sent to every node
+    before any is read; a key a node answers with an error (MOVED or ASK while a slot migrates)
+    is fetched again through a cluster pipeline, which follows the redirection and refreshes the
+    slot map. A dropped connection is retried once (a restarted server)."""
+    for start in range(0, len(indices), batch):
+        part = indices[start : start + batch]
         try:
             redirected = _stream_part(client, keys, part, sink)
         except redis.ConnectionError:  # once more, on a new connection (a restarted server)
@@ -117,24 +134,23 @@ def stream_gets(
 
 
 def _stream_part(
-    client: Any, keys: Sequence[bytes], part: range, sink: Callable[[int, bytes | None], None]
+    client: Any,
+    keys: Sequence[bytes],
+    part: Sequence[int],
+    sink: Callable[[int, bytes | None], None],
 ) -> list[int]:
     """One pipeline of GETs per node, sent to all nodes, then read reply by reply; returns the
     indices answered with an error."""
-    cluster = isinstance(client, RedisCluster)
-    groups: dict[str, tuple[Any, list[int]]] = {}
-    for i in part:
-        node = client.get_node_from_key(keys[i]) if cluster else None
-        name = "" if node is None else node.name
-        if name not in groups:
-            owner = client if node is None else client.get_redis_connection(node)
-            groups[name] = (owner.connection_pool, [])
-        groups[name][1].append(i)
     taken: list[tuple[Any, Any, list[int]]] = []
     errors: list[int] = []
     try:
-        for pool, ids in groups.values():
-            conn = pool.get_connection()
+        for ids in node_groups(client, keys, part):
+            if _is_cluster(client):
+                owner = client.get_redis_connection(client.get_node_from_key(keys[ids[0]]))
+            else:
+                owner = client
+            pool = owner.connection_pool
+            conn: Any = pool.get_connection()
             taken.append((pool, conn, ids))
             conn.send_packed_command(conn.pack_commands([("GET", keys[i]) for i in ids]))
         for _, conn, ids in taken:
