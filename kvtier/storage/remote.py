@@ -3,8 +3,9 @@
 Why this exists: engines on many hosts recompute prefixes another host already computed. G4 keeps
 blocks in an existing distributed store spoken to in the Redis protocol, one key per block (see
 ``kvtier.storage.remote_block`` for keys and values). This module is the client: batched
-gets/sets/exists per shard (one pipeline per batch; a cluster pipeline groups a batch's keys by
-node and follows MOVED/ASK redirections), a connection pool per node, optional password and TLS,
+gets/sets/exists per shard (a batch's keys grouped by node, one pipeline per node and
+connection; gets hand each value on as it is read and keep none, see ``get_each``; MOVED/ASK
+redirections followed), a connection pool per node, optional password and TLS,
 optional TTL, and a ``CircuitBreaker`` so a sick server costs one timeout, then nothing, until a
 probe finds it healthy again. It never retries for long: a failed or refused call raises
 ``RemoteError`` and the caller counts a G4 miss.
