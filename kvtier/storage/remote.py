@@ -121,8 +121,10 @@ class RemoteConfig:
     breaker_failures: int = 3
     breaker_cooldown_s: float = 2.0
     parallel: int = 4
-    """Connections one large get/put uses at once (a batch split in contiguous parts): one
-    redis-py connection moves about 0.3-0.9 GB/s of 2 MiB values, bound by its reads."""
+    """Connections one large get/put uses at once (a batch's keys grouped by node, then split in
+    contiguous parts), each on its own thread: socket reads and writes, the checksum and the
+    copies out release the GIL, hiredis' reply parsing does not. On 2 busy cores 1, 2 and 4
+    measured alike (benchmarks/RESULTS.md); more cores are where the threads pay."""
 
     def __post_init__(self) -> None:
         parse_remote_url(self.url)
