@@ -40,7 +40,8 @@ from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage, aligned_empty
 from kvtier.storage.layout import detect_layout
-from kvtier.transfer.cuda.disk import DiskLoadConfig, DiskToDeviceLoader
+from kvtier.transfer.disk_io import DiskIo
+from kvtier.transfer.disk_load import DiskLoadConfig, DiskToDeviceLoader
 from kvtier.transfer.engine import CopyEngine, TorchCopyEngine
 
 GB = 1e9
@@ -324,7 +325,10 @@ def disk_to_device(b: Bench, n: int, threads: int, root: Path) -> tuple[float, f
     paths = [disk.path(h) for h in hashes]
     size = paths[0].stat().st_size
     dids = torch.randperm(b.pool, generator=gen)[:n].tolist()
-    loader = DiskToDeviceLoader(disk, b.engine, DiskLoadConfig(group_blocks=16, io_threads=threads))
+    io = DiskIo(disk, threads)
+    io.start()
+    pin = b.dev.device.type == "cuda"
+    loader = DiskToDeviceLoader(io, b.engine, DiskLoadConfig(group_blocks=16), pin_memory=pin)
     loader.start()
     raw, ours = [], []
     ok = True
@@ -332,12 +336,14 @@ def disk_to_device(b: Bench, n: int, threads: int, root: Path) -> tuple[float, f
         for _ in range(3):
             raw.append(raw_direct_read(paths, size, threads))
             t0 = time.perf_counter()
-            failed = loader.load(b.dev, hashes, dids).wait(300)
+            handle = loader.load(b.dev, hashes, dids)
+            handle.wait(300)
             b.sync()
             ours.append(time.perf_counter() - t0)
-            ok = ok and not failed
+            ok = ok and not handle.failed
     finally:
         loader.close()
+        io.close()
     ok = ok and b.check_dev(dids, ref_rows.to(b.dev.device))
     for p in paths:
         p.unlink()

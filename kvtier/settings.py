@@ -20,10 +20,10 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
-from kvtier.config import physical_memory_bytes
+from kvtier.config import blocks_in, require_count
 
 __all__ = [
     "KNOBS",
@@ -173,19 +173,28 @@ def _parse_bias(text: object) -> float:
 
 @dataclass(frozen=True)
 class Knob:
-    """One knob: the settings field it fills and its three spellings.
+    """One knob: the settings field it fills and its three spellings (the field's name as the
+    extra-config key, ``KVTIER_<FIELD>``, and Dynamo's name where it has one).
 
     ``dynamo_inverted``: the Dynamo variable means the opposite (``DYN_KVBM_DISABLE_...=1`` sets
     the kvtier knob to False).
     """
 
     field: str
-    extra_key: str
-    env: str
     parse: Callable[[object], Any]
     doc: str
     dynamo_env: str | None = None
     dynamo_inverted: bool = False
+
+    @property
+    def extra_key(self) -> str:
+        """Its ``kv_connector_extra_config`` key: the field's name."""
+        return self.field
+
+    @property
+    def env(self) -> str:
+        """Its environment variable: ``KVTIER_`` and the field's name in capitals."""
+        return "KVTIER_" + self.field.upper()
 
 
 @dataclass(frozen=True)
@@ -231,89 +240,76 @@ class KvTierSettings:
             )
 
     def host_blocks(self, block_bytes: int) -> int:
-        """G2 capacity in blocks: the block count if given, else the GB size (decimal GB).
-
-        SettingsError when G2 would be larger than this machine's memory: G2 is allocated (and
-        on GPU hosts pinned) at start, so that size can only fail, and late, in the allocator."""
-        blocks = _blocks(self.cpu_cache_blocks, self.cpu_cache_gb, block_bytes, "cpu_cache")
-        ram = physical_memory_bytes()
-        if ram is not None and blocks * block_bytes > ram:
-            given = (
-                f"cpu_cache_blocks={self.cpu_cache_blocks}"
-                if self.cpu_cache_blocks is not None
-                else f"cpu_cache_gb={self.cpu_cache_gb:g}"
-            )
-            raise SettingsError(
-                f"{given} asks for a G2 host cache of {blocks * block_bytes / 1e9:.3g} GB, more "
-                f"than this machine's memory ({ram / 1e9:.3g} GB); lower cpu_cache_gb "
-                "(KVTIER_CPU_CACHE_GB / DYN_KVBM_CPU_CACHE_GB) or cpu_cache_blocks"
-            )
-        return blocks
+        """G2 capacity in blocks: the block count if given, else the GB size (decimal GB)."""
+        return _blocks(self.cpu_cache_blocks, self.cpu_cache_gb, block_bytes, "cpu_cache")
 
     def disk_blocks(self, block_bytes: int) -> int:
         """G3 capacity in blocks: the block count if given, else the GB size (decimal GB)."""
         return _blocks(self.disk_cache_blocks, self.disk_cache_gb, block_bytes, "disk_cache")
 
+    def knob_error(self, field: str, problem: str) -> ValueError:
+        """``problem`` with the ``KvTierConfig`` field ``field`` as a ``SettingsError`` that names
+        the knob which set it, as given (a size: its block count, else its GB knob); a plain
+        ``ValueError`` when no knob sets that field (a fact read from vLLM)."""
+        size = _SIZE_KNOBS.get(field)
+        name = field
+        if size is not None:
+            name = f"{size}_blocks" if getattr(self, f"{size}_blocks") is not None else f"{size}_gb"
+        knob = next((k for k in KNOBS if k.field == name), None)
+        if knob is None:
+            return ValueError(problem)
+        names = " / ".join(n for n in (knob.extra_key, knob.env, knob.dynamo_env) if n)
+        verb = "asks for" if size is not None else "is refused:"
+        return SettingsError(f"{name}={getattr(self, name)!r} {verb} {problem}; change {names}")
+
+
+_SIZE_KNOBS = {"host_blocks": "cpu_cache", "disk_blocks": "disk_cache"}
+"""The ``KvTierConfig`` sizes and the knob pair (``*_blocks`` over ``*_gb``) that sets each."""
+
 
 def _blocks(count: int | None, gigabytes: float, block_bytes: int, knob: str) -> int:
-    if block_bytes <= 0:
-        raise ValueError(f"block_bytes must be > 0, got {block_bytes}")
+    require_count("block_bytes", block_bytes, low=1)
     if count is not None:
         return count
-    nbytes = gigabytes * 1e9
-    if not math.isfinite(nbytes):
-        raise SettingsError(
-            f"{knob}_gb={gigabytes:g} is too large to be a cache size (it overflows); give a "
-            f"size in decimal GB, e.g. {knob}_gb=4"
-        )
-    return int(nbytes) // block_bytes
+    try:
+        return blocks_in(gigabytes, block_bytes)
+    except ValueError as exc:
+        raise SettingsError(f"{knob}_gb={gigabytes:g}: {exc}") from None
 
 
 KNOBS: tuple[Knob, ...] = (
     Knob(
         "cpu_cache_gb",
-        "cpu_cache_gb",
-        "KVTIER_CPU_CACHE_GB",
         _parse_gb,
         "G2 host cache size in decimal GB (0 = no host tier).",
         "DYN_KVBM_CPU_CACHE_GB",
     ),
     Knob(
         "cpu_cache_blocks",
-        "cpu_cache_blocks",
-        "KVTIER_CPU_CACHE_BLOCKS",
         _parse_count,
         "G2 host cache size in blocks; overrides cpu_cache_gb.",
         "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS",
     ),
     Knob(
         "disk_cache_gb",
-        "disk_cache_gb",
-        "KVTIER_DISK_CACHE_GB",
         _parse_gb,
         "G3 disk cache size in decimal GB (0 = no disk tier).",
         "DYN_KVBM_DISK_CACHE_GB",
     ),
     Knob(
         "disk_cache_blocks",
-        "disk_cache_blocks",
-        "KVTIER_DISK_CACHE_BLOCKS",
         _parse_count,
         "G3 disk cache size in blocks; overrides disk_cache_gb.",
         "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS",
     ),
     Knob(
         "disk_dir",
-        "disk_dir",
-        "KVTIER_DISK_DIR",
         _parse_dir,
         "Directory of the G3 disk cache (created if missing; reused across restarts).",
         "DYN_KVBM_DISK_CACHE_DIR",
     ),
     Knob(
         "disk_o_direct",
-        "disk_o_direct",
-        "KVTIER_DISK_O_DIRECT",
         _parse_bool,
         "Read and write G3 block files with O_DIRECT where the filesystem allows it.",
         "DYN_KVBM_DISK_DISABLE_O_DIRECT",
@@ -321,8 +317,6 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "disk_filter",
-        "disk_filter",
-        "KVTIER_DISK_FILTER",
         _parse_bool,
         "Copy a block from G2 to G3 only once it has been seen twice (frequency filter; "
         "protects SSD lifetime). False writes every G2 block through to G3.",
@@ -331,24 +325,18 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "layerwise_onboard",
-        "layerwise_onboard",
-        "KVTIER_LAYERWISE_ONBOARD",
         _parse_bool,
         "Onboard inside the forward pass, layer by layer (layer i's attention waits only for "
         "layer i). False: onboard asynchronously before the request is scheduled.",
     ),
     Knob(
         "load_failure_policy",
-        "load_failure_policy",
-        "KVTIER_LOAD_FAILURE_POLICY",
         _parse_policy,
         "What vLLM does with a block kvtier failed to load: 'recompute' (default; a cache miss "
         "is never fatal) or 'fail' the request. Sets vLLM's kv_load_failure_policy.",
     ),
     Knob(
         "cross_layer_blocks",
-        "cross_layer_blocks",
-        "KVTIER_CROSS_LAYER_BLOCKS",
         _parse_bool,
         "Ask vLLM (0.26, GPU) for one KV tensor whose blocks span every layer "
         "(prefer_cross_layer_blocks): one DMA per block, but all layers of a load land "
@@ -356,15 +344,11 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "io_threads",
-        "io_threads",
-        "KVTIER_IO_THREADS",
         _parse_positive,
         "Threads doing G3 disk reads and writes in each worker.",
     ),
     Knob(
         "metrics",
-        "metrics",
-        "KVTIER_METRICS",
         _parse_bool,
         "Serve Prometheus metrics over HTTP from the engine-core process (where the scheduler "
         "half and its counters live).",
@@ -372,55 +356,41 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "metrics_port",
-        "metrics_port",
-        "KVTIER_METRICS_PORT",
         _parse_port,
         "TCP port of the metrics endpoint (GET /metrics); 0 picks a free port.",
         "DYN_KVBM_METRICS_PORT",
     ),
     Knob(
         "metrics_host",
-        "metrics_host",
-        "KVTIER_METRICS_HOST",
         _parse_host,
         "Address the metrics endpoint binds; the default serves this machine only, 0.0.0.0 "
         "serves every interface.",
     ),
     Knob(
         "events",
-        "events",
-        "KVTIER_EVENTS",
         _parse_bool,
         "Publish KV events (vLLM's wire format: BlockStored/BlockRemoved, medium CPU for G2 and "
         "DISK for G3) on a ZMQ PUB socket for cache-aware routers.",
     ),
     Knob(
         "events_endpoint",
-        "events_endpoint",
-        "KVTIER_EVENTS_ENDPOINT",
         _parse_zmq_endpoint,
         "ZMQ endpoint the event publisher binds (localhost only by default; tcp://*:5557 opens "
         "it to other hosts).",
     ),
     Knob(
         "events_replay_endpoint",
-        "events_replay_endpoint",
-        "KVTIER_EVENTS_REPLAY_ENDPOINT",
         _parse_zmq_endpoint,
         "Optional ZMQ ROUTER endpoint answering replay requests for missed event batches "
         "(unset: no replay).",
     ),
     Knob(
         "events_topic",
-        "events_topic",
-        "KVTIER_EVENTS_TOPIC",
         _parse_topic,
         "Topic frame of every published event batch (empty by default, as in vLLM).",
     ),
     Knob(
         "model_id",
-        "model_id",
-        "KVTIER_MODEL_ID",
         _parse_name,
         "Name of the model's KV key space in G3 (and G4), replacing the model path, revision "
         "and weights digest read from vLLM: engines given the same model_id share blocks, "
@@ -428,16 +398,12 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "disk_group",
-        "disk_group",
-        "KVTIER_DISK_GROUP",
         _parse_name,
         "Unix group that may share the G3 directory: folders 2770 and files 0660 with that "
         "group (unset: owner-only, 0700 / 0600).",
     ),
     Knob(
         "remote_url",
-        "remote_url",
-        "KVTIER_REMOTE_URL",
         _parse_remote_url,
         "G4 remote tier shared by a fleet of engines: redis://host:port/db (one Redis/Valkey "
         "server), rediss://... (TLS), redis+cluster://host:port (any node of a cluster; "
@@ -445,23 +411,17 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "remote_password",
-        "remote_password",
-        "KVTIER_REMOTE_PASSWORD",
         _parse_secret,
         "Password (AUTH) of the G4 server; overrides one in remote_url. Never logged.",
     ),
     Knob(
         "remote_ttl_s",
-        "remote_ttl_s",
-        "KVTIER_REMOTE_TTL_S",
         _parse_count,
         "Expiry of every block written to G4, in seconds (0: none; the server's maxmemory "
         "policy evicts).",
     ),
     Knob(
         "remote_timeout_ms",
-        "remote_timeout_ms",
-        "KVTIER_REMOTE_TIMEOUT_MS",
         _parse_positive,
         "Socket timeout of every G4 call, and the most one engine step waits for G4 lookups "
         "(all requests together); slower answers are misses. Consecutive failures open a "
@@ -469,16 +429,12 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "remote_max_write_queue_mb",
-        "remote_max_write_queue_mb",
-        "KVTIER_REMOTE_MAX_WRITE_QUEUE_MB",
         _parse_mb,
         "Bytes (decimal MB) of blocks waiting to be written behind to G4 in each worker; a block "
         "that does not fit, or waited longer than 5 s, is dropped and counted, never waited for.",
     ),
     Knob(
         "onboard_cost_aware",
-        "onboard_cost_aware",
-        "KVTIER_ONBOARD_COST_AWARE",
         _parse_bool,
         "Load only the part of a matched prefix that beats recomputing it, from live "
         "measurements of each tier's bandwidth, latency and queue and of the engine's prefill "
@@ -488,23 +444,11 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "onboard_cost_bias",
-        "onboard_cost_bias",
-        "KVTIER_ONBOARD_COST_BIAS",
         _parse_bias,
         "Factor on every estimated load time in that decision: > 1 leans towards recompute, "
         "< 1 towards loading.",
     ),
 )
-
-
-def _check_table() -> None:
-    names = {f.name for f in fields(KvTierSettings)}
-    for knob in KNOBS:
-        if knob.field not in names:
-            raise AssertionError(f"knob {knob.env} fills unknown settings field {knob.field!r}")
-
-
-_check_table()
 
 
 def load_settings(

@@ -50,6 +50,13 @@ class SequenceHashes:
         full = (num_tokens // bs) * bs
         if full <= self.num_tokens:
             return
+        if full - self.num_tokens == bs and self.hashes:  # decode: one block, no batch set-up
+            block = hashing.hash_block_bytes(
+                token_bytes(tokens[self.num_tokens : full]), self.salt_hash
+            )
+            self.hashes.append(chain_hash(self.hashes[-1], block, self.salt_hash))
+            self.num_tokens = full
+            return
         parent = self.hashes[-1] if self.hashes else None
         _, seqs = hash_chain(list(tokens[self.num_tokens : full]), bs, self.salt_hash, parent)
         self.hashes.extend(seqs)

@@ -84,10 +84,6 @@ class FrequencyFilter:
         """Current (decayed) count, without recording a sighting."""
         return self._decayed(self._entries.get(sequence_hash), self._epoch())
 
-    def sighting(self, sequence_hash: int) -> bool:
-        """``should_offload`` under the name the connector's telemetry tests use."""
-        return self.should_offload(sequence_hash)
-
     def should_offload(self, sequence_hash: int) -> bool:
         """Record a sighting of ``sequence_hash``; True when it is now frequent enough."""
         if not self._config.enabled:

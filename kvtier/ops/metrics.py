@@ -235,17 +235,19 @@ class KvTierMetrics:
             "Dynamo KVBM name of kvtier_hit_rate{tier='disk'}.",
             registry=reg,
         ).set_function(self._rate_of("disk"))
-        for path in PATHS:  # every series exists from the start, at zero
-            self._blocks.labels(path)
-            self._bytes.labels(path)
-            self._latency.labels(path)
+        # Every series exists from the start, at zero; the per-step setters keep the children
+        # (``labels()`` validates and locks on every call: a few us each, every step).
+        self._path_series = {
+            path: (self._blocks.labels(path), self._bytes.labels(path), self._latency.labels(path))
+            for path in PATHS
+        }
         for tier in MATCH_TIERS:
             self._matched.labels(tier)
         for tier in ERROR_TIERS:
             self._load_errors.labels(tier)
-        for tier in TIERS:
-            for state in POOL_STATES:
-                self._pool.labels(tier, state)
+        self._pool_series = {
+            tier: tuple(self._pool.labels(tier, state) for state in POOL_STATES) for tier in TIERS
+        }
 
     def _rate_of(self, tier: str) -> Callable[[], float]:
         return lambda: self._window.rate(tier)
@@ -257,9 +259,10 @@ class KvTierMetrics:
         _check_count("nbytes", nbytes)
         if not seconds >= 0:
             raise ValueError(f"seconds must be >= 0, got {seconds!r}")
-        self._blocks.labels(path).inc(blocks)
-        self._bytes.labels(path).inc(nbytes)
-        self._latency.labels(path).observe(seconds)
+        blocks_total, bytes_total, latency = self._path_series[path]
+        blocks_total.inc(blocks)
+        bytes_total.inc(nbytes)
+        latency.observe(seconds)
         self._dynamo_blocks[path].inc(blocks)
 
     def record_lookup(
@@ -316,11 +319,11 @@ class KvTierMetrics:
     def set_pool_occupancy(self, tier: str, in_use: int, inactive: int, free: int) -> None:
         """Current block counts of ``tier``'s pool."""
         _check_label("tier", tier, TIERS)
-        counts = dict(zip(POOL_STATES, (in_use, inactive, free), strict=True))
-        for state, value in counts.items():  # all checked before any is set
+        counts = (in_use, inactive, free)
+        for state, value in zip(POOL_STATES, counts, strict=True):  # all checked before any is set
             _check_count(state, value)
-        for state, value in counts.items():
-            self._pool.labels(tier, state).set(value)
+        for series, value in zip(self._pool_series[tier], counts, strict=True):
+            series.set(value)
 
     def set_pinned_bytes(self, nbytes: int) -> None:
         """Bytes of host memory currently page-locked for G2."""

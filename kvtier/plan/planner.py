@@ -16,19 +16,23 @@ can run in vLLM's scheduler process and be tested in microseconds:
   admits it (from its G2 slot when it has one, else from the GPU block);
 - restore of G3 at start-up (``kvtier.plan.restore``), reset, invariants.
 
-Every arrival and departure lands in ``registry`` (a ``TierRegistry``) as a Store/Remove event.
-The G3 files to delete (evicted, failed, corrupt on some rank, reset) accumulate until
-``take_deletes`` hands them to the next plan.
+Every arrival and departure lands in ``registry`` (a ``TierRegistry``) as a Store/Remove event,
+and every copy that landed on all workers in ``take_transfers``, timed by the in-flight records
+themselves: the connector's telemetry reads both, and keeps no copy of what is in flight. The G3
+files to delete (evicted, failed, corrupt on some rank, reset) accumulate until ``take_deletes``
+hands them to the next plan.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from kvtier.config import require_count
 from kvtier.core.filter import FrequencyFilter, FrequencyFilterConfig
 from kvtier.core.registry import TierRegistry
 from kvtier.plan.counters import SchedulerCounters
@@ -37,7 +41,7 @@ from kvtier.plan.slots import SlotIndex
 from kvtier.storage.block_file import block_file_name
 from kvtier.storage.tier_dir import regular_file_exists
 
-__all__ = ["PlannerConfig", "StoreChoice", "TierPlanner"]
+__all__ = ["PlannerConfig", "StoreChoice", "TierPlanner", "Transfer"]
 
 G2 = "G2"
 G3 = "G3"
@@ -57,11 +61,9 @@ class PlannerConfig:
     """Whether ``registry`` keeps Store/Remove events (only when someone drains them)."""
 
     def __post_init__(self) -> None:
-        for name in ("host_blocks", "disk_blocks", "num_workers"):
-            value = getattr(self, name)
-            low = 1 if name == "num_workers" else 0
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"PlannerConfig.{name} must be an int >= {low}, got {value!r}")
+        require_count("host_blocks", self.host_blocks)
+        require_count("disk_blocks", self.disk_blocks)
+        require_count("num_workers", self.num_workers, low=1)
 
 
 class StoreChoice(NamedTuple):
@@ -79,11 +81,17 @@ class StoreChoice(NamedTuple):
 _NOTHING = StoreChoice(None, False, False)
 
 
+Transfer = tuple[str, int, float]
+"""(path as the metrics name it, blocks, seconds from planning to the last report) of a copy every
+worker reported landed; a plain tuple, as one is built per block on the scheduler's hot path."""
+
+
 @dataclass
 class _Load:
     req_id: str
     host_hashes: list[int]
     disk_hashes: list[int]
+    since: float
     reports: int = 0
 
 
@@ -111,6 +119,8 @@ class TierPlanner:
         self.disk = SlotIndex(G3, config.disk_blocks, registry=self.registry)
         filter_config = FrequencyFilterConfig(enabled=config.disk_filter)
         self.filter = FrequencyFilter(filter_config, clock=clock)
+        self._clock = clock
+        self._transfers: deque[Transfer] = deque(maxlen=1 << 16)  # drained every step
         self.disk_ready = config.disk_blocks == 0
         """Whether the G3 index is known (every worker reported what it found on disk)."""
         self._from_host: set[int] = set()  # G3 writes in flight that pin their G2 slot
@@ -164,7 +174,7 @@ class TierPlanner:
             self.disk.pin(h)
         job_id = self._next_job
         self._next_job += 1
-        self._loads[job_id] = _Load(req_id, host_hashes, disk_hashes)
+        self._loads[job_id] = _Load(req_id, host_hashes, disk_hashes, self._clock())
         self.counters.host_hit_blocks += len(host_hashes)
         self.counters.disk_hit_blocks += len(disk_hashes)
         self.counters.onboard_h2d += len(host_hashes)
@@ -185,6 +195,8 @@ class TierPlanner:
             self.host.unpin(h)
         for h in load.disk_hashes:
             self.disk.unpin(h)
+        self._landed("host_to_device", len(load.host_hashes), load.since)
+        self._landed("disk_to_device", len(load.disk_hashes), load.since)
         return load.req_id
 
     def reserve_copy(self, h: int, parent: int | None) -> int:
@@ -205,13 +217,13 @@ class TierPlanner:
                 self.host.touch(h)
                 source = self.host.slot_of(h)
             else:
-                host_slot = source = self._reserve(self.host, h, parent)
+                host_slot = source = self._reserve(self.host, h, parent, timed=True)
                 if host_slot is not None:
                     self.counters.offload_d2h += 1
         in_host = source is not None
         if not self.config.disk_blocks or h in self.disk or not self.filter.should_offload(h):
             return StoreChoice(host_slot, in_host, False) if in_host else _NOTHING
-        if self._reserve(self.disk, h, parent) is None:
+        if self._reserve(self.disk, h, parent, timed=True) is None:
             return StoreChoice(host_slot, in_host, False)
         if source is None:
             self.counters.offload_d2d += 1
@@ -225,13 +237,18 @@ class TierPlanner:
     def store_reported(self, tier: str, h: int, *, ok: bool) -> None:
         """One worker's outcome of a G2 store or G3 write; commit or abort once all reported."""
         index = self.host if tier == G2 else self.disk
+        since = index.planned_at(h)  # read first: a commit drops the pending record
         landed = index.report(h, ok=ok, needed=self.config.num_workers)
         if landed is None:
             return
-        if tier == G3 and h in self._from_host:
+        from_host = tier == G3 and h in self._from_host
+        if from_host:
             self._from_host.discard(h)
             self.host.unpin(h)
         if landed:
+            if since is not None:
+                path = "host_to_disk" if from_host else "device_to_disk"
+                self._landed("device_to_host" if tier == G2 else path, 1, since)
             return
         # A G3 write planned from a failed G2 slot is failed by the worker too, dropping its pin.
         self.counters.store_failures += 1
@@ -246,10 +263,13 @@ class TierPlanner:
             # shards of it are deleted too, not orphaned.
             self._deletes.append(h)
 
-    def _reserve(self, index: SlotIndex, h: int, parent: int | None) -> int | None:
+    def _reserve(
+        self, index: SlotIndex, h: int, parent: int | None, *, timed: bool = False
+    ) -> int | None:
         """A pending slot for ``h`` in ``index`` (evicting if needed; evicted G3 blocks' files
-        are deleted), or None when every slot is pending or pinned."""
-        got = index.reserve(h, parent)
+        are deleted), or None when every slot is pending or pinned. ``timed``: a copy the
+        metrics time (a store from the GPU or G2; not a G4 fetch or an adopted file)."""
+        got = index.reserve(h, parent, self._clock() if timed else None)
         if got is None:
             return None
         slot, evicted = got
@@ -297,6 +317,17 @@ class TierPlanner:
         self._restore = _Restore()
 
     # -- whole state ----------------------------------------------------------------------
+
+    def _landed(self, path: str, blocks: int, since: float) -> None:
+        if blocks:
+            self._transfers.append((path, blocks, self._clock() - since))
+
+    def take_transfers(self) -> list[Transfer]:
+        """Copies landed since the last call, oldest first (at most 65536 kept: drain every
+        step)."""
+        out = list(self._transfers)
+        self._transfers.clear()
+        return out
 
     def take_deletes(self) -> list[int]:
         """G3 files to delete, for the next plan (the list is handed over and restarted)."""

@@ -34,6 +34,7 @@ class _Pending:
     failed: bool = False  # aborted (kept only while copies planned from it still hold pins)
     reports: int = 0  # workers that reported the store (``report``)
     any_failed: bool = False  # a worker reported it failed
+    since: float | None = None  # when the copy was planned (None: not timed)
 
 
 @dataclass
@@ -99,8 +100,11 @@ class SlotIndex:
             for handle in self.pool.match([seq_hash]):
                 self.pool.release(handle)
 
-    def reserve(self, seq_hash: int, parent: int | None = None) -> tuple[int, list[int]] | None:
+    def reserve(
+        self, seq_hash: int, parent: int | None = None, since: float | None = None
+    ) -> tuple[int, list[int]] | None:
         """Take a slot for a new block (pending, pinned once by its store); evicts if needed.
+        ``since``: when its copy was planned (read back by ``planned_at``, for copy timings).
 
         Returns ``(slot, evicted_hashes)``, or None when every slot is pending or in use.
         """
@@ -121,9 +125,14 @@ class SlotIndex:
         blocks = self.pool.allocate(1)
         if blocks is None:  # cannot happen after a successful evict; kept as a guard
             return None
-        self._pending[seq_hash] = _Pending(blocks[0], parent)
+        self._pending[seq_hash] = _Pending(blocks[0], parent, since=since)
         self.in_flight += 1
         return blocks[0].block_id, evicted
+
+    def planned_at(self, seq_hash: int) -> float | None:
+        """The ``since`` a pending block was reserved with (None if not pending or untimed)."""
+        p = self._pending.get(seq_hash)
+        return p.since if p is not None else None
 
     def report(self, seq_hash: int, *, ok: bool, needed: int) -> bool | None:
         """Count one worker's outcome of a pending store; once ``needed`` workers reported,

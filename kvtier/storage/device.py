@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from kvtier.storage.layout import KvLayout, LayoutKind, byte_view
@@ -43,6 +44,33 @@ class DeviceStorage:
                     views.append(flat.view(nb, lbb))
             self.device = tensors[layout.layer_names[0]].device
         self._views = views
+        self._numpy: list[np.ndarray] | None = None
+        self._bytes: list[memoryview] | None = None
+
+    def numpy_layers(self) -> list[np.ndarray]:
+        """CPU only: numpy views of ``layer_bytes(i)`` for every layer, ``[num_blocks, ...]``
+        (outer-first layers with their block axis swapped first). Built once: a per-copy
+        ``.numpy()`` of every layer cost more than a decode step's memcpy."""
+        if self._numpy is None:
+            if self.device.type != "cpu":
+                raise ValueError(f"numpy views of {self.device} storage")
+            outer_first = self.layout.kind is LayoutKind.OUTER_FIRST
+            self._numpy = [
+                v.numpy().swapaxes(0, 1) if outer_first else v.numpy() for v in self._views
+            ]
+        return self._numpy
+
+    def byte_layers(self) -> list[memoryview] | None:
+        """CPU only: each layer's bytes as one flat memoryview (block ``b`` at
+        ``b * layer_block_bytes``), or None unless every layer is one dense block-major region.
+        A memoryview slice copy is ~2x cheaper than a numpy one for a single (block, layer)."""
+        if self._bytes is None:
+            views = self.numpy_layers()
+            dense = self.layout.kind is not LayoutKind.OUTER_FIRST and all(
+                v.flags.c_contiguous for v in views
+            )
+            self._bytes = [v.data.cast("B") for v in views] if dense else []
+        return self._bytes or None
 
     @classmethod
     def wrap(

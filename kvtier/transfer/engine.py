@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from kvtier.storage.device import DeviceStorage
@@ -432,10 +433,37 @@ def _copy_batch_cpu(
     shape = (host.num_blocks, nl, outer, -1) if outer_first else (host.num_blocks, nl, -1)
     rows = host.rows.numpy().reshape(shape)
     spans = runs(device_ids, host_ids)
+    views = device.numpy_layers()  # outer-first: [nb, outer, inner], a strided view
+    flat = device.byte_layers()
+    if flat is not None and len(device_ids) <= 8 and host.rows.is_contiguous():
+        # A few blocks (a decode step's): one memoryview slice copy per (layer, block).
+        hmv = host.rows.numpy().data.cast("B")
+        lbb, rb = layout.layer_block_bytes, host.block_bytes
+        pairs = list(zip(device_ids, host_ids, strict=True))
+        for layer in range(nl):
+            src, off = flat[layer], layer * lbb
+            for d, h in pairs:
+                ho, do = h * rb + off, d * lbb
+                if to_host:
+                    hmv[ho : ho + lbb] = src[do : do + lbb]
+                else:
+                    src[do : do + lbb] = hmv[ho : ho + lbb]
+            if future is not None:
+                future.complete_layer(layer)
+        return
+    if len(spans) > 2:  # scattered ids (decode): one indexed copy per layer, not one per run
+        didx = np.asarray(device_ids, dtype=np.intp)
+        hidx = np.asarray(host_ids, dtype=np.intp)
+        for layer in range(nl):
+            if to_host:
+                rows[hidx, layer] = views[layer][didx]
+            else:
+                views[layer][didx] = rows[hidx, layer]
+            if future is not None:
+                future.complete_layer(layer)
+        return
     for layer in range(nl):
-        view = device.layer_bytes(layer).numpy()
-        if outer_first:  # [outer, nb, inner] -> [nb, outer, inner], a strided view
-            view = view.swapaxes(0, 1)
+        view = views[layer]
         for d, h, k in spans:
             if to_host:
                 rows[h : h + k, layer] = view[d : d + k]

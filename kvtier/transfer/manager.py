@@ -8,9 +8,9 @@ bound allows, and returns the batches whose data finished, for the caller (``KvB
 apply to the pools. A failed batch carries a ``TransferError`` naming its blocks.
 
 Paths: device->host and host->device go to the ``CopyEngine``; host->disk to ``DiskIo``;
-disk->device reads into host staging rows and then copies them to the device (chained on the I/O
-threads, so layer-wise waits never depend on anyone polling); device->disk copies to staging rows,
-then writes them (chained in ``poll``).
+disk->device to the ``DiskToDeviceLoader`` (its own thread, so layer-wise waits never depend on
+anyone polling); device->disk copies to staging rows (``stage_blocks``), then writes them (chained
+in ``poll``).
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from functools import partial
 
 from kvtier.storage.block_file import BlockHeader
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskBlockError
 from kvtier.storage.host import HostStorage
 from kvtier.transfer.disk_io import DiskIo
+from kvtier.transfer.disk_load import DiskLoadConfig, DiskLoadHandle, DiskToDeviceLoader
+from kvtier.transfer.disk_store import stage_blocks
 from kvtier.transfer.engine import CopyEngine, CopyFuture, CopyHandle
 
 __all__ = ["TransferError", "TransferHandle", "TransferManager", "TransferPath"]
@@ -88,52 +89,6 @@ class _Request:
     parents: tuple[int | None, ...]
     priorities: tuple[int, ...]
     gate: object | None
-
-
-class _ChainedHandle:
-    """Data progress of a disk->device batch: disk reads into staging rows, and copies of the
-    rows read so far to the device, issued in chunks while later reads are still running.
-
-    Copies are appended (from I/O threads, under the run's lock) before ``reads_done`` is set, so
-    a waiter that sees the reads done sees the final list of copies.
-    """
-
-    def __init__(self, num_layers: int) -> None:
-        self._num_layers = num_layers
-        self.reads_done = threading.Event()
-        self.copies: list[CopyHandle] = []
-        self.copy_error: BaseException | None = None
-
-    @property
-    def num_layers(self) -> int:
-        return self._num_layers
-
-    @property
-    def error(self) -> BaseException | None:
-        for c in self.copies:
-            if c.error is not None:
-                return c.error
-        return self.copy_error
-
-    def done(self) -> bool:
-        return self.reads_done.is_set() and all(c.done() for c in self.copies)
-
-    def wait(self, timeout: float | None = None) -> BaseException | None:
-        if not self.reads_done.wait(timeout):
-            raise TimeoutError(f"disk reads not finished after {timeout} s")
-        for c in self.copies:
-            c.wait(timeout)
-        return self.error
-
-    def layer_done(self, layer: int) -> bool:
-        return self.reads_done.is_set() and all(c.layer_done(layer) for c in self.copies)
-
-    def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
-        if not self.reads_done.wait(timeout):
-            raise TimeoutError(f"disk reads not finished after {timeout} s")
-        if not self.copies:
-            return False
-        return all([c.wait_layer(layer, timeout) for c in self.copies])
 
 
 class TransferHandle:
@@ -226,7 +181,6 @@ class TransferHandle:
 @dataclass
 class _Running:
     handle: TransferHandle
-    staging_rows: list[int] = field(default_factory=list)
     staging: HostStorage | None = None
     writes: list[Future[BlockHeader | None]] = field(default_factory=list)
     stage1: CopyHandle | None = None  # device -> staging copy of a device->disk batch
@@ -240,8 +194,8 @@ class TransferManager:
     """Queues, starts and completes batches; see the module docstring.
 
     ``device``/``host``/``disk_io`` may be None when a tier is absent (a path using it is then
-    refused at submit). ``staging_blocks`` host rows (pinned when ``pin_staging``) bounce
-    disk <-> device batches; a larger batch gets a temporary buffer once staging is idle.
+    refused at submit). ``staging_blocks`` host rows (loader slots; pinned when ``pin_staging``)
+    bounce disk->device loads; device->disk batches stage into rows of their own.
     """
 
     def __init__(
@@ -269,18 +223,20 @@ class TransferManager:
         self._queues: dict[TransferPath, deque[TransferHandle]] = {p: deque() for p in TransferPath}
         self._running: list[_Running] = []
         self._inflight_blocks = 0
-        self._staging: HostStorage | None = None
-        self._staging_free: list[int] = []
+        self._loader: DiskToDeviceLoader | None = None
         self._closed = False
 
     def start(self) -> None:
-        """Allocate the staging rows (when there is a disk tier)."""
-        if self.disk_io is not None and self._staging is None:
-            self._staging = HostStorage(
-                self.staging_blocks, self.block_bytes, pin_memory=self.pin_staging
+        """Start the disk->device loader (when there are a disk tier and a device)."""
+        if self.disk_io is not None and self.device is not None and self._loader is None:
+            # ``staging_blocks`` rows as slots of the loader's default size at most (the last
+            # slot's copy is not hidden behind reads); more slots keep more reads queued.
+            group = min(DiskLoadConfig().group_blocks, max(1, self.staging_blocks // 2))
+            cfg = DiskLoadConfig(group, slots=max(2, self.staging_blocks // group))
+            self._loader = DiskToDeviceLoader(
+                self.disk_io, self.engine, cfg, pin_memory=self.pin_staging
             )
-            self._staging.allocate()
-            self._staging_free = list(range(self.staging_blocks - 1, -1, -1))
+            self._loader.start()
 
     @property
     def inflight_blocks(self) -> int:
@@ -368,20 +324,7 @@ class TransferManager:
                 n = queue[0].num_blocks
                 if self._inflight_blocks and self._inflight_blocks + n > self.max_inflight_blocks:
                     return
-                staged = path in (TransferPath.DISK_TO_DEVICE, TransferPath.DEVICE_TO_DISK)
-                rows: list[int] = []
-                staging = self._staging
-                if staged and n:
-                    if n <= len(self._staging_free):
-                        rows = [self._staging_free.pop() for _ in range(n)]
-                    elif n > self.staging_blocks and len(self._staging_free) == self.staging_blocks:
-                        staging = HostStorage(n, self.block_bytes, pin_memory=self.pin_staging)
-                        staging.allocate()
-                        rows = list(range(n))
-                    else:
-                        break  # wait for staging rows
-                handle = queue.popleft()
-                run = _Running(handle, rows, staging)
+                run = _Running(queue.popleft())
                 self._inflight_blocks += n
                 self._start(run)
                 self._running.append(run)
@@ -414,13 +357,14 @@ class TransferManager:
                 assert self.host is not None
                 self._start_writes(run, self.host, list(req.src_ids))
             elif req.path is TransferPath.DEVICE_TO_DISK:
-                assert self.device is not None and run.staging is not None
-                run.stage1 = self.engine.device_to_host(
-                    self.device, run.staging, req.src_ids, run.staging_rows, req.gate
+                assert self.device is not None
+                run.staging, run.stage1 = stage_blocks(
+                    self.engine, self.device, req.src_ids, req.gate, pin_memory=self.pin_staging
                 )
                 h._attach(_Stage1Pending(self.num_layers))
             else:
-                self._start_disk_to_device(run)
+                assert self._loader is not None and self.device is not None
+                h._attach(self._loader.load(self.device, req.hashes, req.dst_ids, req.gate))
         except Exception as exc:
             failed = CopyFuture(self.num_layers)
             failed.fail(exc)
@@ -452,50 +396,6 @@ class TransferManager:
         for f in futures:
             f.add_done_callback(one_done)
 
-    def _start_disk_to_device(self, run: _Running) -> None:
-        assert self.disk_io is not None and self.device is not None and run.staging is not None
-        req = run.handle.request
-        staging = run.staging
-        chained = _ChainedHandle(self.num_layers)
-        rows = run.staging_rows
-        n = len(rows)
-        chunk = max(4, n // 8)
-        ready: list[int] = []
-        remaining = [n]
-        engine, device = self.engine, self.device
-
-        def one_done(i: int, f: Future[BlockHeader | None]) -> None:
-            with run.lock:  # copies are issued in order, and all before reads_done is set
-                remaining[0] -= 1
-                if f.exception() is None:
-                    ready.append(i)
-                last = remaining[0] == 0
-                if ready and (last or len(ready) >= chunk):
-                    batch = sorted(ready)
-                    ready.clear()
-                    try:
-                        chained.copies.append(
-                            engine.host_to_device(
-                                staging,
-                                device,
-                                [rows[j] for j in batch],
-                                [req.dst_ids[j] for j in batch],
-                                req.gate,
-                            )
-                        )
-                    except Exception as exc:  # reported through the handle
-                        chained.copy_error = exc
-                if last:
-                    chained.reads_done.set()
-
-        # Read first: reads refused here fail the batch in ``_start`` (nothing attached yet), where
-        # an attached chain would wait forever for reads that never started.
-        futures = self.disk_io.read(req.hashes, [staging.rows[r] for r in rows])
-        run.writes = futures
-        run.handle._attach(chained)
-        for i, f in enumerate(futures):
-            f.add_done_callback(partial(one_done, i))
-
     def _advance(self, run: _Running) -> bool:
         """True when the batch's data is final (moved or failed)."""
         h = run.handle
@@ -507,7 +407,7 @@ class TransferManager:
             if err is None:
                 assert run.staging is not None
                 try:
-                    self._start_writes(run, run.staging, run.staging_rows)
+                    self._start_writes(run, run.staging, list(range(h.num_blocks)))
                     return False
                 except Exception as exc:
                     err = exc
@@ -524,9 +424,17 @@ class TransferManager:
     def _finish(self, run: _Running) -> None:
         h = run.handle
         req = h.request
-        if not run.failed and h._data is not None and h._data.error is not None and not run.writes:
+        data = h._data
+        if isinstance(data, DiskLoadHandle):  # per block: what did not land, which files were bad
+            index = {d: i for i, d in enumerate(req.dst_ids)}
+            for d, why in data.failed.items():
+                run.failed.append(index[d])
+                run.messages.append(why)
+                if data.bad_files.get(d):
+                    run.corrupt.append(index[d])
+        elif not run.failed and data is not None and data.error is not None and not run.writes:
             run.failed = list(range(h.num_blocks))
-            run.messages.append(str(h._data.error))
+            run.messages.append(str(data.error))
         for i, f in enumerate(run.writes):
             exc = f.exception()
             if exc is not None:
@@ -534,14 +442,6 @@ class TransferManager:
                 run.messages.append(str(exc))
                 if isinstance(exc, DiskBlockError) and exc.corrupt:
                     run.corrupt.append(i)
-        if (
-            req.path is TransferPath.DISK_TO_DEVICE
-            and isinstance(h._data, _ChainedHandle)
-            and h._data.error is not None
-        ):
-            ok = set(range(h.num_blocks)) - set(run.failed)
-            run.failed.extend(sorted(ok))
-            run.messages.append(str(h._data.error))
         error = None
         if run.failed:
             failed = sorted(set(run.failed))
@@ -553,8 +453,6 @@ class TransferManager:
                 dev_ids,
                 [req.hashes[i] for i in sorted(set(run.corrupt))],
             )
-        if run.staging is self._staging:
-            self._staging_free.extend(run.staging_rows)
         self._inflight_blocks -= h.num_blocks
         h._settle(error)
 
@@ -583,6 +481,9 @@ class TransferManager:
             settled.extend(self.poll())
             if self._running:
                 time.sleep(0.001)
+        if not self._running and self._loader is not None:  # its loads are all settled
+            self._loader.close()
+            self._loader = None
         return settled
 
 

@@ -19,7 +19,6 @@ Knobs: ``kvtier.settings`` (extra-config keys, ``KVTIER_*`` and Dynamo ``DYN_KVB
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,13 +34,12 @@ try:  # vLLM >= 0.32; 0.26 has no cache hit sources (and never asks for them)
 except ImportError:  # pragma: no cover - exercised on the GPU build (vLLM 0.26)
     CacheHitSource = None  # type: ignore[assignment,misc]
 
-from kvtier.config import ModelConfig
-from kvtier.core.onboard_cost import OnboardCostConfig
+from kvtier.config import KvTierConfig, ModelConfig
 from kvtier.settings import KvTierSettings, load_settings
 from kvtier.storage.identity import ModelIdentity
 from kvtier.vllm.metadata import StepPlan, WorkerReport
 from kvtier.vllm.onboard import OnboardAdvisor
-from kvtier.vllm.remote_plan import RemotePlanner, remote_config_from
+from kvtier.vllm.remote_plan import RemotePlanner
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
 from kvtier.vllm.telemetry import ConnectorTelemetry
 
@@ -106,16 +104,6 @@ def model_config_from(kv_cache_config: KVCacheConfig) -> ModelConfig:
     return model
 
 
-def _on_cuda(vllm_config: Any) -> bool:
-    """Whether the workers run on CUDA GPUs (then they use ``kvtier.vllm.gpu_path``)."""
-    return str(getattr(vllm_config.device_config, "device_type", "")) == "cuda"
-
-
-def _async_scheduling(vllm_config: Any) -> bool:
-    """Whether vLLM schedules a step ahead (then a failed in-pass load cannot be taken back)."""
-    return bool(getattr(vllm_config.scheduler_config, "async_scheduling", False))
-
-
 def _backend_name(vllm_config: Any, kv_caches: dict[str, torch.Tensor]) -> str:
     """The attention backend of the first KV layer, for error messages ("" when unknown)."""
     try:
@@ -138,10 +126,26 @@ class KvTierConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.settings: KvTierSettings = load_settings(extra)
-        self.model = model_config_from(kv_cache_config)
         world = vllm_config.parallel_config.world_size
-        self.host_blocks = self.settings.host_blocks(self.model.block_bytes)
-        self.disk_blocks = self.settings.disk_blocks(self.model.block_bytes)
+        rank, identity = 0, None
+        if role != KVConnectorRole.SCHEDULER:
+            if world > 1:
+                from vllm.distributed.parallel_state import get_world_group
+
+                rank = get_world_group().rank_in_group
+            identity = ModelIdentity.from_vllm_config(  # G3 and G4 never serve another model
+                vllm_config, tp_rank=rank, tp_size=world, model_id=self.settings.model_id
+            )
+        self.config = cfg = KvTierConfig.from_settings(
+            self.settings,
+            model_config_from(kv_cache_config),
+            num_workers=world,
+            rank=rank,
+            on_cuda=str(getattr(vllm_config.device_config, "device_type", "")) == "cuda",
+            async_scheduling=bool(getattr(vllm_config.scheduler_config, "async_scheduling", False)),
+            model_identity=identity,
+        )
+        self.model = cfg.model
         self.scheduler: KvTierScheduler | None = None
         self.worker: KvTierWorker | None = None
         self.telemetry: ConnectorTelemetry | None = None
@@ -151,67 +155,28 @@ class KvTierConnector(KVConnectorBase_V1):
                 self.settings.load_failure_policy  # type: ignore[assignment]
             )
             # G4: the scheduler half's batched lookups (kvtier.vllm.remote_plan), when configured.
-            remote_cfg = remote_config_from(self.settings)
             remote = None
-            if remote_cfg is not None:
-                remote = RemotePlanner(remote_cfg, num_workers=world).start()
+            if cfg.remote is not None:
+                remote = RemotePlanner(cfg.remote, num_workers=cfg.num_workers).start()
             self.scheduler = KvTierScheduler(
-                SchedulerConfig(
-                    block_size=self.model.block_size,
-                    host_blocks=self.host_blocks,
-                    disk_blocks=self.disk_blocks,
-                    disk_filter=self.settings.disk_filter,
-                    layerwise_onboard=self.settings.layerwise_onboard,
-                    num_workers=world,
-                    # CUDA workers store asynchronously and pin G2 in chunks (kvtier.vllm.gpu_path)
-                    async_store_reads=_on_cuda(vllm_config),
-                    pinned_host_rows=_on_cuda(vllm_config),
-                    layerwise_disk=not _async_scheduling(vllm_config),
-                ),
+                SchedulerConfig.from_config(cfg, record_events=self.settings.events),
                 remote=remote,
                 # Cost-aware onboarding (kvtier.vllm.onboard): always measuring, so per-request
                 # overrides work; deciding only when the knob is on.
-                onboard=OnboardAdvisor(
-                    OnboardCostConfig(
-                        block_bytes=self.model.block_bytes, bias=self.settings.onboard_cost_bias
-                    ),
-                    enabled=self.settings.onboard_cost_aware,
-                ),
+                onboard=OnboardAdvisor(cfg.onboard_cost, enabled=cfg.onboard_cost_aware),
             )
             # Metrics and KV events live with the scheduler half (engine-core process), up as
-            # soon as the engine is, fed with every plan and worker report (kvtier.vllm.telemetry).
+            # soon as the engine is, reading the planner each step (kvtier.vllm.telemetry).
             self.telemetry = ConnectorTelemetry(
                 self.settings,
-                block_size=self.model.block_size,
+                self.scheduler,
                 block_bytes=self.model.block_bytes,
-                num_workers=world,
                 data_parallel_rank=vllm_config.parallel_config.data_parallel_rank,
             ).start()
         else:
             from kvtier.vllm.worker import KvTierWorker, WorkerConfig
 
-            rank = 0
-            disk_dir = self.settings.disk_dir
-            if world > 1:
-                from vllm.distributed.parallel_state import get_world_group
-
-                rank = get_world_group().rank_in_group
-                if disk_dir is not None:
-                    disk_dir = os.path.join(disk_dir, f"rank{rank}")
-            self.worker = KvTierWorker(
-                WorkerConfig(
-                    rank=rank,
-                    host_blocks=self.host_blocks,
-                    disk_blocks=self.disk_blocks,
-                    disk_dir=disk_dir,
-                    disk_o_direct=self.settings.disk_o_direct,
-                    io_threads=self.settings.io_threads,
-                    model_identity=ModelIdentity.from_vllm_config(  # G3 never serves another
-                        vllm_config, tp_rank=rank, tp_size=world, model_id=self.settings.model_id
-                    ),
-                    disk_group=self.settings.disk_group,
-                )
-            )
+            self.worker = KvTierWorker(WorkerConfig.from_config(cfg))
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
@@ -247,11 +212,10 @@ class KvTierConnector(KVConnectorBase_V1):
 
     def _attach_remote(self) -> None:
         """G4 (kvtier.vllm.remote_exec), keyed by the layout, when configured."""
-        remote_cfg = remote_config_from(self.settings)
-        if remote_cfg is not None and self.worker is not None:
+        if self.config.remote is not None and self.worker is not None:
             from kvtier.vllm.remote_exec import attach_remote
 
-            attach_remote(self.worker, remote_cfg, self.settings, self._vllm_config)
+            attach_remote(self.worker, self.config)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
@@ -344,17 +308,13 @@ class KvTierConnector(KVConnectorBase_V1):
             (r.req_id, r.block_ids[0] if r.block_ids else [], r.num_computed_tokens)
             for r in scheduler_output.scheduled_new_reqs
         ]
-        cached_rows: list[tuple[str, list[int] | None, int, bool]] = []
-        for i, rid in enumerate(cached.req_ids):
-            ids = cached.new_block_ids[i]
-            cached_rows.append(
-                (
-                    rid,
-                    ids[0] if ids else None,
-                    cached.num_computed_tokens[i],
-                    rid in cached.resumed_req_ids,
-                )
+        resumed = cached.resumed_req_ids
+        cached_rows = [
+            (rid, ids[0] if ids else None, computed, rid in resumed)
+            for rid, ids, computed in zip(
+                cached.req_ids, cached.new_block_ids, cached.num_computed_tokens, strict=True
             )
+        ]
         # The blocks' tokens (for KV events) stay in this process: the plan goes to every worker.
         tel = self.telemetry
         tokens: dict[int, tuple[int, ...]] | None = {} if tel and tel.wants_tokens else None
@@ -380,7 +340,7 @@ class KvTierConnector(KVConnectorBase_V1):
             if self.telemetry is not None:
                 self.telemetry.on_onboard(sched.onboard)
         if self.telemetry is not None:
-            self.telemetry.on_reports(reports, sched)
+            self.telemetry.on_reports(reports)
         if connector_output.finished_sending:
             sched.finished_sending(connector_output.finished_sending)
 

@@ -14,10 +14,11 @@ Ordering (every rule is a GPU-side event wait unless said otherwise):
 - A step's stores: ``wait_for_save`` records an event on the model's stream after the forward
   pass; the device->host copy waits on it on its own stream, and ``wait_for_save`` returns at
   once. Their G3 writes are queued (``poll``) only once the copy landed, in step order.
-- Reuse of a stored GPU block: the next step's forward pass (``gate_forward``, called from
-  ``start_load_kv``) and every load (the ``gate`` of the host->device copies) wait for the last
-  store's *gather* (``released_event``), so neither a preempted request's freed blocks nor a
-  load into them can overwrite a block before it was read. A finished request's blocks are also
+- Reuse of a stored GPU block: the next step's forward pass (``gate_forward``, called when the
+  step's plan is bound: before the pass in every vLLM version) and every load (the ``gate`` of
+  the host->device copies) wait for the last store's *gather* (``released_event``), so neither a
+  preempted request's freed blocks nor a load into them can overwrite a block before it was
+  read. A finished request's blocks are also
   held by vLLM (delayed free) until ``released_through`` covers its stores.
 - Loads run on the engine's highest-priority streams; a layer-wise load's layer ``l`` is waited
   for with ``stream_wait_layer`` (GPU side). G3 loads go through the ``DiskToDeviceLoader``'s
@@ -33,15 +34,14 @@ from dataclasses import dataclass, field
 import torch
 
 from kvtier.storage.device import DeviceStorage
-from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.pinned import ChunkedPinner
 from kvtier.transfer.cuda.config import CudaCopyConfig
-from kvtier.transfer.cuda.disk import DiskLoadHandle, DiskToDeviceLoader
 from kvtier.transfer.cuda.engine import CudaCopyEngine
 from kvtier.transfer.cuda.events import new_event
 from kvtier.transfer.cuda.handle import CudaCopyHandle
 from kvtier.transfer.cuda.plan import triton_available
+from kvtier.transfer.disk_load import DiskLoadHandle, DiskToDeviceLoader
 from kvtier.transfer.engine import CopyHandle
 from kvtier.vllm.metadata import DiskWrite, StepPlan, WorkerReport
 
@@ -99,7 +99,6 @@ class GpuDataPath:
         self.engine = CudaCopyEngine(STORE_COPY, device=device.device)
         self.layer_engine = CudaCopyEngine(LAYERWISE_LOAD, device=device.device)
         self.pinner: ChunkedPinner | None = None
-        self.loader: DiskToDeviceLoader | None = None
         self.runs: list[StoreRun] = []
         self._last_d2h: CudaCopyHandle | None = None
         self._reported_pinned = -1
@@ -107,7 +106,7 @@ class GpuDataPath:
         self.released_through = -1
         """Every store planned up to this step has read its GPU blocks."""
 
-    def start(self, disk: DiskStorage | None) -> None:
+    def start(self) -> None:
         self.engine.start()
         if self.host is not None:
             self.pinner = ChunkedPinner(self.host.rows)
@@ -116,17 +115,11 @@ class GpuDataPath:
             if self.layer_engine.config.mode == "kernel" and triton_available():
                 self.layer_engine.start()
                 self.layer_engine.attach_pinner(self.host, self.pinner)
-        if disk is not None:
-            self.loader = DiskToDeviceLoader(disk, self.engine)
-            self.loader.start()
 
     def close(self) -> None:
         for run in self.runs:
             for h in run.handles():
                 h.wait()
-        if self.loader is not None:
-            self.loader.close()
-            self.loader = None
         self.engine.close()
         self.layer_engine.close()
         if self.pinner is not None:
@@ -161,10 +154,12 @@ class GpuDataPath:
             )
         )
 
-    def load_disk(self, hashes: list[int], gpu_blocks: list[int]) -> DiskLoadHandle:
-        if self.loader is None:
-            raise RuntimeError("kvtier: a G3 load was planned but this worker has no G3")
-        return self.loader.load(self.device, hashes, gpu_blocks, gate=self._pending_release())
+    def load_disk(
+        self, loader: DiskToDeviceLoader, hashes: list[int], gpu_blocks: list[int]
+    ) -> DiskLoadHandle:
+        """G3 -> GPU through the worker's ``loader`` (on this path's engine), behind the last
+        store's gather."""
+        return loader.load(self.device, hashes, gpu_blocks, gate=self._pending_release())
 
     # -- stores -------------------------------------------------------------------------------
 

@@ -60,9 +60,9 @@ class StoreBatch:
     """Copy GPU blocks into G2 slots after this step's forward pass wrote them.
 
     ``parents[i]`` is the parent sequence hash of ``hashes[i]`` (None for a request's first
-    block; empty when not known, else as long as ``hashes``). The workers ignore it; one int per
-    block rides along so the scheduler-side telemetry can publish ``BlockStored`` events that
-    chain, as vLLM's do. The blocks' tokens deliberately do not ride along: they would cost a
+    block; empty when not known, else as long as ``hashes``). The workers ignore it; the scheduler
+    half's G4 write planning reads it (telemetry's parents come from the planner's registry).
+    The blocks' tokens deliberately do not ride along: they would cost a
     block's worth of ints per block, pickled to every worker every step, for nothing a worker
     uses; the scheduler half hands them to the telemetry in its own process instead.
     """

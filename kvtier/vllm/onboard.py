@@ -220,14 +220,18 @@ class OnboardAdvisor:
 
     def step_planned(self, rows: Iterable[tuple[str, int, int]]) -> None:
         """A step goes to the workers: (req_id, computed tokens, scheduled tokens) per request."""
+        rows = rows if isinstance(rows, list) else list(rows)
         tokens = 0
         pairs = 0.0
+        for _, computed, scheduled in rows:  # every request, every step: the sums only
+            if scheduled > 0:
+                tokens += scheduled
+                pairs += scheduled * (computed + scheduled / 2.0)
         completing: list[str] = []
-        for rid, computed, scheduled in rows:
-            if scheduled <= 0:
+        watched = self._prompt_end.keys() | self._decided.keys()  # prefills: usually few
+        for rid, computed, scheduled in rows if watched else ():
+            if scheduled <= 0 or rid not in watched:
                 continue
-            tokens += scheduled
-            pairs += scheduled * (computed + scheduled / 2.0)
             end = self._prompt_end.get(rid)
             if end is not None:
                 self.model.prefill_pending(rid, computed + scheduled, end)

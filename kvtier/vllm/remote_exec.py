@@ -25,16 +25,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kvtier.config import KvTierConfig
 from kvtier.lifecycle import Lifecycle
-from kvtier.settings import KvTierSettings
 from kvtier.storage.block_file import HEADER_SIZE, BlockFileError
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
-from kvtier.storage.identity import ModelIdentity
 from kvtier.storage.remote import RemoteConfig, RemoteError, RemoteStore
 from kvtier.storage.remote_block import decode_block, remote_key, remote_namespace
 from kvtier.storage.write_behind import WriteBehindQueue
@@ -266,25 +265,22 @@ class RemoteExecutor(Lifecycle):
         return None if report.is_empty else report
 
 
-def attach_remote(
-    worker: KvTierWorker, config: RemoteConfig, settings: KvTierSettings, vllm_config: Any
-) -> RemoteExecutor:
+def attach_remote(worker: KvTierWorker, config: KvTierConfig) -> RemoteExecutor:
     """Start a G4 executor for a worker whose KV tensors are registered, and attach it (its
     namespace: this model's identity, the detected layout's fingerprint, this rank)."""
     layout = worker.layout
     if layout is None:
         raise RuntimeError("kvtier: G4 needs the worker's KV layout (register_kv_caches first)")
-    world = int(vllm_config.parallel_config.world_size)
-    ident = worker.config.model_identity or ModelIdentity.from_vllm_config(
-        vllm_config, tp_rank=worker.config.rank, tp_size=world, model_id=settings.model_id
-    )
-    identity = ident.namespace(layout.fingerprint)
+    if config.remote is None:
+        raise ValueError("kvtier: attach_remote needs a configuration with a G4 tier (remote)")
+    ident = config.model_identity  # None: keyed by the layout alone, as G3 is
+    identity = ident.namespace(layout.fingerprint) if ident else layout.fingerprint
     executor = RemoteExecutor(
-        config,
-        remote_namespace(identity, layout.fingerprint, worker.config.rank, world),
+        config.remote,
+        remote_namespace(identity, layout.fingerprint, config.rank, config.num_workers),
         layout.fingerprint,
         layout.block_bytes,
-        max_write_queue_bytes=int(settings.remote_max_write_queue_mb * 1e6),
+        max_write_queue_bytes=config.remote_write_queue_bytes,
     ).start()
     worker.remote = executor
     return executor

@@ -28,7 +28,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from kvtier.lifecycle import Lifecycle
-from kvtier.settings import KvTierSettings
 from kvtier.storage.breaker import BreakerState
 from kvtier.storage.remote import RemoteConfig, RemoteError, RemoteStore
 from kvtier.storage.remote_block import remote_key
@@ -39,7 +38,6 @@ __all__ = [
     "RemotePlanner",
     "RemoteReport",
     "RemoteWrites",
-    "remote_config_from",
 ]
 
 logger = logging.getLogger(__name__)
@@ -319,15 +317,3 @@ def _bounded_add(table: OrderedDict[int, None], h: int) -> None:
     table.move_to_end(h)
     while len(table) > KNOWN_MAX:
         table.popitem(last=False)
-
-
-def remote_config_from(settings: KvTierSettings) -> RemoteConfig | None:
-    """The G4 client configuration of the connector's knobs, or None when G4 is off."""
-    if settings.remote_url is None:
-        return None
-    return RemoteConfig(
-        url=settings.remote_url,
-        password=settings.remote_password,
-        ttl_s=settings.remote_ttl_s,
-        timeout_ms=settings.remote_timeout_ms,
-    )

@@ -25,10 +25,11 @@ Rules it keeps:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kvtier.config import KvTierConfig, require_count
 from kvtier.hashing import salt_hash
 from kvtier.plan.counters import SchedulerCounters
 from kvtier.plan.planner import G2, G3, PlannerConfig, TierPlanner
@@ -78,12 +79,30 @@ class SchedulerConfig:
     pinned_host_rows: bool = False
     """True when workers pin G2 in chunks after start-up (CUDA): G2 slots are handed out only
     below the smallest pinned-row count every worker has reported (``WorkerReport``)."""
+    record_events: bool = False
+    """Keep the planner's Store/Remove events for the telemetry's KV events (events on)."""
 
     def __post_init__(self) -> None:
-        bs = self.block_size
-        if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0:
-            raise ValueError(f"SchedulerConfig.block_size must be a positive int, got {bs!r}")
+        require_count("block_size", self.block_size, low=1)
         self.planner()  # validates the tier sizes and the worker count
+
+    @classmethod
+    def from_config(cls, config: KvTierConfig, *, record_events: bool = False) -> SchedulerConfig:
+        """The scheduler half's share of the one configuration root. CUDA workers store
+        asynchronously and pin G2 in chunks (``kvtier.vllm.gpu_path``); with asynchronous
+        scheduling G3 loads run before the forward pass. ``record_events``: KV events are on."""
+        return cls(
+            block_size=config.model.block_size,
+            host_blocks=config.host_blocks,
+            disk_blocks=config.disk_blocks,
+            disk_filter=config.disk_filter,
+            layerwise_onboard=config.layerwise_onboard,
+            num_workers=config.num_workers,
+            async_store_reads=config.device != "cpu",
+            pinned_host_rows=config.device != "cpu",
+            layerwise_disk=not config.async_scheduling,
+            record_events=record_events,
+        )
 
     def planner(self) -> PlannerConfig:
         """The planner's share of this configuration."""
@@ -93,6 +112,7 @@ class SchedulerConfig:
             disk_filter=self.disk_filter,
             num_workers=self.num_workers,
             pinned_host_rows=self.pinned_host_rows,
+            record_events=self.record_events,
         )
 
 
@@ -117,6 +137,17 @@ def _lora_name(request: RequestLike) -> str | None:
         return None
     name = getattr(lora, "lora_name", None)
     return str(name) if name is not None else None
+
+
+def _rows(
+    new_reqs: Iterable[tuple[str, Sequence[int], int]],
+    cached_reqs: Iterable[tuple[str, Sequence[int] | None, int, bool]],
+) -> Iterator[tuple[str, Sequence[int] | None, int, bool, bool]]:
+    """Both kinds of scheduled request as (req_id, block_ids, computed, resumed, new)."""
+    for req_id, block_ids, computed in new_reqs:
+        yield req_id, block_ids, computed, False, True
+    for req_id, new_ids, computed, resumed in cached_reqs:
+        yield req_id, new_ids, computed, resumed, False
 
 
 class KvTierScheduler:
@@ -266,31 +297,35 @@ class KvTierScheduler:
         """
         step = self._step
         self._step += 1
-        touched: list[tuple[_Req, int, int]] = []
-        for req_id, block_ids, computed in new_reqs:
-            st = self._reqs.get(req_id)
-            if st is None:
-                continue
-            st.block_ids = list(block_ids)
-            touched.append((st, computed, computed + num_scheduled_tokens.get(req_id, 0)))
-        for req_id, new_ids, computed, resumed in cached_reqs:
-            st = self._reqs.get(req_id)
-            if st is None:
-                continue
-            if resumed:
-                self.counters.resumed_requests += 1
-                st.block_ids = list(new_ids or ())
-            elif new_ids:
-                st.block_ids.extend(new_ids)
-            touched.append((st, computed, computed + num_scheduled_tokens.get(req_id, 0)))
-        if self.onboard is not None:  # times this step for the prefill cost model
-            self.onboard.step_planned((st.request.request_id, c, d - c) for st, c, d in touched)
+        bs = self.config.block_size
+        reqs = self._reqs
+        rows: list[tuple[str, int, int]] | None = [] if self.onboard is not None else None
         stores = StoreBatch()
         writes: list[DiskWrite] = []
-        for st, computed, done_tokens in touched:
+        # One pass, O(1) per request unless it completes a block: a decode step touches every
+        # running request, and only ~2 of 32 fill a block.
+        for req_id, block_ids, computed, resumed, new in _rows(new_reqs, cached_reqs):
+            st = reqs.get(req_id)
+            if st is None:
+                continue
+            if new:
+                st.block_ids = list(block_ids or ())
+            elif resumed:
+                self.counters.resumed_requests += 1
+                st.block_ids = list(block_ids or ())
+            elif block_ids:
+                st.block_ids.extend(block_ids)
+            done = computed + num_scheduled_tokens.get(req_id, 0)
+            if rows is not None:
+                rows.append((req_id, computed, done - computed))
             # Blocks vLLM recomputes (a failed load, a preempted request) are stored again.
-            st.next_store = min(st.next_store, computed // self.config.block_size)
-            self._plan_stores(st, done_tokens, step, stores, writes, block_tokens)
+            first = computed // bs
+            if first < st.next_store:
+                st.next_store = first
+            if done // bs > st.next_store and len(st.block_ids) > st.next_store:
+                self._plan_stores(st, done, step, stores, writes, block_tokens)
+        if rows is not None and self.onboard is not None:  # times this step for the cost model
+            self.onboard.step_planned(rows)
         remote_writes = None
         if self.remote is not None:
             remote_writes = self.remote.plan_writes(

@@ -1,31 +1,35 @@
-"""Metrics and KV events of the vLLM connector, fed from the plans and reports it already has.
+"""Metrics and KV events of the vLLM connector, read from the planner and the workers' reports.
 
-Why here, and why from plans and reports: in vLLM's multi-process engine the workers may live in
-other processes than the scheduler, and the scheduler half (in the engine-core process) is the
-one place that sees everything: every copy it plans (``StepPlan``) and every completion the
-workers report (``WorkerReport``). So the metrics server and the event publisher run there, next
-to the scheduler half, and take their figures from those two plain-data messages; nothing extra
-crosses a process boundary. The same design holds for one worker or many (tensor parallel): a
-copy counts once all workers reported it.
+Why here: in vLLM's multi-process engine the workers may live in other processes than the
+scheduler, and the scheduler half (in the engine-core process) is the one place that sees
+everything: it plans every copy and applies every report. So the metrics server and the event
+publisher run there, beside the scheduler half, and read what it already keeps; nothing extra
+crosses a process boundary, and nothing here keeps its own copy of what the tiers hold. The same
+holds for one worker or many (tensor parallel): a copy counts once all workers reported it.
 
-What is derived:
+What is read, each step:
 
-- blocks, bytes and latency per path: a copy counts when the last worker reports it; its latency
-  is from the step that planned it to that report (what the engine waits, queueing included);
-- lookups and matched tokens per tier: from the scheduler half's counters (deltas per step),
-  counted once per request vLLM schedules (``SchedulerCounters.query_tokens``), as vLLM counts
-  its ``external_prefix_cache_queries/hits``, so ``kvtier_hit_rate`` and vLLM's external hit
-  rate agree; load errors per tier (the workers say which tier failed);
+- the planner's ``TierRegistry`` events (kept only while KV events are on: ``record_events``),
+  the one record of what G2 and G3 hold: ``BlockStored`` when a block lands in G2 (blocks of a
+  chain landing together are one event, as vLLM batches a request's blocks) or G3 (one event
+  per block; the G3 index restored at start-up in the order the workers listed it), with the
+  parent hash the planner recorded; ``BlockRemoved`` when a block leaves (G2 eviction, G3
+  eviction, a G3 block read back corrupt); a cache reset is one ``AllBlocksCleared``;
+- the planner's landed copies (``TierPlanner.take_transfers``): blocks, bytes and latency per
+  path, from the step that planned a copy to the report that completed it (what the engine
+  waits, queueing included);
+- the scheduler half's counters (deltas per step): lookups and matched tokens per tier, counted
+  once per request vLLM schedules (``SchedulerCounters.query_tokens``), as vLLM counts its
+  ``external_prefix_cache_queries/hits``, so ``kvtier_hit_rate`` and vLLM's external hit rate
+  agree; load errors per tier (the workers say which tier failed); filter rejections;
 - occupancy per tier (in use = pinned by a copy in flight, inactive = held and not pinned,
   free), sizes every step, the pinned count at most once per ``occupancy_interval_s`` (it is
-  zero whenever nothing is in flight);
-- events: ``BlockStored`` when a G2 store or G3 write lands (with its parent hash, which the plan
-  carries, and its tokens, which the scheduler half hands over with the plan but never puts in
-  it: the plan is pickled to every worker, the tokens are needed only here; they are held by
-  sequence hash from :meth:`ConnectorTelemetry.on_plan` until the copy lands or fails, and only
-  while events are on; a G2 chain landing together is one event); ``BlockRemoved`` when a G2
-  slot is reused for another block (eviction), a G3 block is deleted, or a G3 block read back
-  corrupt.
+  zero whenever nothing is in flight).
+
+The one thing held here: the tokens of blocks whose copy is in flight, by tier and sequence hash,
+only while events are on, until the copy lands (its ``BlockStored`` carries them) or fails. The
+registry keeps hashes only, and the plan deliberately carries no tokens (it is pickled to every
+worker every step); the request that had them may be gone by the time the copy lands.
 
 No torch (this runs in the scheduler half).
 """
@@ -34,15 +38,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
 from kvtier.core.onboard_cost import TIERS
-from kvtier.core.registry import StoreEvent
+from kvtier.core.registry import RemoveEvent, StoreEvent, TierEvent
 from kvtier.lifecycle import Lifecycle
 from kvtier.ops.events import (
     MEDIUM_DISK,
-    MEDIUM_HOST,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -52,103 +53,55 @@ from kvtier.ops.events import (
     events_from_tier_events,
 )
 from kvtier.ops.metrics import ONBOARD_TIERS, KvTierMetrics, MetricsConfig, MetricsServer
+from kvtier.plan.planner import G2, G3
 from kvtier.settings import KvTierSettings
 from kvtier.vllm.metadata import StepPlan, WorkerReport
 from kvtier.vllm.onboard import OnboardAdvisor
 from kvtier.vllm.remote_telemetry import RemoteTelemetry
-
-
-class _Counters(Protocol):
-    query_tokens: int
-    query_host_tokens: int
-    query_disk_tokens: int
-    host_load_failures: int
-    disk_load_failures: int
-
-
-class _Index(Protocol):
-    num_slots: int
-
-    def __len__(self) -> int: ...
-
-    @property
-    def num_pinned(self) -> int: ...
-
-
-class _Filter(Protocol):
-    rejections: int
-
-
-class SchedulerView(Protocol):
-    """What telemetry reads from the scheduler half (``KvTierScheduler`` has all of it)."""
-
-    @property
-    def counters(self) -> _Counters: ...
-
-    @property
-    def host(self) -> _Index: ...
-
-    @property
-    def disk(self) -> _Index: ...
-
-    @property
-    def filter(self) -> _Filter: ...
-
-    def has_pending_work(self) -> bool: ...
-
-
-@dataclass
-class _Pending:
-    started: float
-    reports: int = 0
-    failed: bool = False
-    host_blocks: int = 0
-    disk_blocks: int = 0
-    parent: int | None = None
-    tokens: tuple[int, ...] = ()
-    from_host: bool = False
+from kvtier.vllm.scheduler import KvTierScheduler
 
 
 class ConnectorTelemetry(Lifecycle):
-    """Metrics server + event publisher of one connector (scheduler role).
+    """Metrics server + event publisher of one connector's scheduler half.
 
     ``metrics`` always counts (cheap); it is served only when ``settings.metrics`` is on, and
-    events are published only when ``settings.events`` is on. Constructing it does nothing;
+    events are published only when ``settings.events`` is on (then the scheduler's planner must
+    keep its registry events: ``SchedulerConfig.record_events``). Constructing it does nothing;
     :meth:`start` binds the ports.
     """
 
     def __init__(
         self,
         settings: KvTierSettings,
+        scheduler: KvTierScheduler,
         *,
-        block_size: int,
         block_bytes: int,
-        num_workers: int = 1,
         data_parallel_rank: int = 0,
         occupancy_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if settings.events and not scheduler.planner.config.record_events:
+            raise ValueError("KV events need SchedulerConfig.record_events=True")
         self.metrics = KvTierMetrics(clock=clock)
         self._settings = settings
-        self._block_size = block_size
+        self._sched = scheduler
+        self._block_size = scheduler.config.block_size
         self._block_bytes = block_bytes
-        self._workers = num_workers
+        self._workers = scheduler.config.num_workers
         self._dp_rank = data_parallel_rank
         self._interval = occupancy_interval_s
         self._clock = clock
         self.server: MetricsServer | None = None
         self.publisher: KvEventPublisher | None = None
-        self._loads: dict[int, _Pending] = {}
-        self._host: dict[int, _Pending] = {}
-        self._disk: dict[int, _Pending] = {}
-        self._host_slot_hash: dict[int, int] = {}
-        self._host_announced: set[int] = set()
-        self._disk_announced: set[int] = set()
+        self._tokens: dict[str, dict[int, tuple[int, ...]]] = {G2: {}, G3: {}}
         self._last: tuple[int, int, int, int, int, int] = (0, 0, 0, 0, 0, 0)
         self._last_occupancy = float("-inf")
         self._pinned = {"host": 0, "disk": 0}
         self._onboard_seen: dict[str, tuple[int, int]] = {}  # tier -> (loaded, skipped) counted
-        self._remote = RemoteTelemetry(block_size)  # G4: kvtier_remote_* and REMOTE events
+        self._onboard_beliefs: dict[str, tuple[float, float, int]] = {}  # tier -> last set
+        self._onboard_prefill: float | None = None
+        self._occupancy: dict[str, tuple[int, int, int]] = {}  # tier -> last set
+        self._remote = RemoteTelemetry(self._block_size)  # G4: kvtier_remote_* and REMOTE events
 
     def start(self) -> ConnectorTelemetry:
         """Serve metrics and open the event socket, as the settings ask."""
@@ -188,107 +141,50 @@ class ConnectorTelemetry(Lifecycle):
 
     @property
     def held_token_blocks(self) -> int:
-        """Blocks whose tokens are held for a ``BlockStored`` event, until their copy lands or
-        fails (zero once every planned store has been reported)."""
-        return sum(1 for t in (self._host, self._disk) for p in t.values() if p.tokens)
+        """Planned copies whose block tokens are held for a ``BlockStored`` event, until the copy
+        lands or fails (zero once every planned store has been reported)."""
+        return sum(len(t) for t in self._tokens.values())
 
     def on_plan(
         self, plan: StepPlan, block_tokens: Mapping[int, tuple[int, ...]] | None = None
     ) -> None:
-        """Note the copies one step plans (call with every plan sent to the workers).
+        """Publish what planning this step evicted; hold the tokens of the blocks it stores.
 
-        ``block_tokens``: the tokens of the blocks it stores, by sequence hash (what
-        ``KvTierScheduler.build_step_plan`` fills in); held until each copy lands or fails.
+        ``block_tokens``: those tokens by sequence hash (what ``KvTierScheduler.build_step_plan``
+        fills in when asked), held per tier until each copy lands or fails.
         """
-        now = self._clock()
-        tokens_of = block_tokens if block_tokens is not None else {}
-        events: list[KvEvent] = []
-        for job in plan.loads:
-            self._loads[job.job_id] = _Pending(
-                now, host_blocks=len(job.host_slots), disk_blocks=len(job.disk_hashes)
-            )
-        evicted: list[int] = []
-        stores = plan.stores
-        for i, (slot, h) in enumerate(zip(stores.host_slots, stores.hashes, strict=True)):
-            old = self._host_slot_hash.get(slot)
-            if old is not None and old != h and old in self._host_announced:
-                self._host_announced.discard(old)
-                evicted.append(old)
-            self._host_slot_hash[slot] = h
-            parent = stores.parents[i] if stores.parents else None
-            self._host[h] = _Pending(now, parent=parent, tokens=tokens_of.get(h, ()))
-        if evicted:
-            events.append(BlockRemoved(tuple(evicted), MEDIUM_HOST))
-        for w in plan.disk_writes:
-            self._disk[w.seq_hash] = _Pending(
-                now,
-                parent=w.parent_hash,
-                tokens=tokens_of.get(w.seq_hash, ()),
-                from_host=w.host_slot >= 0,
-            )
-        gone = [h for h in plan.disk_deletes if h in self._disk_announced]
-        if gone:
-            self._disk_announced.difference_update(gone)
-            events.append(BlockRemoved(tuple(gone), MEDIUM_DISK))
-        self._publish(events)
+        if block_tokens:
+            for tier, hashes in (
+                (G2, plan.stores.hashes),
+                (G3, [w.seq_hash for w in plan.disk_writes]),
+            ):
+                held = self._tokens[tier]
+                for h in hashes:
+                    got = block_tokens.get(h)
+                    if got:
+                        held[h] = got
+        self._publish(self._wire(self._sched.planner.registry.drain_events(), ()))
 
-    def on_reports(self, reports: Sequence[WorkerReport], scheduler: SchedulerView) -> None:
-        """Count what the workers finished, then refresh the scheduler-derived figures."""
-        now = self._clock()
-        events: list[KvEvent] = []
-        stored_host: list[StoreEvent] = []
-        host_tokens: dict[int, tuple[int, ...]] = {}
+    def on_reports(self, reports: Sequence[WorkerReport]) -> None:
+        """After the scheduler half applied this step's reports: publish what landed and left,
+        count the copies that completed, refresh the scheduler-derived figures."""
+        sched = self._sched
+        planner = sched.planner
+        restored: list[int] = []
         for r in reports:
-            for job_id in r.loads_done:
-                p = self._landed(self._loads, job_id)
-                if p is not None:
-                    if p.host_blocks:
-                        self._transfer("host_to_device", p.host_blocks, now - p.started)
-                    if p.disk_blocks:
-                        self._transfer("disk_to_device", p.disk_blocks, now - p.started)
-            for h in r.host_stored:
-                p = self._landed(self._host, h)
-                if p is not None and not p.failed:
-                    self._transfer("device_to_host", 1, now - p.started)
-                    self._host_announced.add(h)
-                    stored_host.append(StoreEvent(len(stored_host), "G2", h, p.parent))
-                    host_tokens[h] = p.tokens
-            for h in r.host_store_failed:
-                self._fail(self._host, h)
-            for h in r.disk_stored:
-                p = self._landed(self._disk, h)
-                if p is not None and not p.failed:
-                    path = "host_to_disk" if p.from_host else "device_to_disk"
-                    self._transfer(path, 1, now - p.started)
-                    self._disk_announced.add(h)
-                    tokens = p.tokens if len(p.tokens) == self._block_size else ()
-                    events.append(
-                        BlockStored((h,), p.parent, tokens, self._block_size, MEDIUM_DISK)
-                    )
-            for h in r.disk_store_failed:
-                self._fail(self._disk, h)
-            bad = [h for h in r.disk_bad if h in self._disk_announced]
-            if bad:
-                self._disk_announced.difference_update(bad)
-                events.append(BlockRemoved(tuple(bad), MEDIUM_DISK))
-            if r.restored:
-                parent_of = dict(zip(r.restored, r.restored_parents, strict=False))
-                fresh = [h for h in r.restored if h not in self._disk_announced]
-                self._disk_announced.update(fresh)
-                events.extend(
-                    BlockStored((h,), parent_of.get(h), (), self._block_size, MEDIUM_DISK)
-                    for h in fresh
-                )
-        if stored_host:
-            # Chains of blocks (each one's parent the previous one's hash) become one event whose
-            # parent is the first block's parent, as vLLM batches a request's blocks.
-            events[:0] = events_from_tier_events(stored_host, self._block_size, host_tokens.get)
+            restored.extend(r.restored or ())
+            for tier, failed in ((G2, r.host_store_failed), (G3, r.disk_store_failed)):
+                for h in failed:
+                    self._tokens[tier].pop(h, None)
+        events = self._wire(planner.registry.drain_events(), restored)
         events.extend(self._remote.events(reports))
         self._publish(events)
-        self._observe(scheduler, now)
-        planner = getattr(scheduler, "remote", None)
-        if planner is not None:
-            self._remote.observe(planner, self.metrics)
+        for path, blocks, seconds in planner.take_transfers():
+            nbytes = blocks * self._block_bytes * self._workers
+            self.metrics.record_transfer(path, blocks, nbytes, max(0.0, seconds))
+        self._observe(self._clock())
+        if sched.remote is not None:
+            self._remote.observe(sched.remote, self.metrics)
 
     def on_onboard(self, advisor: OnboardAdvisor) -> None:
         """Cost-aware onboarding's tokens loaded / skipped, estimates next to measurements and
@@ -303,44 +199,64 @@ class ConnectorTelemetry(Lifecycle):
                     label, loaded - seen_loaded, skipped - seen_skipped
                 )
                 self._onboard_seen[tier] = (loaded, skipped)
-            self.metrics.set_onboard_model(
-                label, m.tier_bandwidth(tier), m.tier_latency(tier), m.queued_bytes[tier]
-            )
+            belief = (m.tier_bandwidth(tier), m.tier_latency(tier), m.queued_bytes[tier])
+            if belief != self._onboard_beliefs.get(tier):  # set when it changes, not every step
+                self._onboard_beliefs[tier] = belief
+                self.metrics.set_onboard_model(label, *belief)
         for e in advisor.take_estimates():
             self.metrics.record_onboard_estimate(e.kind, e.estimated, e.measured)
-        self.metrics.set_onboard_prefill(m.prefill_seconds(0, 1))
+        prefill = m.prefill_seconds(0, 1)
+        if prefill != self._onboard_prefill:
+            self._onboard_prefill = prefill
+            self.metrics.set_onboard_prefill(prefill)
 
     def on_reset(self) -> None:
-        """kvtier's tiers were emptied (``KvTierScheduler.reset``): one ``AllBlocksCleared``."""
-        self._host_announced.clear()
-        self._disk_announced.clear()
-        self._host_slot_hash.clear()
+        """kvtier's tiers were emptied (``KvTierScheduler.reset``): one ``AllBlocksCleared``
+        instead of a removal per block."""
+        self._sched.planner.registry.drain_events()
         self._publish([AllBlocksCleared()])
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _landed(self, table: dict[int, _Pending], key: int) -> _Pending | None:
-        """Count one worker's report; return the entry once every worker reported it."""
-        p = table.get(key)
-        if p is None:
-            return None
-        p.reports += 1
-        if p.reports < self._workers:
-            return None
-        del table[key]
-        return p
+    def _wire(self, events: list[TierEvent], restored: Sequence[int]) -> list[KvEvent]:
+        """Registry events as published: G2's first (a chain of stores is one ``BlockStored``),
+        then G3's (one ``BlockStored`` per block, a run of removes one ``BlockRemoved``), the
+        blocks of the G3 index restored at start-up last, in the order ``restored`` lists them.
+        A stored block's held tokens go into its event and are dropped."""
+        g2 = [e for e in events if e.tier == G2]
+        out = events_from_tier_events(g2, self._block_size, self._tokens[G2].get)
+        for e in g2:
+            if isinstance(e, StoreEvent):
+                self._tokens[G2].pop(e.sequence_hash, None)
+        pos = {h: i for i, h in enumerate(dict.fromkeys(restored))}
+        found: list[StoreEvent] = []
+        gone: list[int] = []
+        for e in events:
+            if e.tier != G3:
+                continue
+            if isinstance(e, RemoveEvent):
+                gone.append(e.sequence_hash)
+                continue
+            if e.sequence_hash in pos:
+                found.append(e)
+                continue
+            if gone:
+                out.append(BlockRemoved(tuple(gone), MEDIUM_DISK))
+                gone = []
+            out.append(self._disk_stored(e))
+        if gone:
+            out.append(BlockRemoved(tuple(gone), MEDIUM_DISK))
+        found.sort(key=lambda e: pos[e.sequence_hash])
+        out.extend(self._disk_stored(e) for e in found)
+        return out
 
-    def _fail(self, table: dict[int, _Pending], key: int) -> None:
-        p = table.get(key)
-        if p is not None:
-            p.failed = True
-            self._landed(table, key)
+    def _disk_stored(self, e: StoreEvent) -> BlockStored:
+        tokens, bs = self._tokens[G3].pop(e.sequence_hash, ()), self._block_size
+        tokens = tokens if len(tokens) == bs else ()
+        return BlockStored((e.sequence_hash,), e.parent_sequence_hash, tokens, bs, MEDIUM_DISK)
 
-    def _transfer(self, path: str, blocks: int, seconds: float) -> None:
-        nbytes = blocks * self._block_bytes * self._workers
-        self.metrics.record_transfer(path, blocks, nbytes, max(0.0, seconds))
-
-    def _observe(self, scheduler: SchedulerView, now: float) -> None:
+    def _observe(self, now: float) -> None:
+        scheduler = self._sched
         c = scheduler.counters
         cur = (
             c.query_tokens,
@@ -375,7 +291,10 @@ class ConnectorTelemetry(Lifecycle):
         for tier, index in (("host", scheduler.host), ("disk", scheduler.disk)):
             held = len(index)
             pinned = min(held, self._pinned[tier])
-            self.metrics.set_pool_occupancy(tier, pinned, held - pinned, index.num_slots - held)
+            occupancy = (pinned, held - pinned, index.num_slots - held)
+            if occupancy != self._occupancy.get(tier):
+                self._occupancy[tier] = occupancy
+                self.metrics.set_pool_occupancy(tier, *occupancy)
 
     def _publish(self, events: list[KvEvent]) -> None:
         if events and self.publisher is not None:

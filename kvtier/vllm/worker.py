@@ -3,7 +3,8 @@
 Why this exists: the worker owns the data (vLLM's KV tensors, the G2 host rows, the G3 files) but
 decides nothing; it executes each step's ``StepPlan`` with the data plane's pieces
 (``DeviceStorage``/``HostStorage`` views, the ``TorchCopyEngine``, ``DiskStorage`` on ``DiskIo``
-threads) and reports back what landed and what failed.
+threads, the ``DiskToDeviceLoader`` for G3 loads, ``stage_blocks`` for G3 writes from the GPU) and
+reports back what landed and what failed.
 
 Ordering rules (where the races hide):
 
@@ -27,14 +28,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from kvtier.config import ModelConfig
+from kvtier.config import KvTierConfig, ModelConfig, require_count, require_tiers
 from kvtier.storage.block_file import BlockHeader
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
@@ -42,12 +43,13 @@ from kvtier.storage.host import HostStorage
 from kvtier.storage.identity import ModelIdentity
 from kvtier.storage.layout import KvLayout, LayoutKind, detect_layout
 from kvtier.transfer.disk_io import DiskIo
-from kvtier.transfer.engine import CopyFuture, CopyHandle, TorchCopyEngine
+from kvtier.transfer.disk_load import DiskLoadHandle, DiskToDeviceLoader
+from kvtier.transfer.disk_store import stage_blocks
+from kvtier.transfer.engine import CopyHandle, TorchCopyEngine, check_ids, copy_batch
 from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, WorkerReport
 from kvtier.vllm.remote_exec import RemoteExecutor, RemoteFetch
 
 if TYPE_CHECKING:
-    from kvtier.transfer.cuda.disk import DiskLoadHandle
     from kvtier.vllm.gpu_path import GpuDataPath
 
 __all__ = ["KvTierWorker", "WorkerConfig"]
@@ -72,33 +74,39 @@ class WorkerConfig:
     disk_group: str | None = None
 
     def __post_init__(self) -> None:
-        if self.rank < 0 or self.host_blocks < 0 or self.disk_blocks < 0 or self.io_threads <= 0:
-            raise ValueError(f"bad WorkerConfig {self}")
-        if self.disk_blocks and not self.disk_dir:
-            raise ValueError("WorkerConfig: disk_blocks > 0 needs disk_dir")
+        require_count("rank", self.rank)
+        require_tiers(self.host_blocks, self.disk_blocks, self.disk_dir)
+        require_count("io_threads", self.io_threads, low=1)
+
+    @classmethod
+    def from_config(cls, config: KvTierConfig) -> WorkerConfig:
+        """This worker's share of the one configuration root."""
+        return cls(
+            rank=config.rank,
+            host_blocks=config.host_blocks,
+            disk_blocks=config.disk_blocks,
+            disk_dir=config.disk_dir,
+            disk_o_direct=config.disk_o_direct,
+            io_threads=config.io_threads,
+            model_identity=config.model_identity,
+            disk_group=config.disk_group,
+        )
 
 
 @dataclass
 class _LoadRun:
-    """One ``LoadJob`` in flight: its G2 part and its G3 part, each with per-layer progress."""
+    """One ``LoadJob`` in flight: its G2, G3 and G4 parts, each a handle with per-layer progress."""
 
     job: LoadJob
     host_handle: CopyHandle | None
-    disk_future: CopyFuture | None
-    failed_gpu_blocks: list[int] = field(default_factory=list)
-    bad_hashes: list[int] = field(default_factory=list)
-    disk_load: DiskLoadHandle | None = None
-    """The G3 part on CUDA (``DiskToDeviceLoader``), instead of ``disk_future``."""
-
+    disk_load: DiskLoadHandle | None = None  # the G3 part (``DiskToDeviceLoader``)
     remote: RemoteFetch | None = None  # the G4 part (kvtier.vllm.remote_exec)
 
     def _parts(self) -> tuple[CopyHandle | None, ...]:
         g4 = self.remote.future if self.remote is not None else None
-        return (self.host_handle, self.disk_future, g4)
+        return (self.host_handle, self.disk_load, g4)
 
     def done(self) -> bool:
-        if self.disk_load is not None and not self.disk_load.done():
-            return False
         return all(h is None or h.done() for h in self._parts())
 
     def wait_layer(self, layer: int) -> None:
@@ -110,33 +118,15 @@ class _LoadRun:
         """CUDA: the current stream waits for layer ``layer`` of the G2 part (no host wait); the
         G3 part is waited for on the host (disk reads end on the host)."""
         if self.disk_load is not None:
-            self.disk_land()
+            self.disk_load.wait()
         if self.host_handle is not None and self.host_handle.error is None:
             from kvtier.transfer.cuda.handle import CudaCopyHandle
 
             assert isinstance(self.host_handle, CudaCopyHandle)
             self.host_handle.stream_wait_layer(layer)
 
-    def disk_land(self) -> None:
-        """CUDA: wait (host) for the G3 part and record its failed blocks (once)."""
-        dl = self.disk_load
-        if dl is None:
-            return
-        failed = dl.wait()
-        self.disk_load = None
-        for h, d in zip(self.job.disk_hashes, self.job.disk_gpu_blocks, strict=True):
-            if d in failed:
-                self.failed_gpu_blocks.append(d)
-                self.bad_hashes.append(h)
-
     def wait(self, timeout: float | None = None) -> None:
         """Wait for every part; with a timeout, return early (unfinished) instead of raising."""
-        if self.disk_load is not None:
-            try:
-                self.disk_load.wait(timeout)
-            except TimeoutError:
-                return
-            self.disk_land()
         for h in self._parts():
             if h is not None:
                 try:
@@ -144,16 +134,26 @@ class _LoadRun:
                 except TimeoutError:
                     return
 
+    def disk_failed(self) -> list[int]:
+        """Wait (host) for the G3 part; the GPU blocks it did not load."""
+        dl = self.disk_load
+        if dl is None:
+            return []
+        dl.wait()
+        return [d for d in self.job.disk_gpu_blocks if d in dl.failed]
+
+    def bad_hashes(self) -> list[int]:
+        """G3 blocks whose file was missing or bad (call once ``done()``)."""
+        dl = self.disk_load
+        pairs = zip(self.job.disk_hashes, self.job.disk_gpu_blocks, strict=True)
+        return [] if dl is None else [h for h, d in pairs if d in dl.bad_files]
+
     def finish(self) -> tuple[list[int], list[int]]:
         """GPU blocks that did not load from (G2, G3) (call once ``done()``)."""
-        self.disk_land()
         host_failed: list[int] = []
         if self.host_handle is not None and self.host_handle.error is not None:
             host_failed = list(self.job.host_gpu_blocks)
-        disk_failed = list(self.failed_gpu_blocks)
-        if self.disk_future is not None and self.disk_future.error is not None:
-            disk_failed.extend(b for b in self.job.disk_gpu_blocks if b not in disk_failed)
-        return host_failed, disk_failed
+        return host_failed, self.disk_failed()
 
 
 class KvTierWorker:
@@ -167,11 +167,11 @@ class KvTierWorker:
         self._host: HostStorage | None = None
         self._disk: DiskStorage | None = None
         self._disk_io: DiskIo | None = None
+        self._loader: DiskToDeviceLoader | None = None
         self._engine: TorchCopyEngine | None = None
         self._gpu: GpuDataPath | None = None
         self._landing: list[_LoadRun] = []  # CUDA: layer-wise loads whose copy may still run
         self._delayed: list[tuple[int, list[str]]] = []  # CUDA: (step, delayed-free requests)
-        self._onboarder: ThreadPoolExecutor | None = None
         self._layer_index: dict[str, int] = {}
         self._plan: StepPlan | None = None
         self._sync_runs: list[_LoadRun] = []
@@ -209,7 +209,6 @@ class KvTierWorker:
         else:
             self._engine = TorchCopyEngine()
             self._engine.start()
-            self._onboarder = ThreadPoolExecutor(1, thread_name_prefix="kvtier-onboard")
         restored: list[int] = []
         parents: list[int | None] = []
         if self.config.disk_blocks:
@@ -232,8 +231,14 @@ class KvTierWorker:
             parents = [s.header.parent_hash for s in found]
             self._disk_io = DiskIo(self._disk, self.config.io_threads)
             self._disk_io.start()
+            engine = self._gpu.engine if self._gpu is not None else self._engine
+            assert engine is not None
+            self._loader = DiskToDeviceLoader(
+                self._disk_io, engine, pin_memory=self._gpu is not None
+            )
+            self._loader.start()
         if self._gpu is not None:
-            self._gpu.start(self._disk)
+            self._gpu.start()
             self._report.host_pinned_rows = self._gpu.take_pinned()
         self._report.restored = restored
         self._report.restored_parents = parents
@@ -246,9 +251,9 @@ class KvTierWorker:
             self._gpu.poll(self._report, self._queue_write, wait=True)
         if self.remote is not None:
             self.remote.close()
-        if self._onboarder is not None:
-            self._onboarder.shutdown(wait=True)
-            self._onboarder = None
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
         if self._disk_io is not None:
             self._disk_io.close()
             self._disk_io = None
@@ -265,6 +270,10 @@ class KvTierWorker:
 
     def bind(self, plan: StepPlan) -> None:
         self._plan = plan
+        if self._gpu is not None:
+            # Here, not in start_load_kv: vLLM 0.32 starts loads after launching the forward pass
+            # when none is synchronous, too late to order the pass after the last store's read.
+            self._gpu.gate_forward()
 
     def clear(self) -> None:
         self._plan = None
@@ -277,8 +286,6 @@ class KvTierWorker:
         if self._disk is not None:
             for h in plan.disk_deletes:
                 self._disk.remove(h)
-        if self._gpu is not None:
-            self._gpu.gate_forward()
         for job in plan.loads:
             run = self._start_load(job)
             (self._async_runs if job.is_async else self._sync_runs).append(run)
@@ -389,68 +396,40 @@ class KvTierWorker:
     # -- internals ----------------------------------------------------------------------------
 
     def _start_load(self, job: LoadJob) -> _LoadRun:
+        if job.host_slots and self._host is None:
+            raise RuntimeError("kvtier: a G2 load was planned but this worker has no G2")
+        if job.disk_hashes and self._loader is None:
+            raise RuntimeError("kvtier: a G3 load was planned but this worker has no G3")
+        assert self._device is not None
         if self._gpu is not None:
-            if job.host_slots and self._host is None:
-                raise RuntimeError("kvtier: a G2 load was planned but this worker has no G2")
             host = None
             if job.host_slots:
                 host = self._gpu.load_host(
                     job.host_slots, job.host_gpu_blocks, layerwise=not job.is_async
                 )
-            gpu_run = _LoadRun(job, host, None)
+            gpu_run = _LoadRun(job, host)
             if job.disk_hashes:
-                gpu_run.disk_load = self._gpu.load_disk(job.disk_hashes, job.disk_gpu_blocks)
+                assert self._loader is not None
+                gpu_run.disk_load = self._gpu.load_disk(
+                    self._loader, job.disk_hashes, job.disk_gpu_blocks
+                )
             return gpu_run
-        assert self._engine is not None and self._device is not None
+        assert self._engine is not None
         host_handle: CopyHandle | None = None
         if job.host_slots:
-            if self._host is None:
-                raise RuntimeError("kvtier: a G2 load was planned but this worker has no G2")
+            assert self._host is not None
             host_handle = self._engine.host_to_device(
                 self._host, self._device, job.host_slots, job.host_gpu_blocks
             )
-        run = _LoadRun(job, host_handle, None)
+        run = _LoadRun(job, host_handle)
         if job.remote is not None and job.remote.hashes:
             if self.remote is None:
                 raise RuntimeError("kvtier: a G4 load was planned but this worker has no G4")
             run.remote = self.remote.fetch(job.remote, self._engine, self._device, self._host)
         if job.disk_hashes:
-            run.disk_future = CopyFuture(self._device.layout.model.num_layers)
-            assert self._onboarder is not None
-            self._onboarder.submit(self._load_from_disk, run)
+            assert self._loader is not None
+            run.disk_load = self._loader.load(self._device, job.disk_hashes, job.disk_gpu_blocks)
         return run
-
-    def _load_from_disk(self, run: _LoadRun) -> None:
-        """Onboard thread: read and verify the G3 files, then copy the good ones layer by layer."""
-        fut = run.disk_future
-        assert fut is not None
-        try:
-            assert self._disk_io is not None and self._engine is not None
-            assert self._device is not None
-            job = run.job
-            staging = HostStorage(len(job.disk_hashes), self._device.layout.block_bytes)
-            staging.allocate()
-            reads = self._disk_io.read(
-                job.disk_hashes, [staging.row(i) for i in range(len(job.disk_hashes))]
-            )
-            good_rows: list[int] = []
-            good_gpu: list[int] = []
-            for i, read in enumerate(reads):
-                err = read.exception()
-                if err is None:
-                    good_rows.append(i)
-                    good_gpu.append(job.disk_gpu_blocks[i])
-                else:
-                    run.failed_gpu_blocks.append(job.disk_gpu_blocks[i])
-                    run.bad_hashes.append(job.disk_hashes[i])
-            handle = self._engine.host_to_device(staging, self._device, good_rows, good_gpu)
-            for layer in range(fut.num_layers):
-                handle.wait_layer(layer)
-                fut.complete_layer(layer)
-            if handle.error is not None:
-                fut.fail(handle.error)
-        except BaseException as exc:  # the run carries the failure to the model runner thread
-            fut.fail(exc)
 
     def _finish_load(self, run: _LoadRun) -> bool:
         """Record a finished load's outcome; True if any of its blocks failed."""
@@ -464,7 +443,7 @@ class KvTierWorker:
             self._report.host_stored.extend(run.remote.host_stored)
             self._report.host_store_failed.extend(run.remote.host_failed)
         self._report.loads_done.append(run.job.job_id)
-        self._report.disk_bad.extend(run.bad_hashes)
+        self._report.disk_bad.extend(run.bad_hashes())
         self._report.host_load_failed += len(host_failed)
         self._report.disk_load_failed += len(disk_failed)
         return bool(host_failed or disk_failed or remote_failed)
@@ -477,10 +456,13 @@ class KvTierWorker:
         if step_failed or self._host is None or self._engine is None or self._device is None:
             self._report.host_store_failed.extend(batch.hashes)
             return set(batch.hashes)
-        handle = self._engine.device_to_host(
-            self._device, self._host, batch.gpu_blocks, batch.host_slots
-        )
-        if handle.wait() is not None:
+        # In this thread: the copy is waited for here anyway, and a hand-off to the copy thread
+        # and back cost more than the memcpy of a decode step's few blocks.
+        try:
+            check_ids(self._device, self._host, batch.gpu_blocks, batch.host_slots)
+            copy_batch(True, self._device, self._host, batch.gpu_blocks, batch.host_slots)
+        except Exception as exc:
+            logger.warning("kvtier: G2 store of step %d failed: %s", plan.step, exc)
             self._report.host_store_failed.extend(batch.hashes)
             return set(batch.hashes)
         self._report.host_stored.extend(batch.hashes)
@@ -495,13 +477,8 @@ class KvTierWorker:
         gpu_ok = False
         if from_gpu and io is not None and not step_failed:
             assert self._engine is not None and self._device is not None
-            staging = HostStorage(len(from_gpu), self._device.layout.block_bytes)
-            # The copy thread runs outside vLLM's inference mode: no inference tensors there.
-            with torch.inference_mode(False):
-                staging.allocate()
-            handle = self._engine.device_to_host(
-                self._device, staging, [w.gpu_block for w in from_gpu], list(range(len(from_gpu)))
-            )
+            gpu_blocks = [w.gpu_block for w in from_gpu]
+            staging, handle = stage_blocks(self._engine, self._device, gpu_blocks)
             err = handle.wait()
             gpu_ok = err is None
             if err is not None:
@@ -537,8 +514,7 @@ class KvTierWorker:
         themselves land on the GPU's own time; stores: issued behind an event, not awaited."""
         step_failed = False
         for run in self._sync_runs:
-            run.disk_land()
-            failed = bool(run.failed_gpu_blocks) or (
+            failed = bool(run.disk_failed()) or (
                 run.host_handle is not None and run.host_handle.error is not None
             )
             if failed or run.done():

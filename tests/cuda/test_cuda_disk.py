@@ -11,7 +11,8 @@ from cuda_helpers import gpu_device, needs_cuda
 from kvtier.config import ModelConfig
 from kvtier.storage.disk import DiskStorage
 from kvtier.transfer.cuda import CudaCopyEngine
-from kvtier.transfer.cuda.disk import DiskLoadConfig, DiskToDeviceLoader
+from kvtier.transfer.disk_io import DiskIo
+from kvtier.transfer.disk_load import DiskLoadConfig, DiskToDeviceLoader
 
 pytestmark = [pytest.mark.cuda, needs_cuda]
 
@@ -34,14 +35,18 @@ def test_disk_to_device_double_buffered(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     targets = list(range(40 - n, 40))
     before = [dev.read_block(t) for t in targets]
+    io = DiskIo(disk, threads=3)
+    io.start()
     with CudaCopyEngine() as eng:
-        loader = DiskToDeviceLoader(disk, eng, DiskLoadConfig(group_blocks=4, io_threads=3))
+        loader = DiskToDeviceLoader(io, eng, DiskLoadConfig(group_blocks=4), pin_memory=True)
         loader.start()
         try:
             handle = loader.load(dev, [*hashes, 999999], [*targets, 0])
-            failed = handle.wait(30)
+            handle.wait(30)
+            failed = handle.failed
         finally:
             loader.close()
+            io.close()
     assert set(failed) == {targets[7], 0}
     assert "checksum" in failed[targets[7]]
     assert targets[7] not in handle.loaded

@@ -8,7 +8,7 @@ import pytest
 import torch
 from dataplane_helpers import LAYOUT_KINDS, MODEL, engine_tensors
 
-from kvtier.config import KvTierConfig, ModelConfig
+from kvtier.config import KvTierConfig, ModelConfig, blocks_in
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import LayoutKind, default_layout, detect_layout
@@ -141,7 +141,7 @@ def test_config_validation() -> None:
     with pytest.raises(TypeError, match="host_pinned must be a bool or None, got 1"):
         KvTierConfig(model=MODEL, host_pinned=1)  # type: ignore[arg-type]
     assert KvTierConfig(model=MODEL, host_pinned=None).host_pinned is None
-    assert KvTierConfig.blocks_for_bytes(MODEL, 0.006144) == 1000
+    assert blocks_in(0.006144, MODEL.block_bytes) == 1000
 
 
 @pytest.mark.parametrize("kind", LAYOUT_KINDS)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.config import KvTierConfig, ModelConfig, physical_memory_bytes
+from kvtier.config import KvTierConfig, ModelConfig, blocks_in, physical_memory_bytes
 from kvtier.ops.tinymodel import build_tiny_llama
 from kvtier.settings import SettingsError, load_settings
 
@@ -42,13 +42,14 @@ def test_cpu_cache_larger_than_ram_names_the_knob() -> None:
     too_big = 2 * RAM / 1e9
     settings = load_settings({"cpu_cache_gb": too_big}, {})
     with pytest.raises(SettingsError, match=r"cpu_cache_gb=.*more than this machine's memory"):
-        settings.host_blocks(MODEL.block_bytes)
+        KvTierConfig.from_settings(settings, MODEL)
     blocks = load_settings({}, {"KVTIER_CPU_CACHE_BLOCKS": str(2 * RAM // MODEL.block_bytes)})
     with pytest.raises(SettingsError, match=r"cpu_cache_blocks=\d+ asks for"):
-        blocks.host_blocks(MODEL.block_bytes)
+        KvTierConfig.from_settings(blocks, MODEL)
     # Half the machine is allowed (the check is about impossible sizes, not about policy).
     half = load_settings({"cpu_cache_gb": RAM / 2e9}, {})
     assert half.host_blocks(MODEL.block_bytes) == int(RAM / 2) // MODEL.block_bytes
+    assert KvTierConfig.from_settings(half, MODEL).host_blocks == int(RAM / 2) // MODEL.block_bytes
 
 
 def test_manager_config_refuses_a_g2_larger_than_ram() -> None:
@@ -56,7 +57,7 @@ def test_manager_config_refuses_a_g2_larger_than_ram() -> None:
     with pytest.raises(ValueError, match=r"host_blocks=\d+ .* more than this machine's memory"):
         KvTierConfig(MODEL, host_blocks=2 * RAM // MODEL.block_bytes)
     with pytest.raises(ValueError, match="too large"):
-        KvTierConfig.blocks_for_bytes(MODEL, 1e300)
+        blocks_in(1e300, MODEL.block_bytes)
 
 
 SCRIPT = """

@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from kvtier.settings import SettingsError, load_settings
-from kvtier.vllm.remote_plan import remote_config_from
+from kvtier.config import KvTierConfig, ModelConfig
+from kvtier.settings import KvTierSettings, SettingsError, load_settings
+from kvtier.storage.remote import RemoteConfig
+
+MODEL = ModelConfig(num_layers=2, block_size=16, num_kv_heads=2, head_dim=64)
+
+
+def remote_config_from(settings: KvTierSettings) -> RemoteConfig | None:
+    """The G4 part of the one configuration root these knobs build."""
+    return KvTierConfig.from_settings(settings, MODEL).remote
 
 
 def test_defaults_leave_g4_off() -> None:

@@ -204,6 +204,39 @@ def test_registry_records_arrivals_and_departures() -> None:
     assert p.registry.holds(G2, 11) and not p.registry.holds(G2, 10)
 
 
+def test_landed_copies_are_timed_from_planning_to_the_last_report() -> None:
+    now = [10.0]
+    p = TierPlanner(
+        PlannerConfig(host_blocks=2, disk_blocks=4, disk_filter=False, num_workers=2),
+        clock=lambda: now[0],
+    )
+    for rank in range(2):
+        p.restored(rank, [], [], None)
+    p.store(10, None)  # G2 slot 0, and G3 from it
+    p.store(11, 10)  # G2 slot 1, and G3 from it
+    p.store(12, 11)  # G2 full: G3 straight from the GPU
+    now[0] = 10.5
+    land(p, 10, 11)
+    for h in (10, 11, 12):
+        p.store_reported(G3, h, ok=True)  # one worker of two: nothing landed yet
+    assert p.take_transfers() == [("device_to_host", 1, 0.5), ("device_to_host", 1, 0.5)]
+    now[0] = 11.0
+    p.store_reported(G3, 10, ok=True)
+    p.store_reported(G3, 11, ok=False)  # failed on one worker: aborted, not timed
+    p.store_reported(G3, 12, ok=True)
+    assert p.take_transfers() == [("host_to_disk", 1, 1.0), ("device_to_disk", 1, 1.0)]
+    job, _ = p.begin_load("r", [10, 11], [10])
+    now[0] = 11.25
+    p.load_reported(job)
+    assert p.take_transfers() == []  # one worker of two
+    p.load_reported(job)
+    assert p.take_transfers() == [("host_to_device", 2, 0.25), ("disk_to_device", 1, 0.25)]
+    assert p.reserve_copy(13, 12) >= 0  # a G4 block kept in G2: not a copy the metrics time
+    land(p, 13)
+    assert p.take_transfers() == []
+    p.check_invariants()
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_random_copies_keep_the_invariants(seed: int) -> None:
     """Random stores, loads and (partial, failing) reports from two workers: after every step

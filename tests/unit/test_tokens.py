@@ -10,7 +10,7 @@ import xxhash
 
 import kvtier.hashing as hashing_mod
 from kvtier.hashing import block_hashes, salt_hash, sequence_hashes
-from kvtier.tokens import TokenBlock, TokenBlockSequence
+from kvtier.tokens import SequenceHashes, TokenBlock, TokenBlockSequence
 
 
 def _ref_block(tokens: list[int], seed: int) -> int:
@@ -99,3 +99,14 @@ def test_truncate_rolls_back_blocks_and_tail() -> None:
     assert seq.blocks == ()
     with pytest.raises(ValueError, match="cannot truncate to 1 tokens"):
         seq.truncate(1)
+
+
+def test_sequence_hashes_match_the_batch_hash_whatever_the_advance_steps() -> None:
+    # Decode advances one block at a time (a fast path); prefill many at once.
+    tokens = [(i * 7919) % 50000 for i in range(16 * 9 + 5)]
+    want = sequence_hashes(tokens, 16, 1234)
+    for steps in ([len(tokens)], list(range(1, len(tokens) + 1)), [40, 41, 100, 160, 200]):
+        seq = SequenceHashes(16, 1234)
+        for n in steps:
+            seq.advance(tokens, min(n, len(tokens)))
+        assert seq.hashes == want and seq.num_tokens == 16 * 9

@@ -66,7 +66,7 @@ def _block_file(disk_dir: Path, h: int) -> Path:
 
 def test_settings_came_from_dynamo_names(llm: Any) -> None:
     sched, worker_conn = connectors(llm)
-    assert (sched.host_blocks, sched.disk_blocks) == (2, 64)
+    assert (sched.config.host_blocks, sched.config.disk_blocks) == (2, 64)
     assert sched.settings.disk_filter is False and sched.settings.layerwise_onboard is True
     assert worker_conn.worker.config.host_blocks == 2
 

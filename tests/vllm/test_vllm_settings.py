@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 
 from kvtier.settings import KNOBS, KvTierSettings, SettingsError, load_settings
@@ -93,6 +95,7 @@ def test_disk_size_without_dir_is_refused() -> None:
 
 
 def test_every_knob_is_documented_and_unique() -> None:
+    assert sorted(k.field for k in KNOBS) == sorted(f.name for f in fields(KvTierSettings))
     assert len({k.env for k in KNOBS}) == len(KNOBS)
     assert len({k.extra_key for k in KNOBS}) == len(KNOBS)
     assert all(k.env.startswith("KVTIER_") and k.doc for k in KNOBS)

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from kvtier.config import ModelConfig
+from kvtier.config import KvTierConfig, ModelConfig
+from kvtier.settings import load_settings
 from kvtier.storage.host import HostStorage
 from kvtier.transfer.engine import CopyFuture, CopyHandle
 from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, StoreBatch, WorkerReport
@@ -207,6 +208,21 @@ def test_restart_reports_the_g3_index(tmp_path: Path) -> None:
         )
     finally:
         w2.close()
+
+
+def test_worker_config_is_derived_from_the_root(tmp_path: Path) -> None:
+    knobs = {"cpu_cache_blocks": 4, "disk_cache_blocks": 8, "disk_dir": str(tmp_path)}
+    knobs |= {"disk_o_direct": False, "io_threads": 2, "disk_group": "kv"}
+    cfg = KvTierConfig.from_settings(load_settings(knobs, {}), MODEL, num_workers=2, rank=1)
+    assert WorkerConfig.from_config(cfg) == WorkerConfig(
+        rank=1,
+        host_blocks=4,
+        disk_blocks=8,
+        disk_dir=str(tmp_path / "rank1"),
+        disk_o_direct=False,
+        io_threads=2,
+        disk_group="kv",
+    )
 
 
 def test_constructor_has_no_side_effects(tmp_path: Path) -> None:

@@ -39,8 +39,8 @@ Modules: ``engine`` (``CudaCopyEngine``: life cycle and the order of events on i
 ``config`` (knobs, no torch), ``handle`` (the polled handle), ``lane`` (a direction's streams and
 staging slots, ``chunk_bounds``), ``gather`` (device gather/scatter), ``dma`` (pinned host-row runs
 over PCIe), ``events`` (typed event/stream calls), ``ids`` (the pinned id ring), ``plan`` /
-``kernels`` (segments and Triton kernels), ``batch`` (``cuMemcpyBatchAsync``), ``disk``
-(``DiskToDeviceLoader``: verified disk reads through pinned bounce buffers).
+``kernels`` (segments and Triton kernels), ``batch`` (``cuMemcpyBatchAsync``). Disk -> device runs
+on this engine through the engine-generic ``kvtier.transfer.disk_load.DiskToDeviceLoader``.
 
 Importing this package imports no torch; the names below load their module on first use.
 """

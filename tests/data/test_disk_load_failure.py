@@ -1,4 +1,4 @@
-"""A disk -> device load that fails partway quiesces before it completes (runs on CPU too).
+"""A disk -> device load that fails partway quiesces before it completes.
 
 Why on CPU: the defect is in the loader's bookkeeping, not in CUDA. A failed load used to complete
 while its reads were still writing into the shared bounce rows, so the next load could copy a late
@@ -23,7 +23,8 @@ from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import detect_layout
-from kvtier.transfer.cuda.disk import DiskLoadConfig, DiskToDeviceLoader
+from kvtier.transfer.disk_io import DiskIo
+from kvtier.transfer.disk_load import DiskLoadConfig, DiskToDeviceLoader
 from kvtier.transfer.engine import CopyHandle, TorchCopyEngine
 
 MODEL = ModelConfig(num_layers=2, block_size=8, num_kv_heads=2, head_dim=64)  # 8 KiB blocks
@@ -115,7 +116,9 @@ def test_failed_load_waits_for_its_reads_and_next_load_is_exact(tmp_path: Path) 
     # The first copy (group 0 of A) is refused once A's group 1 read of a_hashes[4] is running.
     eng = _RefusingEngine(refuse_call=1, before=disk.held_started)
     eng.start()
-    loader = DiskToDeviceLoader(disk, eng, DiskLoadConfig(group_blocks=4, io_threads=1))
+    io = DiskIo(disk, threads=1)
+    io.start()
+    loader = DiskToDeviceLoader(io, eng, DiskLoadConfig(group_blocks=4))
     loader.start()
     try:
         a = loader.load(dev, a_hashes, a_targets)
@@ -126,11 +129,13 @@ def test_failed_load_waits_for_its_reads_and_next_load_is_exact(tmp_path: Path) 
             a.wait(0.5)
         assert not b.done()
         disk.release.set()
-        failed_a = a.wait(20)
-        failed_b = b.wait(20)
+        a.wait(20)
+        b.wait(20)
+        failed_a, failed_b = a.failed, b.failed
     finally:
         disk.release.set()
         loader.close()
+        io.close()
         eng.close()
     assert sorted(failed_a) == a_targets
     assert all("injected: copy could not be issued" in why for why in failed_a.values())
@@ -155,13 +160,17 @@ def test_blocks_landed_before_a_failure_count_as_loaded(tmp_path: Path) -> None:
     # Group 0's copy is issued; group 1's is refused while group 0's may still be in flight.
     eng = _RefusingEngine(refuse_call=2, before=None)
     eng.start()
-    loader = DiskToDeviceLoader(disk, eng, DiskLoadConfig(group_blocks=4, io_threads=2))
+    io = DiskIo(disk, threads=2)
+    io.start()
+    loader = DiskToDeviceLoader(io, eng, DiskLoadConfig(group_blocks=4))
     loader.start()
     try:
         handle = loader.load(dev, hashes, targets)
-        failed = handle.wait(20)
+        handle.wait(20)
+        failed = handle.failed
     finally:
         loader.close()
+        io.close()
         eng.close()
     assert sorted(failed) == sorted(targets[4:])
     assert handle.loaded == tuple(targets[:4])
