@@ -17,9 +17,10 @@ same bytes, and the ratio is what the target is about (host<->disk >= 0.8 of raw
   tensor per layer, so a block is ``num_layers`` scattered pieces) against one contiguous copy of
   the same bytes (the memcpy / DMA limit). CUDA when present (its engine if importable), else CPU.
 
-- G4 remote (Redis), one node and a 3-node cluster started here on localhost: kvtier =
-  ``RemoteStore.put`` of encoded blocks (header + xxh3 checksum, one pipeline per shard) and
-  ``RemoteStore.get`` + ``decode_block`` (verification); raw = ``redis-benchmark`` SET/GET of values
+- G4 remote (Redis), one node and a 3-node cluster started here on localhost: kvtier = the
+  write-behind's path (payload copied into a ``ValueBuffers`` buffer, header + xxh3 checksum,
+  ``RemoteStore.put``: one pipeline per shard) and ``RemoteStore.get_each`` with
+  ``decode_block`` (verification) on every value; raw = ``redis-benchmark`` SET/GET of values
   of the same size on the same server in the same run, no pipelining, with ``--remote-clients``
   connections and again with as many as kvtier uses (``--remote-parallel``). Skipped, saying
   why, without redis-server.
@@ -304,7 +305,7 @@ def bench_remote(args: argparse.Namespace) -> list[tuple[str, str, float, float,
     """G4 put/get of ``--remote-blocks`` 2 MiB blocks against redis-benchmark, node and cluster."""
     from kvtier.ops.redislocal import LocalRedis, LocalRedisCluster, redis_available
     from kvtier.storage.remote import RemoteConfig, RemoteStore
-    from kvtier.storage.remote_block import decode_block, encode_block, remote_key
+    from kvtier.storage.remote_block import ValueBuffers, decode_block, encode_in_place, remote_key
 
     reason = redis_available()
     if reason is not None:
@@ -314,6 +315,7 @@ def bench_remote(args: argparse.Namespace) -> list[tuple[str, str, float, float,
     payloads = [os.urandom(size) for _ in range(min(n, 8))]
     hashes = list(range(1, n + 1))
     keys = [remote_key("kvtier:v1:bench", h) for h in hashes]
+    buffers = ValueBuffers(n * (size + 4096))  # one batch: a write-behind's batch reuses the last's
     rows: list[tuple[str, str, float, float, float]] = []
     for label, server in (("node", LocalRedis(maxmemory_mb=2048)),
                           ("3-node cluster", LocalRedisCluster(3, maxmemory_mb=1024))):  # fmt: skip
@@ -330,13 +332,17 @@ def bench_remote(args: argparse.Namespace) -> list[tuple[str, str, float, float,
             with RemoteStore(config) as store:
 
                 def put() -> None:
-                    store.put([(k, encode_block(1, h, None, payloads[h % len(payloads)]))
-                               for k, h in zip(keys, hashes, strict=True)])  # fmt: skip
+                    bufs = [buffers.fill(payloads[h % len(payloads)]) for h in hashes]
+                    store.put([(k, encode_in_place(1, h, None, b))
+                               for k, h, b in zip(keys, hashes, bufs, strict=True)])  # fmt: skip
+                    buffers.give_back(bufs)
+
+                def check(i: int, value: bytes | None) -> None:
+                    assert value is not None
+                    decode_block(value, 1, hashes[i], size)
 
                 def get() -> None:
-                    for h, v in zip(hashes, store.get(keys), strict=True):
-                        assert v is not None
-                        decode_block(v, 1, h, size)
+                    store.get_each(keys, check)
 
                 for _ in range(args.repeats):
                     kv["SET"].append(_gbps(n * size, _timed(put)))

@@ -3,8 +3,9 @@
 Why this exists: engines on many hosts recompute prefixes another host already computed. G4 keeps
 blocks in an existing distributed store spoken to in the Redis protocol, one key per block (see
 ``kvtier.storage.remote_block`` for keys and values). This module is the client: batched
-gets/sets/exists per shard (one pipeline per batch; a cluster pipeline groups a batch's keys by
-node and follows MOVED/ASK redirections), a connection pool per node, optional password and TLS,
+gets/sets/exists per shard (a batch's keys grouped by node, one pipeline per node and
+connection; gets hand each value on as it is read and keep none, see ``get_each``; MOVED/ASK
+redirections followed), a connection pool per node, optional password and TLS,
 optional TTL, and a ``CircuitBreaker`` so a sick server costs one timeout, then nothing, until a
 probe finds it healthy again. It never retries for long: a failed or refused call raises
 ``RemoteError`` and the caller counts a G4 miss.
@@ -120,8 +121,10 @@ class RemoteConfig:
     breaker_failures: int = 3
     breaker_cooldown_s: float = 2.0
     parallel: int = 4
-    """Connections one large get/put uses at once (a batch split in contiguous parts): one
-    redis-py connection moves about 0.3-0.9 GB/s of 2 MiB values, bound by its reads."""
+    """Connections one large get/put uses at once (a batch's keys grouped by node, then split in
+    contiguous parts), each on its own thread: socket reads and writes, the checksum and the
+    copies out release the GIL, hiredis' reply parsing does not. On 2 busy cores 1, 2 and 4
+    measured alike (benchmarks/RESULTS.md); more cores are where the threads pay."""
 
     def __post_init__(self) -> None:
         parse_remote_url(self.url)
@@ -200,16 +203,34 @@ class RemoteStore(Lifecycle):
         return self._call(run)
 
     def get(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        """The values of ``keys`` (None where missing), fetched in pipelines per shard."""
+        """The values of ``keys`` (None where missing). Keeps every value until the last one
+        arrived: a data path that verifies and copies values should use ``get_each``."""
+        out: list[bytes | None] = [None] * len(keys)
+
+        def keep(i: int, value: bytes | None) -> None:
+            out[i] = value
+
+        self.get_each(keys, keep)
+        return out
+
+    def get_each(self, keys: Sequence[bytes], sink: Callable[[int, bytes | None], None]) -> None:
+        """Fetch ``keys`` (pipelined per shard, split over ``parallel`` connections), calling
+        ``sink(index, value)`` (None where missing) for each value as it is read, on the
+        connection's thread (several at once: ``sink`` must only touch what ``index`` owns).
+        The store keeps no value after its ``sink`` call, so memory stays warm (see
+        ``remote_redis.stream_gets``). An error raised by ``sink`` ends the call."""
         if not keys:
-            return []
+            return
+        # Values are about the same size; batch by count so each pipeline stays near the bound.
+        per = max(1, self.config.max_batch_bytes // (2 << 20))
 
-        def run(client: Any) -> list[bytes | None]:
-            parts = self._split(len(keys), MIN_PART)
-            got = self._parallel(lambda r: self._get(client, keys[r.start : r.stop]), parts)
-            return [v for part in got for v in part]
+        def run(client: Any) -> None:
+            self._parallel(
+                lambda ids: self._binding.stream_gets(client, keys, ids, sink, batch=per),
+                self._parts(client, keys),
+            )
 
-        return self._call(run)
+        self._call(run)
 
     def put(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> None:
         """Store ``(key, value)`` pairs (SET with the configured TTL), pipelined per shard."""
@@ -217,8 +238,10 @@ class RemoteStore(Lifecycle):
             return
 
         def run(client: Any) -> None:
-            parts = self._split(len(items), MIN_PART)
-            self._parallel(lambda r: self._put(client, items[r.start : r.stop]), parts)
+            self._parallel(
+                lambda ids: self._put(client, [items[i] for i in ids]),
+                self._parts(client, [key for key, _ in items]),
+            )
 
         self._call(run)
 
@@ -244,13 +267,27 @@ class RemoteStore(Lifecycle):
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _split(self, n: int, min_part: int) -> list[range]:
-        """``range(n)`` in at most ``parallel`` contiguous parts of at least ``min_part``."""
-        parts = max(1, min(self.config.parallel, n // min_part))
-        step = -(-n // parts)
-        return [range(i, min(n, i + step)) for i in range(0, n, step)]
+    def _parts(self, client: Any, keys: Sequence[bytes]) -> list[list[int]]:
+        """The indices of ``keys`` in at most ``max(parallel, nodes)`` parts, one connection
+        each: grouped by node first (a part then needs one connection, not one per node, and
+        every node streams at once), a node's keys split in contiguous parts of at least
+        ``MIN_PART``; with fewer connections than nodes, a part holds several nodes' keys."""
+        groups = self._binding.node_groups(client, keys, range(len(keys)))
+        most = self.config.parallel
+        if len(groups) >= most:
+            merged: list[list[int]] = [[] for _ in range(most)]
+            for j, ids in enumerate(groups):
+                merged[j % most].extend(ids)
+            return [ids for ids in merged if ids]
+        share = most // len(groups)
+        out: list[list[int]] = []
+        for ids in groups:
+            n = max(1, min(share, len(ids) // MIN_PART))
+            step = -(-len(ids) // n)
+            out.extend(ids[i : i + step] for i in range(0, len(ids), step))
+        return out
 
-    def _parallel(self, fn: Callable[[range], _T], parts: list[range]) -> list[_T]:
+    def _parallel(self, fn: Callable[[list[int]], _T], parts: list[list[int]]) -> list[_T]:
         """``fn`` over the parts, the first on this thread, the others on the I/O threads (each
         takes its own pooled connection); the first error is raised after all finished."""
         if len(parts) == 1 or self._workers is None:
@@ -281,21 +318,6 @@ class RemoteStore(Lifecycle):
                 start, total = i, 0
             total += size
         out.append(range(start, len(sizes)))
-        return out
-
-    def _get(self, client: Any, keys: Sequence[bytes]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        # Values are about the same size; batch by count so each pipeline stays near the bound.
-        per = max(1, self.config.max_batch_bytes // (2 << 20))
-        for start in range(0, len(keys), per):
-            chunk = keys[start : start + per]
-            if self.is_cluster:
-                pipe = client.pipeline(transaction=False)
-                for key in chunk:
-                    pipe.get(key)
-                out.extend(pipe.execute())
-            else:
-                out.extend(client.mget(chunk))
         return out
 
     def _put(self, client: Any, items: Sequence[tuple[bytes, bytes | memoryview]]) -> None:

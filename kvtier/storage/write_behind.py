@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from kvtier.lifecycle import Lifecycle
 from kvtier.storage.block_file import HEADER_SIZE
 from kvtier.storage.remote import RemoteError, RemoteStore, RemoteUnavailable
-from kvtier.storage.remote_block import encode_in_place, remote_key, value_buffer
+from kvtier.storage.remote_block import ValueBuffers, encode_in_place, remote_key
 
 __all__ = ["WriteBehindQueue", "WriteStats"]
 
 logger = logging.getLogger(__name__)
 
 BATCH_BYTES = 32 << 20
-"""Most bytes one writer batch sends."""
+"""Most bytes one writer batch sends (and the most spare value buffers kept between batches)."""
 
 
 @dataclass
@@ -53,7 +53,7 @@ class WriteStats:
 class _Item:
     seq_hash: int
     parent: int | None
-    value: bytearray  # header room + payload (``value_buffer``)
+    value: bytearray  # header room + payload (``ValueBuffers.fill``)
     queued_at: float
 
 
@@ -85,6 +85,7 @@ class WriteBehindQueue(Lifecycle):
         self._bytes = 0
         self._busy = False
         self._stats = WriteStats()
+        self._buffers = ValueBuffers(min(max_bytes, BATCH_BYTES))
         self._thread: threading.Thread | None = None
         self._stop = False
 
@@ -110,7 +111,7 @@ class WriteBehindQueue(Lifecycle):
             if self._bytes + HEADER_SIZE + len(payload) > self.max_bytes:
                 self._stats.dropped_full += 1
                 return False
-        value = value_buffer(payload)  # the copy, outside the lock
+        value = self._buffers.fill(payload)  # the copy, outside the lock
         with self._cond:
             self._items.append(_Item(seq_hash, parent, value, self._clock()))
             self._bytes += len(value)
@@ -147,6 +148,7 @@ class WriteBehindQueue(Lifecycle):
                     self._bytes -= len(item.value)
                     if now - item.queued_at > self.max_age_s:
                         self._stats.dropped_old += 1
+                        self._buffers.give_back([item.value])
                         continue
                     batch.append(item)
                     size += len(item.value)
@@ -158,6 +160,12 @@ class WriteBehindQueue(Lifecycle):
                 self._cond.notify_all()
 
     def _send(self, batch: list[_Item]) -> None:
+        try:
+            self._put(batch)
+        finally:  # sent or given up: nothing reads the buffers any more
+            self._buffers.give_back(it.value for it in batch)
+
+    def _put(self, batch: list[_Item]) -> None:
         t0 = time.perf_counter()
         pairs = [
             (

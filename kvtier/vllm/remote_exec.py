@@ -4,7 +4,8 @@ and write registered G2 blocks behind to G4.
 Why this exists: the worker owns the bytes, so it talks to G4 for data (the scheduler half only
 asks EXISTS). ``RemoteExecutor.fetch`` runs one ``LoadJob``'s G4 part on a fetch thread: one
 batched GET (pipelined per shard), every value verified (header, layout fingerprint, sequence hash,
-length, xxh3_64 checksum) before its bytes are used; good blocks land in their reserved G2 slot
+length, xxh3_64 checksum) as it arrives, before its bytes are used (``RemoteStore.get_each``: each
+value is copied out and dropped while warm, none kept); good blocks land in their reserved G2 slot
 (so the prefix stays local) and in the request's GPU blocks; a missing, corrupt or failed block
 is reported as a load error (vLLM recomputes from there) and counted, never served. The fetch is
 asynchronous (the request waits outside the forward pass), so a slow G4 costs that request at most
@@ -30,7 +31,7 @@ import numpy as np
 
 from kvtier.config import KvTierConfig
 from kvtier.lifecycle import Lifecycle
-from kvtier.storage.block_file import BlockFileError
+from kvtier.storage.block_file import HEADER_SIZE, BlockFileError
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.remote import RemoteConfig, RemoteError, RemoteStore
@@ -139,8 +140,31 @@ class RemoteExecutor(Lifecycle):
         r = RemoteReport()
         try:
             t0 = time.perf_counter()
+            staging = HostStorage(len(load.hashes), self.block_bytes)
+            staging.allocate()
+            rows = staging.rows.numpy()
+            host_rows = host.rows.numpy() if host is not None else None
+            # Per block: True (verified, landed), None (missing) or why it was rejected.
+            got: list[bool | BlockFileError | None] = [None] * len(load.hashes)
+
+            def land(i: int, value: bytes | None) -> None:
+                """Verify one value and copy it into its staging row (and G2 slot) while it is
+                warm; runs on the store's I/O threads, each on its own ``i``."""
+                if value is None:
+                    return
+                h, slot = load.hashes[i], load.host_slots[i]
+                try:
+                    _, payload = decode_block(value, self.fingerprint, h, self.block_bytes)
+                except BlockFileError as exc:
+                    got[i] = exc
+                    return
+                rows[i] = np.frombuffer(payload, dtype=np.uint8)
+                if slot >= 0 and host_rows is not None:
+                    host_rows[slot] = rows[i]
+                got[i] = True
+
             try:
-                values = self.store.get([remote_key(self.namespace, h) for h in load.hashes])
+                self.store.get_each([remote_key(self.namespace, h) for h in load.hashes], land)
             except RemoteError as exc:
                 r.fetch_failed += len(load.hashes)
                 self._log_miss(f"G4 fetch of {len(load.hashes)} blocks failed: {exc}")
@@ -148,32 +172,19 @@ class RemoteExecutor(Lifecycle):
                 self._merge(r, run.bad_hashes)
                 fut.complete()
                 return
-            staging = HostStorage(len(load.hashes), self.block_bytes)
-            staging.allocate()
-            rows = staging.rows.numpy()
-            host_rows = host.rows.numpy() if host is not None else None
             good_rows: list[int] = []
             good_gpu: list[int] = []
             corrupt: list[bytes] = []
-            nbytes = 0
-            for i, (h, value) in enumerate(zip(load.hashes, values, strict=True)):
+            for i, (h, status) in enumerate(zip(load.hashes, got, strict=True)):
                 slot = load.host_slots[i]
-                if value is None:
-                    r.fetch_missing += 1
-                    self._log_miss(f"G4 block {h:016x} missing (evicted or expired)")
-                    ok = False
-                else:
-                    try:
-                        _, payload = decode_block(value, self.fingerprint, h, self.block_bytes)
-                        rows[i] = np.frombuffer(payload, dtype=np.uint8)
-                        ok = True
-                        nbytes += len(value)
-                    except BlockFileError as exc:
+                if status is not True:
+                    if status is None:
+                        r.fetch_missing += 1
+                        self._log_miss(f"G4 block {h:016x} missing (evicted or expired)")
+                    else:
                         corrupt.append(remote_key(self.namespace, h))
                         r.fetch_corrupt += 1
-                        self._log_miss(f"G4 block {h:016x} rejected: {exc}")
-                        ok = False
-                if not ok:
+                        self._log_miss(f"G4 block {h:016x} rejected: {status}")
                     run.bad_hashes.append(h)
                     run.failed_gpu_blocks.append(load.gpu_blocks[i])
                     if slot >= 0:
@@ -182,11 +193,8 @@ class RemoteExecutor(Lifecycle):
                 good_rows.append(i)
                 good_gpu.append(load.gpu_blocks[i])
                 if slot >= 0:
-                    if host_rows is None:
-                        run.host_failed.append(h)
-                    else:
-                        host_rows[slot] = rows[i]
-                        run.host_stored.append(h)
+                    (run.host_failed if host_rows is None else run.host_stored).append(h)
+            nbytes = len(good_rows) * (HEADER_SIZE + self.block_bytes)
             handle = engine.host_to_device(staging, device, good_rows, good_gpu)
             for layer in range(fut.num_layers):
                 handle.wait_layer(layer)
