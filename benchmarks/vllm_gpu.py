@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -242,6 +243,13 @@ def raw_reads(paths: list[Path], threads: int = 8) -> float:
     return len(paths) * size / (time.perf_counter() - t) / 1e9
 
 
+def paired_ratio(base: list[float], other: list[float]) -> float:
+    """Geometric mean of round-by-round ratios: each round runs both engines back to back (the
+    order alternating), so a drift slower than a round cancels within each pair."""
+    logs = [math.log(o / b) for b, o in zip(base, other, strict=True)]
+    return math.exp(sum(logs) / len(logs))
+
+
 def decode_ab(model: Path, reps: int) -> dict[str, Any]:
     """Decode throughput of vLLM alone and of vLLM + kvtier storing every block to G2, measured
     in turns in one process: two engines side by side (each with its own engine-core process and
@@ -378,7 +386,8 @@ def report(results: dict[str, dict[str, Any]]) -> None:
             f"\ndecode 32 x (1k prompt + 256 new), engines side by side, in turns: vLLM "
             f"{a:.0f} tok/s {[round(x) for x in ab['vllm']]}, vLLM + kvtier storing every block "
             f"{b:.0f} tok/s {[round(x) for x in ab['kvtier']]}, ratio of means {b / a:.3f}, "
-            f"of bests {max(ab['kvtier']) / max(ab['vllm']):.3f}"
+            f"of bests {max(ab['kvtier']) / max(ab['vllm']):.3f}, paired (geometric mean of each "
+            f"round's kvtier / vLLM, order balanced) {paired_ratio(ab['vllm'], ab['kvtier']):.3f}"
         )
     c = results.get("kvtier-g3-cost", {}).get("cost")
     if c:
