@@ -3,6 +3,8 @@
 Why this exists: a pool decides which slot holds which sequence hash; a storage holds the slot's
 bytes. Keeping the pair in one small object lets the facade hand out "the host pool" as one thing
 and keeps slot ids and byte rows from drifting apart. ``TierMatch`` is a cross-tier prefix match.
+The pairs are composition, so they live here beside ``KvBlockManager`` and not in
+``kvtier/storage/``, which imports nothing of the control plane's pools.
 """
 
 from __future__ import annotations

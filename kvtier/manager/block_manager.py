@@ -31,13 +31,13 @@ from kvtier.core.offload import OffloadQueue
 from kvtier.core.pool import BlockPool
 from kvtier.core.registry import TierEvent, TierRegistry
 from kvtier.lifecycle import Lifecycle
+from kvtier.manager.tiers import DevicePool, DiskPool, HostPool, TierMatch
 from kvtier.plan.restore import plan_restore
 from kvtier.storage.block_file import PRIORITY_MAX, PRIORITY_MIN
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import KvLayout, LayoutKind, default_layout, detect_layout
-from kvtier.storage.tiers import DevicePool, DiskPool, HostPool, TierMatch
 from kvtier.transfer.disk_io import DiskIo
 from kvtier.transfer.engine import CopyEngine, TorchCopyEngine
 from kvtier.transfer.manager import TransferError, TransferHandle, TransferManager, TransferPath
