@@ -1,10 +1,11 @@
-"""Live cost model of onboarding vs recompute, and the decision how much of a prefix to load.
+"""Live cost model of onboarding vs recompute: the measurements a load decision is made on.
 
 Why this exists: loading KV from a tier is not always faster than recomputing it (a slow disk,
-a remote store over a thin link, a queue of loads ahead). This module keeps live measurements and
-answers, per request and in microseconds, how many of the matched blocks to load so that the
-expected time to first token is lowest. It is pure Python, no torch, no clock of its own (every
-call is given ``now``), so the decision is unit-tested on synthetic measurements.
+a remote store over a thin link, a queue of loads ahead). This module keeps live measurements
+from which ``kvtier.core.onboard_choice`` answers, per request and in microseconds, how many of
+the matched blocks to load so that the expected time to first token is lowest. It is pure
+Python, no torch, no clock of its own (every call is given ``now``), so the decision is
+unit-tested on synthetic measurements.
 
 What it measures (fed by the connector's scheduler half, see ``kvtier.vllm.onboard``):
 
@@ -38,21 +39,8 @@ What it measures (fed by the connector's scheduler half, see ``kvtier.vllm.onboa
   decision, taken off as steps schedule them), priced by the prefill fit: a request that
   recomputes waits behind them, a load runs beside them.
 
-The decision (``OnboardCostModel.choose``): the matched prefix is laid out tier by tier (G2
-blocks, then G3, then G4). Loading ``k`` blocks takes ``L(k) = max over the used tiers of (queue +
-latency + bytes / bandwidth)`` and costs ``T(k) = max(bias * L(k), B) + R(P0 + k * block_size)``,
-where ``B`` is the compute backlog and ``R(p)`` the recompute of tokens ``p..N``: ``per_token *
-(N - p) + per_pair * (N^2 - p^2) / 2``; ``T(0) = B + R(P0)``. Inside one tier's segment the load
-term is linear in ``k`` past the earlier tiers and ``R`` is concave (``per_pair >= 0``), so on
-each side of the point where this tier's part stops hiding behind the earlier ones and ``B``
-the stationary point is a maximum and the optimum lies at an end: the candidates are 0 and, for
-each tier, its first and last block and the two blocks around that crossing point. Each
-candidate is scored ``T(k)`` plus what its prefill (``T(k) - R`` to ``T(k)``) adds to the loads in
-flight: vLLM runs a running prefill ahead of a loaded request's rest, so each load predicted to
-land inside that span waits until its end (a burst where every request recomputes what the ones
-before it load hold all their rests back). At most thirteen evaluations; a load shorter than the
-whole match must be estimated ``margin`` faster (10%) to be chosen, and ties go to the longer
-load.
+The decision built on these estimates (``OnboardCostModel.choose``) is in
+``kvtier.core.onboard_choice``.
 """
 
 from __future__ import annotations
@@ -65,6 +53,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvtier.core.decayed_fit import DecayedLinearFit
+from kvtier.core.onboard_choice import TIERS, OnboardDecision, choose
 
 __all__ = [
     "TIERS",
@@ -73,9 +62,6 @@ __all__ = [
     "OnboardCostModel",
     "OnboardDecision",
 ]
-
-TIERS: tuple[str, ...] = ("G2", "G3", "G4")
-"""Tiers a prefix can be onboarded from, in the order a match walks them."""
 
 
 def _tier_defaults(g2: float, g3: float, g4: float) -> dict[str, float]:
@@ -143,29 +129,6 @@ class OnboardCostConfig:
             raise ValueError("OnboardCostConfig: need outlier_factor > 1 and margin >= 0")
 
 
-@dataclass(frozen=True)
-class OnboardDecision:
-    """What to load: ``blocks[t]`` of each tier's matched blocks (a prefix of the match), with
-    the model's estimates (seconds) for that choice and for recomputing everything."""
-
-    blocks: dict[str, int]
-    matched: dict[str, int]
-    est_load_s: float
-    est_queue_s: float
-    est_ttft_s: float
-    est_recompute_all_s: float
-    est_delay_s: float = 0.0
-    """What this choice adds to the TTFT of the loads in flight (their rest waits for it)."""
-
-    @property
-    def total_blocks(self) -> int:
-        return sum(self.blocks.values())
-
-    @property
-    def skipped(self) -> dict[str, int]:
-        return {t: self.matched[t] - self.blocks[t] for t in self.matched}
-
-
 @dataclass
 class _Job:
     submitted: float
@@ -181,7 +144,8 @@ class _Step:
 
 
 class OnboardCostModel:
-    """Measurements (loads per tier, engine steps) and the decision; see the module docstring."""
+    """Measurements (loads per tier, engine steps) and, through ``choose``, the decision on them;
+    see the module docstrings of this module and of ``kvtier.core.onboard_choice``."""
 
     def __init__(self, config: OnboardCostConfig) -> None:
         self.config = config
@@ -284,8 +248,9 @@ class OnboardCostModel:
             self._ready = (ready, list(itertools.accumulate(ready, initial=0.0)))
         return self._ready
 
-    def _delay(self, start: float, end: float) -> float:
-        """Sum over the loads in flight landing in ``[start, end)`` of ``end - landing``."""
+    def inflight_delay(self, start: float, end: float) -> float:
+        """Sum over the loads in flight landing in ``[start, end)`` of ``end - landing``: what
+        a prefill running over that span adds to their TTFT (their rest waits for it)."""
         ready, sums = self._loads_ready()
         lo, hi = bisect.bisect_left(ready, start), bisect.bisect_left(ready, end)
         return (hi - lo) * end - (sums[hi] - sums[lo])
@@ -394,7 +359,7 @@ class OnboardCostModel:
         scale = self.recompute_scale * (self.loading_factor if self._jobs else 1.0)
         return max(0.0, per_token * tokens + per_pair * pairs) * scale
 
-    # -- the decision -----------------------------------------------------------------------
+    # -- the decision (kvtier.core.onboard_choice) ------------------------------------------
 
     def choose(
         self,
@@ -405,61 +370,5 @@ class OnboardCostModel:
         now: float,
         backlog_s: float = 0.0,
     ) -> OnboardDecision:
-        """How many of the matched blocks to load (see the module docstring).
-
-        ``matched``: (tier, blocks) in match order; ``start_tokens``: tokens already computed
-        (vLLM's G1 hit), where the match starts; ``prompt_tokens``: the prompt's length;
-        ``backlog_s``: prefill the engine has yet to run for other requests
-        (``backlog_seconds``)."""
-        bias, bb, backlog = self.config.bias, self.config.block_bytes, backlog_s
-        recompute_all = self.prefill_seconds(start_tokens, prompt_tokens)
-        total_blocks = sum(max(0, n) for _, n in matched)
-        shorter = 1.0 + self.config.margin  # a load shorter than the whole match must win by this
-
-        def cost(k: int, load: float) -> tuple[float, float]:
-            """(TTFT, delay to the loads in flight) when ``k`` blocks load in ``load`` s."""
-            wait = max(bias * load, backlog) if k else backlog
-            ttft = wait + self.prefill_seconds(start_tokens + k * block_size, prompt_tokens)
-            return ttft, self._delay(wait, ttft) if self._jobs else 0.0
-
-        best_t, best_delay = cost(0, 0.0)
-        best_k, best_load, best_queue = 0, 0.0, 0.0
-        best_score = (best_t + best_delay) * (shorter if total_blocks else 1.0)
-        done_blocks, done_load, done_queue = 0, 0.0, 0.0  # the tiers before: all their blocks
-        counts = dict.fromkeys(TIERS, 0)
-        for tier, n in matched:
-            if n <= 0:
-                continue
-            counts[tier] += n
-            lat, spb = self.loads[tier].theta
-            queue = self.queue_seconds(tier)
-            ks = {1, n}
-            if spb > 0:  # where this tier's part starts to decide: past the others and backlog
-                cross = (max(done_load, backlog / bias) - queue - lat) / (bb * spb)
-                ks.update(k for k in (math.floor(cross), math.ceil(cross)) if 1 <= k <= n)
-            for k in sorted(ks):
-                part = queue + lat + k * bb * spb
-                load = max(done_load, part)
-                ttft, delay = cost(done_blocks + k, load)
-                score = (ttft + delay) * (shorter if done_blocks + k < total_blocks else 1.0)
-                if score <= best_score:
-                    best_k, best_t, best_delay, best_score = done_blocks + k, ttft, delay, score
-                    best_load, best_queue = load, queue if part >= done_load else done_queue
-            done_blocks += n
-            part = queue + lat + n * bb * spb
-            if part >= done_load:
-                done_load, done_queue = part, queue
-        blocks: dict[str, int] = {}
-        left = best_k
-        for t in TIERS:
-            blocks[t] = min(counts[t], left)
-            left -= blocks[t]
-        return OnboardDecision(
-            blocks=blocks,
-            matched=counts,
-            est_load_s=best_load - best_queue,
-            est_queue_s=best_queue,
-            est_ttft_s=best_t,
-            est_recompute_all_s=recompute_all,
-            est_delay_s=best_delay,
-        )
+        """How many of the matched blocks to load: ``kvtier.core.onboard_choice.choose``."""
+        return choose(self, matched, start_tokens, prompt_tokens, block_size, now, backlog_s)
