@@ -42,6 +42,7 @@ from kvtier.transfer.cuda.events import new_event
 from kvtier.transfer.cuda.handle import CudaCopyHandle
 from kvtier.transfer.cuda.plan import triton_available
 from kvtier.transfer.disk_load import DiskLoadHandle, DiskToDeviceLoader
+from kvtier.transfer.disk_store import stage_blocks
 from kvtier.transfer.engine import CopyHandle
 from kvtier.vllm.metadata import DiskWrite, StepPlan, WorkerReport
 
@@ -188,22 +189,14 @@ class GpuDataPath:
                 )
                 self._last_d2h = run.host
         if from_gpu and not step_failed:
-            with torch.inference_mode(False):
-                rows = torch.empty(
-                    (len(from_gpu), self.device.layout.block_bytes),
-                    dtype=torch.uint8,
-                    pin_memory=True,
-                )
-            run.staging = HostStorage.wrap(rows)
-            run.staging_copy = _cuda(
-                self.engine.device_to_host(
-                    self.device,
-                    run.staging,
-                    [w.gpu_block for w in from_gpu],
-                    list(range(len(from_gpu))),
-                    gate=after_forward,
-                )
+            run.staging, copy = stage_blocks(
+                self.engine,
+                self.device,
+                [w.gpu_block for w in from_gpu],
+                after_forward,
+                pin_memory=True,
             )
+            run.staging_copy = _cuda(copy)
             self._last_d2h = run.staging_copy
         self.runs.append(run)
 
