@@ -429,11 +429,6 @@ def _copy_batch_cpu(
     nl = layout.model.num_layers
     outer = layout.model.outer_dim
     outer_first = layout.kind is LayoutKind.OUTER_FIRST
-    # host rows are contiguous, so these reshapes are views; device views are never reshaped
-    shape = (host.num_blocks, nl, outer, -1) if outer_first else (host.num_blocks, nl, -1)
-    rows = host.rows.numpy().reshape(shape)
-    spans = runs(device_ids, host_ids)
-    views = device.numpy_layers()  # outer-first: [nb, outer, inner], a strided view
     flat = device.byte_layers()
     if flat is not None and len(device_ids) <= 8 and host.rows.is_contiguous():
         # A few blocks (a decode step's): one memoryview slice copy per (layer, block).
@@ -451,6 +446,11 @@ def _copy_batch_cpu(
             if future is not None:
                 future.complete_layer(layer)
         return
+    # host rows are contiguous, so these reshapes are views; device views are never reshaped
+    shape = (host.num_blocks, nl, outer, -1) if outer_first else (host.num_blocks, nl, -1)
+    rows = host.rows.numpy().reshape(shape)
+    spans = runs(device_ids, host_ids)
+    views = device.numpy_layers()  # outer-first: [nb, outer, inner], a strided view
     if len(spans) > 2:  # scattered ids (decode): one indexed copy per layer, not one per run
         didx = np.asarray(device_ids, dtype=np.intp)
         hidx = np.asarray(host_ids, dtype=np.intp)
