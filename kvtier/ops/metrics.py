@@ -29,16 +29,14 @@ built for Dynamo keep working; docs/operations.md lists the mapping. This module
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from kvtier.lifecycle import Lifecycle
+from kvtier.ops.hit_rate import SlidingHitRate as SlidingHitRate
+from kvtier.ops.metrics_server import MetricsConfig as MetricsConfig
+from kvtier.ops.metrics_server import MetricsServer as MetricsServer
 from kvtier.ops.remote_metrics import RemoteMetrics
 
 PATHS: tuple[str, ...] = (
@@ -70,7 +68,6 @@ DYNAMO_BLOCK_COUNTERS: dict[str, str] = {
     "disk_to_device": "kvbm_onboard_blocks_d2d",
 }
 """Dynamo KVBM's block counter for each kvtier path (its h2d offload means host to disk)."""
-
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.0001,
     0.0005,
@@ -98,62 +95,6 @@ def _check_label(kind: str, value: str, allowed: tuple[str, ...]) -> None:
 def _check_count(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    """Whether and where metrics are served.
-
-    ``host`` defaults to localhost: exposing the endpoint beyond the machine is a deliberate
-    choice (``0.0.0.0``). ``port`` 0 picks a free port (see :attr:`MetricsServer.port`).
-    ``hit_rate_window_s`` is the span of the sliding window behind ``kvtier_hit_rate``.
-    """
-
-    enabled: bool = False
-    port: int = 6880
-    host: str = "127.0.0.1"
-    hit_rate_window_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.port, bool) or not isinstance(self.port, int):
-            raise ValueError(f"metrics port must be an int, got {self.port!r}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"metrics port must be in 0..65535, got {self.port}")
-        if not self.host:
-            raise ValueError("metrics host must not be empty")
-        if not self.hit_rate_window_s > 0:
-            raise ValueError(f"hit_rate_window_s must be > 0, got {self.hit_rate_window_s!r}")
-
-
-class SlidingHitRate:
-    """Hit rate per tier over the lookups of the last ``window_s`` seconds.
-
-    Each lookup adds (time, blocks looked up, blocks matched per tier); old entries fall out when
-    the rate is read. With no lookup in the window the rate is 0.0 (nothing was served).
-    """
-
-    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        if not window_s > 0:
-            raise ValueError(f"window_s must be > 0, got {window_s!r}")
-        self._window_s = window_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._entries: deque[tuple[float, int, dict[str, int]]] = deque()
-
-    def add(self, looked_up: int, matched: dict[str, int]) -> None:
-        """Record one lookup of ``looked_up`` blocks, of which ``matched[tier]`` came from tier."""
-        with self._lock:
-            self._entries.append((self._clock(), looked_up, dict(matched)))
-
-    def rate(self, tier: str) -> float:
-        """Matched blocks of ``tier`` / looked-up blocks, within the window."""
-        with self._lock:
-            horizon = self._clock() - self._window_s
-            while self._entries and self._entries[0][0] < horizon:
-                self._entries.popleft()
-            total = sum(e[1] for e in self._entries)
-            hits = sum(e[2].get(tier, 0) for e in self._entries)
-        return hits / total if total else 0.0
 
 
 class KvTierMetrics:
@@ -407,51 +348,3 @@ class KvTierMetrics:
         """The sliding-window hit rate of ``tier`` (what ``kvtier_hit_rate`` shows)."""
         _check_label("tier", tier, MATCH_TIERS)
         return self._window.rate(tier)
-
-
-class MetricsServer(Lifecycle):
-    """Serves one :class:`KvTierMetrics` over HTTP (``GET /metrics``) on a background thread."""
-
-    def __init__(self, metrics: KvTierMetrics, config: MetricsConfig) -> None:
-        self._metrics = metrics
-        self._config = config
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        """The bound port (the real one when the configured port was 0)."""
-        if self._server is None:
-            raise RuntimeError("MetricsServer is not started")
-        return int(self._server.server_address[1])
-
-    @property
-    def url(self) -> str:
-        """Where to scrape."""
-        return f"http://{self._config.host}:{self.port}/metrics"
-
-    def start(self) -> MetricsServer:
-        """Bind and serve. Raises OSError naming the address when the port is taken."""
-        if self._server is not None:
-            raise RuntimeError("MetricsServer is already started")
-        try:
-            server, thread = start_http_server(
-                self._config.port, addr=self._config.host, registry=self._metrics.registry
-            )
-        except OSError as exc:
-            raise OSError(
-                f"cannot serve kvtier metrics on {self._config.host}:{self._config.port}: {exc}"
-            ) from exc
-        self._server, self._thread = server, thread
-        return self
-
-    def close(self) -> None:
-        """Stop serving and free the port. Safe to call twice."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join()
-        self._server = None
-        self._thread = None
