@@ -232,11 +232,7 @@ KNOBS: tuple[Knob, ...] = (
         "(prefer_cross_layer_blocks): one DMA per block, but all layers of a load land "
         "together. Ignored by vLLM versions without it.",
     ),
-    Knob(
-        "io_threads",
-        _parse_positive,
-        "Threads doing G3 disk reads and writes in each worker.",
-    ),
+    Knob("io_threads", _parse_positive, "Threads doing G3 disk reads and writes in each worker."),
     Knob(
         "metrics",
         _parse_bool,

@@ -1,27 +1,12 @@
-"""Prometheus metrics of a kvtier instance, and the HTTP server that exposes them.
+"""Prometheus metrics of a kvtier instance (served by ``kvtier.ops.metrics_server``).
 
 Why a class with its own ``CollectorRegistry``: two managers in one process (tests, several
 engines) must not share or clash over counters, and nothing is registered at import time.
 
-What is measured (label values in brackets):
-
-- ``kvtier_blocks_total`` / ``kvtier_bytes_total`` [path]: blocks and bytes moved per path;
-- ``kvtier_transfer_seconds`` [path]: latency of each transfer batch (histogram);
-- ``kvtier_lookup_tokens_total``, ``kvtier_matched_tokens_total`` [tier]: tokens asked for
-  beyond G1 and tokens found in each tier (under vLLM: once per scheduled request, the tokens
-  vLLM's ``external_prefix_cache_queries`` count);
-- ``kvtier_hit_rate`` [tier]: matched / looked-up tokens over a sliding window;
-- ``kvtier_pool_blocks`` [tier, state]: pool occupancy (in_use / inactive / free);
-- ``kvtier_disk_filter_rejections_total``: G2 -> G3 offloads refused by the frequency filter;
-- ``kvtier_load_errors_total`` [tier]: blocks whose load failed (recomputed, never served);
-  tier ``unknown`` when the reporter does not know the source (the vLLM workers' reports);
-- ``kvtier_pinned_bytes``: host memory page-locked for G2;
-- cost-aware onboarding (``kvtier.core.onboard_cost``): ``kvtier_onboard_tokens_total`` [tier,
-  decision: loaded / skipped] matched tokens loaded or left to recompute;
-  ``kvtier_onboard_seconds`` [kind: load / ttft, source: estimated / measured] the model's
-  estimates next to what then happened; gauges of what the model believes now:
-  ``kvtier_onboard_bandwidth_bytes_per_second`` / ``kvtier_onboard_latency_seconds`` /
-  ``kvtier_onboard_queued_bytes`` [tier] and ``kvtier_onboard_prefill_seconds_per_token``.
+What is measured: blocks, bytes and latency per transfer path; tokens looked up and matched per
+tier and their sliding-window hit rate; pool occupancy; frequency-filter rejections; load errors;
+pinned bytes; cost-aware onboarding's decisions, estimates and beliefs. Each metric's name,
+labels and meaning are in docs/operations.md (and in its help text below).
 
 The Dynamo KVBM names (``kvbm_offload_blocks_d2h`` ...) are exported beside them, so dashboards
 built for Dynamo keep working; docs/operations.md lists the mapping. This module imports no torch.
@@ -34,6 +19,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from kvtier.config import require_count
 from kvtier.ops.hit_rate import SlidingHitRate as SlidingHitRate
 from kvtier.ops.metrics_server import MetricsConfig as MetricsConfig
 from kvtier.ops.metrics_server import MetricsServer as MetricsServer
@@ -90,11 +76,6 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 def _check_label(kind: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {kind} {value!r}; expected one of {', '.join(allowed)}")
-
-
-def _check_count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
 
 
 class KvTierMetrics:
@@ -196,8 +177,8 @@ class KvTierMetrics:
     def record_transfer(self, path: str, blocks: int, nbytes: int, seconds: float) -> None:
         """One finished transfer batch of ``blocks`` blocks (``nbytes`` bytes) on ``path``."""
         _check_label("path", path, PATHS)
-        _check_count("blocks", blocks)
-        _check_count("nbytes", nbytes)
+        require_count("blocks", blocks)
+        require_count("nbytes", nbytes)
         if not seconds >= 0:
             raise ValueError(f"seconds must be >= 0, got {seconds!r}")
         blocks_total, bytes_total, latency = self._path_series[path]
@@ -215,7 +196,7 @@ class KvTierMetrics:
             ("host_blocks", host_blocks),
             ("disk_blocks", disk_blocks),
         ):
-            _check_count(name, value)
+            require_count(name, value)
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size!r}")
         if host_blocks + disk_blocks > looked_up_blocks:
@@ -230,7 +211,7 @@ class KvTierMetrics:
         """One lookup counted in tokens: ``looked_up`` tokens beyond G1 (partial tail included,
         as vLLM counts its external queries), ``host`` / ``disk`` of them found in G2 / G3."""
         for name, value in (("looked_up", looked_up), ("host", host), ("disk", disk)):
-            _check_count(name, value)
+            require_count(name, value)
         if host + disk > looked_up:
             raise ValueError(f"matched {host}+{disk} tokens of only {looked_up} looked up")
         self._lookup_tokens.inc(looked_up)
@@ -241,20 +222,20 @@ class KvTierMetrics:
 
     def record_remote_lookup(self, looked_up_blocks: int, hit_blocks: int) -> None:
         """G4 lookups: blocks asked past the G2/G3 hit, and found in G4 (its hit rate)."""
-        _check_count("looked_up_blocks", looked_up_blocks)
-        _check_count("hit_blocks", hit_blocks)
+        require_count("looked_up_blocks", looked_up_blocks)
+        require_count("hit_blocks", hit_blocks)
         self.remote.record_lookup(looked_up_blocks, hit_blocks)
         self._remote_window.add(looked_up_blocks, {"remote": hit_blocks})
 
     def record_filter_rejections(self, count: int = 1) -> None:
         """``count`` G2 -> G3 offloads refused by the frequency filter."""
-        _check_count("count", count)
+        require_count("count", count)
         self._rejections.inc(count)
 
     def record_load_errors(self, tier: str, blocks: int) -> None:
         """``blocks`` blocks whose load from ``tier`` failed (the engine recomputes them)."""
         _check_label("tier", tier, ERROR_TIERS)
-        _check_count("blocks", blocks)
+        require_count("blocks", blocks)
         self._load_errors.labels(tier).inc(blocks)
 
     def set_pool_occupancy(self, tier: str, in_use: int, inactive: int, free: int) -> None:
@@ -262,13 +243,13 @@ class KvTierMetrics:
         _check_label("tier", tier, TIERS)
         counts = (in_use, inactive, free)
         for state, value in zip(POOL_STATES, counts, strict=True):  # all checked before any is set
-            _check_count(state, value)
+            require_count(state, value)
         for series, value in zip(self._pool_series[tier], counts, strict=True):
             series.set(value)
 
     def set_pinned_bytes(self, nbytes: int) -> None:
         """Bytes of host memory currently page-locked for G2."""
-        _check_count("nbytes", nbytes)
+        require_count("nbytes", nbytes)
         self._pinned.set(nbytes)
 
     # -- cost-aware onboarding (kvtier.core.onboard_cost) -------------------------------------
@@ -318,8 +299,8 @@ class KvTierMetrics:
     def record_onboard_tokens(self, tier: str, loaded: int, skipped: int) -> None:
         """Matched tokens of ``tier`` loaded and skipped since the last call."""
         _check_label("tier", tier, ONBOARD_TIERS)
-        _check_count("loaded", loaded)
-        _check_count("skipped", skipped)
+        require_count("loaded", loaded)
+        require_count("skipped", skipped)
         self._onboard_tokens.labels(tier, "loaded").inc(loaded)
         self._onboard_tokens.labels(tier, "skipped").inc(skipped)
 
@@ -336,7 +317,7 @@ class KvTierMetrics:
     ) -> None:
         """What the cost model believes of ``tier`` now."""
         _check_label("tier", tier, ONBOARD_TIERS)
-        _check_count("queued_bytes", queued_bytes)
+        require_count("queued_bytes", queued_bytes)
         self._onboard_bw.labels(tier).set(bandwidth)
         self._onboard_lat.labels(tier).set(latency)
         self._onboard_queued.labels(tier).set(queued_bytes)
