@@ -127,14 +127,11 @@ def load_settings(
         )
     values: dict[str, Any] = {}
     for knob in KNOBS:
+        invert = False
         if knob.extra_key in extra:
-            source, raw, invert = (
-                f"kv_connector_extra_config[{knob.extra_key!r}]",
-                extra[knob.extra_key],
-                False,
-            )
+            source, raw = f"kv_connector_extra_config[{knob.extra_key!r}]", extra[knob.extra_key]
         elif env.get(knob.env, "") != "":
-            source, raw, invert = knob.env, env[knob.env], False
+            source, raw = knob.env, env[knob.env]
         elif knob.dynamo_env is not None and env.get(knob.dynamo_env, "") != "":
             source, raw, invert = knob.dynamo_env, env[knob.dynamo_env], knob.dynamo_inverted
         else:

@@ -120,12 +120,9 @@ class DiskStorage:
     # -- life cycle ---------------------------------------------------------------------------
 
     def open(self) -> list[StoredBlock]:
-        """Create or reopen the folder; return the blocks found, newest first (none when the
-        folder is too large to read headers: ``names_only``). Leftover temporary files (a crash
-        mid-write, no live writer) and truncated or corrupt-header files are removed; files of
-        another fingerprint are left alone and listed in ``skipped``; anything else (other
-        names, symlinks, FIFOs, folders) is ignored.
-        """
+        """Create or reopen the folder; return the blocks found, newest first (none when
+        ``names_only``). Truncated or corrupt-header files are removed, files of another
+        fingerprint left alone; both are listed in ``skipped`` (the rest: ``scan_names``)."""
         d = self._dir
         d.open()
         self.writable = d.writable

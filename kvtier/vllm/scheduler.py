@@ -16,10 +16,8 @@ Rules it keeps:
   must compute at least one token). Every block a step completes (prompt or decode) is offered
   to the planner once (G2, and G3 through the cascade).
 - A request that finishes while stores of its blocks may still read GPU memory keeps its blocks
-  (``request_finished`` returns True) until the workers confirm (``finished_sending``). With
-  kvtier's CPU worker that never happens (its stores read memory within the step that planned
-  them); its CUDA worker stores asynchronously (``SchedulerConfig.async_store_reads``) and pins
-  G2 in chunks (``pinned_host_rows``: G2 slots only below the rows every worker reported pinned).
+  (``request_finished`` returns True) until the workers confirm (``finished_sending``): only
+  CUDA workers, whose stores are asynchronous (``SchedulerConfig.async_store_reads``).
 """
 
 from __future__ import annotations
