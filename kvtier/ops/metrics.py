@@ -147,16 +147,11 @@ class KvTierMetrics:
         # G4 (remote tier): its own kvtier_remote_* families (kvtier.ops.remote_metrics).
         self._remote_window = SlidingHitRate(hit_rate_window_s, clock)
         self.remote = RemoteMetrics(reg, lambda: self._remote_window.rate("remote"))
-        Gauge(
-            "kvbm_host_cache_hit_rate",
-            "Dynamo KVBM name of kvtier_hit_rate{tier='host'}.",
-            registry=reg,
-        ).set_function(self._rate_of("host"))
-        Gauge(
-            "kvbm_disk_cache_hit_rate",
-            "Dynamo KVBM name of kvtier_hit_rate{tier='disk'}.",
-            registry=reg,
-        ).set_function(self._rate_of("disk"))
+        for tier in MATCH_TIERS:
+            doc = f"Dynamo KVBM name of kvtier_hit_rate{{tier='{tier}'}}."
+            Gauge(f"kvbm_{tier}_cache_hit_rate", doc, registry=reg).set_function(
+                self._rate_of(tier)
+            )
         # Every series exists from the start, at zero; the per-step setters keep the children
         # (``labels()`` validates and locks on every call: a few us each, every step).
         self._path_series = {
