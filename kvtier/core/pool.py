@@ -2,55 +2,37 @@
 
 Why: every tier (G1 device, G2 host, G3 disk) needs the same bookkeeping over a fixed number of
 slots; only the bytes differ, and those live in the data plane. This is pure Python, no torch.
-
-Eviction candidates are inactive leaves: registered, ref count 0, and no registered child in this
-pool (a child keeps its parent alive). The victim is the candidate with the lowest
-``(priority, release tick)``: lowest priority first, then least recently released. Candidates sit in
-a heap with lazy deletion (an entry is valid while its key still matches the slot), compacted when
-it is more than half stale, so every operation is O(log n) in the blocks it touches, never O(pool).
+The eviction order is ``kvtier.core.eviction``; argument checks ``pool_checks``; the O(pool)
+verification ``pool_invariants``.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 
 from kvtier.core import slot_table as st
 from kvtier.core.block import BlockState, ImmutableBlock, ImmutableBlockGroup, MutableBlock
-from kvtier.core.errors import BlockStateError, InvariantError, PoolError
+from kvtier.core.errors import BlockStateError, PoolError
+from kvtier.core.eviction import EvictionHeap
 from kvtier.core.free_slots import FreeSlots
+from kvtier.core.pool_checks import (
+    U64_MAX,
+    check_hash,
+    check_int,
+    check_priority,
+    check_registration,
+)
+from kvtier.core.pool_invariants import check_invariants as _check_invariants
 from kvtier.core.registry import TierRegistry
 from kvtier.core.slot_table import SlotTable
 
 __all__ = ["BlockPool"]
 
-_U64_MAX = 2**64 - 1
 _MUTABLE_STATES = {
     st.RESET: BlockState.RESET,
     st.PARTIAL: BlockState.PARTIAL,
     st.COMPLETE: BlockState.COMPLETE,
 }
-
-
-def _check_hash(name: str, value: int | None, *, optional: bool = False) -> None:
-    if type(value) is int and 0 <= value <= _U64_MAX:  # the common case, checked cheaply
-        return
-    if value is None and optional:
-        return
-    raise ValueError(f"{name} must be an int in the u64 range [0, 2**64), got {value!r}")
-
-
-def _check_int(name: str, value: int, minimum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_priority(priority: int) -> None:
-    _check_int("priority", priority)
-    if not st.INT64_MIN <= priority <= st.INT64_MAX:
-        raise ValueError(f"priority must fit in 64 bits, got {priority}")
 
 
 class BlockPool:
@@ -64,8 +46,8 @@ class BlockPool:
         tier: str = "G1",
         registry: TierRegistry | None = None,
     ) -> None:
-        _check_int("num_blocks", num_blocks, 1)
-        _check_int("block_size", block_size, 1)
+        check_int("num_blocks", num_blocks, 1)
+        check_int("block_size", block_size, 1)
         if not isinstance(tier, str) or not tier:
             raise ValueError(f"tier must be a non-empty str, got {tier!r}")
         self._capacity = num_blocks
@@ -76,7 +58,7 @@ class BlockPool:
         self._slots = SlotTable(num_blocks)
         self._by_hash: dict[int, int] = {}  # sequence hash -> block id, LINKED slots only
         self._children: dict[int, int] = {}  # parent sequence hash -> LINKED children here
-        self._evictable: list[tuple[int, int, int]] = []  # (priority, tick, block_id), lazy
+        self._eviction = EvictionHeap(self._slots, self._children)
         self._num_inactive = 0
         self._tick = 0
 
@@ -122,12 +104,12 @@ class BlockPool:
 
         All or nothing: when it returns None, nothing was evicted.
         """
-        _check_int("n", n, 0)
+        check_int("n", n, 0)
         short = n - self._free.num_free
         if short > 0:
             if short > self._num_inactive:
                 return None
-            victims = self._pick_victims(short, all_or_nothing=True)
+            victims = self._eviction.pick(short, True, self._child_gone)
             if victims is None:
                 return None
             for block_id in victims:
@@ -143,8 +125,8 @@ class BlockPool:
 
     def evict(self, n: int) -> list[int]:
         """Evict up to ``n`` blocks in eviction order; returns their sequence hashes."""
-        _check_int("n", n, 0)
-        victims = self._pick_victims(n, all_or_nothing=False) or []
+        check_int("n", n, 0)
+        victims = self._eviction.pick(n, False, self._child_gone) or []
         hashes = [self._slots.seq[block_id] for block_id in victims]
         for block_id in victims:
             self._drop(block_id)
@@ -168,13 +150,13 @@ class BlockPool:
             block_id = block._block_id  # the common case, checked cheaply (a hot path)
         else:
             block_id = self._own(block, MutableBlock)
-        if not (type(sequence_hash) is int and 0 <= sequence_hash <= _U64_MAX):
-            _check_hash("sequence_hash", sequence_hash)
+        if not (type(sequence_hash) is int and 0 <= sequence_hash <= U64_MAX):
+            check_hash("sequence_hash", sequence_hash)
         if parent_sequence_hash is not None or block_hash is not None:
-            _check_hash("parent_sequence_hash", parent_sequence_hash, optional=True)
-            _check_hash("block_hash", block_hash, optional=True)
+            check_hash("parent_sequence_hash", parent_sequence_hash, optional=True)
+            check_hash("block_hash", block_hash, optional=True)
         if not (type(priority) is int and st.INT64_MIN <= priority <= st.INT64_MAX):
-            _check_priority(priority)
+            check_priority(priority)
         slots = self._slots
         if slots.state[block_id] != st.COMPLETE:
             raise BlockStateError(
@@ -206,25 +188,7 @@ class BlockPool:
         self._link(block_id, sequence_hash, parent_sequence_hash)
         return ImmutableBlock(self, block_id)
 
-    @staticmethod
-    def check_registration(
-        sequence_hash: int,
-        *,
-        parent_sequence_hash: int | None = None,
-        block_hash: int | None = None,
-        priority: int = 0,
-    ) -> None:
-        """Raise (ValueError/TypeError naming it) for any argument ``register`` would refuse.
-
-        Why: a caller that registers only later (when a copy lands) checks first, so bad input
-        fails before anything is allocated or moved, not inside ``poll``.
-        """
-        _check_hash("sequence_hash", sequence_hash)
-        _check_hash("parent_sequence_hash", parent_sequence_hash, optional=True)
-        _check_hash("block_hash", block_hash, optional=True)
-        _check_priority(priority)
-        if parent_sequence_hash == sequence_hash:
-            raise ValueError(f"block {sequence_hash} cannot be its own parent")
+    check_registration = staticmethod(check_registration)
 
     def match(self, sequence_hashes: Sequence[int]) -> list[ImmutableBlock]:
         """Handles on the longest registered prefix of ``sequence_hashes`` (stops at first miss)."""
@@ -285,8 +249,8 @@ class BlockPool:
         block_hash: int | None = None,
     ) -> None:
         """Adopt free slot ``block_id`` as an inactive registered block (rebuilding an index)."""
-        _check_int("block_id", block_id)
-        self.check_registration(
+        check_int("block_id", block_id)
+        check_registration(
             sequence_hash,
             parent_sequence_hash=parent_sequence_hash,
             block_hash=block_hash,
@@ -404,25 +368,7 @@ class BlockPool:
         self._tick += 1
         self._slots.tick[block_id] = self._tick
         if self._slots.seq[block_id] not in self._children:
-            self._push_candidate(block_id)
-
-    def _push_candidate(self, block_id: int) -> None:
-        slots = self._slots
-        heapq.heappush(self._evictable, (slots.prio[block_id], slots.tick[block_id], block_id))
-        if len(self._evictable) > 2 * self._num_inactive + 1024:
-            live = {e for e in self._evictable if self._is_candidate(e)}
-            self._evictable = sorted(live)
-
-    def _is_candidate(self, entry: tuple[int, int, int]) -> bool:
-        priority, tick, block_id = entry
-        slots = self._slots
-        return (
-            slots.state[block_id] == st.LINKED
-            and slots.refs[block_id] == 0
-            and slots.tick[block_id] == tick
-            and slots.prio[block_id] == priority
-            and slots.seq[block_id] not in self._children
-        )
+            self._eviction.push(block_id, self._num_inactive)
 
     def _child_gone(self, parent: int) -> None:
         left = self._children[parent] - 1
@@ -432,36 +378,10 @@ class BlockPool:
         del self._children[parent]
         block_id = self._by_hash.get(parent)
         if block_id is not None and self._slots.refs[block_id] == 0:
-            self._push_candidate(block_id)
-
-    def _pick_victims(self, n: int, *, all_or_nothing: bool) -> list[int] | None:
-        """Choose ``n`` victims in eviction order, detaching each from its parent so the parent
-        can follow; on shortfall with ``all_or_nothing``, reattach them all and return None."""
-        victims: list[int] = []
-        chosen: set[int] = set()
-        slots = self._slots
-        while len(victims) < n and self._evictable:
-            entry = heapq.heappop(self._evictable)
-            block_id = entry[2]
-            if block_id in chosen or not self._is_candidate(entry):
-                continue
-            chosen.add(block_id)
-            victims.append(block_id)
-            parent = slots.parent_of(block_id)
-            if parent is not None:
-                self._child_gone(parent)
-        if len(victims) == n or not all_or_nothing:
-            return victims
-        for block_id in reversed(victims):
-            parent = slots.parent_of(block_id)
-            if parent is not None:
-                self._children[parent] = self._children.get(parent, 0) + 1
-            entry = (slots.prio[block_id], slots.tick[block_id], block_id)
-            heapq.heappush(self._evictable, entry)
-        return None
+            self._eviction.push(block_id, self._num_inactive)
 
     def _drop(self, block_id: int) -> None:
-        """Evict a victim chosen by ``_pick_victims`` (its parent link is already undone)."""
+        """Evict a victim chosen by ``EvictionHeap.pick`` (its parent link is already undone)."""
         self._num_inactive -= 1
         self._unlink(block_id)
         self._free_slot(block_id)
@@ -471,57 +391,4 @@ class BlockPool:
         """Verify every structure against the others; raises InvariantError naming the break.
 
         O(pool size): for tests and the ``check`` tooling, not for the serving path."""
-
-        def fail(msg: str) -> None:
-            raise InvariantError(f"pool {self._tier}: {msg}")
-
-        self._free.check()
-        slots = self._slots
-        used = inactive = 0
-        children: dict[int, int] = {}
-        for block_id in slots.used_rows():
-            state = slots.state[block_id]
-            if (state == st.FREE) != self._free.is_free(block_id):
-                fail(f"slot {block_id}: state {state} disagrees with the free list")
-            if state == st.FREE:
-                continue
-            used += 1
-            refs, n_tokens = slots.refs[block_id], len(slots.tokens.get(block_id, ()))
-            if state in (st.LINKED, st.UNLINKED):
-                h = slots.seq[block_id]
-                if (state == st.LINKED) != (self._by_hash.get(h) == block_id):
-                    fail(f"slot {block_id}: linked state disagrees with the hash index")
-                if refs < 0 or (state == st.UNLINKED and refs == 0):
-                    fail(f"slot {block_id}: ref count {refs} impossible in state {state}")
-                if state == st.LINKED:
-                    inactive += refs == 0
-                    parent = slots.parent_of(block_id)
-                    if parent is not None:
-                        children[parent] = children.get(parent, 0) + 1
-            elif refs or not {
-                st.RESET: n_tokens == 0,
-                st.PARTIAL: 0 < n_tokens < self._block_size,
-                st.COMPLETE: n_tokens in (0, self._block_size),
-            }.get(state, False):
-                fail(f"slot {block_id}: mutable state {state} with {n_tokens} tokens, {refs} refs")
-        if used + self._free.num_free != self._capacity:
-            fail(f"{self._free.num_free} free + {used} used != {self._capacity}")
-        for h, block_id in self._by_hash.items():
-            if slots.state[block_id] != st.LINKED or slots.seq[block_id] != h:
-                fail(f"hash index entry {h} points at slot {block_id}, which does not hold it")
-        if inactive != self._num_inactive:
-            fail(f"num_inactive is {self._num_inactive}, counted {inactive}")
-        if children != self._children:
-            fail("child counts disagree with the registered blocks' parents")
-        entries = {e for e in self._evictable if self._is_candidate(e)}
-        for h, block_id in self._by_hash.items():
-            key = (slots.prio[block_id], slots.tick[block_id], block_id)
-            leaf = slots.refs[block_id] == 0 and h not in children
-            if leaf and key not in entries:
-                fail(f"evictable block {block_id} is missing from the eviction heap")
-        if self._registry is not None:
-            if self._registry.count(self._tier) != len(self._by_hash):
-                fail("registry count disagrees with the hash index")
-            for h in self._by_hash:
-                if not self._registry.holds(self._tier, h):
-                    fail(f"registry does not know that {self._tier} holds {h}")
+        _check_invariants(self)

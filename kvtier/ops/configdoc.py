@@ -1,6 +1,6 @@
 """The configuration reference table, generated from ``kvtier.settings.KNOBS``.
 
-Why generated: the knobs table in ``kvtier/settings.py`` is the one place knobs are defined and
+Why generated: the knobs table in ``kvtier/knobs.py`` is the one place knobs are defined and
 parsed; docs/configuration.md embeds this module's output between two marker lines, and a test
 fails when the two differ, so the reference can never drift from the code. Regenerate with
 ``python -m kvtier.ops.configdoc --write docs/configuration.md``.

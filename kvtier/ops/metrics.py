@@ -1,27 +1,12 @@
-"""Prometheus metrics of a kvtier instance, and the HTTP server that exposes them.
+"""Prometheus metrics of a kvtier instance (served by ``kvtier.ops.metrics_server``).
 
 Why a class with its own ``CollectorRegistry``: two managers in one process (tests, several
 engines) must not share or clash over counters, and nothing is registered at import time.
 
-What is measured (label values in brackets):
-
-- ``kvtier_blocks_total`` / ``kvtier_bytes_total`` [path]: blocks and bytes moved per path;
-- ``kvtier_transfer_seconds`` [path]: latency of each transfer batch (histogram);
-- ``kvtier_lookup_tokens_total``, ``kvtier_matched_tokens_total`` [tier]: tokens asked for
-  beyond G1 and tokens found in each tier (under vLLM: once per scheduled request, the tokens
-  vLLM's ``external_prefix_cache_queries`` count);
-- ``kvtier_hit_rate`` [tier]: matched / looked-up tokens over a sliding window;
-- ``kvtier_pool_blocks`` [tier, state]: pool occupancy (in_use / inactive / free);
-- ``kvtier_disk_filter_rejections_total``: G2 -> G3 offloads refused by the frequency filter;
-- ``kvtier_load_errors_total`` [tier]: blocks whose load failed (recomputed, never served);
-  tier ``unknown`` when the reporter does not know the source (the vLLM workers' reports);
-- ``kvtier_pinned_bytes``: host memory page-locked for G2;
-- cost-aware onboarding (``kvtier.core.onboard_cost``): ``kvtier_onboard_tokens_total`` [tier,
-  decision: loaded / skipped] matched tokens loaded or left to recompute;
-  ``kvtier_onboard_seconds`` [kind: load / ttft, source: estimated / measured] the model's
-  estimates next to what then happened; gauges of what the model believes now:
-  ``kvtier_onboard_bandwidth_bytes_per_second`` / ``kvtier_onboard_latency_seconds`` /
-  ``kvtier_onboard_queued_bytes`` [tier] and ``kvtier_onboard_prefill_seconds_per_token``.
+What is measured: blocks, bytes and latency per transfer path; tokens looked up and matched per
+tier and their sliding-window hit rate; pool occupancy; frequency-filter rejections; load errors;
+pinned bytes; cost-aware onboarding's decisions, estimates and beliefs. Each metric's name,
+labels and meaning are in docs/operations.md (and in its help text below).
 
 The Dynamo KVBM names (``kvbm_offload_blocks_d2h`` ...) are exported beside them, so dashboards
 built for Dynamo keep working; docs/operations.md lists the mapping. This module imports no torch.
@@ -29,16 +14,15 @@ built for Dynamo keep working; docs/operations.md lists the mapping. This module
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from kvtier.lifecycle import Lifecycle
+from kvtier.config import require_count
+from kvtier.ops.hit_rate import SlidingHitRate as SlidingHitRate
+from kvtier.ops.metrics_server import MetricsConfig as MetricsConfig
+from kvtier.ops.metrics_server import MetricsServer as MetricsServer
 from kvtier.ops.remote_metrics import RemoteMetrics
 
 PATHS: tuple[str, ...] = (
@@ -70,7 +54,6 @@ DYNAMO_BLOCK_COUNTERS: dict[str, str] = {
     "disk_to_device": "kvbm_onboard_blocks_d2d",
 }
 """Dynamo KVBM's block counter for each kvtier path (its h2d offload means host to disk)."""
-
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.0001,
     0.0005,
@@ -93,67 +76,6 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 def _check_label(kind: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {kind} {value!r}; expected one of {', '.join(allowed)}")
-
-
-def _check_count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    """Whether and where metrics are served.
-
-    ``host`` defaults to localhost: exposing the endpoint beyond the machine is a deliberate
-    choice (``0.0.0.0``). ``port`` 0 picks a free port (see :attr:`MetricsServer.port`).
-    ``hit_rate_window_s`` is the span of the sliding window behind ``kvtier_hit_rate``.
-    """
-
-    enabled: bool = False
-    port: int = 6880
-    host: str = "127.0.0.1"
-    hit_rate_window_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.port, bool) or not isinstance(self.port, int):
-            raise ValueError(f"metrics port must be an int, got {self.port!r}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"metrics port must be in 0..65535, got {self.port}")
-        if not self.host:
-            raise ValueError("metrics host must not be empty")
-        if not self.hit_rate_window_s > 0:
-            raise ValueError(f"hit_rate_window_s must be > 0, got {self.hit_rate_window_s!r}")
-
-
-class SlidingHitRate:
-    """Hit rate per tier over the lookups of the last ``window_s`` seconds.
-
-    Each lookup adds (time, blocks looked up, blocks matched per tier); old entries fall out when
-    the rate is read. With no lookup in the window the rate is 0.0 (nothing was served).
-    """
-
-    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        if not window_s > 0:
-            raise ValueError(f"window_s must be > 0, got {window_s!r}")
-        self._window_s = window_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._entries: deque[tuple[float, int, dict[str, int]]] = deque()
-
-    def add(self, looked_up: int, matched: dict[str, int]) -> None:
-        """Record one lookup of ``looked_up`` blocks, of which ``matched[tier]`` came from tier."""
-        with self._lock:
-            self._entries.append((self._clock(), looked_up, dict(matched)))
-
-    def rate(self, tier: str) -> float:
-        """Matched blocks of ``tier`` / looked-up blocks, within the window."""
-        with self._lock:
-            horizon = self._clock() - self._window_s
-            while self._entries and self._entries[0][0] < horizon:
-                self._entries.popleft()
-            total = sum(e[1] for e in self._entries)
-            hits = sum(e[2].get(tier, 0) for e in self._entries)
-        return hits / total if total else 0.0
 
 
 class KvTierMetrics:
@@ -225,16 +147,11 @@ class KvTierMetrics:
         # G4 (remote tier): its own kvtier_remote_* families (kvtier.ops.remote_metrics).
         self._remote_window = SlidingHitRate(hit_rate_window_s, clock)
         self.remote = RemoteMetrics(reg, lambda: self._remote_window.rate("remote"))
-        Gauge(
-            "kvbm_host_cache_hit_rate",
-            "Dynamo KVBM name of kvtier_hit_rate{tier='host'}.",
-            registry=reg,
-        ).set_function(self._rate_of("host"))
-        Gauge(
-            "kvbm_disk_cache_hit_rate",
-            "Dynamo KVBM name of kvtier_hit_rate{tier='disk'}.",
-            registry=reg,
-        ).set_function(self._rate_of("disk"))
+        for tier in MATCH_TIERS:
+            doc = f"Dynamo KVBM name of kvtier_hit_rate{{tier='{tier}'}}."
+            Gauge(f"kvbm_{tier}_cache_hit_rate", doc, registry=reg).set_function(
+                self._rate_of(tier)
+            )
         # Every series exists from the start, at zero; the per-step setters keep the children
         # (``labels()`` validates and locks on every call: a few us each, every step).
         self._path_series = {
@@ -255,8 +172,8 @@ class KvTierMetrics:
     def record_transfer(self, path: str, blocks: int, nbytes: int, seconds: float) -> None:
         """One finished transfer batch of ``blocks`` blocks (``nbytes`` bytes) on ``path``."""
         _check_label("path", path, PATHS)
-        _check_count("blocks", blocks)
-        _check_count("nbytes", nbytes)
+        require_count("blocks", blocks)
+        require_count("nbytes", nbytes)
         if not seconds >= 0:
             raise ValueError(f"seconds must be >= 0, got {seconds!r}")
         blocks_total, bytes_total, latency = self._path_series[path]
@@ -274,7 +191,7 @@ class KvTierMetrics:
             ("host_blocks", host_blocks),
             ("disk_blocks", disk_blocks),
         ):
-            _check_count(name, value)
+            require_count(name, value)
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size!r}")
         if host_blocks + disk_blocks > looked_up_blocks:
@@ -289,7 +206,7 @@ class KvTierMetrics:
         """One lookup counted in tokens: ``looked_up`` tokens beyond G1 (partial tail included,
         as vLLM counts its external queries), ``host`` / ``disk`` of them found in G2 / G3."""
         for name, value in (("looked_up", looked_up), ("host", host), ("disk", disk)):
-            _check_count(name, value)
+            require_count(name, value)
         if host + disk > looked_up:
             raise ValueError(f"matched {host}+{disk} tokens of only {looked_up} looked up")
         self._lookup_tokens.inc(looked_up)
@@ -300,20 +217,20 @@ class KvTierMetrics:
 
     def record_remote_lookup(self, looked_up_blocks: int, hit_blocks: int) -> None:
         """G4 lookups: blocks asked past the G2/G3 hit, and found in G4 (its hit rate)."""
-        _check_count("looked_up_blocks", looked_up_blocks)
-        _check_count("hit_blocks", hit_blocks)
+        require_count("looked_up_blocks", looked_up_blocks)
+        require_count("hit_blocks", hit_blocks)
         self.remote.record_lookup(looked_up_blocks, hit_blocks)
         self._remote_window.add(looked_up_blocks, {"remote": hit_blocks})
 
     def record_filter_rejections(self, count: int = 1) -> None:
         """``count`` G2 -> G3 offloads refused by the frequency filter."""
-        _check_count("count", count)
+        require_count("count", count)
         self._rejections.inc(count)
 
     def record_load_errors(self, tier: str, blocks: int) -> None:
         """``blocks`` blocks whose load from ``tier`` failed (the engine recomputes them)."""
         _check_label("tier", tier, ERROR_TIERS)
-        _check_count("blocks", blocks)
+        require_count("blocks", blocks)
         self._load_errors.labels(tier).inc(blocks)
 
     def set_pool_occupancy(self, tier: str, in_use: int, inactive: int, free: int) -> None:
@@ -321,13 +238,13 @@ class KvTierMetrics:
         _check_label("tier", tier, TIERS)
         counts = (in_use, inactive, free)
         for state, value in zip(POOL_STATES, counts, strict=True):  # all checked before any is set
-            _check_count(state, value)
+            require_count(state, value)
         for series, value in zip(self._pool_series[tier], counts, strict=True):
             series.set(value)
 
     def set_pinned_bytes(self, nbytes: int) -> None:
         """Bytes of host memory currently page-locked for G2."""
-        _check_count("nbytes", nbytes)
+        require_count("nbytes", nbytes)
         self._pinned.set(nbytes)
 
     # -- cost-aware onboarding (kvtier.core.onboard_cost) -------------------------------------
@@ -377,8 +294,8 @@ class KvTierMetrics:
     def record_onboard_tokens(self, tier: str, loaded: int, skipped: int) -> None:
         """Matched tokens of ``tier`` loaded and skipped since the last call."""
         _check_label("tier", tier, ONBOARD_TIERS)
-        _check_count("loaded", loaded)
-        _check_count("skipped", skipped)
+        require_count("loaded", loaded)
+        require_count("skipped", skipped)
         self._onboard_tokens.labels(tier, "loaded").inc(loaded)
         self._onboard_tokens.labels(tier, "skipped").inc(skipped)
 
@@ -395,7 +312,7 @@ class KvTierMetrics:
     ) -> None:
         """What the cost model believes of ``tier`` now."""
         _check_label("tier", tier, ONBOARD_TIERS)
-        _check_count("queued_bytes", queued_bytes)
+        require_count("queued_bytes", queued_bytes)
         self._onboard_bw.labels(tier).set(bandwidth)
         self._onboard_lat.labels(tier).set(latency)
         self._onboard_queued.labels(tier).set(queued_bytes)
@@ -407,51 +324,3 @@ class KvTierMetrics:
         """The sliding-window hit rate of ``tier`` (what ``kvtier_hit_rate`` shows)."""
         _check_label("tier", tier, MATCH_TIERS)
         return self._window.rate(tier)
-
-
-class MetricsServer(Lifecycle):
-    """Serves one :class:`KvTierMetrics` over HTTP (``GET /metrics``) on a background thread."""
-
-    def __init__(self, metrics: KvTierMetrics, config: MetricsConfig) -> None:
-        self._metrics = metrics
-        self._config = config
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        """The bound port (the real one when the configured port was 0)."""
-        if self._server is None:
-            raise RuntimeError("MetricsServer is not started")
-        return int(self._server.server_address[1])
-
-    @property
-    def url(self) -> str:
-        """Where to scrape."""
-        return f"http://{self._config.host}:{self.port}/metrics"
-
-    def start(self) -> MetricsServer:
-        """Bind and serve. Raises OSError naming the address when the port is taken."""
-        if self._server is not None:
-            raise RuntimeError("MetricsServer is already started")
-        try:
-            server, thread = start_http_server(
-                self._config.port, addr=self._config.host, registry=self._metrics.registry
-            )
-        except OSError as exc:
-            raise OSError(
-                f"cannot serve kvtier metrics on {self._config.host}:{self._config.port}: {exc}"
-            ) from exc
-        self._server, self._thread = server, thread
-        return self
-
-    def close(self) -> None:
-        """Stop serving and free the port. Safe to call twice."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join()
-        self._server = None
-        self._thread = None

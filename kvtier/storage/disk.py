@@ -14,34 +14,25 @@ the file names are the index, so a block another process wrote is found with one
 ``capacity`` the number of block files stays within it across processes, and a writer that finds
 the tier full deletes blocks it knows of, oldest known first, to make room.
 
-Start-up is bounded: up to ``scan_headers_up_to`` files every header is read (bad files removed,
-parents, priorities and ages restored into the caller's index); beyond that only names are read
-(a few seconds per million files, ``names_only``), the caller indexes nothing at start, and each
-block joins its index when first looked up, header verified when it is read.
-
-This class is thread-safe for different sequence hashes; the transfer manager never reads and
-writes the same hash at once.
+Start-up reads the folder with ``kvtier.storage.disk_scan``. This class is thread-safe for
+different sequence hashes; the transfer manager never reads and writes the same hash at once.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
-import json
 import logging
 import mmap
 import os
-import re
 import threading
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kvtier.storage.block_file import (
-    BLOCK_SUFFIX,
     HEADER_SIZE,
     BlockFileError,
     BlockHeader,
@@ -49,19 +40,24 @@ from kvtier.storage.block_file import (
     file_size,
     payload_checksum,
 )
-from kvtier.storage.tier_dir import STATE_PREFIX, TierDir
+from kvtier.storage.disk_scan import IDENTITY_FILE as IDENTITY_FILE
+from kvtier.storage.disk_scan import (
+    TMP_SUFFIX,
+    StoredBlock,
+    check_geometry,
+    probe_o_direct,
+    read_header,
+    scan_names,
+    write_identity,
+)
+from kvtier.storage.tier_dir import TierDir
+from kvtier.storage.vectored_io import aligned, bytes_of, read_all, write_all
 
 __all__ = ["IDENTITY_FILE", "DiskBlockError", "DiskStorage", "StoredBlock"]
 
 logger = logging.getLogger(__name__)
 
-_SUFFIX = BLOCK_SUFFIX
-_TMP_SUFFIX = ".tmp"
-_ALIGN = 4096
 _EVICT_TRIES = 64
-_BLOCK_NAME = re.compile(r"[0-9a-f]{16}\.kvb")
-IDENTITY_FILE = STATE_PREFIX + "identity.json"
-"""The model identity of a namespace folder (JSON, written once; shown by ``kvtier inspect``)."""
 
 
 class DiskBlockError(OSError):
@@ -71,32 +67,6 @@ class DiskBlockError(OSError):
         super().__init__(f"disk block {sequence_hash:016x}: {message}")
         self.sequence_hash = sequence_hash
         self.corrupt = corrupt
-
-
-@dataclass(frozen=True)
-class StoredBlock:
-    """A block found on ``open()`` (with ``parent_hash``/``priority``/age from its header when
-    the scan read headers; None / 0 / 0 when it read names only)."""
-
-    sequence_hash: int
-    parent_hash: int | None
-    priority: int
-    mtime_ns: int
-
-    @property
-    def header(self) -> StoredBlock:
-        """The same fields (kept for callers that read ``entry.header.sequence_hash``)."""
-        return self
-
-
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """A writable memoryview of a contiguous uint8 CPU tensor (no copy)."""
-    view: memoryview = t.numpy().data
-    return view
-
-
-def _aligned(t: torch.Tensor) -> bool:
-    return t.data_ptr() % _ALIGN == 0 and t.numel() % _ALIGN == 0
 
 
 class DiskStorage:
@@ -150,12 +120,9 @@ class DiskStorage:
     # -- life cycle ---------------------------------------------------------------------------
 
     def open(self) -> list[StoredBlock]:
-        """Create or reopen the folder; return the blocks found, newest first (none when the
-        folder is too large to read headers: ``names_only``). Leftover temporary files (a crash
-        mid-write, no live writer) and truncated or corrupt-header files are removed; files of
-        another fingerprint are left alone and listed in ``skipped``; anything else (other
-        names, symlinks, FIFOs, folders) is ignored.
-        """
+        """Create or reopen the folder; return the blocks found, newest first (none when
+        ``names_only``). Truncated or corrupt-header files are removed, files of another
+        fingerprint left alone; both are listed in ``skipped`` (the rest: ``scan_names``)."""
         d = self._dir
         d.open()
         self.writable = d.writable
@@ -164,19 +131,11 @@ class DiskStorage:
                 "kvtier: G3 directory %s is read-only: serving the blocks it holds, storing none",
                 self.directory,
             )
-        self.o_direct = self._probe_o_direct() if self.want_o_direct and self.writable else False
+        self.o_direct = probe_o_direct(d) if self.want_o_direct and self.writable else False
         if not self.writable and self.want_o_direct:
             self.o_direct = hasattr(os, "O_DIRECT")  # reads fall back per file if refused
         self.skipped = []
-        hashes: list[int] = []
-        is_block = _BLOCK_NAME.fullmatch
-        for entry in d.scan():
-            name = entry.name
-            if is_block(name):
-                if entry.is_file(follow_symlinks=False):
-                    hashes.append(int(name[:16], 16))
-            elif name.endswith(_TMP_SUFFIX) and self.writable and d.is_leftover(name):
-                d.unlink(name)
+        hashes = scan_names(d, self.writable)
         self.names_only = len(hashes) > self.scan_headers_up_to
         if self.names_only:  # nothing to index: names are the index (a few seconds per 1M)
             found: list[StoredBlock] = []
@@ -190,89 +149,25 @@ class DiskStorage:
         if (d.alone or d.fresh_count) and self.capacity is not None and self.writable:
             d.recount(count)
         d.shared()
-        self._write_identity()
+        if self.identity is not None and self.writable:
+            doc = {**self.identity, "block_bytes": self.block_bytes}
+            write_identity(d, doc, self.directory / IDENTITY_FILE)
         return found
 
     def _read_headers(self, names: list[tuple[str, int]]) -> list[StoredBlock]:
         found: list[StoredBlock] = []
         for name, h in names:
             try:
-                header, size, mtime_ns = self._read_header(name)
-                if header.fingerprint != self.fingerprint:
-                    raise BlockFileError(
-                        f"fingerprint {header.fingerprint:016x}, this tier is "
-                        f"{self.fingerprint:016x}"
-                    )
-                if header.sequence_hash != h:
-                    raise BlockFileError(f"file name does not match sequence hash in {name}")
-                self._check_geometry(header, size)
+                found.append(read_header(self._dir, name, self.fingerprint, h, self.block_bytes))
             except FileNotFoundError:
                 continue  # deleted by another process meanwhile: simply not there
             except BlockFileError as exc:
                 self.skipped.append((self.directory / name, str(exc)))
                 if "fingerprint" not in str(exc):
                     self._drop(name)
-                continue
             except OSError as exc:
                 self.skipped.append((self.directory / name, f"unreadable: {exc.strerror or exc}"))
-                continue
-            found.append(StoredBlock(h, header.parent_hash, header.priority, mtime_ns))
         return found
-
-    def _read_header(self, name: str) -> tuple[BlockHeader, int, int]:
-        fd = self._dir.open_regular(name, os.O_RDONLY)
-        try:
-            st = os.fstat(fd)
-            head = os.pread(fd, HEADER_SIZE, 0)
-        finally:
-            os.close(fd)
-        return BlockHeader.unpack(head), st.st_size, st.st_mtime_ns
-
-    def _write_identity(self) -> None:
-        if self.identity is None or not self.writable:
-            return
-        if self._dir.is_regular(IDENTITY_FILE):
-            return
-        tmp = f"{IDENTITY_FILE}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
-        try:
-            fd = self._dir.create(tmp, os.O_WRONLY)
-            try:
-                doc = {**self.identity, "block_bytes": self.block_bytes}
-                os.write(fd, json.dumps(doc, indent=2, sort_keys=True).encode())
-            finally:
-                os.close(fd)
-            self._dir.publish(tmp, IDENTITY_FILE)
-        except OSError as exc:
-            logger.warning("kvtier: cannot write %s: %s", self.directory / IDENTITY_FILE, exc)
-
-    def _probe_o_direct(self) -> bool:
-        if not hasattr(os, "O_DIRECT"):
-            return False
-        probe = f".probe-{uuid.uuid4().hex}{_TMP_SUFFIX}"
-        buf = mmap.mmap(-1, _ALIGN)
-        try:
-            fd = self._dir.create(probe, os.O_WRONLY | os.O_DIRECT)
-        except OSError:
-            return False
-        try:
-            os.pwritev(fd, [buf], 0)
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-            self._dir.unlink(probe)
-            buf.close()
-
-    def _check_geometry(self, header: BlockHeader, size: int) -> None:
-        if header.payload_len != self.block_bytes:
-            raise BlockFileError(
-                f"payload is {header.payload_len} bytes, blocks here are {self.block_bytes}"
-            )
-        if size != file_size(header.payload_len):
-            raise BlockFileError(
-                f"file is {size} bytes, expected {file_size(header.payload_len)} (truncated?)"
-            )
 
     # -- blocks -------------------------------------------------------------------------------
 
@@ -291,9 +186,6 @@ class DiskStorage:
         if ok:
             self._known.append(sequence_hash)
         return ok
-
-    def contains_file(self, sequence_hash: int) -> bool:
-        return self._dir.is_regular(self._name(sequence_hash))
 
     def _bounce(self, nbytes: int) -> mmap.mmap:
         buf: mmap.mmap | None = getattr(self._local, "buf", None)
@@ -343,7 +235,7 @@ class DiskStorage:
             raise ValueError(f"row must be {self.block_bytes} uint8 bytes")
         if not self.writable:
             raise DiskBlockError(sequence_hash, f"directory {self.directory} is not writable")
-        payload = _bytes_of(row)
+        payload = bytes_of(row)
         header = BlockHeader(
             self.fingerprint,
             sequence_hash,
@@ -355,13 +247,13 @@ class DiskStorage:
         final = self._name(sequence_hash)
         if self._dir.is_regular(final, file_size(self.block_bytes)):
             return  # another process stored it already: same hash, same bytes
-        tmp = f"{final}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
+        tmp = f"{final}.{uuid.uuid4().hex}{TMP_SUFFIX}"
         total = file_size(self.block_bytes)
         flags = os.O_WRONLY
         direct = self.o_direct
         if direct:
             flags |= os.O_DIRECT
-            if _aligned(row):
+            if aligned(row):
                 hbuf = self._bounce(HEADER_SIZE)
                 hbuf[:HEADER_SIZE] = header
                 bufs: list[memoryview | mmap.mmap] = [memoryview(hbuf)[:HEADER_SIZE], payload]
@@ -380,7 +272,7 @@ class DiskStorage:
             raise DiskBlockError(sequence_hash, f"cannot create {tmp}: {exc.strerror}") from exc
         self._dir.hold(fd)
         try:
-            _write_all(fd, bufs)
+            write_all(fd, bufs)
             if not direct:
                 pad = total - HEADER_SIZE - self.block_bytes
                 if pad:
@@ -429,22 +321,22 @@ class DiskStorage:
                     raise DiskBlockError(sequence_hash, f"cannot open: {again.strerror}") from again
             else:
                 raise DiskBlockError(sequence_hash, f"cannot open: {exc.strerror}") from exc
-        payload = _bytes_of(row)
+        payload = bytes_of(row)
         copy_out = False
         try:
             size = os.fstat(fd).st_size
-            if direct and _aligned(row):
+            if direct and aligned(row):
                 hbuf = self._bounce(HEADER_SIZE)
-                got = _read_all(fd, [memoryview(hbuf)[:HEADER_SIZE], payload])
+                got = read_all(fd, [memoryview(hbuf)[:HEADER_SIZE], payload])
                 head = memoryview(hbuf)[:HEADER_SIZE]
             elif direct:
                 buf = self._bounce(total)
-                got = _read_all(fd, [memoryview(buf)[:total]])
+                got = read_all(fd, [memoryview(buf)[:total]])
                 head = memoryview(buf)[:HEADER_SIZE]
                 copy_out = True
             else:
                 hb = bytearray(HEADER_SIZE)
-                got = _read_all(fd, [hb, payload])
+                got = read_all(fd, [hb, payload])
                 head = memoryview(hb)
         except OSError as exc:
             raise DiskBlockError(sequence_hash, f"read failed: {exc.strerror}") from exc
@@ -456,7 +348,7 @@ class DiskStorage:
                 raise BlockFileError(f"fingerprint {header.fingerprint:016x} is not this tier's")
             if header.sequence_hash != sequence_hash:
                 raise BlockFileError(f"holds sequence hash {header.sequence_hash:016x}")
-            self._check_geometry(header, size)
+            check_geometry(header, size, self.block_bytes)
             if got < HEADER_SIZE + self.block_bytes:
                 raise BlockFileError(f"short read of {got} bytes")
             if copy_out:
@@ -484,35 +376,3 @@ class DiskStorage:
             buf.close()
             self._local.buf = None
         self._dir.close()
-
-
-def _write_all(fd: int, bufs: list[memoryview | mmap.mmap]) -> None:
-    views = [memoryview(b).cast("B") for b in bufs]
-    offset = 0
-    while views:
-        n = os.pwritev(fd, views, offset)
-        if n <= 0:
-            raise OSError(errno.EIO, "pwritev wrote nothing")
-        offset += n
-        _consume(views, n)
-
-
-def _read_all(fd: int, bufs: list[memoryview | bytearray]) -> int:
-    views = [memoryview(b).cast("B") for b in bufs]
-    offset = 0
-    while views:
-        n = os.preadv(fd, views, offset)
-        if n <= 0:
-            break
-        offset += n
-        _consume(views, n)
-    return offset
-
-
-def _consume(views: list[memoryview], n: int) -> None:
-    """Drop the first ``n`` bytes from ``views`` (what one vectored call moved)."""
-    while views and n >= len(views[0]):
-        n -= len(views[0])
-        views.pop(0)
-    if views and n:
-        views[0] = views[0][n:]

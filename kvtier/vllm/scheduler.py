@@ -16,138 +16,26 @@ Rules it keeps:
   must compute at least one token). Every block a step completes (prompt or decode) is offered
   to the planner once (G2, and G3 through the cascade).
 - A request that finishes while stores of its blocks may still read GPU memory keeps its blocks
-  (``request_finished`` returns True) until the workers confirm (``finished_sending``). With
-  kvtier's CPU worker that never happens (its stores read memory within the step that planned
-  them); its CUDA worker stores asynchronously (``SchedulerConfig.async_store_reads``) and pins
-  G2 in chunks (``pinned_host_rows``: G2 slots only below the rows every worker reported pinned).
+  (``request_finished`` returns True) until the workers confirm (``finished_sending``): only
+  CUDA workers, whose stores are asynchronous (``SchedulerConfig.async_store_reads``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Sequence
 
-from kvtier.config import KvTierConfig, require_count
 from kvtier.hashing import salt_hash
 from kvtier.plan.counters import SchedulerCounters
-from kvtier.plan.planner import G2, G3, PlannerConfig, TierPlanner
+from kvtier.plan.planner import G2, G3, TierPlanner
 from kvtier.tokens import SequenceHashes
 from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, StoreBatch, WorkerReport
 from kvtier.vllm.onboard import OnboardAdvisor
 from kvtier.vllm.remote_plan import RemoteLoad, RemotePlanner
+from kvtier.vllm.request_state import RequestLike, RequestState, lora_name, scheduled_rows
+from kvtier.vllm.scheduler_config import SchedulerConfig
 
 __all__ = ["KvTierScheduler", "SchedulerConfig", "SchedulerCounters"]
-
-
-class RequestLike(Protocol):
-    """The attributes of vLLM's ``Request`` the scheduler half reads."""
-
-    request_id: str
-    cache_salt: str | None
-    lora_request: Any
-
-    @property
-    def all_token_ids(self) -> Sequence[int]: ...
-
-    @property
-    def num_tokens(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Geometry and policy of the scheduler half."""
-
-    block_size: int
-    host_blocks: int
-    disk_blocks: int
-    disk_filter: bool = True
-    layerwise_onboard: bool = False
-    num_workers: int = 1
-    async_store_reads: bool = False
-    """True when workers may still read a store's GPU blocks after the step that planned it
-    (an asynchronous copy stream); then ``request_finished`` keeps the blocks until the workers
-    confirm. kvtier's CPU worker finishes those reads inside the step (``wait_for_save``), so
-    vLLM may free a finished request's blocks at once; its CUDA worker does not."""
-    layerwise_disk: bool = True
-    """With ``layerwise_onboard``, whether matches with G3 blocks load inside the forward pass
-    too. False sends them through the asynchronous path: vLLM with asynchronous scheduling (its
-    GPU default) has already scheduled the next step when an in-pass load fails, so it would emit
-    one token computed from the missing block; a G3 read can fail (a corrupt file), a G2 copy
-    cannot once issued."""
-    pinned_host_rows: bool = False
-    """True when workers pin G2 in chunks after start-up (CUDA): G2 slots are handed out only
-    below the smallest pinned-row count every worker has reported (``WorkerReport``)."""
-    record_events: bool = False
-    """Keep the planner's Store/Remove events for the telemetry's KV events (events on)."""
-
-    def __post_init__(self) -> None:
-        require_count("block_size", self.block_size, low=1)
-        self.planner()  # validates the tier sizes and the worker count
-
-    @classmethod
-    def from_config(cls, config: KvTierConfig, *, record_events: bool = False) -> SchedulerConfig:
-        """The scheduler half's share of the one configuration root. CUDA workers store
-        asynchronously and pin G2 in chunks (``kvtier.vllm.gpu_path``); with asynchronous
-        scheduling G3 loads run before the forward pass. ``record_events``: KV events are on."""
-        return cls(
-            block_size=config.model.block_size,
-            host_blocks=config.host_blocks,
-            disk_blocks=config.disk_blocks,
-            disk_filter=config.disk_filter,
-            layerwise_onboard=config.layerwise_onboard,
-            num_workers=config.num_workers,
-            async_store_reads=config.device != "cpu",
-            pinned_host_rows=config.device != "cpu",
-            layerwise_disk=not config.async_scheduling,
-            record_events=record_events,
-        )
-
-    def planner(self) -> PlannerConfig:
-        """The planner's share of this configuration."""
-        return PlannerConfig(
-            host_blocks=self.host_blocks,
-            disk_blocks=self.disk_blocks,
-            disk_filter=self.disk_filter,
-            num_workers=self.num_workers,
-            pinned_host_rows=self.pinned_host_rows,
-            record_events=self.record_events,
-        )
-
-
-@dataclass
-class _Req:
-    request: RequestLike
-    hashes: SequenceHashes
-    block_ids: list[int] = field(default_factory=list)
-    next_store: int = 0
-    match_start: int = 0
-    match_host: int = 0
-    match_disk: int = 0
-    match_remote: int = 0
-    last_store_step: int = -1
-    load_job: int | None = None
-    query_tokens: int = 0
-
-
-def _lora_name(request: RequestLike) -> str | None:
-    lora = getattr(request, "lora_request", None)
-    if lora is None:
-        return None
-    name = getattr(lora, "lora_name", None)
-    return str(name) if name is not None else None
-
-
-def _rows(
-    new_reqs: Iterable[tuple[str, Sequence[int], int]],
-    cached_reqs: Iterable[tuple[str, Sequence[int] | None, int, bool]],
-) -> Iterator[tuple[str, Sequence[int] | None, int, bool, bool]]:
-    """Both kinds of scheduled request as (req_id, block_ids, computed, resumed, new)."""
-    for req_id, block_ids, computed in new_reqs:
-        yield req_id, block_ids, computed, False, True
-    for req_id, new_ids, computed, resumed in cached_reqs:
-        yield req_id, new_ids, computed, resumed, False
 
 
 class KvTierScheduler:
@@ -169,7 +57,7 @@ class KvTierScheduler:
         self.host = self.planner.host  # what G2 and G3 hold, and the G2 -> G3 filter
         self.disk = self.planner.disk
         self.filter = self.planner.filter
-        self._reqs: dict[str, _Req] = {}
+        self._reqs: dict[str, RequestState] = {}
         self._step = 0
         self._confirmed_step = -1
         self._plan_loads: list[LoadJob] = []
@@ -304,7 +192,7 @@ class KvTierScheduler:
         writes: list[DiskWrite] = []
         # One pass, O(1) per request unless it completes a block: a decode step touches every
         # running request, and only ~2 of 32 fill a block.
-        for req_id, block_ids, computed, resumed, new in _rows(new_reqs, cached_reqs):
+        for req_id, block_ids, computed, resumed, new in scheduled_rows(new_reqs, cached_reqs):
             st = reqs.get(req_id)
             if st is None:
                 continue
@@ -423,24 +311,24 @@ class KvTierScheduler:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _load_async(self, st: _Req) -> bool:
+    def _load_async(self, st: RequestState) -> bool:
         """Whether the current match loads outside the forward pass (see ``SchedulerConfig``)."""
         if not self.config.layerwise_onboard:
             return True
         return st.match_disk > 0 and not self.config.layerwise_disk
 
-    def _track(self, request: RequestLike) -> _Req:
+    def _track(self, request: RequestLike) -> RequestState:
         st = self._reqs.get(request.request_id)
         if st is None:
-            salt = salt_hash(request.cache_salt, _lora_name(request))
-            st = _Req(request, SequenceHashes(self.config.block_size, salt))
+            salt = salt_hash(request.cache_salt, lora_name(request))
+            st = RequestState(request, SequenceHashes(self.config.block_size, salt))
             self._reqs[request.request_id] = st
         st.hashes.advance(request.all_token_ids, request.num_tokens)
         return st
 
     def _plan_stores(
         self,
-        st: _Req,
+        st: RequestState,
         done_tokens: int,
         step: int,
         stores: StoreBatch,

@@ -1,0 +1,128 @@
+"""What ``DiskStorage.open`` reads of a G3 folder: block names, headers, O_DIRECT, identity.
+
+Start-up is bounded: up to ``scan_headers_up_to`` files every header is read (bad files removed,
+parents, priorities and ages restored into the caller's index); beyond that only names are read
+(a few seconds per million files, ``names_only``), the caller indexes nothing at start, and each
+block joins its index when first looked up, header verified when it is read. Functions of a
+``TierDir``, no state; ``DiskStorage`` keeps to reading and writing blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from kvtier.storage.block_file import HEADER_SIZE, BlockFileError, BlockHeader, file_size
+from kvtier.storage.tier_dir import STATE_PREFIX, TierDir
+from kvtier.storage.vectored_io import ALIGN
+
+logger = logging.getLogger(__name__)
+
+TMP_SUFFIX = ".tmp"
+IDENTITY_FILE = STATE_PREFIX + "identity.json"
+"""The model identity of a namespace folder (JSON, written once; shown by ``kvtier inspect``)."""
+_BLOCK_NAME = re.compile(r"[0-9a-f]{16}\.kvb")
+
+
+@dataclass(frozen=True)
+class StoredBlock:
+    """A block found on ``open()`` (with ``parent_hash``/``priority``/age from its header when
+    the scan read headers; None / 0 / 0 when it read names only)."""
+
+    sequence_hash: int
+    parent_hash: int | None
+    priority: int
+    mtime_ns: int
+
+    @property
+    def header(self) -> StoredBlock:
+        """The same fields (kept for callers that read ``entry.header.sequence_hash``)."""
+        return self
+
+
+def scan_names(d: TierDir, writable: bool) -> list[int]:
+    """Sequence hashes of the block files there; leftover temporary files (a crash mid-write, no
+    live writer) are removed when ``writable``; other names, symlinks, FIFOs, folders ignored."""
+    hashes: list[int] = []
+    is_block = _BLOCK_NAME.fullmatch
+    for entry in d.scan():
+        name = entry.name
+        if is_block(name):
+            if entry.is_file(follow_symlinks=False):
+                hashes.append(int(name[:16], 16))
+        elif name.endswith(TMP_SUFFIX) and writable and d.is_leftover(name):
+            d.unlink(name)
+    return hashes
+
+
+def check_geometry(header: BlockHeader, size: int, block_bytes: int) -> None:
+    if header.payload_len != block_bytes:
+        raise BlockFileError(
+            f"payload is {header.payload_len} bytes, blocks here are {block_bytes}"
+        )
+    if size != file_size(header.payload_len):
+        raise BlockFileError(
+            f"file is {size} bytes, expected {file_size(header.payload_len)} (truncated?)"
+        )
+
+
+def read_header(d: TierDir, name: str, fingerprint: int, h: int, block_bytes: int) -> StoredBlock:
+    """The verified header of block file ``name`` of hash ``h``; raises BlockFileError when bad."""
+    fd = d.open_regular(name, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        head = os.pread(fd, HEADER_SIZE, 0)
+    finally:
+        os.close(fd)
+    header = BlockHeader.unpack(head)
+    if header.fingerprint != fingerprint:
+        raise BlockFileError(
+            f"fingerprint {header.fingerprint:016x}, this tier is {fingerprint:016x}"
+        )
+    if header.sequence_hash != h:
+        raise BlockFileError(f"file name does not match sequence hash in {name}")
+    check_geometry(header, st.st_size, block_bytes)
+    return StoredBlock(h, header.parent_hash, header.priority, st.st_mtime_ns)
+
+
+def probe_o_direct(d: TierDir) -> bool:
+    """Whether the folder's filesystem takes O_DIRECT writes (tmpfs refuses them)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    probe = f".probe-{uuid.uuid4().hex}{TMP_SUFFIX}"
+    buf = mmap.mmap(-1, ALIGN)
+    try:
+        fd = d.create(probe, os.O_WRONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    try:
+        os.pwritev(fd, [buf], 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        d.unlink(probe)
+        buf.close()
+
+
+def write_identity(d: TierDir, doc: Mapping[str, object], where: os.PathLike[str]) -> None:
+    """Write ``doc`` as the folder's ``IDENTITY_FILE`` unless one is there (a failure is logged)."""
+    if d.is_regular(IDENTITY_FILE):
+        return
+    tmp = f"{IDENTITY_FILE}.{uuid.uuid4().hex}{TMP_SUFFIX}"
+    try:
+        fd = d.create(tmp, os.O_WRONLY)
+        try:
+            os.write(fd, json.dumps(doc, indent=2, sort_keys=True).encode())
+        finally:
+            os.close(fd)
+        d.publish(tmp, IDENTITY_FILE)
+    except OSError as exc:
+        logger.warning("kvtier: cannot write %s: %s", where, exc)
