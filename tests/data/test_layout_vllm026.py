@@ -42,6 +42,13 @@ class Backend:
     kernel_sizes: tuple[int, ...] = ()  # int-format supported kernel block sizes
     multiple_of: int = 0  # MultipleOf(n) supported kernel block sizes (0: none)
 
+    @property
+    def label(self) -> str:
+        """The backend's name, with its cache layout for the per-head ones (test ids)."""
+        if len(self.order) == 4:
+            return f"{self.name}-{'HND' if self.order == (0, 1, 2, 3) else 'NHD'}"
+        return self.name
+
     def kernel_block(self, block_size: int) -> int:
         """``select_common_block_size`` for a group of this backend alone."""
         if self.multiple_of and block_size % self.multiple_of == 0:
@@ -148,7 +155,7 @@ CASES = [
 @pytest.mark.parametrize(
     ("backend", "block_size", "shape", "strides", "interior"),
     CASES,
-    ids=[f"{c[0].name}-{'HND' if c[0] in (FLASH_HND, TRITON_HND) else ''}{c[1]}" for c in CASES],
+    ids=[f"{c[0].label}-{c[1]}" for c in CASES],
 )
 def test_per_layer_tensors_are_exact(
     backend: Backend, block_size: int, shape: Shape, strides: Shape, interior: Shape
@@ -217,7 +224,7 @@ CROSS = [
 
 
 @pytest.mark.parametrize(
-    ("backend", "block_size", "shape"), CROSS, ids=[f"{c[0].name}-{c[1]}" for c in CROSS]
+    ("backend", "block_size", "shape"), CROSS, ids=[f"{c[0].label}-{c[1]}" for c in CROSS]
 )
 def test_cross_layer_tensor_is_exact(backend: Backend, block_size: int, shape: Shape) -> None:
     model = model_for(backend, block_size)
