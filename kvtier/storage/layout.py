@@ -22,15 +22,15 @@ records (``interior_shape``) is the physical one, and ``physical_order`` (the lo
 order) goes into the fingerprint, so bytes stored under one order are never read under another. The
 cross-layer tensor of vLLM 0.26 (``register_cross_layers_kv_cache``: one dense region per block
 across all layers, e.g. ``(num_blocks, L, T, H, 2D)`` for NHD or ``(num_blocks, H, L, T, 2D)`` for
-HND) is ``FULLY_CONTIGUOUS`` with its physical ``block_shape`` in the fingerprint. MLA backends
-(FLASH_ATTN_MLA, FLASHMLA, TRITON_MLA) hand one tensor per layer ``(num_blocks, T, head_dim)`` with
-no K/V axis (``outer_dim`` 1), and a cross-layer ``(num_blocks, L, T, head_dim)``. When the backend's
-kernel block is smaller than the scheduler's block (FlashMLA: 64 tokens), vLLM's GPU model runner
-splits each block into ``k`` kernel blocks: the block dim has ``k * num_blocks`` rows and block ``b``
-is rows ``k*b .. k*b + k - 1``, still one dense region; ``kernel_blocks`` (``k``) goes into the
-fingerprint (``kernel_split``). A tensor that is not a dense region per block (overlapping or gapped
-strides, padded or packed pages, or a block dim that is not outermost in memory) is refused with an
-error naming its shape, strides and the backend.
+HND) is ``FULLY_CONTIGUOUS`` with its physical ``block_shape`` in the fingerprint. MLA
+backends (FLASH_ATTN_MLA, FLASHMLA, TRITON_MLA) hand one tensor per layer ``(num_blocks, T,
+head_dim)`` with no K/V axis (``outer_dim`` 1), or a cross-layer ``(num_blocks, L, T, head_dim)``.
+When the backend's kernel block is smaller than the scheduler's (FlashMLA: 64 tokens), vLLM's GPU
+model runner splits each block into ``k`` kernel blocks: the block dim has ``k * num_blocks`` rows
+and block ``b`` is rows ``k*b .. k*b + k - 1``, still one dense region; ``kernel_blocks`` (``k``)
+goes into the fingerprint (``kernel_split``). A tensor that is not a dense region per block
+(overlapping or gapped strides, padded or packed pages, or a block dim that is not outermost in
+memory) is refused with an error naming its shape, strides and the backend.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ must be refused naming shape, strides and backend.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -270,6 +271,10 @@ def test_kernel_split_rule() -> None:
     assert kernel_split(16, 8, m, (32, 2, 576)) == 0  # 2 kernel rows must hold 64 tokens each
     assert kernel_split(24, 8, m, (42, 576)) == 0  # 3 does not divide 128
     assert kernel_split(12, 8, m, (64, 576)) == 0  # not a whole number per block
+    layout = detect_layout(per_layer(FLASHMLA, m, 2)[0], m)
+    for bad in (0, 3, True):  # 3 does not divide 128; a bool is not a count
+        with pytest.raises(ValueError, match="kernel_blocks must be a positive int dividing"):
+            dataclasses.replace(layout, kernel_blocks=bad)
 
 
 def _refused(tensors: object, model: ModelConfig, backend: str, *parts: str) -> str:
