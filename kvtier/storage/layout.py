@@ -22,8 +22,14 @@ records (``interior_shape``) is the physical one, and ``physical_order`` (the lo
 order) goes into the fingerprint, so bytes stored under one order are never read under another. The
 cross-layer tensor of vLLM 0.26 (``register_cross_layers_kv_cache``: one dense region per block
 across all layers, e.g. ``(num_blocks, L, T, H, 2D)`` for NHD or ``(num_blocks, H, L, T, 2D)`` for
-HND) is ``FULLY_CONTIGUOUS`` with its physical ``block_shape`` in the fingerprint. A tensor that is
-not a dense region per block (overlapping or gapped strides, or a block dim that is not outermost in
+HND) is ``FULLY_CONTIGUOUS`` with its physical ``block_shape`` in the fingerprint. MLA
+backends (FLASH_ATTN_MLA, FLASHMLA, TRITON_MLA) hand one tensor per layer ``(num_blocks, T,
+head_dim)`` with no K/V axis (``outer_dim`` 1), or a cross-layer ``(num_blocks, L, T, head_dim)``.
+When the backend's kernel block is smaller than the scheduler's (FlashMLA: 64 tokens), vLLM's GPU
+model runner splits each block into ``k`` kernel blocks: the block dim has ``k * num_blocks`` rows
+and block ``b`` is rows ``k*b .. k*b + k - 1``, still one dense region; ``kernel_blocks`` (``k``)
+goes into the fingerprint (``kernel_split``). A tensor that is not a dense region per block
+(overlapping or gapped strides, padded or packed pages, or a block dim that is not outermost in
 memory) is refused with an error naming its shape, strides and the backend.
 """
 
@@ -46,6 +52,7 @@ __all__ = [
     "byte_view",
     "default_layout",
     "detect_layout",
+    "kernel_split",
     "layout_fingerprint",
     "physical_view",
 ]
@@ -81,6 +88,9 @@ class KvLayout:
     permuted view); ``()`` when the tensor is contiguous as handed over."""
     block_shape: tuple[int, ...] = ()
     """``FULLY_CONTIGUOUS`` only: one block's physical shape (every dim after the block dim)."""
+    kernel_blocks: int = 1
+    """Kernel blocks per block: vLLM split each block into this many rows of its tensors (see
+    ``kernel_split``); 1 when the tensors' block dim is the block count."""
     backend: str = ""
     """The attention backend that allocated the tensors, when known (for error messages)."""
 
@@ -90,6 +100,12 @@ class KvLayout:
         if len(self.layer_names) != self.model.num_layers:
             raise ValueError(
                 f"layout has {len(self.layer_names)} layers, model has {self.model.num_layers}"
+            )
+        k = self.kernel_blocks
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or self.model.block_size % k:
+            raise ValueError(
+                f"kernel_blocks must be a positive int dividing block_size "
+                f"{self.model.block_size}, got {k!r}"
             )
         if len(set(self.layer_names)) != len(self.layer_names):
             raise ValueError(f"duplicate layer names in {self.layer_names}")
@@ -135,6 +151,8 @@ def layout_fingerprint(layout: KvLayout) -> int:
         desc["physical_order"] = list(layout.physical_order)
     if layout.block_shape:
         desc["block_shape"] = list(layout.block_shape)
+    if layout.kernel_blocks != 1:
+        desc["kernel_blocks"] = layout.kernel_blocks
     return xxhash.xxh3_64_intdigest(json.dumps(desc, separators=(",", ":")).encode(), 0)
 
 
@@ -170,11 +188,9 @@ def physical_view(tensor: torch.Tensor, *, backend: str = "") -> torch.Tensor:
     """
     order = memory_order(tensor)
     if order is None:
-        by = f" (attention backend {backend})" if backend else ""
         raise ValueError(
-            f"KV tensor of shape {tuple(tensor.shape)} and strides {tensor.stride()}{by} is not "
-            "contiguous and not a permutation of one dense region; kvtier cannot move its "
-            "blocks exactly"
+            f"{_what(tensor, backend)} is not contiguous and not a permutation of one dense "
+            "region; kvtier cannot move its blocks exactly"
         )
     view = tensor.permute(order)
     assert view.is_contiguous()
@@ -187,6 +203,12 @@ def byte_view(tensor: torch.Tensor) -> torch.Tensor:
     return physical_view(tensor).reshape(-1).view(torch.uint8)
 
 
+def _what(tensor: torch.Tensor, backend: str) -> str:
+    """``KV tensor of shape .. and strides ..`` (and the backend): how every refusal starts."""
+    by = f" (attention backend {backend})" if backend else ""
+    return f"KV tensor of shape {tuple(tensor.shape)} and strides {tensor.stride()}{by}"
+
+
 def _check_tensor(name: str, tensor: torch.Tensor, model: ModelConfig, backend: str = "") -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"KV tensor {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -196,6 +218,27 @@ def _check_tensor(name: str, tensor: torch.Tensor, model: ModelConfig, backend: 
             f"model config says {model.dtype} ({model.itemsize} bytes)"
         )
     physical_view(tensor, backend=backend)  # raises with the shape, strides and backend
+
+
+def kernel_split(rows: int, num_blocks: int, model: ModelConfig, inner: tuple[int, ...]) -> int:
+    """Kernel blocks per block when a block dim of ``rows`` entries holds ``num_blocks`` blocks
+    (1: no split), or 0 when it cannot.
+
+    vLLM's GPU model runner splits each scheduler block into ``k`` kernel blocks when the
+    attention backend supports only a smaller block (FlashMLA: 64 tokens; a 128-token block is
+    two): the tensor then has ``k * num_blocks`` rows of ``block_size / k`` tokens, and block
+    ``b`` is rows ``k*b .. k*b + k - 1`` (``BlockTable.map_to_kernel_blocks``), one dense region
+    when the block dim is outermost in memory. ``inner`` (the other dims) must hold the kernel
+    block's token count.
+    """
+    if rows == num_blocks:
+        return 1
+    if num_blocks <= 0 or rows % num_blocks:
+        return 0
+    k = rows // num_blocks
+    if model.block_size % k or model.block_size // k not in inner:
+        return 0
+    return k
 
 
 def detect_layout(
@@ -210,37 +253,14 @@ def detect_layout(
     A single tensor is fully contiguous ``[num_blocks, ...]`` in memory order (vLLM's cross-layer
     tensor). A dict holds one tensor per layer (in layer order) of one shape: block-first when
     dim 0 is the block count, outer-first when dim 0 is ``outer_dim`` and dim 1 the block count.
-    When both readings fit (``num_blocks == outer_dim``) pass ``kind``. Permuted views are read in
-    memory order (see the module docstring); ``backend`` names the attention backend in errors.
+    A block dim of ``k * num_blocks`` kernel blocks is read as ``num_blocks`` blocks of ``k``
+    (see ``kernel_split``). When both readings fit (``num_blocks == outer_dim``) pass ``kind``.
+    Permuted views are read in memory order (see the module docstring); ``backend`` names the
+    attention backend in errors.
     """
     layer_elems = model.layer_block_bytes // model.itemsize
-    by = f" (attention backend {backend})" if backend else ""
     if isinstance(tensors, torch.Tensor):
-        _check_tensor("kv", tensors, model, backend)
-        if kind not in (None, LayoutKind.FULLY_CONTIGUOUS):
-            raise ValueError(f"a single KV tensor is fully contiguous, not {kind}")
-        block_elems = layer_elems * model.num_layers
-        phys = physical_view(tensors, backend=backend)
-        shape = tuple(phys.shape)
-        if tensors.dim() < 2 or tensors.numel() != shape[0] * block_elems:
-            raise ValueError(
-                f"KV tensor of shape {tuple(tensors.shape)} and strides {tensors.stride()}{by} "
-                f"is not [num_blocks, ...] in memory order with {block_elems} elements per block "
-                f"({model.num_layers} layers x {layer_elems})"
-            )
-        order = memory_order(tensors)
-        names = tuple(f"layer_{i}" for i in range(model.num_layers))
-        interior = (layer_elems,)
-        return KvLayout(
-            LayoutKind.FULLY_CONTIGUOUS,
-            model,
-            shape[0],
-            names,
-            interior,
-            physical_order=() if tensors.is_contiguous() or order is None else order,
-            block_shape=shape[1:] if shape[1:] != (model.num_layers, layer_elems) else (),
-            backend=backend,
-        )
+        return _detect_cross_layer(tensors, model, kind, backend)
 
     if not isinstance(tensors, Mapping) or not tensors:
         raise TypeError("KV tensors must be one tensor or a non-empty dict layer_name -> tensor")
@@ -263,52 +283,88 @@ def detect_layout(
     shape = tuple(first.shape)
     if first.numel() % layer_elems or first.dim() < 2:
         raise ValueError(
-            f"KV tensor shape {shape} is not a whole number of blocks of {layer_elems} elements"
+            f"{_what(first, backend)} is not a whole number of blocks of {layer_elems} elements"
         )
     nb = first.numel() // layer_elems
     outer = model.outer_dim
-    block_first = shape[0] == nb
-    outer_first = shape[0] == outer and shape[1] == nb and first.dim() >= 3
+    k_block = kernel_split(shape[0], nb, model, shape[1:])
+    k_outer = (
+        kernel_split(shape[1], nb, model, shape[2:])
+        if shape[0] == outer and first.dim() >= 3
+        else 0
+    )
     if kind is None:
-        if block_first and outer_first and outer != 1:
+        if k_block and k_outer and outer != 1:
             raise ValueError(
-                f"KV tensor shape {shape} reads both as block-first and outer-first "
-                f"({nb} blocks == outer dim {outer}); pass kind= explicitly"
+                f"{_what(first, backend)} reads both as block-first and outer-first "
+                f"({nb} blocks, outer dim {outer}); pass kind= explicitly"
             )
-        if block_first:
+        if k_block:
             kind = LayoutKind.BLOCK_FIRST
-        elif outer_first:
+        elif k_outer:
             kind = LayoutKind.OUTER_FIRST
         else:
             raise ValueError(
-                f"KV tensor shape {shape} is neither [num_blocks={nb}, ...] nor "
-                f"[{outer}, num_blocks={nb}, ...]"
+                f"{_what(first, backend)} is neither [num_blocks={nb}, ...] nor "
+                f"[{outer}, num_blocks={nb}, ...] (nor a block dim of whole kernel blocks)"
             )
-    if not (
-        (kind is LayoutKind.BLOCK_FIRST and block_first)
-        or (kind is LayoutKind.OUTER_FIRST and outer_first)
-    ):
-        raise ValueError(f"KV tensor shape {shape} does not fit layout {kind}")
-    if first.is_contiguous():
-        if kind is LayoutKind.BLOCK_FIRST:
-            return KvLayout(kind, model, nb, names, shape[1:], backend=backend)
-        return KvLayout(kind, model, nb, names, (outer, *shape[2:]), backend=backend)
+    k = {LayoutKind.BLOCK_FIRST: k_block, LayoutKind.OUTER_FIRST: k_outer}.get(kind, 0)
+    if not k:
+        raise ValueError(f"{_what(first, backend)} does not fit layout {kind}")
+    split = (k,) if k > 1 else ()
+    contiguous = first.is_contiguous()
     order = memory_order(first)
     assert order is not None  # _check_tensor refused the rest
+    phys = () if contiguous else order
     mem_shape = tuple(shape[d] for d in order)
     block_dim = 0 if kind is LayoutKind.BLOCK_FIRST else 1
     big = [d for d in order if shape[d] > 1]
-    if big and big[0] == block_dim:
+    if kind is LayoutKind.OUTER_FIRST and (contiguous or big[:2] == [0, 1]):
+        interior = (outer, *split, *mem_shape[2:])
+        return KvLayout(kind, model, nb, names, interior, phys, kernel_blocks=k, backend=backend)
+    if shape[block_dim] == 1 or big[0] == block_dim:
         # One dense region per block, whatever the logical order: block-first in memory.
         at = order.index(block_dim)
-        inner = mem_shape[:at] + mem_shape[at + 1 :]
-        return KvLayout(LayoutKind.BLOCK_FIRST, model, nb, names, inner, order, backend=backend)
-    if kind is LayoutKind.OUTER_FIRST and big[:2] == [0, 1]:
-        return KvLayout(kind, model, nb, names, (outer, *mem_shape[2:]), order, backend=backend)
+        inner = (*split, *mem_shape[:at], *mem_shape[at + 1 :])
+        return KvLayout(
+            LayoutKind.BLOCK_FIRST, model, nb, names, inner, phys, kernel_blocks=k, backend=backend
+        )
     raise ValueError(
-        f"KV tensor of shape {shape} and strides {first.stride()}{by} holds a block in more "
-        f"than one region (memory order {order}: the block dim {block_dim} is not outermost); "
-        "kvtier cannot move such blocks exactly"
+        f"{_what(first, backend)} holds a block in more than one region (memory order "
+        f"{order}: the block dim {block_dim} is not outermost); kvtier cannot move such blocks "
+        "exactly"
+    )
+
+
+def _detect_cross_layer(
+    tensor: torch.Tensor, model: ModelConfig, kind: LayoutKind | None, backend: str
+) -> KvLayout:
+    """One tensor: ``FULLY_CONTIGUOUS``, a block (all its layers) one region in memory order."""
+    _check_tensor("kv", tensor, model, backend)
+    if kind not in (None, LayoutKind.FULLY_CONTIGUOUS):
+        raise ValueError(f"a single KV tensor is fully contiguous, not {kind}")
+    layer_elems = model.layer_block_bytes // model.itemsize
+    block_elems = layer_elems * model.num_layers
+    shape = tuple(physical_view(tensor, backend=backend).shape)
+    nb = tensor.numel() // block_elems
+    k = kernel_split(shape[0], nb, model, shape[1:]) if tensor.dim() >= 2 else 0
+    if not k or tensor.numel() != nb * block_elems or model.num_layers not in shape[1:]:
+        raise ValueError(
+            f"{_what(tensor, backend)} is not [num_blocks, ...] in memory order with "
+            f"{block_elems} elements per block ({model.num_layers} layers x {layer_elems})"
+        )
+    order = memory_order(tensor)
+    block_shape = (*((k,) if k > 1 else ()), *shape[1:])
+    return KvLayout(
+        LayoutKind.FULLY_CONTIGUOUS,
+        model,
+        nb,
+        tuple(f"layer_{i}" for i in range(model.num_layers)),
+        (layer_elems,),
+        physical_order=() if tensor.is_contiguous() or order is None else order,
+        block_shape=block_shape if block_shape != (model.num_layers, layer_elems) else (),
+        kernel_blocks=k,
+        backend=backend,
     )
 
 

@@ -6,9 +6,12 @@ so every test here is skipped there.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from gpu_engine import ENGINE_TIMEOUT_S, deadline
+from tiny_mla import TinyMlaSpec, build_tiny_mla
 
 from kvtier.ops.tinymodel import TinyLlamaSpec, build_tiny_llama
 
@@ -54,3 +57,19 @@ GPU_TINY = TinyLlamaSpec(
 @pytest.fixture(scope="session")
 def gpu_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("gpu-tiny-llama"), GPU_TINY)
+
+
+@pytest.fixture(scope="session")
+def gpu_tiny_mla(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DeepSeek-V2-shaped, 4 dense layers, 16 heads, MLA latent 576 (``tiny_mla``)."""
+    return build_tiny_mla(tmp_path_factory.mktemp("gpu-tiny-mla"), TinyMlaSpec())
+
+
+@pytest.fixture(autouse=True)
+def _test_deadline(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every GPU vLLM test fails with its name after ``ENGINE_TIMEOUT_S`` instead of hanging."""
+    if "gpu_vllm" not in request.keywords:
+        yield
+        return
+    with deadline(ENGINE_TIMEOUT_S, request.node.nodeid):
+        yield

@@ -1,9 +1,10 @@
 """kvtier inside a GPU build of vLLM (the carried 0.26.0 on the H200), end to end.
 
-Each engine is in-process, with the tiny 4-layer model (bf16, head_dim 64). Shown, for three
+Each engine is in-process, with the tiny 4-layer model (bf16, head_dim 64). Shown, for four
 engines (FlashAttention with asynchronous loads; FlashAttention with layer-wise loads; Triton
-asking for vLLM 0.26's cross-layer tensor, with layer-wise loads; 0.26's default V2 model runner
-does not allocate one, so that engine gets per-layer tensors too):
+asking for vLLM 0.26's cross-layer tensor, with layer-wise loads: 0.26's default V2 model runner
+does not allocate one, so that engine gets per-layer tensors too; FlashAttention on the V1 model
+runner (``VLLM_USE_V2_MODEL_RUNNER=0``), which does: kvtier gets the cross-layer tensor):
 
 - a prompt onboarded from G2 (after ``reset_prefix_cache()``) and from G3 (after G2 evicted it)
   gives the greedy output vLLM gives when it reuses the same KV from its own G1 prefix cache;
@@ -32,10 +33,23 @@ pytestmark = [pytest.mark.gpu_vllm, pytest.mark.slow]
 HOST_BLOCKS = 160
 """G2 rows: one 100-block prompt fits, two evict the first."""
 
-CONFIGS = {
-    "flash-async": ("FLASH_ATTN", {"layerwise_onboard": False}),
-    "flash-layerwise": ("FLASH_ATTN", {"layerwise_onboard": True}),
-    "triton-crosslayer": ("TRITON_ATTN", {"layerwise_onboard": True, "cross_layer_blocks": True}),
+V1_RUNNER = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+"""vLLM 0.26's V1 GPU model runner (gpu_model_runner.py), the one that allocates the cross-layer
+tensor and hands it to ``register_cross_layers_kv_cache``."""
+
+CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {
+    "flash-async": ("FLASH_ATTN", {"layerwise_onboard": False}, {}),
+    "flash-layerwise": ("FLASH_ATTN", {"layerwise_onboard": True}, {}),
+    "triton-crosslayer": (
+        "TRITON_ATTN",
+        {"layerwise_onboard": True, "cross_layer_blocks": True},
+        {},
+    ),
+    "flash-crosslayer-v1": (
+        "FLASH_ATTN",
+        {"layerwise_onboard": True, "cross_layer_blocks": True},
+        V1_RUNNER,
+    ),
 }
 
 
@@ -43,7 +57,7 @@ CONFIGS = {
 def llm(
     request: pytest.FixtureRequest, gpu_tiny_model: Path, tmp_path_factory: Any
 ) -> Iterator[Any]:
-    backend, extra = CONFIGS[request.param]
+    backend, extra, env = CONFIGS[request.param]
     disk = tmp_path_factory.mktemp(f"g3-{request.param}")
     cfg = {
         **extra,
@@ -52,7 +66,7 @@ def llm(
         "disk_dir": str(disk),
         "disk_filter": False,
     }
-    with gpu_engine(gpu_tiny_model, cfg, backend=backend, num_gpu_blocks=1024) as engine:
+    with gpu_engine(gpu_tiny_model, cfg, backend=backend, num_gpu_blocks=1024, env=env) as engine:
         engine._kvtier_config = request.param
         engine._kvtier_disk = disk
         yield engine
@@ -92,7 +106,11 @@ def test_layout_and_engine(llm: Any) -> None:
     uniform = hasattr(runner, "use_uniform_kv_cache") and bool(
         runner.use_uniform_kv_cache(runner.attn_groups)
     )
-    cross = llm._kvtier_config == "triton-crosslayer" and uniform
+    cross = "crosslayer" in llm._kvtier_config and uniform
+    if llm._kvtier_config.endswith("-v1"):
+        assert uniform and runner.cross_layers_kv_cache is not None, (
+            f"the V1 runner ({type(runner).__module__}) allocated no cross-layer tensor"
+        )
     want = "fully_contiguous" if cross else "block_first"
     ok = layout.kind.value == want
     print(
