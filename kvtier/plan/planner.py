@@ -100,6 +100,7 @@ class _Restore:
     reports: list[set[int]] = field(default_factory=list)
     order: list[int] = field(default_factory=list)  # rank 0's, newest first
     parents: dict[int, int | None] = field(default_factory=dict)
+    priorities: dict[int, int] = field(default_factory=dict)
 
 
 class TierPlanner:
@@ -111,8 +112,13 @@ class TierPlanner:
         *,
         counters: SchedulerCounters | None = None,
         clock: Callable[[], float] = time.monotonic,
+        disk_has: Callable[[int], bool] | None = None,
     ) -> None:
+        """``disk_has(h)``: whether the shared G3 folder holds a file of ``h`` (a process that
+        owns its storage passes its own check); without it, a G3 miss is looked up in the
+        folders the workers report (``restored``)."""
         self.config = config
+        self._disk_has = disk_has
         self.counters = counters if counters is not None else SchedulerCounters()
         self.registry = TierRegistry(record_events=config.record_events)
         self.host = SlotIndex(G2, config.host_blocks, registry=self.registry)
@@ -153,10 +159,14 @@ class TierPlanner:
         """Take a block another engine wrote into this G3 index, if every worker's folder has
         its file (one ``lstat`` each; the worker's read verifies it, a vanished file is a load
         error and vLLM recomputes)."""
-        if not self._disk_folders or h in self.disk:
+        if h in self.disk:
             return False
-        name = block_file_name(h)
-        if not all(regular_file_exists(os.path.join(f, name)) for f in self._disk_folders):
+        if self._disk_has is not None:
+            if not self._disk_has(h):
+                return False
+        elif not self._disk_folders or not all(
+            regular_file_exists(os.path.join(f, block_file_name(h))) for f in self._disk_folders
+        ):
             return False
         if self._reserve(self.disk, h, parent) is None:
             return False
@@ -180,6 +190,20 @@ class TierPlanner:
         self.counters.onboard_h2d += len(host_hashes)
         self.counters.onboard_d2d += len(disk_hashes)
         return job_id, slots
+
+    def trim_load(self, job_id: int, keep: int) -> None:
+        """Keep the pins of the first ``keep`` blocks of load ``job_id`` (its G2 blocks first),
+        dropping the rest; ``keep=0`` cancels the load (nothing was copied)."""
+        load = self._loads[job_id]
+        nh = min(keep, len(load.host_hashes))
+        nd = min(keep - nh, len(load.disk_hashes))
+        for h in load.host_hashes[nh:]:
+            self.host.unpin(h)
+        for h in load.disk_hashes[nd:]:
+            self.disk.unpin(h)
+        del load.host_hashes[nh:], load.disk_hashes[nd:]
+        if not keep:
+            del self._loads[job_id]
 
     def load_reported(self, job_id: int) -> str | None:
         """One worker finished load ``job_id``; once all have, its pins go and the request id is
@@ -208,8 +232,9 @@ class TierPlanner:
 
     # -- stores -------------------------------------------------------------------------------
 
-    def store(self, h: int, parent: int | None) -> StoreChoice:
-        """Plan the stores of one block a step completed: G2 once, and G3 through the cascade."""
+    def store(self, h: int, parent: int | None, priority: int = 0) -> StoreChoice:
+        """Plan the stores of one block a step completed: G2 once, and G3 through the cascade.
+        ``priority``: its eviction priority in the tiers it lands in (lowest evicted first)."""
         host_slot: int | None = None
         source: int | None = None  # a G2 slot a G3 write may read (pending or ready)
         if self.config.host_blocks:
@@ -217,13 +242,13 @@ class TierPlanner:
                 self.host.touch(h)
                 source = self.host.slot_of(h)
             else:
-                host_slot = source = self._reserve(self.host, h, parent, timed=True)
+                host_slot = source = self._reserve(self.host, h, parent, priority, timed=True)
                 if host_slot is not None:
                     self.counters.offload_d2h += 1
         in_host = source is not None
         if not self.config.disk_blocks or h in self.disk or not self.filter.should_offload(h):
             return StoreChoice(host_slot, in_host, False) if in_host else _NOTHING
-        if self._reserve(self.disk, h, parent, timed=True) is None:
+        if self._reserve(self.disk, h, parent, priority, timed=True) is None:
             return StoreChoice(host_slot, in_host, False)
         if source is None:
             self.counters.offload_d2d += 1
@@ -233,6 +258,21 @@ class TierPlanner:
         self._from_host.add(h)
         self.counters.offload_h2d += 1
         return StoreChoice(host_slot, True, True, source)
+
+    def host_read(self, h: int) -> tuple[int, int | None, int] | None:
+        """A ready G2 block was read again (onboarded): a sighting for the frequency filter.
+        Returns the G3 write it earns, ``(G2 slot to read, parent, priority)`` with the G2 slot
+        pinned until the write is reported, or None."""
+        if not self.config.disk_blocks or h in self.disk or self.host.lookup(h) is None:
+            return None
+        if not self.filter.should_offload(h):
+            return None
+        parent, priority = self.host.describe(h)
+        if self._reserve(self.disk, h, parent, priority, timed=True) is None:
+            return None
+        self._from_host.add(h)
+        self.counters.offload_h2d += 1
+        return self.host.pin(h), parent, priority
 
     def store_reported(self, tier: str, h: int, *, ok: bool) -> None:
         """One worker's outcome of a G2 store or G3 write; commit or abort once all reported."""
@@ -264,12 +304,18 @@ class TierPlanner:
             self._deletes.append(h)
 
     def _reserve(
-        self, index: SlotIndex, h: int, parent: int | None, *, timed: bool = False
+        self,
+        index: SlotIndex,
+        h: int,
+        parent: int | None,
+        priority: int = 0,
+        *,
+        timed: bool = False,
     ) -> int | None:
         """A pending slot for ``h`` in ``index`` (evicting if needed; evicted G3 blocks' files
         are deleted), or None when every slot is pending or pinned. ``timed``: a copy the
         metrics time (a store from the GPU or G2; not a G4 fetch or an adopted file)."""
-        got = index.reserve(h, parent, self._clock() if timed else None)
+        got = index.reserve(h, parent, self._clock() if timed else None, priority)
         if got is None:
             return None
         slot, evicted = got
@@ -294,9 +340,11 @@ class TierPlanner:
         newest_first: list[int],
         parents: list[int | None],
         folder: str | None,
+        priorities: Sequence[int] = (),
     ) -> None:
-        """Worker ``rank`` found these G3 blocks at start-up; once all reported, the index is
-        rebuilt. A block is usable only if every rank found its shard; the others are deleted."""
+        """Worker ``rank`` found these G3 blocks at start-up (with their headers' parents and,
+        if given, priorities); once all reported, the index is rebuilt. A block is usable only
+        if every rank found its shard; the others are deleted."""
         r = self._restore
         r.reports.append(set(newest_first))
         if folder is not None:
@@ -305,13 +353,15 @@ class TierPlanner:
             r.order = list(newest_first)
             if parents:
                 r.parents = dict(zip(newest_first, parents, strict=True))
+            if priorities:
+                r.priorities = dict(zip(newest_first, priorities, strict=True))
         if len(r.reports) < self.config.num_workers:
             return
         common = set.intersection(*r.reports)
         self._deletes.extend(sorted(set.union(*r.reports) - common))
         found = [h for h in r.order if h in common]
         plan = plan_restore(found, r.parents, self.config.disk_blocks)
-        self._deletes.extend(self.disk.restore(plan.order, plan.parents))
+        self._deletes.extend(self.disk.restore(plan.order, plan.parents, r.priorities))
         self._deletes.extend(plan.dropped)
         self.disk_ready = True
         self._restore = _Restore()

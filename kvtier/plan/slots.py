@@ -35,6 +35,7 @@ class _Pending:
     reports: int = 0  # workers that reported the store (``report``)
     any_failed: bool = False  # a worker reported it failed
     since: float | None = None  # when the copy was planned (None: not timed)
+    priority: int = 0  # eviction priority once registered (lowest evicted first)
 
 
 @dataclass
@@ -94,6 +95,18 @@ class SlotIndex:
             return None if p.failed else p.block.block_id
         return self.lookup(seq_hash)
 
+    def describe(self, seq_hash: int) -> tuple[int | None, int]:
+        """``(parent, priority)`` of a held block (what a copy of it to another tier carries);
+        a ready block is touched, like ``touch``."""
+        p = self._pending.get(seq_hash)
+        if p is not None:
+            return p.parent, p.priority
+        assert self.pool is not None
+        (handle,) = self.pool.match([seq_hash])
+        out = handle.parent_sequence_hash, handle.priority
+        self.pool.release(handle)
+        return out
+
     def touch(self, seq_hash: int) -> None:
         """Mark a ready block as recently used (a reference taken and given back)."""
         if self.pool is not None and self.pool.contains(seq_hash):
@@ -101,10 +114,15 @@ class SlotIndex:
                 self.pool.release(handle)
 
     def reserve(
-        self, seq_hash: int, parent: int | None = None, since: float | None = None
+        self,
+        seq_hash: int,
+        parent: int | None = None,
+        since: float | None = None,
+        priority: int = 0,
     ) -> tuple[int, list[int]] | None:
         """Take a slot for a new block (pending, pinned once by its store); evicts if needed.
-        ``since``: when its copy was planned (read back by ``planned_at``, for copy timings).
+        ``since``: when its copy was planned (read back by ``planned_at``, for copy timings);
+        ``priority``: the block's eviction priority once it lands.
 
         Returns ``(slot, evicted_hashes)``, or None when every slot is pending or in use.
         """
@@ -125,7 +143,7 @@ class SlotIndex:
         blocks = self.pool.allocate(1)
         if blocks is None:  # cannot happen after a successful evict; kept as a guard
             return None
-        self._pending[seq_hash] = _Pending(blocks[0], parent, since=since)
+        self._pending[seq_hash] = _Pending(blocks[0], parent, since=since, priority=priority)
         self.in_flight += 1
         return blocks[0].block_id, evicted
 
@@ -160,7 +178,9 @@ class SlotIndex:
         del self._pending[seq_hash]
         self.in_flight -= 1
         p.block.mark_complete()
-        handle = self.pool.register(p.block, seq_hash, parent_sequence_hash=p.parent)
+        handle = self.pool.register(
+            p.block, seq_hash, parent_sequence_hash=p.parent, priority=p.priority
+        )
         self._ready.add(seq_hash)
         extra = p.pins - 1
         if extra:
@@ -227,12 +247,16 @@ class SlotIndex:
         return gone
 
     def restore(
-        self, hashes: Iterable[int], parents: Mapping[int, int | None] | None = None
+        self,
+        hashes: Iterable[int],
+        parents: Mapping[int, int | None] | None = None,
+        priorities: Mapping[int, int] | None = None,
     ) -> list[int]:
         """Adopt blocks found on persistent storage at start (ready, unpinned; among eviction
         candidates, the first given is the first evicted), linked to their parent hash in
         ``parents`` (give parents before their children, so child counts are right and leaves
-        go first). Returns the hashes that did not fit and were not adopted."""
+        go first), with their eviction priority in ``priorities`` (default 0). Returns the
+        hashes that did not fit and were not adopted."""
         left: list[int] = []
         for h in hashes:
             if h in self:
@@ -245,7 +269,8 @@ class SlotIndex:
             slot = blocks[0].block_id
             self.pool.release(blocks[0])
             parent = parents.get(h) if parents is not None else None
-            self.pool.restore(slot, h, parent_sequence_hash=parent)
+            priority = priorities.get(h, 0) if priorities is not None else 0
+            self.pool.restore(slot, h, parent_sequence_hash=parent, priority=priority)
             self._ready.add(h)
         return left
 
