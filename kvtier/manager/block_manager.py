@@ -1,14 +1,18 @@
 """``KvBlockManager``: the one facade over the G1/G2/G3 tiers and the transfers between them.
 
-Why this exists: an engine integration (the vLLM connector, a benchmark, a demo) should not wire
-pools, storages, copy engines and queues together itself. It builds one ``KvBlockManager`` from one
-``KvTierConfig``, registers its KV tensors, and then only offloads, matches, onboards and polls.
+Why this exists: an engine integration (a benchmark, a demo, anyone embedding kvtier) should not
+wire pools, storages, copy engines and queues together itself. It builds one ``KvBlockManager``
+from one ``KvTierConfig``, registers its KV tensors, and then only offloads, matches, onboards
+and polls. Every G2/G3 decision (match, store, load, the G2 -> G3 cascade through the frequency
+filter, restore of G3, eviction, events) is its ``TierPlanner``'s (``kvtier.plan``, the same
+control plane the vLLM connector's scheduler half runs, here with one worker); this file only
+turns the planner's choices into transfer batches and reports their outcome back.
 
 Threading rule: every method here is called from ONE thread (the owner's). Copies and disk I/O run
-on worker threads, but their results reach the pools only inside ``poll()`` on the owner's thread,
-so the control-plane metadata needs no locks. The only thread-safe calls are the data-level waits
-on a handle (``TransferHandle.wait_layer`` / ``wait_data``), which layer-wise onboarding uses
-from the forward pass.
+on worker threads, but their results reach the planner only inside ``poll()`` on the owner's
+thread, so the control-plane metadata needs no locks. The only thread-safe calls are the
+data-level waits on a handle (``KvHandle.wait_layer`` / ``wait_data``), which layer-wise
+onboarding uses from the forward pass.
 
 Life cycle: ``KvBlockManager(config)`` (no side effects) -> ``register_device_kv(tensors)`` (or let
 ``start()`` allocate ``config.device_blocks`` itself) -> ``start()`` -> offload / match / onboard /
@@ -19,21 +23,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from kvtier.config import KvTierConfig
-from kvtier.core.block import ImmutableBlock, MutableBlock
-from kvtier.core.filter import FrequencyFilter, FrequencyFilterConfig
-from kvtier.core.offload import OffloadQueue
 from kvtier.core.pool import BlockPool
-from kvtier.core.registry import TierEvent, TierRegistry
+from kvtier.core.registry import TierEvent
 from kvtier.lifecycle import Lifecycle
-from kvtier.manager.tiers import DevicePool, DiskPool, HostPool, TierMatch
-from kvtier.plan.restore import plan_restore
-from kvtier.storage.block_file import PRIORITY_MAX, PRIORITY_MIN
+from kvtier.manager.checks import check_device_ids, offload_parents
+from kvtier.manager.handles import KvHandle, TierMatch
+from kvtier.manager.stats import KvTierStats, PathCounters, TierHits
+from kvtier.manager.tiers import DevicePool, DiskPool, HostPool
+from kvtier.plan.planner import PlannerConfig, TierPlanner
+from kvtier.plan.slots import SlotIndex
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage
@@ -57,114 +61,29 @@ __all__ = [
 ]
 
 G1, G2, G3 = "G1", "G2", "G3"
-
-
-@dataclass(frozen=True)
-class PathCounters:
-    """Totals of one transfer path: blocks and bytes that arrived, seconds spent, blocks failed."""
-
-    blocks: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    failed_blocks: int = 0
-
-
-@dataclass(frozen=True)
-class TierHits:
-    """Prefix-lookup totals of one tier: blocks found, and blocks asked for but not found."""
-
-    hits: int = 0
-    misses: int = 0
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
-
-
-@dataclass(frozen=True)
-class KvTierStats:
-    """A snapshot of the manager's counters (``paths`` keyed by ``TransferPath.value``)."""
-
-    paths: Mapping[str, PathCounters]
-    host: TierHits
-    disk: TierHits
-    filter_rejections: int
-    skipped_offloads: int
-
-
-class KvHandle:
-    """What ``offload`` and ``onboard`` return: one or two transfer batches (``parts``).
-
-    Owner's thread: ``done()`` (True once ``poll`` has applied every part), ``ok``, ``error`` (a
-    ``TransferError`` naming the failed blocks; for an onboard ``error.failed_device_block_ids``
-    are the device blocks to recompute). Any thread: ``wait_layer(l)``, ``wait_data()``,
-    ``data_done()``. ``skipped`` lists offloaded hashes that were not copied (already held, being
-    written, or no room).
-    """
-
-    def __init__(
-        self,
-        parts: Sequence[TransferHandle],
-        block_hashes: Sequence[int],
-        device_block_ids: Sequence[int],
-        num_layers: int,
-        skipped: Sequence[int] = (),
-    ) -> None:
-        self.parts = tuple(parts)
-        self.block_hashes = tuple(block_hashes)
-        self.device_block_ids = tuple(device_block_ids)
-        self.num_layers = num_layers
-        self.skipped = tuple(skipped)
-
-    def done(self) -> bool:
-        return all(p.done() for p in self.parts)
-
-    @property
-    def ok(self) -> bool:
-        return self.done() and self.error is None
-
-    @property
-    def error(self) -> TransferError | None:
-        errors = [p.error for p in self.parts if p.error is not None]
-        if not errors:
-            return None
-        if len(errors) == 1:
-            return errors[0]
-        return TransferError(
-            errors[0].path,
-            "; ".join(str(e) for e in errors),
-            [h for e in errors for h in e.failed_hashes],
-            [d for e in errors for d in e.failed_device_block_ids],
-            [h for e in errors for h in e.corrupt_hashes],
-        )
-
-    def data_done(self) -> bool:
-        return all(p.data_done() for p in self.parts)
-
-    def wait_data(self, timeout: float | None = None) -> bool:
-        return all([p.wait_data(timeout) for p in self.parts])
-
-    def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
-        if not 0 <= layer < self.num_layers:
-            raise IndexError(f"layer {layer} out of range 0..{self.num_layers - 1}")
-        return all([p.wait_layer(layer, timeout) for p in self.parts])
-
-    def __repr__(self) -> str:
-        state = "done" if self.done() else "pending"
-        return f"KvHandle({len(self.block_hashes)} blocks, {len(self.parts)} parts, {state})"
+_Write = tuple[int, int, "int | None", int]
+"""A G3 write from G2: (sequence hash, G2 slot, parent, priority)."""
 
 
 @dataclass
-class _Effect:
-    """What ``poll`` must do to the pools when a batch finishes."""
+class _Load:
+    """An onboard in flight: the planner's load job and how many of its batches are still out."""
 
-    kind: str  # "store" (offload/cascade into ``tier``) or "onboard"
-    tier: str = ""
-    targets: list[MutableBlock] = field(default_factory=list)
-    parents: list[int | None] = field(default_factory=list)
-    priorities: list[int] = field(default_factory=list)
-    held: list[ImmutableBlock] = field(default_factory=list)  # refs released when done
+    job: int
+    parts: int
+
+
+@dataclass
+class _Copy:
+    """What to report to the planner when a batch settles: a store into ``tier``, or a load."""
+
+    tier: str
+    load: _Load | None = None
+
+
+def _pool_of(index: SlotIndex) -> BlockPool:
+    assert index.pool is not None
+    return index.pool
 
 
 class KvBlockManager(Lifecycle):
@@ -176,22 +95,24 @@ class KvBlockManager(Lifecycle):
       tensor = fully contiguous, dict layer_name -> tensor = layer-separate; layout detected).
       Call before ``start``; without it ``start`` allocates ``config.device_blocks`` itself.
     - ``start()`` / ``close()`` / ``with``.
-    - ``layout``, ``device_pool``, ``host_pool``, ``disk_pool`` (None when a tier is absent),
-      ``registry``, ``transfers``.
+    - ``layout``, ``device_pool``, ``host_pool``, ``disk_pool`` (None when a tier is absent; the
+      G2/G3 pools are the planner's), ``planner``, ``registry``, ``transfers``.
     - ``offload(device_block_ids, sequence_hashes, *, parent_sequence_hashes=None, priority=0,
-      gate=None) -> KvHandle``: copy device blocks to G2 (or G3 when there is no G2) and register
-      them there when the copy lands. Blocks the target already holds or is already receiving, or
-      that do not fit because the target is full of blocks in use, are skipped
-      (``handle.skipped``). ``gate`` is waited on before the device blocks are read.
+      gate=None) -> KvHandle``: copy device blocks to G2 and register them there when the copy
+      lands; G3 gets them through the cascade (from G2, or from the device when G2 has no room
+      or is absent). Blocks G2 already holds or is receiving, or that find no room, are not
+      copied from the device (``handle.skipped``). ``gate`` is waited on before the device
+      blocks are read.
     - ``match(sequence_hashes) -> TierMatch``: the longest prefix held by G2, then G3 from where G2
-      stopped; holds a reference on every matched block until released or onboarded.
+      stopped (blocks other processes wrote to a shared G3 are adopted); pins every matched block
+      until released or onboarded.
     - ``onboard(match, device_block_ids, *, gate=None) -> KvHandle``: copy the first
       ``len(device_block_ids)`` blocks of a match into the given device blocks; takes over the
-      match's references (the rest are released at once) and releases them when done.
+      match's pins (the rest are dropped at once) and drops them when done.
       ``handle.wait_layer(l)`` (thread-safe) returns when layer ``l`` landed.
-    - ``poll() -> list[KvHandle]``: progress the queues, apply finished transfers to the pools
-      (register offloaded blocks, roll back failed ones, release onboard references, drop corrupt
-      disk blocks, queue the G2 -> G3 cascade); returns the handles that finished in this call.
+    - ``poll() -> list[KvHandle]``: progress the queues, report finished transfers to the planner
+      (register stored blocks, roll back failed ones, unpin loads, drop bad G3 blocks, start G3
+      writes whose G2 copy landed); returns the handles that finished in this call.
     - ``wait(handle, timeout=None)`` / ``wait_all(timeout=None)``: poll until finished.
     - ``stats() -> KvTierStats``; ``drain_events()``: the registry's Store/Remove events.
     """
@@ -212,7 +133,15 @@ class KvBlockManager(Lifecycle):
             raise TypeError(f"config must be a KvTierConfig, got {type(config).__name__}")
         self.config = config
         self.metrics = metrics
-        self.registry = TierRegistry()
+        # One worker; without G2 every offload goes to G3 and the filter (G2 -> G3) has no say.
+        plan = PlannerConfig(
+            config.host_blocks,
+            config.disk_blocks,
+            disk_filter=config.disk_filter and config.host_blocks > 0,
+            record_events=True,
+        )
+        self.planner = TierPlanner(plan, disk_has=self._has_disk_file)
+        self.registry = self.planner.registry
         self._engine_override = copy_engine
         self._engine: CopyEngine = TorchCopyEngine()
         self._pinner: ChunkedPinner | None = None
@@ -223,16 +152,13 @@ class KvBlockManager(Lifecycle):
         self.disk_pool: DiskPool | None = None
         self._disk_io: DiskIo | None = None
         self._transfers: TransferManager | None = None
-        self._effects: dict[TransferHandle, _Effect] = {}
+        self._copies: dict[TransferHandle, _Copy] = {}
+        self._after_host: dict[int, tuple[int, int | None, int]] = {}  # G3 writes awaiting G2
         self._handles: list[KvHandle] = []
-        self._writing: dict[str, set[int]] = {G2: set(), G3: set()}
-        self._filter = FrequencyFilter(FrequencyFilterConfig(enabled=config.disk_filter))
-        self._cascade_queue: OffloadQueue[ImmutableBlock] | None = None
-        self._cascade_inflight = 0
         self._paths: dict[str, PathCounters] = {p.value: PathCounters() for p in TransferPath}
         self._hits = {G2: TierHits(), G3: TierHits()}
-        self._filter_rejections = 0
         self._skipped = 0
+        self._rejections_told = 0  # filter rejections already given to the metrics
         self._started = False
         self._closed = False
 
@@ -293,8 +219,7 @@ class KvBlockManager(Lifecycle):
         if cfg.host_blocks:
             host = HostStorage(cfg.host_blocks, layout.block_bytes)
             host.allocate()
-            pool = BlockPool(cfg.host_blocks, block_size=bs, tier=G2, registry=self.registry)
-            self.host_pool = HostPool(pool, host)
+            self.host_pool = HostPool(_pool_of(self.planner.host), host)
             if pinned:
                 self._pin(host)
         if cfg.disk_blocks:
@@ -313,24 +238,14 @@ class KvBlockManager(Lifecycle):
             found = disk.open()
             if disk.names_only:  # a large tier: files are the index, adopted when matched
                 found = []
-            pool = BlockPool(cfg.disk_blocks, block_size=bs, tier=G3, registry=self.registry)
-            self.disk_pool = DiskPool(pool, disk)
-            # The one restore rule (kvtier.plan.restore): the newest files that fit, oldest
-            # first, parents before children, unsafe parent links dropped; the rest deleted.
-            by_hash = {e.sequence_hash: e for e in found}
-            links = {e.sequence_hash: e.parent_hash for e in found}
-            restore = plan_restore(list(by_hash), links, cfg.disk_blocks)
-            for extra in restore.dropped:  # beyond G3's size (it shrank): delete
-                disk.remove(extra)
-            for block_id, h in enumerate(restore.order):
-                pool.restore(
-                    block_id,
-                    h,
-                    parent_sequence_hash=restore.parents[h],
-                    priority=by_hash[h].priority,
-                )
-                self.disk_pool.slot_hashes[block_id] = h
-            self._cascade_queue = OffloadQueue(pool)
+            self.disk_pool = DiskPool(_pool_of(self.planner.disk), disk)
+            # The one restore rule (kvtier.plan.restore), in the planner: the newest files that
+            # fit, oldest first, parents before children, unsafe parent links dropped.
+            hashes = [e.sequence_hash for e in found]
+            parents = [e.parent_hash for e in found]
+            priorities = [e.priority for e in found]
+            self.planner.restored(0, hashes, parents, None, priorities=priorities)
+            self._flush_deletes()  # beyond G3's size (it shrank)
             self._disk_io = DiskIo(disk, cfg.io_threads)
             self._disk_io.start()
         self._engine.start()
@@ -384,10 +299,6 @@ class KvBlockManager(Lifecycle):
             return
         self._closed = True
         assert self._transfers is not None
-        if self._cascade_queue is not None:
-            left = self._cascade_queue.pop(len(self._cascade_queue))
-            for req in (*left.ready, *left.skipped):
-                req.payload.release()
         settled = self._transfers.close(timeout)
         self._engine.close()  # fails copies whose gate never opened
         if self._disk_io is not None:
@@ -395,6 +306,8 @@ class KvBlockManager(Lifecycle):
         settled.extend(self._transfers.close(1.0))  # settles what finished meanwhile
         for part in settled:
             self._apply(part)
+        self._fail_writes(list(self._after_host))  # their G2 copy never landed
+        self._after_host.clear()
         self._handles.clear()
         if self.disk_pool is not None:
             self.disk_pool.storage.close()
@@ -409,12 +322,6 @@ class KvBlockManager(Lifecycle):
         assert self._transfers is not None
         return self._transfers
 
-    def _check_device_ids(self, device_block_ids: Sequence[int]) -> None:
-        nb = self.layout.num_blocks
-        for d in device_block_ids:
-            if not 0 <= d < nb:
-                raise ValueError(f"device block id {d} out of range 0..{nb - 1}")
-
     # -- offload --------------------------------------------------------------------------------
 
     def offload(
@@ -428,162 +335,193 @@ class KvBlockManager(Lifecycle):
     ) -> KvHandle:
         """Offload device blocks; see the class docstring. ``parent_sequence_hashes`` defaults to
         the chain within the call (block i's parent is block i-1's hash; the first has none)."""
-        transfers = self._check_running()
-        n = len(sequence_hashes)
-        if len(device_block_ids) != n:
-            raise ValueError(f"{len(device_block_ids)} device block ids for {n} sequence hashes")
-        if parent_sequence_hashes is None:
-            parents: list[int | None] = [None, *sequence_hashes[:-1]] if n else []
-        else:
-            parents = list(parent_sequence_hashes)
-            if len(parents) != n:
-                raise ValueError(f"{len(parents)} parent hashes for {n} sequence hashes")
-        self._check_device_ids(device_block_ids)
-        if len(set(sequence_hashes)) != n:
-            raise ValueError("sequence_hashes of one offload must be distinct")
-        for h, parent in zip(sequence_hashes, parents, strict=True):
-            BlockPool.check_registration(h, parent_sequence_hash=parent, priority=priority)
-        if self.disk_pool is not None and not PRIORITY_MIN <= priority <= PRIORITY_MAX:
-            raise ValueError(
-                f"priority must fit in 32 bits with a disk tier (block file header), got {priority}"
-            )
-        tier = G2 if self.host_pool is not None else G3 if self.disk_pool is not None else None
-        if tier is None:
-            raise RuntimeError("offload needs a host or disk tier; both are disabled")
-        path = TransferPath.DEVICE_TO_HOST if tier == G2 else TransferPath.DEVICE_TO_DISK
-        target_pool = self._pool(tier)
-        picked = []
-        for i, h in enumerate(sequence_hashes):
-            if target_pool.contains(h):
-                if tier == G2:
-                    self._sighted_in_host(h)
-            elif h not in self._writing[tier]:
-                picked.append(i)
-        targets = self._allocate(tier, len(picked), [sequence_hashes[i] for i in picked])
-        chosen = picked[: len(targets)]
-        chosen_set = set(chosen)
-        skipped = [h for i, h in enumerate(sequence_hashes) if i not in chosen_set]
-        self._skipped += len(skipped)
-        hashes = [sequence_hashes[i] for i in chosen]
-        dids = [device_block_ids[i] for i in chosen]
-        pars = [parents[i] for i in chosen]
-        part = transfers.submit(
-            path,
-            hashes,
-            dids,
-            [b.block_id for b in targets] if tier == G2 else [],
-            parents=pars,
-            priorities=[priority] * len(hashes),
-            gate=gate,
+        self._check_running()
+        parents = offload_parents(
+            device_block_ids,
+            sequence_hashes,
+            parent_sequence_hashes,
+            priority,
+            num_blocks=self.layout.num_blocks,
+            with_disk=self.disk_pool is not None,
         )
-        self._writing[tier].update(hashes)
-        self._effects[part] = _Effect("store", tier, targets, pars, [priority] * len(hashes))
-        handle = KvHandle([part], hashes, dids, self.layout.model.num_layers, skipped)
+        if self.host_pool is None and self.disk_pool is None:
+            raise RuntimeError("offload needs a host or disk tier; both are disabled")
+        store, ready = self.planner.store, self.planner.host.lookup
+        to_host: list[int] = []  # indices copied device -> host, and their G2 slots
+        host_slots: list[int] = []
+        to_disk: list[int] = []  # indices copied device -> disk (no G2, or no room in it)
+        from_host: list[_Write] = []
+        for i, h in enumerate(sequence_hashes):
+            c = store(h, parents[i], priority)
+            if c.host_slot is not None:
+                to_host.append(i)
+                host_slots.append(c.host_slot)
+            if not c.disk_write:
+                continue
+            if c.disk_host_slot < 0:
+                to_disk.append(i)
+            elif c.host_slot is None and ready(h) is not None:
+                from_host.append((h, c.disk_host_slot, parents[i], priority))
+            else:  # its G2 copy is in flight: written once it lands (``_apply``)
+                self._after_host[h] = (c.disk_host_slot, parents[i], priority)
+        self._flush_deletes()
+        parts = []
+        for tier, path, picked, slots in (
+            (G2, TransferPath.DEVICE_TO_HOST, to_host, host_slots),
+            (G3, TransferPath.DEVICE_TO_DISK, to_disk, []),
+        ):
+            if picked:
+                hashes = [sequence_hashes[i] for i in picked]
+                dids = [device_block_ids[i] for i in picked]
+                pars = [parents[i] for i in picked] if tier == G3 else None
+                parts.append(self._submit(tier, path, hashes, dids, slots, pars, priority, gate))
+        self._write_from_host(from_host)
+        moved = sorted(to_host + to_disk) if to_disk else to_host
+        if len(moved) == len(sequence_hashes):
+            skipped: list[int] = []
+        else:
+            kept = set(moved)
+            skipped = [h for i, h in enumerate(sequence_hashes) if i not in kept]
+        self._skipped += len(skipped)
+        handle = KvHandle(
+            parts,
+            [sequence_hashes[i] for i in moved],
+            [device_block_ids[i] for i in moved],
+            self.layout.model.num_layers,
+            skipped,
+        )
         self._handles.append(handle)
         return handle
 
-    def _pool(self, tier: str) -> BlockPool:
-        owner = self.host_pool if tier == G2 else self.disk_pool
-        assert owner is not None
-        return owner.pool
+    def _submit(
+        self,
+        tier: str,
+        path: TransferPath,
+        hashes: list[int],
+        src: list[int],
+        dst: list[int],
+        parents: list[int | None] | None = None,
+        priority: int | list[int] = 0,
+        gate: object | None = None,
+        load: _Load | None = None,
+    ) -> TransferHandle:
+        """Submit one batch; ``parents`` and priorities (one, or one per block) go into G3
+        block headers."""
+        prios = [priority] * len(hashes) if isinstance(priority, int) else priority
+        part = self.transfers.submit(
+            path, hashes, src, dst, parents=parents, priorities=prios, gate=gate
+        )
+        self._copies[part] = _Copy(tier, load)
+        return part
 
-    def _allocate(self, tier: str, n: int, hashes: Sequence[int]) -> list[MutableBlock]:
-        """Up to ``n`` target blocks (fewer when the tier is full of blocks in use)."""
-        pool = self._pool(tier)
-        want = min(n, pool.num_free + pool.num_inactive)
-        blocks: list[MutableBlock] | None = None
-        while want > 0:
-            blocks = pool.allocate(want)
-            if blocks is not None:
-                break
-            want //= 2
-        if not blocks:
-            return []
-        if tier == G3:
-            assert self.disk_pool is not None
-            self.disk_pool.reclaim(
-                [b.block_id for b in blocks], self._writing[G3] | set(hashes[: len(blocks)])
+    def _write_from_host(self, writes: list[_Write]) -> None:
+        """Submit the G3 writes the planner made from G2 blocks (pinned until reported)."""
+        if writes:
+            self._submit(
+                G3,
+                TransferPath.HOST_TO_DISK,
+                [w[0] for w in writes],
+                [w[1] for w in writes],
+                [],
+                [w[2] for w in writes],
+                [w[3] for w in writes],
             )
-        return blocks
+
+    def _has_disk_file(self, sequence_hash: int) -> bool:
+        """The planner's check for a G3 block another process wrote (one ``lstat``)."""
+        return self.disk_pool is not None and self.disk_pool.storage.has_block(sequence_hash)
+
+    def _flush_deletes(self) -> None:
+        """Delete the G3 files the planner let go (evicted, or beyond G3's size at restore),
+        before any new write of the same name; a hash held again keeps its file."""
+        gone = self.planner.take_deletes()
+        if gone and self.disk_pool is not None:
+            for h in gone:
+                if h not in self.planner.disk:
+                    self.disk_pool.storage.remove(h)
+
+    def _fail_writes(self, hashes: Sequence[int]) -> None:
+        """Report G3 writes as failed. No file of theirs exists: a file of the same name is
+        another process's (or a read-only tier's), so the planner's deletes are dropped."""
+        if hashes:
+            self._flush_deletes()
+            for h in hashes:
+                self.planner.store_reported(G3, h, ok=False)
+            self.planner.take_deletes()
 
     # -- match and onboard ----------------------------------------------------------------------
 
     def match(self, sequence_hashes: Sequence[int]) -> TierMatch:
         """Cross-tier prefix match; see the class docstring."""
         self._check_running()
-        host = self.host_pool.pool.match(sequence_hashes) if self.host_pool else []
-        rest = sequence_hashes[len(host) :]
-        disk: list[ImmutableBlock] = []
-        if self.disk_pool is not None and rest:
-            parent = host[-1].sequence_hash if host else None
-            disk = self.disk_pool.match_shared(rest, parent, self._writing[G3])
+        planner = self.planner
         n = len(sequence_hashes)
+        host_end, end = planner.match(sequence_hashes, 0, n)
+        lookup = planner.disk.lookup  # an adoption may have evicted a block matched before it
+        for i in range(host_end, end):
+            if lookup(sequence_hashes[i]) is None:
+                end = i
+                break
+        self._flush_deletes()
+        host = list(sequence_hashes[:host_end])
+        disk = list(sequence_hashes[host_end:end])
+        job, slots = planner.begin_load("", host, disk) if end else (-1, [])
         if self.host_pool is not None:
-            self._hits[G2] = _add_hits(self._hits[G2], len(host), n - len(host))
+            self._hits[G2] = self._hits[G2].add(host_end, n - host_end)
         if self.disk_pool is not None:
-            self._hits[G3] = _add_hits(self._hits[G3], len(disk), len(rest) - len(disk))
+            self._hits[G3] = self._hits[G3].add(len(disk), n - end)
         if self.metrics is not None:
-            self.metrics.record_lookup(n, len(host), len(disk), self.config.model.block_size)
-        return TierMatch(host, disk)
+            self.metrics.record_lookup(n, host_end, len(disk), self.config.model.block_size)
+        return TierMatch(job, host, slots, disk, planner.trim_load)
 
     def onboard(
         self, match: TierMatch, device_block_ids: Sequence[int], *, gate: object | None = None
     ) -> KvHandle:
         """Onboard a match into the given device blocks; see the class docstring."""
-        transfers = self._check_running()
+        self._check_running()
         if match.released:
             raise ValueError("this match was already released or onboarded")
         n = len(device_block_ids)
         if n > len(match):
             raise ValueError(f"{n} device blocks for a match of {len(match)} blocks")
-        self._check_device_ids(device_block_ids)
+        check_device_ids(device_block_ids, self.layout.num_blocks)
         if len(set(device_block_ids)) != n:
             raise ValueError("device_block_ids of one onboard must be distinct")
-        host = match.host[:n]
-        disk = match.disk[: n - len(host)]
-        for extra in (*match.host[len(host) :], *match.disk[len(disk) :]):
-            extra.release()
-        match.released = True
-        parts: list[TransferHandle] = []
+        match.take(n)
+        nh = min(n, match.num_host)
+        host, disk = match.host_hashes[:nh], match.disk_hashes[: n - nh]
         dids = list(device_block_ids)
+        load = _Load(match.job, bool(host) + bool(disk))
+        parts = []
         if host:
-            part = transfers.submit(
-                TransferPath.HOST_TO_DEVICE,
-                [b.sequence_hash for b in host],
-                [b.block_id for b in host],
-                dids[: len(host)],
-                gate=gate,
-            )
-            self._effects[part] = _Effect("onboard", G2, held=list(host))
-            parts.append(part)
+            slots = match.host_slots[:nh]
+            path = TransferPath.HOST_TO_DEVICE
+            parts.append(self._submit("", path, host, slots, dids[:nh], gate=gate, load=load))
         if disk:
-            part = transfers.submit(
-                TransferPath.DISK_TO_DEVICE,
-                [b.sequence_hash for b in disk],
-                [],
-                dids[len(host) :],
-                gate=gate,
-            )
-            self._effects[part] = _Effect("onboard", G3, held=list(disk))
-            parts.append(part)
-        for b in host:  # reuse is a sighting for the G2 -> G3 frequency filter
-            self._sighted_in_host(b.sequence_hash)
-        hashes = [b.sequence_hash for b in (*host, *disk)]
-        handle = KvHandle(parts, hashes, dids, self.layout.model.num_layers)
+            path = TransferPath.DISK_TO_DEVICE
+            parts.append(self._submit("", path, disk, [], dids[nh:], gate=gate, load=load))
+        # A G2 block read again is a sighting for the frequency filter: maybe a G3 write.
+        writes = [(h, *w) for h in host if (w := self.planner.host_read(h)) is not None]
+        self._flush_deletes()
+        self._write_from_host(writes)
+        handle = KvHandle(parts, host + disk, dids, self.layout.model.num_layers)
         self._handles.append(handle)
         return handle
 
     # -- progress -------------------------------------------------------------------------------
 
     def poll(self) -> list[KvHandle]:
-        """Progress queues and apply finished transfers; see the class docstring."""
+        """Progress queues and report finished transfers; see the class docstring."""
         transfers = self._check_running()
         settled = transfers.poll()
-        for part in settled:
-            self._apply(part)
-        self._pump_cascade()
-        if settled and self.metrics is not None:
-            self._publish_occupancy(self.metrics)
+        if settled:
+            landed: list[_Write] = []
+            for part in settled:
+                landed.extend(self._apply(part))
+            self._flush_deletes()
+            self._write_from_host(landed)
+            if self.metrics is not None:
+                self._publish_occupancy(self.metrics)
         finished = [h for h in self._handles if h.done()]
         if finished:
             self._handles = [h for h in self._handles if not h.done()]
@@ -606,147 +544,59 @@ class KvBlockManager(Lifecycle):
         transfers = self._check_running()
         while True:
             self.poll()
-            queued = len(self._cascade_queue) if self._cascade_queue is not None else 0
-            if not transfers.pending() and not self._effects and not queued:
+            if not transfers.pending() and not self._copies:
                 return
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"transfers still pending after {timeout} s")
             time.sleep(0.0002)
 
-    def _apply(self, part: TransferHandle) -> None:
-        effect = self._effects.pop(part, None)
-        if effect is None:
-            return
-        failed = set()
-        if part.error is not None:
-            bad = set(part.error.failed_hashes)
-            failed = {i for i, h in enumerate(part.block_hashes) if h in bad}
+    def _apply(self, part: TransferHandle) -> list[_Write]:
+        """Report one settled batch to the planner; returns the G3 writes it lets start."""
+        copy = self._copies.pop(part, None)
+        if copy is None:
+            return []
+        bad = set(part.error.failed_hashes) if part.error is not None else set()
+        failed = [h for h in part.block_hashes if h in bad] if bad else []
         self._count(part, len(failed))
-        if effect.kind == "onboard":
-            self._apply_onboard(part, effect, failed)
-        else:
-            self._apply_store(part, effect, failed)
+        planner = self.planner
+        if copy.load is not None:
+            from_disk = part.path is TransferPath.DISK_TO_DEVICE
+            for h in failed if from_disk else ():
+                planner.disk_bad(h)  # missing or corrupt: forgotten, never served again
+            if failed and self.metrics is not None:
+                self.metrics.record_load_errors("disk" if from_disk else "host", len(failed))
+            copy.load.parts -= 1
+            if not copy.load.parts:
+                planner.load_reported(copy.load.job)
+            return []
+        if copy.tier == G3:
+            for h in part.block_hashes:
+                if h not in bad:
+                    planner.store_reported(G3, h, ok=True)
+            self._fail_writes(failed)
+            return []
+        landed: list[_Write] = []
+        dropped: list[int] = []
+        for h in part.block_hashes:
+            ok = h not in bad
+            planner.store_reported(G2, h, ok=ok)
+            w = self._after_host.pop(h, None)
+            if w is not None:
+                if ok and not self._closed:
+                    landed.append((h, *w))
+                else:
+                    dropped.append(h)
+        self._fail_writes(dropped)
+        return landed
 
     def _count(self, part: TransferHandle, nfailed: int) -> None:
         key = part.path.value
-        c = self._paths[key]
         ok = part.num_blocks - nfailed
         nbytes = ok * self.layout.block_bytes
         seconds = part.seconds or 0.0
-        self._paths[key] = PathCounters(
-            c.blocks + ok, c.bytes + nbytes, c.seconds + seconds, c.failed_blocks + nfailed
-        )
+        self._paths[key] = self._paths[key].add(ok, nbytes, seconds, nfailed)
         if self.metrics is not None and part.num_blocks:
             self.metrics.record_transfer(key, ok, nbytes, seconds)
-
-    def _apply_onboard(self, part: TransferHandle, effect: _Effect, failed: set[int]) -> None:
-        for b in effect.held:
-            b.release()
-        if effect.tier == G3 and failed:
-            assert self.disk_pool is not None
-            for i in failed:
-                self.disk_pool.pool.remove(part.block_hashes[i])
-            if self.metrics is not None:
-                self.metrics.record_load_errors("disk", len(failed))
-        elif failed and self.metrics is not None:
-            self.metrics.record_load_errors("host", len(failed))
-
-    def _apply_store(self, part: TransferHandle, effect: _Effect, failed: set[int]) -> None:
-        tier = effect.tier
-        pool = self._pool(tier)
-        self._writing[tier].difference_update(part.block_hashes)
-        if part.path is TransferPath.HOST_TO_DISK:
-            self._cascade_inflight -= part.num_blocks
-        stored: list[ImmutableBlock] = []
-        for i, (block, h) in enumerate(zip(effect.targets, part.block_hashes, strict=True)):
-            if i in failed:
-                block.release()
-                continue
-            block.mark_complete()
-            imm = pool.register(
-                block, h, parent_sequence_hash=effect.parents[i], priority=effect.priorities[i]
-            )
-            if tier == G3:
-                assert self.disk_pool is not None
-                self.disk_pool.slot_hashes[imm.block_id] = h
-            stored.append(imm)
-        for b in effect.held:
-            b.release()
-        if tier == G2 and self.disk_pool is not None and not self._closed:
-            self._cascade(stored)
-        else:
-            for imm in stored:
-                imm.release()
-
-    def _cascade(self, stored: list[ImmutableBlock]) -> None:
-        """Queue G2 -> G3 writes of host blocks that pass the frequency filter, keeping a ref on
-        each host block until its write settles; the rest are released."""
-        assert self.disk_pool is not None and self._cascade_queue is not None
-        for imm in stored:
-            h = imm.sequence_hash
-            if self.disk_pool.pool.contains(h) or h in self._writing[G3]:
-                imm.release()
-            elif not self._filter.should_offload(h):
-                imm.release()
-                self._filter_rejections += 1
-                if self.metrics is not None:
-                    self.metrics.record_filter_rejections()
-            elif not self._cascade_queue.push(h, imm, priority=imm.priority):
-                imm.release()
-
-    def _sighted_in_host(self, sequence_hash: int) -> None:
-        """A block G2 already holds was offloaded again or onboarded: a sighting for the
-        frequency filter, and a G2 -> G3 write once it passes."""
-        if self.host_pool is None or self.disk_pool is None or self._cascade_queue is None:
-            return
-        if self.disk_pool.pool.contains(sequence_hash) or sequence_hash in self._writing[G3]:
-            return
-        if sequence_hash in self._cascade_queue:
-            return
-        held = self.host_pool.pool.match([sequence_hash])
-        self._cascade(held)
-
-    def _pump_cascade(self) -> None:
-        """Submit queued G2 -> G3 writes, highest priority first, in half the in-flight bound."""
-        queue = self._cascade_queue
-        if queue is None or not len(queue) or self._closed:
-            return
-        budget = max(1, self.config.max_inflight_blocks // 2) - self._cascade_inflight
-        if budget <= 0:
-            return
-        batch = queue.pop(budget)
-        for req in batch.skipped:
-            req.payload.release()
-        picked = [r.payload for r in batch.ready]
-        if not picked:
-            return
-        hashes = [b.sequence_hash for b in picked]
-        targets = self._allocate(G3, len(picked), hashes)
-        for extra in picked[len(targets) :]:
-            extra.release()
-        picked = picked[: len(targets)]
-        if not picked:
-            return
-        hashes = hashes[: len(picked)]
-        assert self._transfers is not None
-        part = self._transfers.submit(
-            TransferPath.HOST_TO_DISK,
-            hashes,
-            [b.block_id for b in picked],
-            [],
-            parents=[b.parent_sequence_hash for b in picked],
-            priorities=[b.priority for b in picked],
-        )
-        self._cascade_inflight += len(picked)
-        self._writing[G3].update(hashes)
-        self._effects[part] = _Effect(
-            "store",
-            G3,
-            targets,
-            [b.parent_sequence_hash for b in picked],
-            [b.priority for b in picked],
-            held=picked,
-        )
 
     # -- observability --------------------------------------------------------------------------
 
@@ -756,7 +606,7 @@ class KvBlockManager(Lifecycle):
             dict(self._paths),
             self._hits[G2],
             self._hits[G3],
-            self._filter_rejections,
+            self.planner.filter.rejections,
             self._skipped,
         )
 
@@ -771,11 +621,11 @@ class KvBlockManager(Lifecycle):
                 metrics.set_pool_occupancy(label, p.num_active, p.num_inactive, p.num_free)
         if self._pinner is not None:
             metrics.set_pinned_bytes(self._pinner.progress().pinned_bytes)
+        rejections = self.planner.filter.rejections
+        if rejections > self._rejections_told:
+            metrics.record_filter_rejections(rejections - self._rejections_told)
+            self._rejections_told = rejections
 
     def drain_events(self) -> list[TierEvent]:
         """The registry's Store/Remove events since the last call, oldest first."""
         return self.registry.drain_events()
-
-
-def _add_hits(h: TierHits, hits: int, misses: int) -> TierHits:
-    return TierHits(h.hits + hits, h.misses + misses)
