@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,6 +32,7 @@ from kvtier.core.pool import BlockPool
 from kvtier.core.registry import TierEvent
 from kvtier.lifecycle import Lifecycle
 from kvtier.manager.checks import check_device_ids, offload_parents
+from kvtier.manager.copies import Copies
 from kvtier.manager.handles import KvHandle, TierMatch
 from kvtier.manager.stats import KvTierStats, PathCounters, TierHits
 from kvtier.manager.tiers import DevicePool, DiskPool, HostPool
@@ -44,7 +44,7 @@ from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import KvLayout, LayoutKind, default_layout, detect_layout
 from kvtier.transfer.disk_io import DiskIo
 from kvtier.transfer.engine import CopyEngine, TorchCopyEngine
-from kvtier.transfer.manager import TransferError, TransferHandle, TransferManager, TransferPath
+from kvtier.transfer.manager import TransferError, TransferManager, TransferPath
 
 if TYPE_CHECKING:
     from kvtier.ops.metrics import KvTierMetrics
@@ -61,24 +61,6 @@ __all__ = [
 ]
 
 G1, G2, G3 = "G1", "G2", "G3"
-_Write = tuple[int, int, "int | None", int]
-"""A G3 write from G2: (sequence hash, G2 slot, parent, priority)."""
-
-
-@dataclass
-class _Load:
-    """An onboard in flight: the planner's load job and how many of its batches are still out."""
-
-    job: int
-    parts: int
-
-
-@dataclass
-class _Copy:
-    """What to report to the planner when a batch settles: a store into ``tier``, or a load."""
-
-    tier: str
-    load: _Load | None = None
 
 
 def _pool_of(index: SlotIndex) -> BlockPool:
@@ -152,8 +134,7 @@ class KvBlockManager(Lifecycle):
         self.disk_pool: DiskPool | None = None
         self._disk_io: DiskIo | None = None
         self._transfers: TransferManager | None = None
-        self._copies: dict[TransferHandle, _Copy] = {}
-        self._after_host: dict[int, tuple[int, int | None, int]] = {}  # G3 writes awaiting G2
+        self._copies: Copies | None = None
         self._handles: list[KvHandle] = []
         self._paths: dict[str, PathCounters] = {p.value: PathCounters() for p in TransferPath}
         self._hits = {G2: TierHits(), G3: TierHits()}
@@ -245,7 +226,8 @@ class KvBlockManager(Lifecycle):
             parents = [e.parent_hash for e in found]
             priorities = [e.priority for e in found]
             self.planner.restored(0, hashes, parents, None, priorities=priorities)
-            self._flush_deletes()  # beyond G3's size (it shrank)
+            for extra in self.planner.take_deletes():  # beyond G3's size (it shrank)
+                disk.remove(extra)
             self._disk_io = DiskIo(disk, cfg.io_threads)
             self._disk_io.start()
         self._engine.start()
@@ -261,6 +243,14 @@ class KvBlockManager(Lifecycle):
             pin_staging=on_gpu,
         )
         self._transfers.start()
+        self._copies = Copies(
+            self.planner,
+            self._transfers,
+            self.disk_pool.storage if self.disk_pool else None,
+            block_bytes=layout.block_bytes,
+            paths=self._paths,
+            metrics=self.metrics,
+        )
         self._started = True
 
     def _pick_engine(self, storage: DeviceStorage) -> CopyEngine:
@@ -304,10 +294,8 @@ class KvBlockManager(Lifecycle):
         if self._disk_io is not None:
             self._disk_io.close()  # every block file is now complete or absent
         settled.extend(self._transfers.close(1.0))  # settles what finished meanwhile
-        for part in settled:
-            self._apply(part)
-        self._fail_writes(list(self._after_host))  # their G2 copy never landed
-        self._after_host.clear()
+        assert self._copies is not None
+        self._copies.settle(settled, closing=True)
         self._handles.clear()
         if self.disk_pool is not None:
             self.disk_pool.storage.close()
@@ -316,13 +304,13 @@ class KvBlockManager(Lifecycle):
         if self.host_pool is not None:
             self.host_pool.storage.release()
 
-    def _check_running(self) -> TransferManager:
+    def _check_running(self) -> Copies:
         if not self._started or self._closed:
             raise RuntimeError("KvBlockManager is not running (call start(), not after close())")
-        assert self._transfers is not None
-        return self._transfers
+        assert self._copies is not None
+        return self._copies
 
-    # -- offload --------------------------------------------------------------------------------
+    # -- offload, match, onboard ----------------------------------------------------------------
 
     def offload(
         self,
@@ -335,7 +323,7 @@ class KvBlockManager(Lifecycle):
     ) -> KvHandle:
         """Offload device blocks; see the class docstring. ``parent_sequence_hashes`` defaults to
         the chain within the call (block i's parent is block i-1's hash; the first has none)."""
-        self._check_running()
+        copies = self._check_running()
         parents = offload_parents(
             device_block_ids,
             sequence_hashes,
@@ -346,37 +334,8 @@ class KvBlockManager(Lifecycle):
         )
         if self.host_pool is None and self.disk_pool is None:
             raise RuntimeError("offload needs a host or disk tier; both are disabled")
-        store, ready = self.planner.store, self.planner.host.lookup
-        to_host: list[int] = []  # indices copied device -> host, and their G2 slots
-        host_slots: list[int] = []
-        to_disk: list[int] = []  # indices copied device -> disk (no G2, or no room in it)
-        from_host: list[_Write] = []
-        for i, h in enumerate(sequence_hashes):
-            c = store(h, parents[i], priority)
-            if c.host_slot is not None:
-                to_host.append(i)
-                host_slots.append(c.host_slot)
-            if not c.disk_write:
-                continue
-            if c.disk_host_slot < 0:
-                to_disk.append(i)
-            elif c.host_slot is None and ready(h) is not None:
-                from_host.append((h, c.disk_host_slot, parents[i], priority))
-            else:  # its G2 copy is in flight: written once it lands (``_apply``)
-                self._after_host[h] = (c.disk_host_slot, parents[i], priority)
-        self._flush_deletes()
-        parts = []
-        for tier, path, picked, slots in (
-            (G2, TransferPath.DEVICE_TO_HOST, to_host, host_slots),
-            (G3, TransferPath.DEVICE_TO_DISK, to_disk, []),
-        ):
-            if picked:
-                hashes = [sequence_hashes[i] for i in picked]
-                dids = [device_block_ids[i] for i in picked]
-                pars = [parents[i] for i in picked] if tier == G3 else None
-                parts.append(self._submit(tier, path, hashes, dids, slots, pars, priority, gate))
-        self._write_from_host(from_host)
-        moved = sorted(to_host + to_disk) if to_disk else to_host
+        done = copies.store(device_block_ids, sequence_hashes, parents, priority, gate)
+        moved = done.moved
         if len(moved) == len(sequence_hashes):
             skipped: list[int] = []
         else:
@@ -384,7 +343,7 @@ class KvBlockManager(Lifecycle):
             skipped = [h for i, h in enumerate(sequence_hashes) if i not in kept]
         self._skipped += len(skipped)
         handle = KvHandle(
-            parts,
+            done.parts,
             [sequence_hashes[i] for i in moved],
             [device_block_ids[i] for i in moved],
             self.layout.model.num_layers,
@@ -393,67 +352,9 @@ class KvBlockManager(Lifecycle):
         self._handles.append(handle)
         return handle
 
-    def _submit(
-        self,
-        tier: str,
-        path: TransferPath,
-        hashes: list[int],
-        src: list[int],
-        dst: list[int],
-        parents: list[int | None] | None = None,
-        priority: int | list[int] = 0,
-        gate: object | None = None,
-        load: _Load | None = None,
-    ) -> TransferHandle:
-        """Submit one batch; ``parents`` and priorities (one, or one per block) go into G3
-        block headers."""
-        prios = [priority] * len(hashes) if isinstance(priority, int) else priority
-        part = self.transfers.submit(
-            path, hashes, src, dst, parents=parents, priorities=prios, gate=gate
-        )
-        self._copies[part] = _Copy(tier, load)
-        return part
-
-    def _write_from_host(self, writes: list[_Write]) -> None:
-        """Submit the G3 writes the planner made from G2 blocks (pinned until reported)."""
-        if writes:
-            self._submit(
-                G3,
-                TransferPath.HOST_TO_DISK,
-                [w[0] for w in writes],
-                [w[1] for w in writes],
-                [],
-                [w[2] for w in writes],
-                [w[3] for w in writes],
-            )
-
-    def _has_disk_file(self, sequence_hash: int) -> bool:
-        """The planner's check for a G3 block another process wrote (one ``lstat``)."""
-        return self.disk_pool is not None and self.disk_pool.storage.has_block(sequence_hash)
-
-    def _flush_deletes(self) -> None:
-        """Delete the G3 files the planner let go (evicted, or beyond G3's size at restore),
-        before any new write of the same name; a hash held again keeps its file."""
-        gone = self.planner.take_deletes()
-        if gone and self.disk_pool is not None:
-            for h in gone:
-                if h not in self.planner.disk:
-                    self.disk_pool.storage.remove(h)
-
-    def _fail_writes(self, hashes: Sequence[int]) -> None:
-        """Report G3 writes as failed. No file of theirs exists: a file of the same name is
-        another process's (or a read-only tier's), so the planner's deletes are dropped."""
-        if hashes:
-            self._flush_deletes()
-            for h in hashes:
-                self.planner.store_reported(G3, h, ok=False)
-            self.planner.take_deletes()
-
-    # -- match and onboard ----------------------------------------------------------------------
-
     def match(self, sequence_hashes: Sequence[int]) -> TierMatch:
         """Cross-tier prefix match; see the class docstring."""
-        self._check_running()
+        copies = self._check_running()
         planner = self.planner
         n = len(sequence_hashes)
         host_end, end = planner.match(sequence_hashes, 0, n)
@@ -462,7 +363,7 @@ class KvBlockManager(Lifecycle):
             if lookup(sequence_hashes[i]) is None:
                 end = i
                 break
-        self._flush_deletes()
+        copies.flush_deletes()
         host = list(sequence_hashes[:host_end])
         disk = list(sequence_hashes[host_end:end])
         job, slots = planner.begin_load("", host, disk) if end else (-1, [])
@@ -478,7 +379,7 @@ class KvBlockManager(Lifecycle):
         self, match: TierMatch, device_block_ids: Sequence[int], *, gate: object | None = None
     ) -> KvHandle:
         """Onboard a match into the given device blocks; see the class docstring."""
-        self._check_running()
+        copies = self._check_running()
         if match.released:
             raise ValueError("this match was already released or onboarded")
         n = len(device_block_ids)
@@ -491,35 +392,23 @@ class KvBlockManager(Lifecycle):
         nh = min(n, match.num_host)
         host, disk = match.host_hashes[:nh], match.disk_hashes[: n - nh]
         dids = list(device_block_ids)
-        load = _Load(match.job, bool(host) + bool(disk))
-        parts = []
-        if host:
-            slots = match.host_slots[:nh]
-            path = TransferPath.HOST_TO_DEVICE
-            parts.append(self._submit("", path, host, slots, dids[:nh], gate=gate, load=load))
-        if disk:
-            path = TransferPath.DISK_TO_DEVICE
-            parts.append(self._submit("", path, disk, [], dids[nh:], gate=gate, load=load))
-        # A G2 block read again is a sighting for the frequency filter: maybe a G3 write.
-        writes = [(h, *w) for h in host if (w := self.planner.host_read(h)) is not None]
-        self._flush_deletes()
-        self._write_from_host(writes)
+        parts = copies.load(match.job, host, match.host_slots[:nh], disk, dids, gate)
         handle = KvHandle(parts, host + disk, dids, self.layout.model.num_layers)
         self._handles.append(handle)
         return handle
+
+    def _has_disk_file(self, sequence_hash: int) -> bool:
+        """The planner's check for a G3 block another process wrote (one ``lstat``)."""
+        return self.disk_pool is not None and self.disk_pool.storage.has_block(sequence_hash)
 
     # -- progress -------------------------------------------------------------------------------
 
     def poll(self) -> list[KvHandle]:
         """Progress queues and report finished transfers; see the class docstring."""
-        transfers = self._check_running()
-        settled = transfers.poll()
+        copies = self._check_running()
+        settled = copies.transfers.poll()
         if settled:
-            landed: list[_Write] = []
-            for part in settled:
-                landed.extend(self._apply(part))
-            self._flush_deletes()
-            self._write_from_host(landed)
+            copies.settle(settled)
             if self.metrics is not None:
                 self._publish_occupancy(self.metrics)
         finished = [h for h in self._handles if h.done()]
@@ -541,62 +430,14 @@ class KvBlockManager(Lifecycle):
     def wait_all(self, timeout: float | None = None) -> None:
         """Poll until nothing is queued or in flight, cascades included."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        transfers = self._check_running()
+        copies = self._check_running()
         while True:
             self.poll()
-            if not transfers.pending() and not self._copies:
+            if not copies.transfers.pending() and not copies.jobs:
                 return
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"transfers still pending after {timeout} s")
             time.sleep(0.0002)
-
-    def _apply(self, part: TransferHandle) -> list[_Write]:
-        """Report one settled batch to the planner; returns the G3 writes it lets start."""
-        copy = self._copies.pop(part, None)
-        if copy is None:
-            return []
-        bad = set(part.error.failed_hashes) if part.error is not None else set()
-        failed = [h for h in part.block_hashes if h in bad] if bad else []
-        self._count(part, len(failed))
-        planner = self.planner
-        if copy.load is not None:
-            from_disk = part.path is TransferPath.DISK_TO_DEVICE
-            for h in failed if from_disk else ():
-                planner.disk_bad(h)  # missing or corrupt: forgotten, never served again
-            if failed and self.metrics is not None:
-                self.metrics.record_load_errors("disk" if from_disk else "host", len(failed))
-            copy.load.parts -= 1
-            if not copy.load.parts:
-                planner.load_reported(copy.load.job)
-            return []
-        if copy.tier == G3:
-            for h in part.block_hashes:
-                if h not in bad:
-                    planner.store_reported(G3, h, ok=True)
-            self._fail_writes(failed)
-            return []
-        landed: list[_Write] = []
-        dropped: list[int] = []
-        for h in part.block_hashes:
-            ok = h not in bad
-            planner.store_reported(G2, h, ok=ok)
-            w = self._after_host.pop(h, None)
-            if w is not None:
-                if ok and not self._closed:
-                    landed.append((h, *w))
-                else:
-                    dropped.append(h)
-        self._fail_writes(dropped)
-        return landed
-
-    def _count(self, part: TransferHandle, nfailed: int) -> None:
-        key = part.path.value
-        ok = part.num_blocks - nfailed
-        nbytes = ok * self.layout.block_bytes
-        seconds = part.seconds or 0.0
-        self._paths[key] = self._paths[key].add(ok, nbytes, seconds, nfailed)
-        if self.metrics is not None and part.num_blocks:
-            self.metrics.record_transfer(key, ok, nbytes, seconds)
 
     # -- observability --------------------------------------------------------------------------
 

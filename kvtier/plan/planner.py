@@ -179,9 +179,8 @@ class TierPlanner:
         self, req_id: str, host_hashes: list[int], disk_hashes: list[int]
     ) -> tuple[int, list[int]]:
         """Pin the matched blocks a load reads; returns its job id and the G2 slots it reads."""
-        slots = [self.host.pin(h) for h in host_hashes]
-        for h in disk_hashes:
-            self.disk.pin(h)
+        slots = self.host.pin_all(host_hashes)
+        self.disk.pin_all(disk_hashes)
         job_id = self._next_job
         self._next_job += 1
         self._loads[job_id] = _Load(req_id, host_hashes, disk_hashes, self._clock())

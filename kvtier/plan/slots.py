@@ -17,7 +17,7 @@ every arrival (commit, restore) and departure (eviction, removal) is one ``Store
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvtier.core.block import ImmutableBlock, MutableBlock
 from kvtier.core.pool import BlockPool
@@ -26,7 +26,7 @@ from kvtier.core.registry import TierRegistry
 __all__ = ["SlotIndex"]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     block: MutableBlock
     parent: int | None
@@ -36,11 +36,6 @@ class _Pending:
     any_failed: bool = False  # a worker reported it failed
     since: float | None = None  # when the copy was planned (None: not timed)
     priority: int = 0  # eviction priority once registered (lowest evicted first)
-
-
-@dataclass
-class _Ready:
-    handles: list[ImmutableBlock] = field(default_factory=list)
 
 
 class SlotIndex:
@@ -126,26 +121,26 @@ class SlotIndex:
 
         Returns ``(slot, evicted_hashes)``, or None when every slot is pending or in use.
         """
-        if seq_hash in self:
+        pool = self.pool
+        if seq_hash in self._pending or (pool is not None and pool.contains(seq_hash)):
             raise ValueError(f"{self.name}: hash {seq_hash:#x} is already held")
-        if self.pool is None:
+        if pool is None or self.usable == 0:
             return None
         evicted: list[int] = []
-        in_use = self.num_slots - self.pool.num_free
-        if self.usable == 0:
-            return None
-        if self.pool.num_free == 0 or in_use >= self.usable:
-            evicted = self.pool.evict(1)
+        free = pool.num_free
+        if free == 0 or self.num_slots - free >= self.usable:
+            evicted = pool.evict(1)
             if not evicted:
                 return None
             self.evictions += len(evicted)
             self._ready.difference_update(evicted)
-        blocks = self.pool.allocate(1)
+        blocks = pool.allocate(1)
         if blocks is None:  # cannot happen after a successful evict; kept as a guard
             return None
-        self._pending[seq_hash] = _Pending(blocks[0], parent, since=since, priority=priority)
+        block = blocks[0]
+        self._pending[seq_hash] = _Pending(block, parent, 1, False, 0, False, since, priority)
         self.in_flight += 1
-        return blocks[0].block_id, evicted
+        return block.block_id, evicted
 
     def planned_at(self, seq_hash: int) -> float | None:
         """The ``since`` a pending block was reserved with (None if not pending or untimed)."""
@@ -215,6 +210,25 @@ class SlotIndex:
         (handle,) = self.pool.match([seq_hash])
         self._pins.setdefault(seq_hash, []).append(handle)
         return handle.block_id
+
+    def pin_all(self, hashes: list[int]) -> list[int]:
+        """``pin`` each of ``hashes`` (all ready), with one pool call; returns their slots."""
+        if not hashes:
+            return []
+        assert self.pool is not None
+        handles = self.pool.match(hashes)
+        if len(handles) != len(hashes):
+            for handle in handles:
+                self.pool.release(handle)
+            raise ValueError(f"{self.name}: hash {hashes[len(handles)]:#x} is not matchable")
+        pins = self._pins
+        for h, handle in zip(hashes, handles, strict=True):
+            held = pins.get(h)
+            if held is None:
+                pins[h] = [handle]
+            else:
+                held.append(handle)
+        return [handle.block_id for handle in handles]
 
     def unpin(self, seq_hash: int) -> None:
         """Drop one pin taken by ``pin``."""
