@@ -5,15 +5,10 @@ are composition, not storage, so they live beside the facade that composes them 
 ``kvtier/storage/``, which then imports nothing of the control plane's pools.
 """
 
-from kvtier.manager.block_manager import (
-    KvBlockManager,
-    KvHandle,
-    KvTierStats,
-    PathCounters,
-    TierHits,
-    TierMatch,
-    TransferError,
-)
+from kvtier.manager.block_manager import KvBlockManager
+from kvtier.manager.handles import KvHandle, TierMatch
+from kvtier.manager.stats import KvTierStats, PathCounters, TierHits
+from kvtier.transfer.manager import TransferError
 
 __all__ = [
     "KvBlockManager",

@@ -22,7 +22,7 @@ poll ... -> ``close()``. Also a context manager.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,10 +31,10 @@ from kvtier.config import KvTierConfig
 from kvtier.core.pool import BlockPool
 from kvtier.core.registry import TierEvent
 from kvtier.lifecycle import Lifecycle
-from kvtier.manager.checks import check_device_ids, offload_parents
+from kvtier.manager.checks import check_onboard, offload_parents
 from kvtier.manager.copies import Copies
 from kvtier.manager.handles import KvHandle, TierMatch
-from kvtier.manager.stats import KvTierStats, PathCounters, TierHits
+from kvtier.manager.stats import KvTierStats, Tally
 from kvtier.manager.tiers import DevicePool, DiskPool, HostPool
 from kvtier.plan.planner import PlannerConfig, TierPlanner
 from kvtier.plan.slots import SlotIndex
@@ -44,23 +44,15 @@ from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import KvLayout, LayoutKind, default_layout, detect_layout
 from kvtier.transfer.disk_io import DiskIo
 from kvtier.transfer.engine import CopyEngine, TorchCopyEngine
-from kvtier.transfer.manager import TransferError, TransferManager, TransferPath
+from kvtier.transfer.manager import TransferManager
 
 if TYPE_CHECKING:
     from kvtier.ops.metrics import KvTierMetrics
     from kvtier.storage.pinned import ChunkedPinner
 
-__all__ = [
-    "KvBlockManager",
-    "KvHandle",
-    "KvTierStats",
-    "PathCounters",
-    "TierHits",
-    "TierMatch",
-    "TransferError",
-]
+__all__ = ["KvBlockManager"]
 
-G1, G2, G3 = "G1", "G2", "G3"
+G1 = "G1"
 
 
 def _pool_of(index: SlotIndex) -> BlockPool:
@@ -71,32 +63,15 @@ def _pool_of(index: SlotIndex) -> BlockPool:
 class KvBlockManager(Lifecycle):
     """Tiered KV block manager: G1 device, G2 host, G3 disk, with polled asynchronous transfers.
 
-    Public surface (all on the owner's thread unless noted):
-
-    - ``register_device_kv(tensors, kind=None) -> KvLayout``: adopt the engine's G1 tensors (one
-      tensor = fully contiguous, dict layer_name -> tensor = layer-separate; layout detected).
-      Call before ``start``; without it ``start`` allocates ``config.device_blocks`` itself.
-    - ``start()`` / ``close()`` / ``with``.
-    - ``layout``, ``device_pool``, ``host_pool``, ``disk_pool`` (None when a tier is absent; the
-      G2/G3 pools are the planner's), ``planner``, ``registry``, ``transfers``.
-    - ``offload(device_block_ids, sequence_hashes, *, parent_sequence_hashes=None, priority=0,
-      gate=None) -> KvHandle``: copy device blocks to G2 and register them there when the copy
-      lands; G3 gets them through the cascade (from G2, or from the device when G2 has no room
-      or is absent). Blocks G2 already holds or is receiving, or that find no room, are not
-      copied from the device (``handle.skipped``). ``gate`` is waited on before the device
-      blocks are read.
-    - ``match(sequence_hashes) -> TierMatch``: the longest prefix held by G2, then G3 from where G2
-      stopped (blocks other processes wrote to a shared G3 are adopted); pins every matched block
-      until released or onboarded.
-    - ``onboard(match, device_block_ids, *, gate=None) -> KvHandle``: copy the first
-      ``len(device_block_ids)`` blocks of a match into the given device blocks; takes over the
-      match's pins (the rest are dropped at once) and drops them when done.
-      ``handle.wait_layer(l)`` (thread-safe) returns when layer ``l`` landed.
-    - ``poll() -> list[KvHandle]``: progress the queues, report finished transfers to the planner
-      (register stored blocks, roll back failed ones, unpin loads, drop bad G3 blocks, start G3
-      writes whose G2 copy landed); returns the handles that finished in this call.
-    - ``wait(handle, timeout=None)`` / ``wait_all(timeout=None)``: poll until finished.
-    - ``stats() -> KvTierStats``; ``drain_events()``: the registry's Store/Remove events.
+    The calls (docs/design.md, "Facade", has the table): ``register_device_kv`` (before
+    ``start``), ``start`` / ``close`` / ``with``; ``offload`` (device -> G2, and G3 through the
+    cascade: from G2, or from the device when G2 has no room or is absent; blocks not copied
+    from the device are in ``handle.skipped``); ``match`` (G2 prefix, then G3, blocks another
+    process wrote to a shared G3 adopted; pins every block until released or onboarded);
+    ``onboard`` (takes over a match's pins); ``poll`` (the only place outcomes reach the
+    planner); ``wait`` / ``wait_all``; ``stats``, ``drain_events``. Attributes: ``layout``,
+    ``planner``, ``registry``, ``transfers``, ``device_pool`` / ``host_pool`` / ``disk_pool``
+    (None when a tier is absent; the G2/G3 pools are the planner's).
     """
 
     def __init__(
@@ -136,9 +111,7 @@ class KvBlockManager(Lifecycle):
         self._transfers: TransferManager | None = None
         self._copies: Copies | None = None
         self._handles: list[KvHandle] = []
-        self._paths: dict[str, PathCounters] = {p.value: PathCounters() for p in TransferPath}
-        self._hits = {G2: TierHits(), G3: TierHits()}
-        self._skipped = 0
+        self._tally = Tally()
         self._rejections_told = 0  # filter rejections already given to the metrics
         self._started = False
         self._closed = False
@@ -247,8 +220,8 @@ class KvBlockManager(Lifecycle):
             self.planner,
             self._transfers,
             self.disk_pool.storage if self.disk_pool else None,
-            block_bytes=layout.block_bytes,
-            paths=self._paths,
+            layout=layout,
+            tally=self._tally,
             metrics=self.metrics,
         )
         self._started = True
@@ -334,66 +307,26 @@ class KvBlockManager(Lifecycle):
         )
         if self.host_pool is None and self.disk_pool is None:
             raise RuntimeError("offload needs a host or disk tier; both are disabled")
-        done = copies.store(device_block_ids, sequence_hashes, parents, priority, gate)
-        moved = done.moved
-        if len(moved) == len(sequence_hashes):
-            skipped: list[int] = []
-        else:
-            kept = set(moved)
-            skipped = [h for i, h in enumerate(sequence_hashes) if i not in kept]
-        self._skipped += len(skipped)
-        handle = KvHandle(
-            done.parts,
-            [sequence_hashes[i] for i in moved],
-            [device_block_ids[i] for i in moved],
-            self.layout.model.num_layers,
-            skipped,
-        )
+        handle = copies.store(device_block_ids, sequence_hashes, parents, priority, gate)
         self._handles.append(handle)
         return handle
 
     def match(self, sequence_hashes: Sequence[int]) -> TierMatch:
         """Cross-tier prefix match; see the class docstring."""
-        copies = self._check_running()
-        planner = self.planner
-        n = len(sequence_hashes)
-        host_end, end = planner.match(sequence_hashes, 0, n)
-        lookup = planner.disk.lookup  # an adoption may have evicted a block matched before it
-        for i in range(host_end, end):
-            if lookup(sequence_hashes[i]) is None:
-                end = i
-                break
-        copies.flush_deletes()
-        host = list(sequence_hashes[:host_end])
-        disk = list(sequence_hashes[host_end:end])
-        job, slots = planner.begin_load("", host, disk) if end else (-1, [])
-        if self.host_pool is not None:
-            self._hits[G2] = self._hits[G2].add(host_end, n - host_end)
-        if self.disk_pool is not None:
-            self._hits[G3] = self._hits[G3].add(len(disk), n - end)
+        match = self._check_running().pin_prefix(sequence_hashes)
+        n, nh, nd = len(sequence_hashes), match.num_host, match.num_disk
+        self._tally.lookup(n, nh if self.host_pool else None, nd if self.disk_pool else None)
         if self.metrics is not None:
-            self.metrics.record_lookup(n, host_end, len(disk), self.config.model.block_size)
-        return TierMatch(job, host, slots, disk, planner.trim_load)
+            self.metrics.record_lookup(n, nh, nd, self.config.model.block_size)
+        return match
 
     def onboard(
         self, match: TierMatch, device_block_ids: Sequence[int], *, gate: object | None = None
     ) -> KvHandle:
         """Onboard a match into the given device blocks; see the class docstring."""
         copies = self._check_running()
-        if match.released:
-            raise ValueError("this match was already released or onboarded")
-        n = len(device_block_ids)
-        if n > len(match):
-            raise ValueError(f"{n} device blocks for a match of {len(match)} blocks")
-        check_device_ids(device_block_ids, self.layout.num_blocks)
-        if len(set(device_block_ids)) != n:
-            raise ValueError("device_block_ids of one onboard must be distinct")
-        match.take(n)
-        nh = min(n, match.num_host)
-        host, disk = match.host_hashes[:nh], match.disk_hashes[: n - nh]
-        dids = list(device_block_ids)
-        parts = copies.load(match.job, host, match.host_slots[:nh], disk, dids, gate)
-        handle = KvHandle(parts, host + disk, dids, self.layout.model.num_layers)
+        check_onboard(match, device_block_ids, self.layout.num_blocks)
+        handle = copies.load(match, list(device_block_ids), gate)
         self._handles.append(handle)
         return handle
 
@@ -418,38 +351,30 @@ class KvBlockManager(Lifecycle):
 
     def wait(self, handle: KvHandle, timeout: float | None = None) -> None:
         """Poll until ``handle`` is done (raises TimeoutError after ``timeout`` s)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not handle.done():
-            self.poll()
-            if handle.done():
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{handle!r} not done after {timeout} s")
-            time.sleep(0.0002)
+        self._poll_until(handle.done, timeout, f"{handle!r} not done")
 
     def wait_all(self, timeout: float | None = None) -> None:
         """Poll until nothing is queued or in flight, cascades included."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         copies = self._check_running()
-        while True:
+        self._poll_until(lambda: not copies.transfers.pending() and not copies.jobs, timeout)
+
+    def _poll_until(
+        self, done: Callable[[], bool], timeout: float | None, what: str = "transfers still pending"
+    ) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
             self.poll()
-            if not copies.transfers.pending() and not copies.jobs:
+            if done():
                 return
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"transfers still pending after {timeout} s")
+                raise TimeoutError(f"{what} after {timeout} s")
             time.sleep(0.0002)
 
     # -- observability --------------------------------------------------------------------------
 
     def stats(self) -> KvTierStats:
         """A snapshot of every counter."""
-        return KvTierStats(
-            dict(self._paths),
-            self._hits[G2],
-            self._hits[G3],
-            self.planner.filter.rejections,
-            self._skipped,
-        )
+        return self._tally.snapshot(self.planner.filter.rejections)
 
     def _publish_occupancy(self, metrics: KvTierMetrics) -> None:
         for label, tier in (

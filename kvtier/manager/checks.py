@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvtier.core.pool import BlockPool
+from kvtier.manager.handles import TierMatch
 from kvtier.storage.block_file import PRIORITY_MAX, PRIORITY_MIN
 
-__all__ = ["check_device_ids", "offload_parents"]
+__all__ = ["check_device_ids", "check_onboard", "offload_parents"]
 
 
 def check_device_ids(device_block_ids: Sequence[int], num_blocks: int) -> None:
@@ -50,3 +51,16 @@ def offload_parents(
             f"priority must fit in 32 bits with a disk tier (block file header), got {priority}"
         )
     return parents
+
+
+def check_onboard(match: TierMatch, device_block_ids: Sequence[int], num_blocks: int) -> int:
+    """Check an onboard's arguments; returns how many blocks of the match it copies."""
+    if match.released:
+        raise ValueError("this match was already released or onboarded")
+    n = len(device_block_ids)
+    if n > len(match):
+        raise ValueError(f"{n} device blocks for a match of {len(match)} blocks")
+    check_device_ids(device_block_ids, num_blocks)
+    if len(set(device_block_ids)) != n:
+        raise ValueError("device_block_ids of one onboard must be distinct")
+    return n

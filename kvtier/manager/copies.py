@@ -14,15 +14,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvtier.manager.stats import PathCounters
+from kvtier.manager.handles import KvHandle, TierMatch
+from kvtier.manager.stats import Tally
 from kvtier.plan.planner import G2, G3, TierPlanner
 from kvtier.storage.disk import DiskStorage
+from kvtier.storage.layout import KvLayout
 from kvtier.transfer.manager import TransferHandle, TransferManager, TransferPath
 
 if TYPE_CHECKING:
     from kvtier.ops.metrics import KvTierMetrics
 
-__all__ = ["Copies", "Stored"]
+__all__ = ["Copies"]
 
 _Write = tuple[int, int, "int | None", int]
 """A G3 write from G2: (sequence hash, G2 slot, parent, priority)."""
@@ -44,14 +46,6 @@ class _Copy:
     load: _Load | None = None
 
 
-@dataclass
-class Stored:
-    """What ``Copies.store`` did: the batches reading the device, the indices they copy."""
-
-    parts: list[TransferHandle]
-    moved: list[int]
-
-
 class Copies:
     """Copy jobs of one ``KvBlockManager`` (owner's thread only)."""
 
@@ -61,15 +55,16 @@ class Copies:
         transfers: TransferManager,
         disk: DiskStorage | None,
         *,
-        block_bytes: int,
-        paths: dict[str, PathCounters],
+        layout: KvLayout,
+        tally: Tally,
         metrics: KvTierMetrics | None = None,
     ) -> None:
         self.planner = planner
         self.transfers = transfers
         self.disk = disk
-        self.block_bytes = block_bytes
-        self.paths = paths  # the manager's counters, updated in place
+        self.block_bytes = layout.block_bytes
+        self.num_layers = layout.model.num_layers
+        self.tally = tally  # the manager's counters, updated in place
         self.metrics = metrics
         self.jobs: dict[TransferHandle, _Copy] = {}
         self._after_host: dict[int, tuple[int, int | None, int]] = {}  # G3 writes awaiting G2
@@ -81,8 +76,9 @@ class Copies:
         parents: list[int | None],
         priority: int,
         gate: object | None,
-    ) -> Stored:
-        """Plan and submit the stores of an offload (arguments already checked)."""
+    ) -> KvHandle:
+        """Plan and submit the stores of an offload (arguments already checked); the handle's
+        ``skipped`` are the blocks not copied from the device."""
         store, ready = self.planner.store, self.planner.host.lookup
         to_host: list[int] = []  # indices copied device -> host, and their G2 slots
         host_slots: list[int] = []
@@ -113,21 +109,39 @@ class Copies:
                 pars = [parents[i] for i in picked] if tier == G3 else None
                 parts.append(self._submit(tier, path, sub, dids, slots, pars, priority, gate))
         self._write_from_host(from_host)
-        return Stored(parts, sorted(to_host + to_disk) if to_disk else to_host)
+        moved = sorted(to_host + to_disk) if to_disk else to_host
+        dids = [device_block_ids[i] for i in moved]
+        if len(moved) == len(hashes):
+            return KvHandle(parts, hashes, dids, self.num_layers)
+        kept = set(moved)
+        skipped = [h for i, h in enumerate(hashes) if i not in kept]
+        self.tally.skipped += len(skipped)
+        return KvHandle(parts, [hashes[i] for i in moved], dids, self.num_layers, skipped)
 
-    def load(
-        self,
-        job: int,
-        host: list[int],
-        host_slots: list[int],
-        disk: list[int],
-        device_block_ids: list[int],
-        gate: object | None,
-    ) -> list[TransferHandle]:
-        """Submit an onboard of pinned blocks (load ``job``): G2 ones first, then G3 ones. A G2
-        block read again is a sighting for the frequency filter, so maybe a G3 write."""
-        load = _Load(job, bool(host) + bool(disk))
-        nh = len(host)
+    def pin_prefix(self, hashes: Sequence[int]) -> TierMatch:
+        """The planner's G2-then-G3 prefix of ``hashes``, pinned as one load job."""
+        planner = self.planner
+        host_end, end = planner.match(hashes, 0, len(hashes))
+        lookup = planner.disk.lookup  # an adoption may have evicted a block matched before it
+        for i in range(host_end, end):
+            if lookup(hashes[i]) is None:
+                end = i
+                break
+        self.flush_deletes()
+        host, disk = list(hashes[:host_end]), list(hashes[host_end:end])
+        job, slots = planner.begin_load("", host, disk) if end else (-1, [])
+        return TierMatch(job, host, slots, disk, planner.trim_load)
+
+    def load(self, match: TierMatch, device_block_ids: list[int], gate: object | None) -> KvHandle:
+        """Onboard the first ``len(device_block_ids)`` blocks of ``match`` (checked), taking
+        over its pins: G2 ones first, then G3 ones. A G2 block read again is a sighting for
+        the frequency filter, so maybe a G3 write."""
+        n = len(device_block_ids)
+        match.take(n)
+        nh = min(n, match.num_host)
+        host, disk = match.host_hashes[:nh], match.disk_hashes[: n - nh]
+        host_slots = match.host_slots[:nh]
+        load = _Load(match.job, bool(host) + bool(disk))
         parts = []
         if host:
             path = TransferPath.HOST_TO_DEVICE
@@ -140,7 +154,7 @@ class Copies:
         writes = [(h, *w) for h in host if (w := self.planner.host_read(h)) is not None]
         self.flush_deletes()
         self._write_from_host(writes)
-        return parts
+        return KvHandle(parts, host + disk, device_block_ids, self.num_layers)
 
     def settle(self, parts: Sequence[TransferHandle], *, closing: bool = False) -> None:
         """Report settled batches; start the G3 writes they let start (none when ``closing``:
@@ -251,6 +265,6 @@ class Copies:
         ok = part.num_blocks - nfailed
         nbytes = ok * self.block_bytes
         seconds = part.seconds or 0.0
-        self.paths[key] = self.paths[key].add(ok, nbytes, seconds, nfailed)
+        self.tally.paths[key] = self.tally.paths[key].add(ok, nbytes, seconds, nfailed)
         if self.metrics is not None and part.num_blocks:
             self.metrics.record_transfer(key, ok, nbytes, seconds)

@@ -1,15 +1,17 @@
-"""The manager's counters as frozen snapshots: per transfer path, per tier's prefix lookups.
+"""The manager's counters: per transfer path, per tier's prefix lookups, skipped offloads.
 
-Why a file of its own: ``stats()`` is read by benchmarks and tests as plain data, apart from the
-facade that updates it.
+Why a file of its own: ``stats()`` is read by benchmarks and tests as plain data (frozen
+snapshots), apart from the facade and copy jobs that update it (``Tally``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["KvTierStats", "PathCounters", "TierHits"]
+from kvtier.transfer.manager import TransferPath
+
+__all__ = ["KvTierStats", "PathCounters", "Tally", "TierHits"]
 
 
 @dataclass(frozen=True)
@@ -55,3 +57,26 @@ class KvTierStats:
     disk: TierHits
     filter_rejections: int
     skipped_offloads: int
+
+
+@dataclass
+class Tally:
+    """The running counters behind ``KvBlockManager.stats()``."""
+
+    paths: dict[str, PathCounters] = field(
+        default_factory=lambda: {p.value: PathCounters() for p in TransferPath}
+    )
+    host: TierHits = TierHits()
+    disk: TierHits = TierHits()
+    skipped: int = 0
+
+    def lookup(self, n: int, host: int | None, disk: int | None) -> None:
+        """A prefix lookup of ``n`` blocks found ``host`` in G2, then ``disk`` in G3 (None: no
+        such tier)."""
+        if host is not None:
+            self.host = self.host.add(host, n - host)
+        if disk is not None:
+            self.disk = self.disk.add(disk, n - (host or 0) - disk)
+
+    def snapshot(self, filter_rejections: int) -> KvTierStats:
+        return KvTierStats(dict(self.paths), self.host, self.disk, filter_rejections, self.skipped)
