@@ -1,22 +1,13 @@
 """``KvBlockManager``: the one facade over the G1/G2/G3 tiers and the transfers between them.
 
-Why this exists: an engine integration (a benchmark, a demo, anyone embedding kvtier) should not
-wire pools, storages, copy engines and queues together itself. It builds one ``KvBlockManager``
-from one ``KvTierConfig``, registers its KV tensors, and then only offloads, matches, onboards
-and polls. Every G2/G3 decision (match, store, load, the G2 -> G3 cascade through the frequency
-filter, restore of G3, eviction, events) is its ``TierPlanner``'s (``kvtier.plan``, the same
-control plane the vLLM connector's scheduler half runs, here with one worker); this file only
-turns the planner's choices into transfer batches and reports their outcome back.
-
-Threading rule: every method here is called from ONE thread (the owner's). Copies and disk I/O run
-on worker threads, but their results reach the planner only inside ``poll()`` on the owner's
-thread, so the control-plane metadata needs no locks. The only thread-safe calls are the
-data-level waits on a handle (``KvHandle.wait_layer`` / ``wait_data``), which layer-wise
-onboarding uses from the forward pass.
-
-Life cycle: ``KvBlockManager(config)`` (no side effects) -> ``register_device_kv(tensors)`` (or let
-``start()`` allocate ``config.device_blocks`` itself) -> ``start()`` -> offload / match / onboard /
-poll ... -> ``close()``. Also a context manager.
+Why: an embedder (a benchmark, a demo) builds one object from one ``KvTierConfig`` and only
+offloads, matches, onboards and polls. Every G2/G3 decision is its ``TierPlanner``'s (the control
+plane the vLLM scheduler half runs, here with one worker); ``copies.py`` turns the decisions into
+transfer batches and reports their outcome back. Threading: every method runs on ONE thread (the
+owner's); results reach the planner only in ``poll()``, so it needs no locks; only a handle's data
+waits (``wait_layer`` / ``wait_data``) are thread-safe. Life cycle: ``KvBlockManager(config)``
+(no side effects) -> ``register_device_kv`` (or ``start()`` allocates ``config.device_blocks``)
+-> ``start()`` -> offload / match / onboard / poll ... -> ``close()``; also a context manager.
 """
 
 from __future__ import annotations
@@ -52,8 +43,6 @@ if TYPE_CHECKING:
 
 __all__ = ["KvBlockManager"]
 
-G1 = "G1"
-
 
 def _pool_of(index: SlotIndex) -> BlockPool:
     assert index.pool is not None
@@ -63,15 +52,12 @@ def _pool_of(index: SlotIndex) -> BlockPool:
 class KvBlockManager(Lifecycle):
     """Tiered KV block manager: G1 device, G2 host, G3 disk, with polled asynchronous transfers.
 
-    The calls (docs/design.md, "Facade", has the table): ``register_device_kv`` (before
-    ``start``), ``start`` / ``close`` / ``with``; ``offload`` (device -> G2, and G3 through the
-    cascade: from G2, or from the device when G2 has no room or is absent; blocks not copied
-    from the device are in ``handle.skipped``); ``match`` (G2 prefix, then G3, blocks another
-    process wrote to a shared G3 adopted; pins every block until released or onboarded);
-    ``onboard`` (takes over a match's pins); ``poll`` (the only place outcomes reach the
-    planner); ``wait`` / ``wait_all``; ``stats``, ``drain_events``. Attributes: ``layout``,
-    ``planner``, ``registry``, ``transfers``, ``device_pool`` / ``host_pool`` / ``disk_pool``
-    (None when a tier is absent; the G2/G3 pools are the planner's).
+    Calls (docs/design.md, "Facade"): ``register_device_kv``, ``start`` / ``close`` / ``with``,
+    ``offload`` (G2, and G3 through the cascade, from G2 or, when G2 is absent or full, from the
+    device), ``match`` (pins a G2-then-G3 prefix), ``onboard`` (takes a match's pins over),
+    ``poll`` (the only place outcomes reach the planner), ``wait`` / ``wait_all``, ``stats``,
+    ``drain_events``. Attributes: ``layout``, ``planner``, ``registry``, ``transfers``,
+    ``device_pool`` / ``host_pool`` / ``disk_pool`` (None when absent; G2/G3 are the planner's).
     """
 
     def __init__(
@@ -81,11 +67,9 @@ class KvBlockManager(Lifecycle):
         copy_engine: CopyEngine | None = None,
         metrics: KvTierMetrics | None = None,
     ) -> None:
-        """Record the config; allocate nothing, start nothing (see ``start``).
-
-        ``copy_engine`` overrides the default ``TorchCopyEngine`` (e.g. the CUDA engine);
-        ``metrics`` receives every transfer and lookup as well as ``stats()``.
-        """
+        """Record the config; allocate nothing, start nothing (see ``start``). ``copy_engine``
+        overrides the default (``TorchCopyEngine``, the CUDA engine on GPU tensors); ``metrics``
+        receives every transfer and lookup as well as ``stats()``."""
         if not isinstance(config, KvTierConfig):
             raise TypeError(f"config must be a KvTierConfig, got {type(config).__name__}")
         self.config = config
@@ -165,7 +149,7 @@ class KvBlockManager(Lifecycle):
             storage = DeviceStorage(layout, self._device_tensors)
         bs = cfg.model.block_size
         self.device_pool = DevicePool(
-            BlockPool(layout.num_blocks, block_size=bs, tier=G1, registry=self.registry), storage
+            BlockPool(layout.num_blocks, block_size=bs, tier="G1", registry=self.registry), storage
         )
         self._engine = self._pick_engine(storage)
         on_gpu = storage.device.type == "cuda"

@@ -1,11 +1,9 @@
 """The manager's copy jobs: the planner's choices as transfer batches, their outcomes reported back.
 
-Why a file of its own: ``TierPlanner`` decides (which slot, which tier, which G3 writes); the
-``TransferManager`` moves bytes. This is the glue between them in one process: it submits one
-batch per path for an offload or onboard, remembers what each batch means to the planner, and
-when ``poll`` settles a batch reports every block (commit or abort a store, unpin a load, forget a
-bad G3 block), starts the G3 writes whose G2 copy just landed, deletes the G3 files the planner
-let go, and counts blocks, bytes and seconds per path.
+Why: ``TierPlanner`` decides, ``TransferManager`` moves bytes; this glue, in one process, submits
+a batch per path, and when ``poll`` settles one reports each block (commit or abort a store, unpin
+a load, forget a bad G3 block), starts G3 writes whose G2 copy landed, deletes the G3 files the
+planner let go, and counts blocks, bytes and seconds per path.
 """
 
 from __future__ import annotations
@@ -32,17 +30,13 @@ _Write = tuple[int, int, "int | None", int]
 
 @dataclass
 class _Load:
-    """An onboard in flight: the planner's load job and how many of its batches are still out."""
-
-    job: int
-    parts: int
+    job: int  # the planner's load job
+    parts: int  # its batches not settled yet
 
 
 @dataclass
 class _Copy:
-    """What a batch means to the planner: a store into ``tier``, or (``load``) an onboard."""
-
-    tier: str
+    tier: str  # a store into this tier, or "" for a load
     load: _Load | None = None
 
 
@@ -62,8 +56,7 @@ class Copies:
         self.planner = planner
         self.transfers = transfers
         self.disk = disk
-        self.block_bytes = layout.block_bytes
-        self.num_layers = layout.model.num_layers
+        self.block_bytes, self.num_layers = layout.block_bytes, layout.model.num_layers
         self.tally = tally  # the manager's counters, updated in place
         self.metrics = metrics
         self.jobs: dict[TransferHandle, _Copy] = {}
@@ -106,8 +99,9 @@ class Copies:
             if picked:
                 sub = [hashes[i] for i in picked]
                 dids = [device_block_ids[i] for i in picked]
-                pars = [parents[i] for i in picked] if tier == G3 else None
-                parts.append(self._submit(tier, path, sub, dids, slots, pars, priority, gate))
+                heads = ([parents[i] for i in picked], [priority] * len(picked))
+                part = self._submit(tier, path, sub, dids, slots, headers=heads, gate=gate)
+                parts.append(part)
         self._write_from_host(from_host)
         moved = sorted(to_host + to_disk) if to_disk else to_host
         dids = [device_block_ids[i] for i in moved]
@@ -142,23 +136,21 @@ class Copies:
         host, disk = match.host_hashes[:nh], match.disk_hashes[: n - nh]
         host_slots = match.host_slots[:nh]
         load = _Load(match.job, bool(host) + bool(disk))
-        parts = []
-        if host:
-            path = TransferPath.HOST_TO_DEVICE
-            dids = device_block_ids[:nh]
-            parts.append(self._submit("", path, host, host_slots, dids, gate=gate, load=load))
-        if disk:
-            path = TransferPath.DISK_TO_DEVICE
-            dids = device_block_ids[nh:]
-            parts.append(self._submit("", path, disk, [], dids, gate=gate, load=load))
+        parts = [
+            self._submit("", path, hs, src, dids, gate=gate, load=load)
+            for path, hs, src, dids in (
+                (TransferPath.HOST_TO_DEVICE, host, host_slots, device_block_ids[:nh]),
+                (TransferPath.DISK_TO_DEVICE, disk, [], device_block_ids[nh:]),
+            )
+            if hs
+        ]
         writes = [(h, *w) for h in host if (w := self.planner.host_read(h)) is not None]
         self.flush_deletes()
         self._write_from_host(writes)
         return KvHandle(parts, host + disk, device_block_ids, self.num_layers)
 
     def settle(self, parts: Sequence[TransferHandle], *, closing: bool = False) -> None:
-        """Report settled batches; start the G3 writes they let start (none when ``closing``:
-        those are reported failed)."""
+        """Report settled batches; start the G3 writes they allow (``closing``: fail them)."""
         landed: list[_Write] = []
         for part in parts:
             landed.extend(self._apply(part))
@@ -182,39 +174,27 @@ class Copies:
         self,
         tier: str,
         path: TransferPath,
-        hashes: list[int],
-        src: list[int],
-        dst: list[int],
-        parents: list[int | None] | None = None,
-        priority: int | list[int] = 0,
+        *ids: list[int],
+        headers: tuple[list[int | None], list[int]] | None = None,
         gate: object | None = None,
         load: _Load | None = None,
     ) -> TransferHandle:
-        """Submit one batch; ``parents`` and priorities (one, or one per block) go into G3
-        block headers."""
-        prios = [priority] * len(hashes) if isinstance(priority, int) else priority
-        part = self.transfers.submit(
-            path, hashes, src, dst, parents=parents, priorities=prios, gate=gate
-        )
+        """Submit one batch (hashes, source ids, target ids); ``headers`` (parents, priorities)
+        go into G3 block files."""
+        pars, prios = headers if headers is not None else (None, None)
+        part = self.transfers.submit(path, *ids, parents=pars, priorities=prios, gate=gate)
         self.jobs[part] = _Copy(tier, load)
         return part
 
     def _write_from_host(self, writes: list[_Write]) -> None:
         """Submit the G3 writes the planner made from G2 blocks (pinned until reported)."""
         if writes:
-            self._submit(
-                G3,
-                TransferPath.HOST_TO_DISK,
-                [w[0] for w in writes],
-                [w[1] for w in writes],
-                [],
-                [w[2] for w in writes],
-                [w[3] for w in writes],
-            )
+            hashes, slots, parents, prios = map(list, zip(*writes, strict=True))
+            path = TransferPath.HOST_TO_DISK
+            self._submit(G3, path, hashes, slots, [], headers=(parents, prios))
 
     def _fail_writes(self, hashes: Sequence[int]) -> None:
-        """Report G3 writes as failed. No file of theirs exists: a file of the same name is
-        another process's (or a read-only tier's), so the planner's deletes are dropped."""
+        """Report G3 writes failed; a file of their name is another process's: not deleted."""
         if hashes:
             self.flush_deletes()
             for h in hashes:
@@ -265,6 +245,6 @@ class Copies:
         ok = part.num_blocks - nfailed
         nbytes = ok * self.block_bytes
         seconds = part.seconds or 0.0
-        self.tally.paths[key] = self.tally.paths[key].add(ok, nbytes, seconds, nfailed)
+        self.tally.transfer(key, ok, nbytes, seconds, nfailed)
         if self.metrics is not None and part.num_blocks:
             self.metrics.record_transfer(key, ok, nbytes, seconds)

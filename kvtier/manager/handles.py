@@ -1,8 +1,6 @@
-"""What ``KvBlockManager`` hands its caller: ``KvHandle`` (a copy in flight) and ``TierMatch``.
+"""What ``KvBlockManager`` hands its caller: ``KvHandle`` (copies in flight) and ``TierMatch``.
 
-Why a file of their own: they are the facade's return values, read from the caller's thread
-(and ``wait_layer`` from any thread), while the facade's bookkeeping of what to report to the
-planner when a copy settles stays in ``block_manager.py``.
+Why apart: plain return values, read from the caller's thread (``wait_layer`` from any).
 """
 
 from __future__ import annotations
@@ -17,11 +15,10 @@ __all__ = ["KvHandle", "TierMatch"]
 class KvHandle:
     """What ``offload`` and ``onboard`` return: the transfer batches of one call (``parts``).
 
-    Owner's thread: ``done()`` (True once ``poll`` has applied every part), ``ok``, ``error`` (a
-    ``TransferError`` naming the failed blocks; for an onboard ``error.failed_device_block_ids``
-    are the device blocks to recompute). Any thread: ``wait_layer(l)``, ``wait_data()``,
-    ``data_done()``. ``skipped`` lists offloaded hashes that were not copied from the device
-    (already held, being written, or no room).
+    Owner's thread: ``done()`` (every part applied by ``poll``), ``ok``, ``error`` (a
+    ``TransferError``; an onboard's ``failed_device_block_ids`` are to recompute). Any thread:
+    ``wait_layer(l)``, ``wait_data()``, ``data_done()``. ``skipped``: offloaded hashes not copied
+    from the device (already held or being written, or no room).
     """
 
     def __init__(
@@ -93,6 +90,7 @@ class TierMatch:
         self.host_hashes = host_hashes
         self.host_slots = host_slots
         self.disk_hashes = disk_hashes
+        self.num_host, self.num_disk = len(host_hashes), len(disk_hashes)
         self._trim = trim  # the planner's trim_load
         self.released = False
 
@@ -100,28 +98,18 @@ class TierMatch:
     def sequence_hashes(self) -> list[int]:
         return self.host_hashes + self.disk_hashes
 
-    @property
-    def num_host(self) -> int:
-        return len(self.host_hashes)
-
-    @property
-    def num_disk(self) -> int:
-        return len(self.disk_hashes)
-
     def __len__(self) -> int:
-        return len(self.host_hashes) + len(self.disk_hashes)
+        return self.num_host + self.num_disk
 
     def take(self, n: int) -> None:
         """Hand the pins of the first ``n`` blocks over to an onboard; drop the rest."""
         if self.released:
             raise ValueError("this match was already released or onboarded")
         self.released = True
-        if n < len(self):
+        if n < len(self):  # an empty match has no load job
             self._trim(self.job, n)
 
     def release(self) -> None:
         """Drop every pin (idempotent)."""
         if not self.released:
-            self.released = True
-            if len(self):
-                self._trim(self.job, 0)
+            self.take(0)

@@ -23,14 +23,6 @@ class PathCounters:
     seconds: float = 0.0
     failed_blocks: int = 0
 
-    def add(self, blocks: int, nbytes: int, seconds: float, failed: int) -> PathCounters:
-        return PathCounters(
-            self.blocks + blocks,
-            self.bytes + nbytes,
-            self.seconds + seconds,
-            self.failed_blocks + failed,
-        )
-
 
 @dataclass(frozen=True)
 class TierHits:
@@ -43,9 +35,6 @@ class TierHits:
     def hit_rate(self) -> float:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
-
-    def add(self, hits: int, misses: int) -> TierHits:
-        return TierHits(self.hits + hits, self.misses + misses)
 
 
 @dataclass(frozen=True)
@@ -71,12 +60,16 @@ class Tally:
     skipped: int = 0
 
     def lookup(self, n: int, host: int | None, disk: int | None) -> None:
-        """A prefix lookup of ``n`` blocks found ``host`` in G2, then ``disk`` in G3 (None: no
-        such tier)."""
+        """A lookup of ``n`` blocks found ``host`` in G2, then ``disk`` in G3 (None: no tier)."""
         if host is not None:
-            self.host = self.host.add(host, n - host)
+            self.host = TierHits(self.host.hits + host, self.host.misses + n - host)
         if disk is not None:
-            self.disk = self.disk.add(disk, n - (host or 0) - disk)
+            self.disk = TierHits(self.disk.hits + disk, self.disk.misses + n - (host or 0) - disk)
+
+    def transfer(self, path: str, blocks: int, nbytes: int, seconds: float, failed: int) -> None:
+        c = self.paths[path]
+        total = (c.blocks + blocks, c.bytes + nbytes, c.seconds + seconds, c.failed_blocks + failed)
+        self.paths[path] = PathCounters(*total)
 
     def snapshot(self, filter_rejections: int) -> KvTierStats:
         return KvTierStats(dict(self.paths), self.host, self.disk, filter_rejections, self.skipped)

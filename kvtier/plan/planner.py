@@ -114,11 +114,9 @@ class TierPlanner:
         clock: Callable[[], float] = time.monotonic,
         disk_has: Callable[[int], bool] | None = None,
     ) -> None:
-        """``disk_has(h)``: whether the shared G3 folder holds a file of ``h`` (a process that
-        owns its storage passes its own check); without it, a G3 miss is looked up in the
-        folders the workers report (``restored``)."""
+        """``disk_has(h)``: a shared G3 holds a file of ``h`` (a process owning its storage
+        passes its check); by default, looked up in the folders the workers report."""
         self.config = config
-        self._disk_has = disk_has
         self.counters = counters if counters is not None else SchedulerCounters()
         self.registry = TierRegistry(record_events=config.record_events)
         self.host = SlotIndex(G2, config.host_blocks, registry=self.registry)
@@ -136,6 +134,7 @@ class TierPlanner:
         self._restore = _Restore()
         self._pinned_rows: dict[int, int] = {}
         self._disk_folders: list[str] = []  # each worker's G3 folder, shared with other engines
+        self._has_file = disk_has or self._in_folders
         if config.pinned_host_rows:
             self.host.limit_usable(0)
 
@@ -159,19 +158,17 @@ class TierPlanner:
         """Take a block another engine wrote into this G3 index, if every worker's folder has
         its file (one ``lstat`` each; the worker's read verifies it, a vanished file is a load
         error and vLLM recomputes)."""
-        if h in self.disk:
-            return False
-        if self._disk_has is not None:
-            if not self._disk_has(h):
-                return False
-        elif not self._disk_folders or not all(
-            regular_file_exists(os.path.join(f, block_file_name(h))) for f in self._disk_folders
-        ):
+        if h in self.disk or not self._has_file(h):
             return False
         if self._reserve(self.disk, h, parent) is None:
             return False
         self.disk.commit(h)
         return True
+
+    def _in_folders(self, h: int) -> bool:
+        name = block_file_name(h)
+        folders = self._disk_folders
+        return bool(folders) and all(regular_file_exists(os.path.join(f, name)) for f in folders)
 
     # -- loads --------------------------------------------------------------------------------
 
@@ -259,9 +256,8 @@ class TierPlanner:
         return StoreChoice(host_slot, True, True, source)
 
     def host_read(self, h: int) -> tuple[int, int | None, int] | None:
-        """A ready G2 block was read again (onboarded): a sighting for the frequency filter.
-        Returns the G3 write it earns, ``(G2 slot to read, parent, priority)`` with the G2 slot
-        pinned until the write is reported, or None."""
+        """A ready G2 block was read again: a sighting for the frequency filter. Returns the G3
+        write it earns, ``(G2 slot to read, pinned until reported; parent; priority)``, or None."""
         if not self.config.disk_blocks or h in self.disk or self.host.lookup(h) is None:
             return None
         if not self.filter.should_offload(h):

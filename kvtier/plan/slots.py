@@ -97,10 +97,8 @@ class SlotIndex:
         if p is not None:
             return p.parent, p.priority
         assert self.pool is not None
-        (handle,) = self.pool.match([seq_hash])
-        out = handle.parent_sequence_hash, handle.priority
-        self.pool.release(handle)
-        return out
+        with self.pool.match([seq_hash])[0] as handle:
+            return handle.parent_sequence_hash, handle.priority
 
     def touch(self, seq_hash: int) -> None:
         """Mark a ready block as recently used (a reference taken and given back)."""
@@ -213,21 +211,13 @@ class SlotIndex:
 
     def pin_all(self, hashes: list[int]) -> list[int]:
         """``pin`` each of ``hashes`` (all ready), with one pool call; returns their slots."""
-        if not hashes:
-            return []
-        assert self.pool is not None
-        handles = self.pool.match(hashes)
+        handles = self.pool.match(hashes) if self.pool is not None and hashes else []
         if len(handles) != len(hashes):
             for handle in handles:
-                self.pool.release(handle)
+                handle.release()
             raise ValueError(f"{self.name}: hash {hashes[len(handles)]:#x} is not matchable")
-        pins = self._pins
         for h, handle in zip(hashes, handles, strict=True):
-            held = pins.get(h)
-            if held is None:
-                pins[h] = [handle]
-            else:
-                held.append(handle)
+            self._pins.setdefault(h, []).append(handle)
         return [handle.block_id for handle in handles]
 
     def unpin(self, seq_hash: int) -> None:
