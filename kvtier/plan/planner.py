@@ -2,7 +2,7 @@
 
 Why this exists: the data plane (a worker, possibly in another process) only moves bytes; every
 decision about the tiers is made here, on plain data (sequence hashes, parents, slot ids), so it
-can run in vLLM's scheduler process and be tested in microseconds:
+runs in vLLM's scheduler process and in ``KvBlockManager`` (one worker), tested in microseconds:
 
 - prefix match: G2 from a start block, then G3 from where G2 stopped; a G3 miss in this index is
   looked up by file name in the G3 folders other engines share (adopted when every worker's
