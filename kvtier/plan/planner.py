@@ -2,7 +2,7 @@
 
 Why this exists: the data plane (a worker, possibly in another process) only moves bytes; every
 decision about the tiers is made here, on plain data (sequence hashes, parents, slot ids), so it
-can run in vLLM's scheduler process and be tested in microseconds:
+runs in vLLM's scheduler process and in ``KvBlockManager`` (one worker), tested in microseconds:
 
 - prefix match: G2 from a start block, then G3 from where G2 stopped; a G3 miss in this index is
   looked up by file name in the G3 folders other engines share (adopted when every worker's
@@ -100,6 +100,7 @@ class _Restore:
     reports: list[set[int]] = field(default_factory=list)
     order: list[int] = field(default_factory=list)  # rank 0's, newest first
     parents: dict[int, int | None] = field(default_factory=dict)
+    priorities: dict[int, int] = field(default_factory=dict)
 
 
 class TierPlanner:
@@ -111,7 +112,10 @@ class TierPlanner:
         *,
         counters: SchedulerCounters | None = None,
         clock: Callable[[], float] = time.monotonic,
+        disk_has: Callable[[int], bool] | None = None,
     ) -> None:
+        """``disk_has(h)``: a shared G3 holds a file of ``h`` (a process owning its storage
+        passes its check); by default, looked up in the folders the workers report."""
         self.config = config
         self.counters = counters if counters is not None else SchedulerCounters()
         self.registry = TierRegistry(record_events=config.record_events)
@@ -130,6 +134,7 @@ class TierPlanner:
         self._restore = _Restore()
         self._pinned_rows: dict[int, int] = {}
         self._disk_folders: list[str] = []  # each worker's G3 folder, shared with other engines
+        self._has_file = disk_has or self._in_folders
         if config.pinned_host_rows:
             self.host.limit_usable(0)
 
@@ -153,15 +158,17 @@ class TierPlanner:
         """Take a block another engine wrote into this G3 index, if every worker's folder has
         its file (one ``lstat`` each; the worker's read verifies it, a vanished file is a load
         error and vLLM recomputes)."""
-        if not self._disk_folders or h in self.disk:
-            return False
-        name = block_file_name(h)
-        if not all(regular_file_exists(os.path.join(f, name)) for f in self._disk_folders):
+        if h in self.disk or not self._has_file(h):
             return False
         if self._reserve(self.disk, h, parent) is None:
             return False
         self.disk.commit(h)
         return True
+
+    def _in_folders(self, h: int) -> bool:
+        name = block_file_name(h)
+        folders = self._disk_folders
+        return bool(folders) and all(regular_file_exists(os.path.join(f, name)) for f in folders)
 
     # -- loads --------------------------------------------------------------------------------
 
@@ -169,9 +176,8 @@ class TierPlanner:
         self, req_id: str, host_hashes: list[int], disk_hashes: list[int]
     ) -> tuple[int, list[int]]:
         """Pin the matched blocks a load reads; returns its job id and the G2 slots it reads."""
-        slots = [self.host.pin(h) for h in host_hashes]
-        for h in disk_hashes:
-            self.disk.pin(h)
+        slots = self.host.pin_all(host_hashes)
+        self.disk.pin_all(disk_hashes)
         job_id = self._next_job
         self._next_job += 1
         self._loads[job_id] = _Load(req_id, host_hashes, disk_hashes, self._clock())
@@ -180,6 +186,20 @@ class TierPlanner:
         self.counters.onboard_h2d += len(host_hashes)
         self.counters.onboard_d2d += len(disk_hashes)
         return job_id, slots
+
+    def trim_load(self, job_id: int, keep: int) -> None:
+        """Keep the pins of the first ``keep`` blocks of load ``job_id`` (its G2 blocks first),
+        dropping the rest; ``keep=0`` cancels the load (nothing was copied)."""
+        load = self._loads[job_id]
+        nh = min(keep, len(load.host_hashes))
+        nd = min(keep - nh, len(load.disk_hashes))
+        for h in load.host_hashes[nh:]:
+            self.host.unpin(h)
+        for h in load.disk_hashes[nd:]:
+            self.disk.unpin(h)
+        del load.host_hashes[nh:], load.disk_hashes[nd:]
+        if not keep:
+            del self._loads[job_id]
 
     def load_reported(self, job_id: int) -> str | None:
         """One worker finished load ``job_id``; once all have, its pins go and the request id is
@@ -208,8 +228,9 @@ class TierPlanner:
 
     # -- stores -------------------------------------------------------------------------------
 
-    def store(self, h: int, parent: int | None) -> StoreChoice:
-        """Plan the stores of one block a step completed: G2 once, and G3 through the cascade."""
+    def store(self, h: int, parent: int | None, priority: int = 0) -> StoreChoice:
+        """Plan the stores of one block a step completed: G2 once, and G3 through the cascade.
+        ``priority``: its eviction priority in the tiers it lands in (lowest evicted first)."""
         host_slot: int | None = None
         source: int | None = None  # a G2 slot a G3 write may read (pending or ready)
         if self.config.host_blocks:
@@ -217,13 +238,13 @@ class TierPlanner:
                 self.host.touch(h)
                 source = self.host.slot_of(h)
             else:
-                host_slot = source = self._reserve(self.host, h, parent, timed=True)
+                host_slot = source = self._reserve(self.host, h, parent, priority, timed=True)
                 if host_slot is not None:
                     self.counters.offload_d2h += 1
         in_host = source is not None
         if not self.config.disk_blocks or h in self.disk or not self.filter.should_offload(h):
             return StoreChoice(host_slot, in_host, False) if in_host else _NOTHING
-        if self._reserve(self.disk, h, parent, timed=True) is None:
+        if self._reserve(self.disk, h, parent, priority, timed=True) is None:
             return StoreChoice(host_slot, in_host, False)
         if source is None:
             self.counters.offload_d2d += 1
@@ -233,6 +254,20 @@ class TierPlanner:
         self._from_host.add(h)
         self.counters.offload_h2d += 1
         return StoreChoice(host_slot, True, True, source)
+
+    def host_read(self, h: int) -> tuple[int, int | None, int] | None:
+        """A ready G2 block was read again: a sighting for the frequency filter. Returns the G3
+        write it earns, ``(G2 slot to read, pinned until reported; parent; priority)``, or None."""
+        if not self.config.disk_blocks or h in self.disk or self.host.lookup(h) is None:
+            return None
+        if not self.filter.should_offload(h):
+            return None
+        parent, priority = self.host.describe(h)
+        if self._reserve(self.disk, h, parent, priority, timed=True) is None:
+            return None
+        self._from_host.add(h)
+        self.counters.offload_h2d += 1
+        return self.host.pin(h), parent, priority
 
     def store_reported(self, tier: str, h: int, *, ok: bool) -> None:
         """One worker's outcome of a G2 store or G3 write; commit or abort once all reported."""
@@ -264,12 +299,18 @@ class TierPlanner:
             self._deletes.append(h)
 
     def _reserve(
-        self, index: SlotIndex, h: int, parent: int | None, *, timed: bool = False
+        self,
+        index: SlotIndex,
+        h: int,
+        parent: int | None,
+        priority: int = 0,
+        *,
+        timed: bool = False,
     ) -> int | None:
         """A pending slot for ``h`` in ``index`` (evicting if needed; evicted G3 blocks' files
         are deleted), or None when every slot is pending or pinned. ``timed``: a copy the
         metrics time (a store from the GPU or G2; not a G4 fetch or an adopted file)."""
-        got = index.reserve(h, parent, self._clock() if timed else None)
+        got = index.reserve(h, parent, self._clock() if timed else None, priority)
         if got is None:
             return None
         slot, evicted = got
@@ -294,9 +335,11 @@ class TierPlanner:
         newest_first: list[int],
         parents: list[int | None],
         folder: str | None,
+        priorities: Sequence[int] = (),
     ) -> None:
-        """Worker ``rank`` found these G3 blocks at start-up; once all reported, the index is
-        rebuilt. A block is usable only if every rank found its shard; the others are deleted."""
+        """Worker ``rank`` found these G3 blocks at start-up (with their headers' parents and,
+        if given, priorities); once all reported, the index is rebuilt. A block is usable only
+        if every rank found its shard; the others are deleted."""
         r = self._restore
         r.reports.append(set(newest_first))
         if folder is not None:
@@ -305,13 +348,15 @@ class TierPlanner:
             r.order = list(newest_first)
             if parents:
                 r.parents = dict(zip(newest_first, parents, strict=True))
+            if priorities:
+                r.priorities = dict(zip(newest_first, priorities, strict=True))
         if len(r.reports) < self.config.num_workers:
             return
         common = set.intersection(*r.reports)
         self._deletes.extend(sorted(set.union(*r.reports) - common))
         found = [h for h in r.order if h in common]
         plan = plan_restore(found, r.parents, self.config.disk_blocks)
-        self._deletes.extend(self.disk.restore(plan.order, plan.parents))
+        self._deletes.extend(self.disk.restore(plan.order, plan.parents, r.priorities))
         self._deletes.extend(plan.dropped)
         self.disk_ready = True
         self._restore = _Restore()

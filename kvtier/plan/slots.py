@@ -17,7 +17,7 @@ every arrival (commit, restore) and departure (eviction, removal) is one ``Store
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvtier.core.block import ImmutableBlock, MutableBlock
 from kvtier.core.pool import BlockPool
@@ -26,7 +26,7 @@ from kvtier.core.registry import TierRegistry
 __all__ = ["SlotIndex"]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     block: MutableBlock
     parent: int | None
@@ -35,11 +35,7 @@ class _Pending:
     reports: int = 0  # workers that reported the store (``report``)
     any_failed: bool = False  # a worker reported it failed
     since: float | None = None  # when the copy was planned (None: not timed)
-
-
-@dataclass
-class _Ready:
-    handles: list[ImmutableBlock] = field(default_factory=list)
+    priority: int = 0  # eviction priority once registered (lowest evicted first)
 
 
 class SlotIndex:
@@ -94,6 +90,16 @@ class SlotIndex:
             return None if p.failed else p.block.block_id
         return self.lookup(seq_hash)
 
+    def describe(self, seq_hash: int) -> tuple[int | None, int]:
+        """``(parent, priority)`` of a held block (what a copy of it to another tier carries);
+        a ready block is touched, like ``touch``."""
+        p = self._pending.get(seq_hash)
+        if p is not None:
+            return p.parent, p.priority
+        assert self.pool is not None
+        with self.pool.match([seq_hash])[0] as handle:
+            return handle.parent_sequence_hash, handle.priority
+
     def touch(self, seq_hash: int) -> None:
         """Mark a ready block as recently used (a reference taken and given back)."""
         if self.pool is not None and self.pool.contains(seq_hash):
@@ -101,33 +107,38 @@ class SlotIndex:
                 self.pool.release(handle)
 
     def reserve(
-        self, seq_hash: int, parent: int | None = None, since: float | None = None
+        self,
+        seq_hash: int,
+        parent: int | None = None,
+        since: float | None = None,
+        priority: int = 0,
     ) -> tuple[int, list[int]] | None:
         """Take a slot for a new block (pending, pinned once by its store); evicts if needed.
-        ``since``: when its copy was planned (read back by ``planned_at``, for copy timings).
+        ``since``: when its copy was planned (read back by ``planned_at``, for copy timings);
+        ``priority``: the block's eviction priority once it lands.
 
         Returns ``(slot, evicted_hashes)``, or None when every slot is pending or in use.
         """
-        if seq_hash in self:
+        pool = self.pool
+        if seq_hash in self._pending or (pool is not None and pool.contains(seq_hash)):
             raise ValueError(f"{self.name}: hash {seq_hash:#x} is already held")
-        if self.pool is None:
+        if pool is None or self.usable == 0:
             return None
         evicted: list[int] = []
-        in_use = self.num_slots - self.pool.num_free
-        if self.usable == 0:
-            return None
-        if self.pool.num_free == 0 or in_use >= self.usable:
-            evicted = self.pool.evict(1)
+        free = pool.num_free
+        if free == 0 or self.num_slots - free >= self.usable:
+            evicted = pool.evict(1)
             if not evicted:
                 return None
             self.evictions += len(evicted)
             self._ready.difference_update(evicted)
-        blocks = self.pool.allocate(1)
+        blocks = pool.allocate(1)
         if blocks is None:  # cannot happen after a successful evict; kept as a guard
             return None
-        self._pending[seq_hash] = _Pending(blocks[0], parent, since=since)
+        block = blocks[0]
+        self._pending[seq_hash] = _Pending(block, parent, 1, False, 0, False, since, priority)
         self.in_flight += 1
-        return blocks[0].block_id, evicted
+        return block.block_id, evicted
 
     def planned_at(self, seq_hash: int) -> float | None:
         """The ``since`` a pending block was reserved with (None if not pending or untimed)."""
@@ -160,7 +171,9 @@ class SlotIndex:
         del self._pending[seq_hash]
         self.in_flight -= 1
         p.block.mark_complete()
-        handle = self.pool.register(p.block, seq_hash, parent_sequence_hash=p.parent)
+        handle = self.pool.register(
+            p.block, seq_hash, parent_sequence_hash=p.parent, priority=p.priority
+        )
         self._ready.add(seq_hash)
         extra = p.pins - 1
         if extra:
@@ -196,6 +209,17 @@ class SlotIndex:
         self._pins.setdefault(seq_hash, []).append(handle)
         return handle.block_id
 
+    def pin_all(self, hashes: list[int]) -> list[int]:
+        """``pin`` each of ``hashes`` (all ready), with one pool call; returns their slots."""
+        handles = self.pool.match(hashes) if self.pool is not None and hashes else []
+        if len(handles) != len(hashes):
+            for handle in handles:
+                handle.release()
+            raise ValueError(f"{self.name}: hash {hashes[len(handles)]:#x} is not matchable")
+        for h, handle in zip(hashes, handles, strict=True):
+            self._pins.setdefault(h, []).append(handle)
+        return [handle.block_id for handle in handles]
+
     def unpin(self, seq_hash: int) -> None:
         """Drop one pin taken by ``pin``."""
         p = self._pending.get(seq_hash)
@@ -227,12 +251,16 @@ class SlotIndex:
         return gone
 
     def restore(
-        self, hashes: Iterable[int], parents: Mapping[int, int | None] | None = None
+        self,
+        hashes: Iterable[int],
+        parents: Mapping[int, int | None] | None = None,
+        priorities: Mapping[int, int] | None = None,
     ) -> list[int]:
         """Adopt blocks found on persistent storage at start (ready, unpinned; among eviction
         candidates, the first given is the first evicted), linked to their parent hash in
         ``parents`` (give parents before their children, so child counts are right and leaves
-        go first). Returns the hashes that did not fit and were not adopted."""
+        go first), with their eviction priority in ``priorities`` (default 0). Returns the
+        hashes that did not fit and were not adopted."""
         left: list[int] = []
         for h in hashes:
             if h in self:
@@ -245,7 +273,8 @@ class SlotIndex:
             slot = blocks[0].block_id
             self.pool.release(blocks[0])
             parent = parents.get(h) if parents is not None else None
-            self.pool.restore(slot, h, parent_sequence_hash=parent)
+            priority = priorities.get(h, 0) if priorities is not None else 0
+            self.pool.restore(slot, h, parent_sequence_hash=parent, priority=priority)
             self._ready.add(h)
         return left
 

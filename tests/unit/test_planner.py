@@ -277,3 +277,69 @@ def test_random_copies_keep_the_invariants(seed: int) -> None:
     assert p.host.pin_counts() == {} and p.disk.pin_counts() == {}
     assert p.host.in_flight == 0 and p.disk.in_flight == 0
     assert len(p.host) <= 6 and len(p.disk) <= 5
+
+
+def _priority(p: TierPlanner, tier: str, h: int) -> int:
+    index = p.host if tier == G2 else p.disk
+    return index.describe(h)[1]
+
+
+def test_store_carries_priority_into_both_tiers_and_eviction_order() -> None:
+    p = planner(host=2, disk=4, disk_filter=False)
+    assert p.store(10, None, priority=5) == StoreChoice(0, True, True, 0)
+    assert p.host.describe(10) == (None, 5)  # pending: what the G3 write carries
+    land(p, 10)
+    land(p, 10, tier=G3)
+    assert _priority(p, G2, 10) == 5 and _priority(p, G3, 10) == 5
+    p.store(11, None, priority=1)
+    land(p, 11)
+    land(p, 11, tier=G3)
+    p.store(12, None)  # G2 is full: the lowest priority goes first, though 10 is older
+    assert p.host.lookup(11) is None and p.host.lookup(10) == 0
+    p.check_invariants()
+
+
+def test_host_read_is_a_sighting_and_pins_the_g2_source() -> None:
+    p = planner(host=2, disk=2)
+    p.store(10, None, priority=3)  # first sighting: G2 only
+    land(p, 10)
+    assert 10 not in p.disk and p.filter.rejections == 1
+    assert p.host_read(10) == (0, None, 3)  # second sighting: a G3 write from slot 0
+    assert p.host.pin_counts() == {10: 1} and 10 in p.disk
+    assert p.host_read(10) is None  # G3 holds it (pending) already
+    assert p.host_read(99) is None  # not in G2
+    p.check_invariants()
+    land(p, 10, tier=G3)
+    assert p.host.pin_counts() == {} and _priority(p, G3, 10) == 3
+    assert planner(host=2, disk=0).host_read(10) is None  # no G3
+    p.check_invariants()
+
+
+def test_trim_load_keeps_the_first_blocks_and_zero_cancels() -> None:
+    p = planner(host=2, disk=2, disk_filter=False)
+    for h, parent in ((10, None), (11, 10)):
+        p.store(h, parent)
+        land(p, h)
+        land(p, h, tier=G3)
+    p.host.remove(11)
+    job, slots = p.begin_load("r", [10], [11])
+    assert slots == [0]
+    p.trim_load(job, 1)
+    assert p.host.pin_counts() == {10: 1} and p.disk.pin_counts() == {}
+    p.check_invariants()
+    assert p.load_reported(job) == "r" and p.host.pin_counts() == {}
+    job, _ = p.begin_load("r", [10], [11])
+    p.trim_load(job, 0)
+    assert p.host.pin_counts() == {} and p.disk.pin_counts() == {}
+    assert p.load_reported(job) is None and not p.has_pending()
+    p.check_invariants()
+
+
+def test_restore_keeps_priorities_and_disk_has_replaces_the_folder_lookup() -> None:
+    on_disk = {7}
+    p = TierPlanner(PlannerConfig(host_blocks=0, disk_blocks=3), disk_has=on_disk.__contains__)
+    p.restored(0, [2, 1], [1, None], None, priorities=[4, -1])
+    assert _priority(p, G3, 2) == 4 and _priority(p, G3, 1) == -1
+    assert p.match([7, 8], 0, 2) == (0, 1)  # adopted through disk_has: no folder was given
+    assert p.disk.lookup(7) is not None
+    p.check_invariants()
