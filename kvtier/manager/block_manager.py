@@ -30,16 +30,13 @@ from kvtier.core.filter import FrequencyFilter, FrequencyFilterConfig
 from kvtier.core.offload import OffloadQueue
 from kvtier.core.pool import BlockPool
 from kvtier.core.registry import TierEvent, TierRegistry
+from kvtier.executor.plane import DataPlaneConfig, RankDataPlane
 from kvtier.lifecycle import Lifecycle
 from kvtier.manager.tiers import DevicePool, DiskPool, HostPool, TierMatch
 from kvtier.plan.restore import plan_restore
 from kvtier.storage.block_file import PRIORITY_MAX, PRIORITY_MIN
-from kvtier.storage.device import DeviceStorage
-from kvtier.storage.disk import DiskStorage
-from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import KvLayout, LayoutKind, default_layout, detect_layout
-from kvtier.transfer.disk_io import DiskIo
-from kvtier.transfer.engine import CopyEngine, TorchCopyEngine
+from kvtier.transfer.engine import CopyEngine
 from kvtier.transfer.manager import TransferError, TransferHandle, TransferManager, TransferPath
 
 if TYPE_CHECKING:
@@ -205,7 +202,8 @@ class KvBlockManager(Lifecycle):
     ) -> None:
         """Record the config; allocate nothing, start nothing (see ``start``).
 
-        ``copy_engine`` overrides the default ``TorchCopyEngine`` (e.g. the CUDA engine);
+        ``copy_engine`` overrides the data plane's choice (``TorchCopyEngine`` on CPU,
+        ``CudaCopyEngine`` on CUDA; ``kvtier.executor.plane``);
         ``metrics`` receives every transfer and lookup as well as ``stats()``.
         """
         if not isinstance(config, KvTierConfig):
@@ -213,15 +211,13 @@ class KvBlockManager(Lifecycle):
         self.config = config
         self.metrics = metrics
         self.registry = TierRegistry()
-        self._engine_override = copy_engine
-        self._engine: CopyEngine = TorchCopyEngine()
+        self._plane = RankDataPlane(DataPlaneConfig.from_config(config), copy_engine)
         self._pinner: ChunkedPinner | None = None
         self._device_tensors: Mapping[str, torch.Tensor] | torch.Tensor | None = None
         self._layout: KvLayout | None = None
         self.device_pool: DevicePool | None = None
         self.host_pool: HostPool | None = None
         self.disk_pool: DiskPool | None = None
-        self._disk_io: DiskIo | None = None
         self._transfers: TransferManager | None = None
         self._effects: dict[TransferHandle, _Effect] = {}
         self._handles: list[KvHandle] = []
@@ -276,52 +272,32 @@ class KvBlockManager(Lifecycle):
                 raise RuntimeError(
                     "no device KV: call register_device_kv(tensors) or set device_blocks > 0"
                 )
-            layout = default_layout(cfg.model, LayoutKind(cfg.device_layout), cfg.device_blocks)
-            storage = DeviceStorage.allocate(layout, cfg.device)
-            self._layout = layout
-            self._device_tensors = storage.tensors
-        else:
-            layout = self._layout
-            storage = DeviceStorage(layout, self._device_tensors)
+            self._layout = default_layout(
+                cfg.model, LayoutKind(cfg.device_layout), cfg.device_blocks
+            )
+        layout = self._layout
+        plane = self._plane  # the one wiring of storages, engine, disk threads and loader
+        plane.open(layout, self._device_tensors)
+        self._device_tensors = plane.device.tensors
         bs = cfg.model.block_size
         self.device_pool = DevicePool(
-            BlockPool(layout.num_blocks, block_size=bs, tier=G1, registry=self.registry), storage
+            BlockPool(layout.num_blocks, block_size=bs, tier=G1, registry=self.registry),
+            plane.device,
         )
-        self._engine = self._pick_engine(storage)
-        on_gpu = storage.device.type == "cuda"
-        pinned = cfg.host_pinned if cfg.host_pinned is not None else on_gpu
-        if cfg.host_blocks:
-            host = HostStorage(cfg.host_blocks, layout.block_bytes)
-            host.allocate()
+        if plane.host is not None:
             pool = BlockPool(cfg.host_blocks, block_size=bs, tier=G2, registry=self.registry)
-            self.host_pool = HostPool(pool, host)
-            if pinned:
-                self._pin(host)
-        if cfg.disk_blocks:
-            assert cfg.disk_dir is not None
-            ident = cfg.model_identity  # G3 namespace: model identity + layout (identity.py)
-            disk = DiskStorage(
-                cfg.disk_dir,
-                ident.namespace(layout.fingerprint) if ident else layout.fingerprint,
-                layout.block_bytes,
-                o_direct=cfg.disk_o_direct,
-                fsync=cfg.disk_fsync,
-                capacity=cfg.disk_blocks,
-                group=cfg.disk_group,
-                identity=ident.describe(layout.fingerprint) if ident else None,
-            )
-            found = disk.open()
-            if disk.names_only:  # a large tier: files are the index, adopted when matched
-                found = []
+            self.host_pool = HostPool(pool, plane.host)
+        self._pinner = plane.pinner
+        if plane.disk is not None:
             pool = BlockPool(cfg.disk_blocks, block_size=bs, tier=G3, registry=self.registry)
-            self.disk_pool = DiskPool(pool, disk)
+            self.disk_pool = DiskPool(pool, plane.disk)
             # The one restore rule (kvtier.plan.restore): the newest files that fit, oldest
             # first, parents before children, unsafe parent links dropped; the rest deleted.
-            by_hash = {e.sequence_hash: e for e in found}
-            links = {e.sequence_hash: e.parent_hash for e in found}
+            by_hash = {e.sequence_hash: e for e in plane.found}
+            links = {e.sequence_hash: e.parent_hash for e in plane.found}
             restore = plan_restore(list(by_hash), links, cfg.disk_blocks)
             for extra in restore.dropped:  # beyond G3's size (it shrank): delete
-                disk.remove(extra)
+                plane.disk.remove(extra)
             for block_id, h in enumerate(restore.order):
                 pool.restore(
                     block_id,
@@ -331,48 +307,18 @@ class KvBlockManager(Lifecycle):
                 )
                 self.disk_pool.slot_hashes[block_id] = h
             self._cascade_queue = OffloadQueue(pool)
-            self._disk_io = DiskIo(disk, cfg.io_threads)
-            self._disk_io.start()
-        self._engine.start()
         self._transfers = TransferManager(
-            self._engine,
-            device=storage,
-            host=self.host_pool.storage if self.host_pool else None,
-            disk_io=self._disk_io,
+            plane.engine,
+            device=plane.device,
+            host=plane.host,
+            disk_io=plane.disk_io,
+            loader=plane.loader,
             block_bytes=layout.block_bytes,
             num_layers=cfg.model.num_layers,
             max_inflight_blocks=cfg.max_inflight_blocks,
-            staging_blocks=cfg.staging_blocks,
-            pin_staging=on_gpu,
+            pin_staging=plane.on_cuda,
         )
-        self._transfers.start()
         self._started = True
-
-    def _pick_engine(self, storage: DeviceStorage) -> CopyEngine:
-        """The given engine; else the CUDA engine for GPU tensors; else ``TorchCopyEngine``."""
-        if self._engine_override is not None:
-            return self._engine_override
-        if storage.device.type == "cuda":
-            from kvtier.transfer.cuda import CudaCopyEngine
-
-            return CudaCopyEngine(device=storage.device)
-        return TorchCopyEngine()
-
-    def _pin(self, host: HostStorage) -> None:
-        """Page-lock G2 in chunks on a background thread (first rows usable at once); the CUDA
-        engine refuses rows not pinned yet, so an early offload to them fails, never degrades."""
-        from kvtier.storage.pinned import ChunkedPinner
-
-        attach = getattr(self._engine, "attach_pinner", None)
-        if attach is None:  # an engine that cannot track chunks: pin everything up front
-            pinned = HostStorage(host.num_blocks, host.block_bytes, pin_memory=True)
-            pinned.allocate()
-            assert self.host_pool is not None
-            self.host_pool.storage = pinned
-            return
-        self._pinner = ChunkedPinner(host.rows)
-        self._pinner.start()
-        attach(host, self._pinner)
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish (up to ``timeout`` s) or cancel in-flight work, apply it, stop threads.
@@ -389,19 +335,13 @@ class KvBlockManager(Lifecycle):
             for req in (*left.ready, *left.skipped):
                 req.payload.release()
         settled = self._transfers.close(timeout)
-        self._engine.close()  # fails copies whose gate never opened
-        if self._disk_io is not None:
-            self._disk_io.close()  # every block file is now complete or absent
+        # The engine first (fails copies whose gate never opened), then the loader and the disk
+        # threads (every block file is now complete or absent), G3, the pinner, G2.
+        self._plane.close()
         settled.extend(self._transfers.close(1.0))  # settles what finished meanwhile
         for part in settled:
             self._apply(part)
         self._handles.clear()
-        if self.disk_pool is not None:
-            self.disk_pool.storage.close()
-        if self._pinner is not None:
-            self._pinner.close()
-        if self.host_pool is not None:
-            self.host_pool.storage.release()
 
     def _check_running(self) -> TransferManager:
         if not self._started or self._closed:

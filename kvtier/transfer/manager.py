@@ -8,9 +8,9 @@ bound allows, and returns the batches whose data finished, for the caller (``KvB
 apply to the pools. A failed batch carries a ``TransferError`` naming its blocks.
 
 Paths: device->host and host->device go to the ``CopyEngine``; host->disk to ``DiskIo``;
-disk->device to the ``DiskToDeviceLoader`` (its own thread, so layer-wise waits never depend on
-anyone polling); device->disk copies to staging rows (``stage_blocks``), then writes them (chained
-in ``poll``).
+disk->device to the owner's ``DiskToDeviceLoader`` (its own thread, so layer-wise waits never
+depend on anyone polling); device->disk copies to staging rows (``stage_blocks``), then writes
+them (chained in ``poll``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskBlockError
 from kvtier.storage.host import HostStorage
 from kvtier.transfer.disk_io import DiskIo
-from kvtier.transfer.disk_load import DiskLoadConfig, DiskLoadHandle, DiskToDeviceLoader
+from kvtier.transfer.disk_load import DiskLoadHandle, DiskToDeviceLoader
 from kvtier.transfer.disk_store import stage_blocks
 from kvtier.transfer.engine import CopyEngine, CopyFuture, CopyHandle
 
@@ -193,9 +193,10 @@ class _Running:
 class TransferManager:
     """Queues, starts and completes batches; see the module docstring.
 
-    ``device``/``host``/``disk_io`` may be None when a tier is absent (a path using it is then
-    refused at submit). ``staging_blocks`` host rows (loader slots; pinned when ``pin_staging``)
-    bounce disk->device loads; device->disk batches stage into rows of their own.
+    ``device``/``host``/``disk_io``/``loader`` may be None when a tier is absent (a path using it
+    is then refused at submit). ``loader`` (started and closed by its owner, e.g. the data plane)
+    runs disk->device loads; device->disk batches stage into rows of their own (pinned when
+    ``pin_staging``). The constructor starts nothing; there is nothing of its own to start.
     """
 
     def __init__(
@@ -205,10 +206,10 @@ class TransferManager:
         device: DeviceStorage | None,
         host: HostStorage | None,
         disk_io: DiskIo | None,
+        loader: DiskToDeviceLoader | None,
         block_bytes: int,
         num_layers: int,
         max_inflight_blocks: int = 512,
-        staging_blocks: int = 64,
         pin_staging: bool = False,
     ) -> None:
         self.engine = engine
@@ -218,25 +219,12 @@ class TransferManager:
         self.block_bytes = block_bytes
         self.num_layers = num_layers
         self.max_inflight_blocks = max_inflight_blocks
-        self.staging_blocks = staging_blocks
         self.pin_staging = pin_staging
         self._queues: dict[TransferPath, deque[TransferHandle]] = {p: deque() for p in TransferPath}
         self._running: list[_Running] = []
         self._inflight_blocks = 0
-        self._loader: DiskToDeviceLoader | None = None
+        self._loader = loader
         self._closed = False
-
-    def start(self) -> None:
-        """Start the disk->device loader (when there are a disk tier and a device)."""
-        if self.disk_io is not None and self.device is not None and self._loader is None:
-            # ``staging_blocks`` rows as slots of the loader's default size at most (the last
-            # slot's copy is not hidden behind reads); more slots keep more reads queued.
-            group = min(DiskLoadConfig().group_blocks, max(1, self.staging_blocks // 2))
-            cfg = DiskLoadConfig(group, slots=max(2, self.staging_blocks // group))
-            self._loader = DiskToDeviceLoader(
-                self.disk_io, self.engine, cfg, pin_memory=self.pin_staging
-            )
-            self._loader.start()
 
     @property
     def inflight_blocks(self) -> int:
@@ -292,6 +280,7 @@ class TransferManager:
             (needs_device and self.device is None, "device"),
             (needs_host and self.host is None, "host"),
             (needs_disk and self.disk_io is None, "disk"),
+            (path is TransferPath.DISK_TO_DEVICE and self._loader is None, "disk"),
         ):
             if needed:
                 raise ValueError(f"path {path.value} needs a {what} tier, which is not configured")
@@ -481,9 +470,6 @@ class TransferManager:
             settled.extend(self.poll())
             if self._running:
                 time.sleep(0.001)
-        if not self._running and self._loader is not None:  # its loads are all settled
-            self._loader.close()
-            self._loader = None
         return settled
 
 

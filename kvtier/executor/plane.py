@@ -1,0 +1,222 @@
+"""One rank's data plane: device view, copy engine, G2 rows, G3 files, disk I/O and the loader.
+
+Why this exists: the library facade (``KvBlockManager``) and the vLLM worker half both need the
+same pieces wired the same way around one rank's KV tensors: wrap (or allocate) G1, pick the copy
+engine (``TorchCopyEngine`` on CPU, ``CudaCopyEngine`` on CUDA), allocate G2 (page-locked in
+chunks by a ``ChunkedPinner`` when the engine tracks them, else allocated pinned), open G3
+(namespaced by the model identity and the layout fingerprint), start ``DiskIo`` and the one
+disk -> device loader. ``RankDataPlane`` does that once; its owner decides what moves when.
+
+Life cycle: ``RankDataPlane(config, engine=None)`` records; ``open(layout, tensors=None)``
+acquires (threads, memory, files, streams); ``close()`` stops the engine first (it fails copies
+whose gate never opened, so no loader waits forever), then the loader, the disk threads (every
+block file is then complete or absent), G3, the pinner, and drops G2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtier.config import KvTierConfig, require_count, require_tiers
+from kvtier.storage.device import DeviceStorage
+from kvtier.storage.disk import DiskStorage, StoredBlock
+from kvtier.storage.host import HostStorage
+from kvtier.storage.identity import ModelIdentity
+from kvtier.storage.layout import KvLayout
+from kvtier.storage.pinned import ChunkedPinner
+from kvtier.transfer.cuda.config import CudaCopyConfig
+from kvtier.transfer.disk_io import DiskIo
+from kvtier.transfer.disk_load import DiskLoadConfig, DiskToDeviceLoader
+from kvtier.transfer.engine import CopyEngine, TorchCopyEngine
+
+__all__ = ["DataPlaneConfig", "RankDataPlane"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataPlaneConfig:
+    """What one rank's data plane is built from (the tier sizes and G3's place and policy).
+
+    ``host_pinned`` None pins G2 on CUDA only; ``device`` is where a G1 that kvtier allocates
+    itself lives; ``disk_load`` sizes the loader's bounce slots; ``cuda_copy`` configures the
+    CUDA engine when the plane picks it.
+    """
+
+    host_blocks: int = 0
+    disk_blocks: int = 0
+    disk_dir: str | None = None
+    disk_o_direct: bool = True
+    disk_fsync: bool = False
+    io_threads: int = 4
+    model_identity: ModelIdentity | None = None  # G3 namespace (kvtier.storage.identity)
+    disk_group: str | None = None
+    host_pinned: bool | None = None
+    device: str = "cpu"
+    disk_load: DiskLoadConfig = field(default_factory=DiskLoadConfig)
+    cuda_copy: CudaCopyConfig = field(default_factory=CudaCopyConfig)
+
+    def __post_init__(self) -> None:
+        require_tiers(self.host_blocks, self.disk_blocks, self.disk_dir)
+        require_count("io_threads", self.io_threads, low=1)
+
+    @classmethod
+    def from_config(cls, config: KvTierConfig) -> DataPlaneConfig:
+        """The library's data plane of the one configuration root (``staging_blocks`` bounce rows
+        for disk -> device loads)."""
+        return cls(
+            host_blocks=config.host_blocks,
+            disk_blocks=config.disk_blocks,
+            disk_dir=config.disk_dir,
+            disk_o_direct=config.disk_o_direct,
+            disk_fsync=config.disk_fsync,
+            io_threads=config.io_threads,
+            model_identity=config.model_identity,
+            disk_group=config.disk_group,
+            host_pinned=config.host_pinned,
+            device=config.device,
+            disk_load=DiskLoadConfig.for_staging(config.staging_blocks),
+        )
+
+
+class RankDataPlane:
+    """One rank's storages, engine, disk threads and loader (see the module docstring).
+
+    After ``open``: ``layout``, ``device``, ``engine`` (started), ``host`` / ``pinner`` /
+    ``disk`` / ``disk_io`` / ``loader`` (None when the tier is absent), ``found`` (the G3 blocks
+    ``DiskStorage.open`` listed; empty when it read names only: files are then the index).
+    ``engine`` given to the constructor replaces the plane's choice; it is started and closed
+    here too.
+    """
+
+    def __init__(self, config: DataPlaneConfig, engine: CopyEngine | None = None) -> None:
+        self.config = config
+        self._engine_given = engine
+        self._layout: KvLayout | None = None
+        self._device: DeviceStorage | None = None
+        self._engine: CopyEngine | None = None
+        self.host: HostStorage | None = None
+        self.pinner: ChunkedPinner | None = None
+        self.disk: DiskStorage | None = None
+        self.disk_io: DiskIo | None = None
+        self.loader: DiskToDeviceLoader | None = None
+        self.found: list[StoredBlock] = []
+
+    @property
+    def layout(self) -> KvLayout:
+        if self._layout is None:
+            raise RuntimeError("the data plane is not open")
+        return self._layout
+
+    @property
+    def device(self) -> DeviceStorage:
+        if self._device is None:
+            raise RuntimeError("the data plane is not open")
+        return self._device
+
+    @property
+    def engine(self) -> CopyEngine:
+        if self._engine is None:
+            raise RuntimeError("the data plane is not open")
+        return self._engine
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.device.type == "cuda"
+
+    def open(
+        self, layout: KvLayout, tensors: Mapping[str, torch.Tensor] | torch.Tensor | None = None
+    ) -> None:
+        """Wrap ``tensors`` (or allocate ``layout`` on ``config.device``), start the engine,
+        allocate G2, open G3 and start its threads."""
+        if self._layout is not None:
+            raise RuntimeError("the data plane is already open")
+        self._layout = layout
+        try:
+            self._open(layout, tensors)
+        except BaseException:
+            self.close()  # nothing half-started stays behind; open may be called again
+            raise
+
+    def _open(
+        self, layout: KvLayout, tensors: Mapping[str, torch.Tensor] | torch.Tensor | None
+    ) -> None:
+        cfg = self.config
+        if tensors is None:
+            self._device = DeviceStorage.allocate(layout, cfg.device)
+        else:
+            self._device = DeviceStorage(layout, tensors)
+        on_cuda = self.on_cuda
+        self._engine = self._engine_given or self._default_engine()
+        self._engine.start()
+        if cfg.host_blocks:
+            self._open_host(cfg.host_pinned if cfg.host_pinned is not None else on_cuda)
+        if cfg.disk_blocks:
+            assert cfg.disk_dir is not None
+            ident = cfg.model_identity
+            self.disk = DiskStorage(
+                cfg.disk_dir,
+                ident.namespace(layout.fingerprint) if ident else layout.fingerprint,
+                layout.block_bytes,
+                o_direct=cfg.disk_o_direct,
+                fsync=cfg.disk_fsync,
+                capacity=cfg.disk_blocks,
+                group=cfg.disk_group,
+                identity=ident.describe(layout.fingerprint) if ident else None,
+            )
+            found = self.disk.open()
+            self.found = [] if self.disk.names_only else found
+            self.disk_io = DiskIo(self.disk, cfg.io_threads)
+            self.disk_io.start()
+            self.loader = DiskToDeviceLoader(
+                self.disk_io, self._engine, cfg.disk_load, pin_memory=on_cuda
+            )
+            self.loader.start()
+
+    def _default_engine(self) -> CopyEngine:
+        if self.on_cuda:
+            from kvtier.transfer.cuda.engine import CudaCopyEngine
+
+            return CudaCopyEngine(self.config.cuda_copy, device=self.device.device)
+        return TorchCopyEngine()
+
+    def _open_host(self, pinned: bool) -> None:
+        """G2 rows; pinned in chunks on a thread when the engine tracks chunks (first rows usable
+        at once; the CUDA engine refuses rows not pinned yet, so an early copy fails, never
+        degrades), else allocated pinned up front."""
+        assert self._layout is not None
+        attach = getattr(self._engine, "attach_pinner", None)
+        up_front = pinned and attach is None
+        host = HostStorage(self.config.host_blocks, self._layout.block_bytes, pin_memory=up_front)
+        with torch.inference_mode(False):  # rows written outside vLLM's inference mode
+            host.allocate()
+        self.host = host
+        if pinned and attach is not None:
+            self.pinner = ChunkedPinner(host.rows)
+            self.pinner.start()
+            attach(host, self.pinner)
+
+    def close(self) -> None:
+        """Stop everything ``open`` started (see the module docstring); idempotent."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        if self.loader is not None:
+            self.loader.close()
+            self.loader = None
+        if self.disk_io is not None:
+            self.disk_io.close()
+            self.disk_io = None
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = None
+        if self.pinner is not None:
+            self.pinner.close()
+            self.pinner = None
+        if self.host is not None:
+            self.host.release()
+            self.host = None
+        self.found = []
+        self._device = None
+        self._layout = None
