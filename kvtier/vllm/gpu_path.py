@@ -20,47 +20,43 @@ Ordering (every rule is a GPU-side event wait unless said otherwise):
   preempted request's freed blocks nor a load into them can overwrite a block before it was
   read. A finished request's blocks are also
   held by vLLM (delayed free) until ``released_through`` covers its stores.
-- Loads run on the engine's highest-priority streams; a layer-wise load's layer ``l`` is waited
-  for with ``stream_wait_layer`` (GPU side). G3 loads go through the ``DiskToDeviceLoader``'s
-  pinned bounce rows; their completion is known on the host only (disk reads).
+- Loads run on the engine's highest-priority streams, behind ``gate()``; a layer-wise load's layer
+  ``l`` is waited for with ``stream_wait_layer`` (GPU side). G3 loads go through the
+  ``DiskToDeviceLoader``'s pinned bounce rows and G4 loads through pinned staging rows; their
+  completion is known on the host only (disk reads, G4 fetches).
+
+The rank's storages, the store engine (``STORE_COPY``), the pinner and the loader are the data
+plane's (``kvtier.executor.plane.RankDataPlane``); this path adds the layer-wise engine and the
+ordering above.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from kvtier.storage.device import DeviceStorage
+from kvtier.executor.plane import RankDataPlane
+from kvtier.executor.stores import DiskWrites
 from kvtier.storage.host import HostStorage
-from kvtier.storage.pinned import ChunkedPinner
 from kvtier.transfer.cuda.config import CudaCopyConfig
 from kvtier.transfer.cuda.engine import CudaCopyEngine
 from kvtier.transfer.cuda.events import new_event
 from kvtier.transfer.cuda.handle import CudaCopyHandle
 from kvtier.transfer.cuda.plan import triton_available
-from kvtier.transfer.disk_load import DiskLoadHandle, DiskToDeviceLoader
 from kvtier.transfer.disk_store import stage_blocks
-from kvtier.transfer.engine import CopyHandle
+from kvtier.transfer.engine import CopyEngine, CopyHandle
 from kvtier.vllm.metadata import DiskWrite, StepPlan, WorkerReport
 
 __all__ = ["GpuDataPath", "StoreRun"]
 
 logger = logging.getLogger(__name__)
 
-STORE_COPY = CudaCopyConfig(staging_bytes=512 << 20, gather_programs=32)
-"""The worker's engine for stores, asynchronous loads and G3: 256 MiB staging slots; a gather grid
-of 32 programs leaves most SMs to the model while still far outrunning PCIe."""
-
 LAYERWISE_LOAD = CudaCopyConfig(mode="kernel", kernel_programs=32)
 """The engine for layer-wise G2 loads: a small-grid kernel reading the mapped pinned rows lands
 the layers one by one (each with its own event), so layer l's attention starts while later
 layers still cross PCIe; the DMA path lands every layer at the end."""
-
-QueueWrite = Callable[[DiskWrite, torch.Tensor | None], None]
-"""Queue one G3 write from a host row (None: its source copy failed)."""
 
 
 @dataclass
@@ -94,12 +90,15 @@ def _cuda(handle: CopyHandle) -> CudaCopyHandle:
 class GpuDataPath:
     """The CUDA half of ``KvTierWorker`` (see the module docstring). Model-runner thread only."""
 
-    def __init__(self, device: DeviceStorage, host: HostStorage | None) -> None:
-        self.device = device
-        self.host = host
-        self.engine = CudaCopyEngine(STORE_COPY, device=device.device)
-        self.layer_engine = CudaCopyEngine(LAYERWISE_LOAD, device=device.device)
-        self.pinner: ChunkedPinner | None = None
+    def __init__(self, plane: RankDataPlane) -> None:
+        """On an open ``plane`` whose engine is the CUDA engine."""
+        engine = plane.engine
+        assert isinstance(engine, CudaCopyEngine)
+        self.plane = plane
+        self.device = plane.device
+        self.host = plane.host
+        self.engine = engine
+        self.layer_engine = CudaCopyEngine(LAYERWISE_LOAD, device=self.device.device)
         self.runs: list[StoreRun] = []
         self._last_d2h: CudaCopyHandle | None = None
         self._reported_pinned = -1
@@ -108,28 +107,24 @@ class GpuDataPath:
         """Every store planned up to this step has read its GPU blocks."""
 
     def start(self) -> None:
-        self.engine.start()
-        if self.host is not None:
-            self.pinner = ChunkedPinner(self.host.rows)
-            self.pinner.start()
-            self.engine.attach_pinner(self.host, self.pinner)
-            if self.layer_engine.config.mode == "kernel" and triton_available():
-                self.layer_engine.start()
-                self.layer_engine.attach_pinner(self.host, self.pinner)
+        """The layer-wise engine, on the plane's pinned G2 (the store engine is the plane's)."""
+        pinner = self.plane.pinner
+        kernel = self.layer_engine.config.mode == "kernel" and triton_available()
+        if self.host is not None and pinner is not None and kernel:
+            self.layer_engine.start()
+            self.layer_engine.attach_pinner(self.host, pinner)
 
     def close(self) -> None:
+        """Wait for the stores in flight, stop the layer-wise engine (the plane closes the rest)."""
         for run in self.runs:
             for h in run.handles():
                 h.wait()
-        self.engine.close()
         self.layer_engine.close()
-        if self.pinner is not None:
-            self.pinner.close()
-            self.pinner = None
 
     # -- gating -------------------------------------------------------------------------------
 
-    def _pending_release(self) -> torch.cuda.Event | None:
+    def gate(self) -> torch.cuda.Event | None:
+        """What a copy into GPU blocks waits for: the last store's gather (None: nothing)."""
         last = self._last_d2h
         if last is None or last.source_released():
             return None
@@ -137,30 +132,14 @@ class GpuDataPath:
 
     def gate_forward(self) -> None:
         """Make the model's stream wait until the last store gathered its blocks (GPU side)."""
-        ev = self._pending_release()
+        ev = self.gate()
         if ev is not None:
             torch.cuda.current_stream(self.device.device).wait_event(ev)
 
-    # -- loads --------------------------------------------------------------------------------
-
-    def load_host(
-        self, slots: list[int], gpu_blocks: list[int], *, layerwise: bool = False
-    ) -> CudaCopyHandle:
-        """G2 -> GPU; ``layerwise`` (a load inside the forward pass) lands layer by layer."""
-        assert self.host is not None
-        engine = self.layer_engine if layerwise and self.layer_engine.started else self.engine
-        return _cuda(
-            engine.host_to_device(
-                self.host, self.device, slots, gpu_blocks, gate=self._pending_release()
-            )
-        )
-
-    def load_disk(
-        self, loader: DiskToDeviceLoader, hashes: list[int], gpu_blocks: list[int]
-    ) -> DiskLoadHandle:
-        """G3 -> GPU through the worker's ``loader`` (on this path's engine), behind the last
-        store's gather."""
-        return loader.load(self.device, hashes, gpu_blocks, gate=self._pending_release())
+    def load_engine(self, layerwise: bool) -> CopyEngine:
+        """The engine of G2 -> GPU loads; ``layerwise`` (a load inside the forward pass) lands
+        layer by layer on the kernel engine when it runs."""
+        return self.layer_engine if layerwise and self.layer_engine.started else self.engine
 
     # -- stores -------------------------------------------------------------------------------
 
@@ -200,7 +179,7 @@ class GpuDataPath:
             self._last_d2h = run.staging_copy
         self.runs.append(run)
 
-    def poll(self, report: WorkerReport, queue_write: QueueWrite, *, wait: bool = False) -> None:
+    def poll(self, report: WorkerReport, writes: DiskWrites, *, wait: bool = False) -> None:
         """Report stores that landed, queue their G3 writes (in step order), advance
         ``released_through``; ``wait``: block until every run landed (shutdown)."""
         while self.runs:
@@ -211,7 +190,7 @@ class GpuDataPath:
             if not run.done():
                 break
             self.runs.pop(0)
-            self._finish(run, report, queue_write)
+            self._finish(run, report, writes)
         released = self.released_through
         for run in self.runs:
             if not run.released():
@@ -227,7 +206,7 @@ class GpuDataPath:
         if not self.runs:
             self.released_through = max(self.released_through, step)
 
-    def _finish(self, run: StoreRun, report: WorkerReport, queue_write: QueueWrite) -> None:
+    def _finish(self, run: StoreRun, report: WorkerReport, writes: DiskWrites) -> None:
         failed = set(run.failed)
         if run.host is not None and run.host.error is not None:
             logger.warning("kvtier: G2 store of step %d failed: %s", run.step, run.host.error)
@@ -246,13 +225,14 @@ class GpuDataPath:
                 if staging_ok and run.staging is not None:
                     row = run.staging.row(gpu_row)
                 gpu_row += 1
-            queue_write(w, row)
+            writes.queue(w, row, report)
 
     def take_pinned(self) -> int:
         """The pinned-row count when it changed since the last call, else -1."""
-        if self.pinner is None:
+        pinner = self.plane.pinner
+        if pinner is None:
             return -1
-        n = self.pinner.pinned_rows
+        n = pinner.pinned_rows
         if n == self._reported_pinned:
             return -1
         self._reported_pinned = n
