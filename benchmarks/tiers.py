@@ -144,7 +144,6 @@ def bench_disk(args: argparse.Namespace, root: Path) -> list[tuple[str, float, f
         host=src,
         disk_io=io,
         loader=loader,
-        block_bytes=bb,
         num_layers=MODEL.num_layers,
         max_inflight_blocks=n,
     )

@@ -125,6 +125,12 @@ class RankDataPlane:
     def on_cuda(self) -> bool:
         return self.device.device.type == "cuda"
 
+    @property
+    def namespace(self) -> int:
+        """G3's (and G4's) key space: the model identity over the layout, or the layout alone."""
+        ident = self.config.model_identity
+        return ident.namespace(self.layout.fingerprint) if ident else self.layout.fingerprint
+
     def open(
         self, layout: KvLayout, tensors: Mapping[str, torch.Tensor] | torch.Tensor | None = None
     ) -> None:
@@ -157,7 +163,7 @@ class RankDataPlane:
             ident = cfg.model_identity
             self.disk = DiskStorage(
                 cfg.disk_dir,
-                ident.namespace(layout.fingerprint) if ident else layout.fingerprint,
+                self.namespace,
                 layout.block_bytes,
                 o_direct=cfg.disk_o_direct,
                 fsync=cfg.disk_fsync,

@@ -278,7 +278,6 @@ class KvBlockManager(Lifecycle):
         layout = self._layout
         plane = self._plane  # the one wiring of storages, engine, disk threads and loader
         plane.open(layout, self._device_tensors)
-        self._device_tensors = plane.device.tensors
         bs = cfg.model.block_size
         self.device_pool = DevicePool(
             BlockPool(layout.num_blocks, block_size=bs, tier=G1, registry=self.registry),
@@ -313,7 +312,6 @@ class KvBlockManager(Lifecycle):
             host=plane.host,
             disk_io=plane.disk_io,
             loader=plane.loader,
-            block_bytes=layout.block_bytes,
             num_layers=cfg.model.num_layers,
             max_inflight_blocks=cfg.max_inflight_blocks,
             pin_staging=plane.on_cuda,

@@ -99,7 +99,7 @@ class TransferHandle:
     blocks that could be loaded has landed; check ``error`` for blocks that could not).
     """
 
-    def __init__(self, request: _Request, num_layers: int, block_bytes: int) -> None:
+    def __init__(self, request: _Request, num_layers: int) -> None:
         self.path = request.path
         self.block_hashes = request.hashes
         self.device_block_ids = (
@@ -110,11 +110,8 @@ class TransferHandle:
             else ()
         )
         self.num_blocks = len(request.hashes)
-        self.nbytes = self.num_blocks * block_bytes
         self.num_layers = num_layers
-        self.skipped: tuple[int, ...] = ()
         self.request = request
-        self.submitted_at = time.perf_counter()
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.error: TransferError | None = None
@@ -207,7 +204,6 @@ class TransferManager:
         host: HostStorage | None,
         disk_io: DiskIo | None,
         loader: DiskToDeviceLoader | None,
-        block_bytes: int,
         num_layers: int,
         max_inflight_blocks: int = 512,
         pin_staging: bool = False,
@@ -216,7 +212,6 @@ class TransferManager:
         self.device = device
         self.host = host
         self.disk_io = disk_io
-        self.block_bytes = block_bytes
         self.num_layers = num_layers
         self.max_inflight_blocks = max_inflight_blocks
         self.pin_staging = pin_staging
@@ -285,7 +280,7 @@ class TransferManager:
             if needed:
                 raise ValueError(f"path {path.value} needs a {what} tier, which is not configured")
         request = _Request(path, tuple(sequence_hashes), src, dst, par, pri, gate)
-        handle = TransferHandle(request, self.num_layers, self.block_bytes)
+        handle = TransferHandle(request, self.num_layers)
         self._queues[path].append(handle)
         self._pump()
         return handle
@@ -444,13 +439,6 @@ class TransferManager:
             )
         self._inflight_blocks -= h.num_blocks
         h._settle(error)
-
-    def failed_indices(self, handle: TransferHandle) -> set[int]:
-        """Indices into the batch of blocks that failed (empty when the batch succeeded)."""
-        if handle.error is None:
-            return set()
-        bad = set(handle.error.failed_hashes)
-        return {i for i, h in enumerate(handle.block_hashes) if h in bad}
 
     def close(self, timeout: float = 30.0) -> list[TransferHandle]:
         """Wait (up to ``timeout`` s) for running batches; fail queued ones; return all settled."""

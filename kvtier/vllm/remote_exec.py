@@ -261,13 +261,11 @@ class RemoteExecutor(Lifecycle):
 def attach_remote(worker: KvTierWorker, config: KvTierConfig) -> RemoteExecutor:
     """Start a G4 executor for a worker whose KV tensors are registered, and attach it (its
     namespace: this model's identity, the detected layout's fingerprint, this rank)."""
-    layout = worker.layout
-    if layout is None:
+    if worker.layout is None:
         raise RuntimeError("kvtier: G4 needs the worker's KV layout (register_kv_caches first)")
     if config.remote is None:
         raise ValueError("kvtier: attach_remote needs a configuration with a G4 tier (remote)")
-    ident = config.model_identity  # None: keyed by the layout alone, as G3 is
-    identity = ident.namespace(layout.fingerprint) if ident else layout.fingerprint
+    layout, identity = worker.layout, worker.plane.namespace  # G3's key space
     executor = RemoteExecutor(
         config.remote,
         remote_namespace(identity, layout.fingerprint, config.rank, config.num_workers),

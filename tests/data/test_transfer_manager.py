@@ -46,7 +46,6 @@ def _manager(
         host=host,
         disk_io=disk_io,
         loader=loader,
-        block_bytes=MODEL.block_bytes,
         num_layers=MODEL.num_layers,
         max_inflight_blocks=max_inflight_blocks,
     )
