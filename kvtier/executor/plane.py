@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Self, TypeVar
 
 import torch
 
@@ -34,16 +35,22 @@ from kvtier.transfer.engine import CopyEngine, TorchCopyEngine
 
 __all__ = ["DataPlaneConfig", "RankDataPlane"]
 
+_T = TypeVar("_T")
+
+
+def _opened(part: _T | None) -> _T:
+    if part is None:
+        raise RuntimeError("the data plane is not open")
+    return part
+
 
 @dataclass(frozen=True, kw_only=True)
 class DataPlaneConfig:
-    """What one rank's data plane is built from (the tier sizes and G3's place and policy).
+    """What one rank's data plane is built from: the fields of the one configuration root that
+    the bytes need (see ``KvTierConfig``), and ``cuda_copy``, the CUDA engine's configuration
+    when the plane picks it."""
 
-    ``host_pinned`` None pins G2 on CUDA only; ``device`` is where a G1 that kvtier allocates
-    itself lives; ``disk_load`` sizes the loader's bounce slots; ``cuda_copy`` configures the
-    CUDA engine when the plane picks it.
-    """
-
+    rank: int = 0
     host_blocks: int = 0
     disk_blocks: int = 0
     disk_dir: str | None = None
@@ -54,18 +61,20 @@ class DataPlaneConfig:
     disk_group: str | None = None
     host_pinned: bool | None = None
     device: str = "cpu"
-    disk_load: DiskLoadConfig = field(default_factory=DiskLoadConfig)
+    staging_blocks: int = 64
     cuda_copy: CudaCopyConfig = field(default_factory=CudaCopyConfig)
 
     def __post_init__(self) -> None:
+        require_count("rank", self.rank)
         require_tiers(self.host_blocks, self.disk_blocks, self.disk_dir)
-        require_count("io_threads", self.io_threads, low=1)
+        for name in ("io_threads", "staging_blocks"):
+            require_count(name, getattr(self, name), low=1)
 
     @classmethod
-    def from_config(cls, config: KvTierConfig) -> DataPlaneConfig:
-        """The library's data plane of the one configuration root (``staging_blocks`` bounce rows
-        for disk -> device loads)."""
+    def from_config(cls, config: KvTierConfig) -> Self:
+        """This rank's share of the one configuration root."""
         return cls(
+            rank=config.rank,
             host_blocks=config.host_blocks,
             disk_blocks=config.disk_blocks,
             disk_dir=config.disk_dir,
@@ -76,7 +85,7 @@ class DataPlaneConfig:
             disk_group=config.disk_group,
             host_pinned=config.host_pinned,
             device=config.device,
-            disk_load=DiskLoadConfig.for_staging(config.staging_blocks),
+            staging_blocks=config.staging_blocks,
         )
 
 
@@ -105,21 +114,15 @@ class RankDataPlane:
 
     @property
     def layout(self) -> KvLayout:
-        if self._layout is None:
-            raise RuntimeError("the data plane is not open")
-        return self._layout
+        return _opened(self._layout)
 
     @property
     def device(self) -> DeviceStorage:
-        if self._device is None:
-            raise RuntimeError("the data plane is not open")
-        return self._device
+        return _opened(self._device)
 
     @property
     def engine(self) -> CopyEngine:
-        if self._engine is None:
-            raise RuntimeError("the data plane is not open")
-        return self._engine
+        return _opened(self._engine)
 
     @property
     def on_cuda(self) -> bool:
@@ -175,9 +178,8 @@ class RankDataPlane:
             self.found = [] if self.disk.names_only else found
             self.disk_io = DiskIo(self.disk, cfg.io_threads)
             self.disk_io.start()
-            self.loader = DiskToDeviceLoader(
-                self.disk_io, self._engine, cfg.disk_load, pin_memory=on_cuda
-            )
+            load = DiskLoadConfig.for_staging(cfg.staging_blocks)
+            self.loader = DiskToDeviceLoader(self.disk_io, self._engine, load, pin_memory=on_cuda)
             self.loader.start()
 
     def _default_engine(self) -> CopyEngine:

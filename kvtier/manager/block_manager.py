@@ -41,7 +41,6 @@ from kvtier.transfer.manager import TransferError, TransferHandle, TransferManag
 
 if TYPE_CHECKING:
     from kvtier.ops.metrics import KvTierMetrics
-    from kvtier.storage.pinned import ChunkedPinner
 
 __all__ = [
     "KvBlockManager",
@@ -212,7 +211,6 @@ class KvBlockManager(Lifecycle):
         self.metrics = metrics
         self.registry = TierRegistry()
         self._plane = RankDataPlane(DataPlaneConfig.from_config(config), copy_engine)
-        self._pinner: ChunkedPinner | None = None
         self._device_tensors: Mapping[str, torch.Tensor] | torch.Tensor | None = None
         self._layout: KvLayout | None = None
         self.device_pool: DevicePool | None = None
@@ -286,7 +284,6 @@ class KvBlockManager(Lifecycle):
         if plane.host is not None:
             pool = BlockPool(cfg.host_blocks, block_size=bs, tier=G2, registry=self.registry)
             self.host_pool = HostPool(pool, plane.host)
-        self._pinner = plane.pinner
         if plane.disk is not None:
             pool = BlockPool(cfg.disk_blocks, block_size=bs, tier=G3, registry=self.registry)
             self.disk_pool = DiskPool(pool, plane.disk)
@@ -707,8 +704,8 @@ class KvBlockManager(Lifecycle):
             if tier is not None:
                 p = tier.pool
                 metrics.set_pool_occupancy(label, p.num_active, p.num_inactive, p.num_free)
-        if self._pinner is not None:
-            metrics.set_pinned_bytes(self._pinner.progress().pinned_bytes)
+        if self._plane.pinner is not None:
+            metrics.set_pinned_bytes(self._plane.pinner.progress().pinned_bytes)
 
     def drain_events(self) -> list[TierEvent]:
         """The registry's Store/Remove events since the last call, oldest first."""

@@ -83,11 +83,6 @@ class StoredBlock:
     priority: int
     mtime_ns: int
 
-    @property
-    def header(self) -> StoredBlock:
-        """The same fields (kept for callers that read ``entry.header.sequence_hash``)."""
-        return self
-
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
     """A writable memoryview of a contiguous uint8 CPU tensor (no copy)."""

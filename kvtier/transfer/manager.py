@@ -260,24 +260,9 @@ class TransferManager:
         pri = tuple(priorities) if priorities is not None else (0,) * n
         if len(par) != n or len(pri) != n:
             raise ValueError(f"{n} hashes but {len(par)} parents and {len(pri)} priorities")
-        needs_device = path is not TransferPath.HOST_TO_DISK
-        needs_host = path in (
-            TransferPath.DEVICE_TO_HOST,
-            TransferPath.HOST_TO_DISK,
-            TransferPath.HOST_TO_DEVICE,
-        )
-        needs_disk = path in (
-            TransferPath.HOST_TO_DISK,
-            TransferPath.DISK_TO_DEVICE,
-            TransferPath.DEVICE_TO_DISK,
-        )
-        for needed, what in (
-            (needs_device and self.device is None, "device"),
-            (needs_host and self.host is None, "host"),
-            (needs_disk and self.disk_io is None, "disk"),
-            (path is TransferPath.DISK_TO_DEVICE and self._loader is None, "disk"),
-        ):
-            if needed:
+        disk = self._loader if path is TransferPath.DISK_TO_DEVICE else self.disk_io
+        for what, tier in (("device", self.device), ("host", self.host), ("disk", disk)):
+            if tier is None and what in path.value.split("_to_"):
                 raise ValueError(f"path {path.value} needs a {what} tier, which is not configured")
         request = _Request(path, tuple(sequence_hashes), src, dst, par, pri, gate)
         handle = TransferHandle(request, self.num_layers)

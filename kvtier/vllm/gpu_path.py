@@ -115,10 +115,7 @@ class GpuDataPath:
             self.layer_engine.attach_pinner(self.host, pinner)
 
     def close(self) -> None:
-        """Wait for the stores in flight, stop the layer-wise engine (the plane closes the rest)."""
-        for run in self.runs:
-            for h in run.handles():
-                h.wait()
+        """Stop the layer-wise engine (``poll(wait=True)`` first; the plane closes the rest)."""
         self.layer_engine.close()
 
     # -- gating -------------------------------------------------------------------------------

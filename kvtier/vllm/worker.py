@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvtier.config import KvTierConfig, ModelConfig, require_count
+from kvtier.config import ModelConfig
 from kvtier.executor.loads import LoadRun, start_load
 from kvtier.executor.plane import DataPlaneConfig, RankDataPlane
 from kvtier.executor.stores import DiskWrites, store_host, store_to_disk
@@ -60,28 +60,10 @@ gather grid of 32 programs leaves most SMs to the model while still far outrunni
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerConfig(DataPlaneConfig):
-    """What one worker needs: its rank, and its data plane (tier sizes as the scheduler half's)."""
+    """What one worker needs: its rank's data plane (``DataPlaneConfig.from_config`` derives it
+    from the root), on CUDA with the worker's store engine."""
 
-    rank: int = 0
     cuda_copy: CudaCopyConfig = STORE_COPY
-
-    def __post_init__(self) -> None:
-        require_count("rank", self.rank)
-        super().__post_init__()
-
-    @classmethod
-    def from_config(cls, config: KvTierConfig) -> WorkerConfig:
-        """This worker's share of the one configuration root."""
-        return cls(
-            rank=config.rank,
-            host_blocks=config.host_blocks,
-            disk_blocks=config.disk_blocks,
-            disk_dir=config.disk_dir,
-            disk_o_direct=config.disk_o_direct,
-            io_threads=config.io_threads,
-            model_identity=config.model_identity,
-            disk_group=config.disk_group,
-        )
 
 
 class KvTierWorker:
@@ -185,18 +167,26 @@ class KvTierWorker:
                 run.wait_layer(layer)
 
     def wait_for_save(self) -> None:
-        """Finish layer-wise loads, copy this step's stores out, queue its G3 writes."""
-        plan = self._plan
-        if self._gpu is not None:
-            self._wait_for_save_gpu(self._gpu, plan)
-            return
+        """Finish layer-wise loads, copy this step's stores out, queue its G3 writes. On CUDA a
+        load's failures are known now (a refused copy, a bad G3 block, a G4 miss) while its
+        copies land on the GPU's own time, and stores are issued behind an event, not awaited."""
+        plan, gpu = self._plan, self._gpu
         step_failed = False
         for run in self._sync_runs:
-            run.wait()
-            if run.record(self._report, self._load_errors):
-                step_failed = True
+            if gpu is None:
+                run.wait()
+            if run.failed_now() or run.done():
+                step_failed = run.record(self._report, self._load_errors) or step_failed
+            else:
+                self._landing.append(run)
         self._sync_runs = []
         if plan is None:
+            return
+        if gpu is not None:
+            gpu.store(plan, step_failed)  # a failed step's stores are reported failed by poll
+            gpu.planned(plan.step)
+            gpu.poll(self._report, self._writes)
+            self._report.stores_read_step = gpu.released_through
             return
         failed_hashes = store_host(self.plane, plan, step_failed, self._report)
         store_to_disk(self.plane, plan, step_failed, failed_hashes, self._writes, self._report)
@@ -210,25 +200,24 @@ class KvTierWorker:
             self._idle_wait()
         if self._gpu is not None:
             return self._get_finished_gpu(self._gpu)
-        recving = self._finish_async()
+        self._async_runs, recving = self._record_done(self._async_runs)
         self._writes.collect(self._report)
         # Stores read GPU memory synchronously inside ``wait_for_save``, so a request whose
         # blocks were kept for them is done as soon as the scheduler names it.
         sending = set(self._plan.delayed_free) if self._plan is not None else set()
         return (sending or None), (recving or None)
 
-    def _finish_async(self) -> set[str]:
-        """Record the asynchronous loads that finished; their requests."""
-        recving: set[str] = set()
+    def _record_done(self, runs: list[LoadRun]) -> tuple[list[LoadRun], set[str]]:
+        """Record the loads of ``runs`` that finished: (the others, the finished ones' requests)."""
         still: list[LoadRun] = []
-        for run in self._async_runs:
+        done: set[str] = set()
+        for run in runs:
             if run.done():
                 run.record(self._report, self._load_errors)
-                recving.add(run.job.req_id)
+                done.add(run.job.req_id)
             else:
                 still.append(run)
-        self._async_runs = still
-        return recving
+        return still, done
 
     def _idle_wait(self) -> None:
         """An idle engine steps back to back while it waits for us; block a little instead of
@@ -273,24 +262,6 @@ class KvTierWorker:
 
     # -- CUDA ---------------------------------------------------------------------------------
 
-    def _wait_for_save_gpu(self, gpu: GpuDataPath, plan: StepPlan | None) -> None:
-        """Layer-wise loads: failures are known now (a refused copy, a bad G3 block, a G4 miss),
-        the copies themselves land on the GPU's own time; stores: issued behind an event, not
-        awaited."""
-        step_failed = False
-        for run in self._sync_runs:
-            if run.failed_now() or run.done():
-                step_failed = run.record(self._report, self._load_errors) or step_failed
-            else:
-                self._landing.append(run)
-        self._sync_runs = []
-        if plan is None:
-            return
-        gpu.store(plan, step_failed)  # a failed step's stores are reported failed by poll
-        gpu.planned(plan.step)
-        gpu.poll(self._report, self._writes)
-        self._report.stores_read_step = gpu.released_through
-
     def _get_finished_gpu(self, gpu: GpuDataPath) -> tuple[set[str] | None, set[str] | None]:
         plan = self._plan
         if plan is not None:
@@ -302,14 +273,8 @@ class KvTierWorker:
         pinned = gpu.take_pinned()
         if pinned >= 0:
             self._report.host_pinned_rows = pinned
-        recving = self._finish_async()
-        landing: list[LoadRun] = []
-        for run in self._landing:
-            if run.done():
-                run.record(self._report, self._load_errors)
-            else:
-                landing.append(run)
-        self._landing = landing
+        self._async_runs, recving = self._record_done(self._async_runs)
+        self._landing, _ = self._record_done(self._landing)
         self._writes.collect(self._report)
         # A delayed request of step s finished before s: its stores are of steps < s.
         sending: set[str] = set()
