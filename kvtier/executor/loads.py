@@ -1,11 +1,10 @@
 """Running one planned load (``LoadJob``) on a rank's data plane: its G2, G3 and G4 parts.
 
-Why this exists: a load has up to three parts that land on their own threads and clocks (G2 rows
-through the copy engine, G3 files through the one disk -> device loader, G4 values through the
-worker's ``RemoteExecutor``), and CPU and CUDA start them the same way, differing only in the
-engine of the G2 part and the gate every copy waits on. ``start_load`` starts all of a job's
-parts; ``LoadRun`` waits for them (per layer, on the host or on a CUDA stream) and records the
-outcome: every block that did not land is a load error (vLLM recomputes it), never served.
+Why this exists: a load's parts land on their own threads (G2 rows through the copy engine, G3
+files through the one disk -> device loader, G4 values through ``RemoteExecutor``); CPU and CUDA
+differ only in the G2 part's engine and the gate every copy waits on. ``LoadRun`` waits for the
+parts (per layer, on the host or a CUDA stream) and records every block that did not land as a
+load error (vLLM recomputes it), never served.
 """
 
 from __future__ import annotations
@@ -64,35 +63,30 @@ class LoadRun:
                 except TimeoutError:
                     return
 
+    def _failed(self) -> tuple[list[int], list[int], list[int]]:
+        """GPU blocks that did not land from (G2, G3, G4); waits (host) for the G3 and G4 parts
+        (a G2 failure is a refused copy, known at once)."""
+        job, dl, g4 = self.job, self.disk_load, self.remote
+        if dl is not None:
+            dl.wait()
+        if g4 is not None:
+            g4.future.wait()
+        host = self.host_handle is not None and self.host_handle.error is not None
+        disk = [d for d in job.disk_gpu_blocks if dl is not None and d in dl.failed]
+        remote = g4.failed_gpu_blocks if g4 is not None else []
+        return (list(job.host_gpu_blocks) if host else []), disk, remote
+
     def failed_now(self) -> bool:
-        """Wait (host) for the G3 and G4 parts; True if any part failed (the G2 part's failure
-        is known at once: a refused copy)."""
-        if self.disk_load is not None:
-            self.disk_load.wait()
-            if self.disk_load.failed:
-                return True
-        if self.remote is not None:
-            self.remote.future.wait()
-            if self.remote.failed_gpu_blocks:
-                return True
-        return self.host_handle is not None and self.host_handle.error is not None
+        return any(self._failed())
 
     def record(self, report: WorkerReport, load_errors: set[int]) -> bool:
         """Record a finished load's outcome (call once ``done()``); True if any block failed."""
-        job = self.job
-        host_failed: list[int] = []
-        if self.host_handle is not None and self.host_handle.error is not None:
-            host_failed = list(job.host_gpu_blocks)
-        disk_failed: list[int] = []
-        dl = self.disk_load
+        host_failed, disk_failed, remote_failed = self._failed()
+        job, dl = self.job, self.disk_load
         if dl is not None:
-            dl.wait()
-            disk_failed = [d for d in job.disk_gpu_blocks if d in dl.failed]
             pairs = zip(job.disk_hashes, job.disk_gpu_blocks, strict=True)
             report.disk_bad.extend(h for h, d in pairs if d in dl.bad_files)
-        remote_failed: list[int] = []
         if self.remote is not None:  # G4 (counted in its RemoteReport); fetched blocks land in G2
-            remote_failed = self.remote.failed_gpu_blocks
             report.host_stored.extend(self.remote.host_stored)
             report.host_store_failed.extend(self.remote.host_failed)
         load_errors.update(host_failed, disk_failed, remote_failed)

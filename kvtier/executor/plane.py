@@ -1,16 +1,13 @@
-"""One rank's data plane: device view, copy engine, G2 rows, G3 files, disk I/O and the loader.
+"""One rank's data plane: G1 view, copy engine, G2 rows (+ pinner), G3 files, disk threads, loader.
 
-Why this exists: the library facade (``KvBlockManager``) and the vLLM worker half both need the
-same pieces wired the same way around one rank's KV tensors: wrap (or allocate) G1, pick the copy
-engine (``TorchCopyEngine`` on CPU, ``CudaCopyEngine`` on CUDA), allocate G2 (page-locked in
-chunks by a ``ChunkedPinner`` when the engine tracks them, else allocated pinned), open G3
-(namespaced by the model identity and the layout fingerprint), start ``DiskIo`` and the one
-disk -> device loader. ``RankDataPlane`` does that once; its owner decides what moves when.
-
-Life cycle: ``RankDataPlane(config, engine=None)`` records; ``open(layout, tensors=None)``
-acquires (threads, memory, files, streams); ``close()`` stops the engine first (it fails copies
-whose gate never opened, so no loader waits forever), then the loader, the disk threads (every
-block file is then complete or absent), G3, the pinner, and drops G2.
+Why this exists: ``KvBlockManager`` and the vLLM worker half need the same pieces wired the same
+way around one rank's KV tensors; ``RankDataPlane`` wires them once and its owner decides what
+moves when. ``open`` wraps (or allocates) G1, picks the engine (``TorchCopyEngine`` on CPU,
+``CudaCopyEngine`` on CUDA), allocates G2 (pinned in chunks by a ``ChunkedPinner`` when the engine
+tracks them, else allocated pinned), opens G3 in the model's namespace, starts ``DiskIo`` and the
+one disk -> device loader. ``close`` stops the engine first (it fails copies whose gate never
+opened, so the loader never waits forever), then the loader, the disk threads (every block file
+is then complete or absent), G3, the pinner, and drops G2.
 """
 
 from __future__ import annotations

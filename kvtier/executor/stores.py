@@ -48,6 +48,27 @@ class DiskWrites:
         (fut,) = io.write([w.seq_hash], [row], [w.parent_hash], [0])
         self._writes.append((w.seq_hash, fut))
 
+    def queue_step(
+        self,
+        writes: list[DiskWrite],
+        failed: set[int],
+        staging: HostStorage | None,
+        report: WorkerReport,
+    ) -> None:
+        """Queue a step's writes: each from its G2 row unless its store ``failed``, or from its
+        ``staging`` row (row i: the step's i-th write from the GPU; None: that copy failed)."""
+        host, gpu_row = self.plane.host, 0
+        for w in writes:
+            row: torch.Tensor | None = None
+            if w.host_slot >= 0:
+                if w.seq_hash not in failed and host is not None:
+                    row = host.row(w.host_slot)
+            else:
+                if staging is not None:
+                    row = staging.row(gpu_row)
+                gpu_row += 1
+            self.queue(w, row, report)
+
     def collect(self, report: WorkerReport) -> None:
         """Report the writes that finished."""
         disk = self.plane.disk
@@ -117,13 +138,4 @@ def store_to_disk(
             staging = rows
         else:
             logger.warning("kvtier: staging copy for G3 writes failed: %s", err)
-    gpu_row = {w.seq_hash: i for i, w in enumerate(from_gpu)}
-    host = plane.host
-    for w in plan.disk_writes:
-        row: torch.Tensor | None = None
-        if w.host_slot >= 0:
-            if w.seq_hash not in failed and host is not None:
-                row = host.row(w.host_slot)
-        elif staging is not None:
-            row = staging.row(gpu_row[w.seq_hash])
-        writes.queue(w, row, report)
+    writes.queue_step(plan.disk_writes, failed, staging, report)

@@ -330,7 +330,7 @@ class TransferManager:
                 run.staging, run.stage1 = stage_blocks(
                     self.engine, self.device, req.src_ids, req.gate, pin_memory=self.pin_staging
                 )
-                h._attach(_Stage1Pending(self.num_layers))
+                h._attach(CopyFuture(self.num_layers))  # completed when its writes finish
             else:
                 assert self._loader is not None and self.device is not None
                 h._attach(self._loader.load(self.device, req.hashes, req.dst_ids, req.gate))
@@ -345,7 +345,8 @@ class TransferManager:
     def _start_writes(self, run: _Running, source: HostStorage, rows: list[int]) -> None:
         assert self.disk_io is not None
         req = run.handle.request
-        data = CopyFuture(1)
+        staged = run.handle._data  # a device->disk batch's future, attached at stage 1
+        data = staged if isinstance(staged, CopyFuture) else CopyFuture(1)
         tensors = [source.rows[r] for r in rows]
         futures = self.disk_io.write(req.hashes, tensors, req.parents, req.priorities)
         run.writes = futures
@@ -358,9 +359,7 @@ class TransferManager:
             if last:
                 data.complete()
 
-        if isinstance(run.handle._data, _Stage1Pending):
-            run.handle._data.inner = data
-        else:
+        if data is not staged:
             run.handle._attach(data)
         for f in futures:
             f.add_done_callback(one_done)
@@ -383,9 +382,8 @@ class TransferManager:
             # Stage 1 failed, or its writes could not start: fail the batch and its waiters.
             run.failed = list(range(h.num_blocks))
             run.messages.append(str(err))
-            assert isinstance(h._data, _Stage1Pending)
-            h._data.inner = CopyFuture(1)
-            h._data.inner.fail(err)
+            assert isinstance(h._data, CopyFuture)
+            h._data.fail(err)
             return True
         data = h._data
         return data is not None and data.done()
@@ -444,36 +442,3 @@ class TransferManager:
             if self._running:
                 time.sleep(0.001)
         return settled
-
-
-class _Stage1Pending:
-    """Data progress of a device->disk batch: pending until its disk writes finish."""
-
-    def __init__(self, num_layers: int) -> None:
-        self._num_layers = num_layers
-        self.inner: CopyFuture | None = None
-
-    @property
-    def num_layers(self) -> int:
-        return self._num_layers
-
-    @property
-    def error(self) -> BaseException | None:
-        return None if self.inner is None else self.inner.error
-
-    def done(self) -> bool:
-        return self.inner is not None and self.inner.done()
-
-    def wait(self, timeout: float | None = None) -> BaseException | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.inner is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"device->disk batch not finished after {timeout} s")
-            time.sleep(0.0005)
-        return self.inner.wait(timeout)
-
-    def layer_done(self, layer: int) -> bool:
-        return self.done()
-
-    def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
-        return self.wait(timeout) is None

@@ -212,17 +212,7 @@ class GpuDataPath:
             report.host_store_failed.extend(h for h in run.hashes if h in failed)
         report.host_stored.extend(h for h in run.hashes if h not in failed)
         staging_ok = run.staging_copy is not None and run.staging_copy.error is None
-        gpu_row = 0
-        for w in run.writes:
-            row: torch.Tensor | None = None
-            if w.host_slot >= 0:
-                if w.seq_hash not in failed and self.host is not None:
-                    row = self.host.row(w.host_slot)
-            else:
-                if staging_ok and run.staging is not None:
-                    row = run.staging.row(gpu_row)
-                gpu_row += 1
-            writes.queue(w, row, report)
+        writes.queue_step(run.writes, failed, run.staging if staging_ok else None, report)
 
     def take_pinned(self) -> int:
         """The pinned-row count when it changed since the last call, else -1."""

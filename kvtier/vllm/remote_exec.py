@@ -189,8 +189,7 @@ class RemoteExecutor(Lifecycle):
                     (run.host_failed if host_rows is None else run.host_stored).append(h)
             nbytes = len(good_rows) * (HEADER_SIZE + self.block_bytes)
             handle = plane.engine.host_to_device(staging, plane.device, good_rows, good_gpu, gate)
-            for layer in range(fut.num_layers):
-                handle.wait_layer(layer)
+            handle.wait()
             if corrupt:  # verifiably bad values: remove them for the whole fleet
                 with contextlib.suppress(RemoteError):
                     self.store.delete(corrupt)
