@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Self, TypeVar
+from typing import Protocol, Self, TypeVar
 
 import torch
 
@@ -33,6 +33,10 @@ from kvtier.transfer.engine import CopyEngine, TorchCopyEngine
 __all__ = ["DataPlaneConfig", "RankDataPlane"]
 
 _T = TypeVar("_T")
+
+
+class _Closes(Protocol):
+    def close(self) -> None: ...
 
 
 def _opened(part: _T | None) -> _T:
@@ -203,25 +207,13 @@ class RankDataPlane:
             attach(host, self.pinner)
 
     def close(self) -> None:
-        """Stop everything ``open`` started (see the module docstring); idempotent."""
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
-        if self.loader is not None:
-            self.loader.close()
-            self.loader = None
-        if self.disk_io is not None:
-            self.disk_io.close()
-            self.disk_io = None
-        if self.disk is not None:
-            self.disk.close()
-            self.disk = None
-        if self.pinner is not None:
-            self.pinner.close()
-            self.pinner = None
+        """Stop everything ``open`` started, in this order (module docstring); idempotent."""
+        parts: list[_Closes | None] = [self._engine, self.loader, self.disk_io, self.disk]
+        parts.append(self.pinner)
+        for part in parts:
+            if part is not None:
+                part.close()
         if self.host is not None:
             self.host.release()
-            self.host = None
-        self.found = []
-        self._device = None
-        self._layout = None
+        self._engine = self.loader = self.disk_io = self.disk = self.pinner = self.host = None
+        self._device, self._layout, self.found = None, None, []

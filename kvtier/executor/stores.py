@@ -21,7 +21,7 @@ from kvtier.transfer.disk_store import stage_blocks
 from kvtier.transfer.engine import check_ids, copy_batch
 from kvtier.vllm.metadata import DiskWrite, StepPlan, WorkerReport
 
-__all__ = ["DiskWrites", "store_host", "store_to_disk"]
+__all__ = ["DiskWrites", "store_host"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,19 +36,7 @@ class DiskWrites:
     def __len__(self) -> int:
         return len(self._writes)
 
-    def queue(self, w: DiskWrite, row: torch.Tensor | None, report: WorkerReport) -> None:
-        """Queue one G3 write from ``row`` (None: its source copy failed, report it failed)."""
-        io = self.plane.disk_io
-        if row is None or io is None:
-            logger.warning(
-                "kvtier: G3 write of block %016x skipped: its source copy failed", w.seq_hash
-            )
-            report.disk_store_failed.append(w.seq_hash)
-            return
-        (fut,) = io.write([w.seq_hash], [row], [w.parent_hash], [0])
-        self._writes.append((w.seq_hash, fut))
-
-    def queue_step(
+    def queue(
         self,
         writes: list[DiskWrite],
         failed: set[int],
@@ -56,8 +44,9 @@ class DiskWrites:
         report: WorkerReport,
     ) -> None:
         """Queue a step's writes: each from its G2 row unless its store ``failed``, or from its
-        ``staging`` row (row i: the step's i-th write from the GPU; None: that copy failed)."""
-        host, gpu_row = self.plane.host, 0
+        ``staging`` row (row i: the step's i-th write from the GPU; None: that copy failed). A
+        write whose source copy failed is reported failed."""
+        host, io, gpu_row = self.plane.host, self.plane.disk_io, 0
         for w in writes:
             row: torch.Tensor | None = None
             if w.host_slot >= 0:
@@ -67,7 +56,28 @@ class DiskWrites:
                 if staging is not None:
                     row = staging.row(gpu_row)
                 gpu_row += 1
-            self.queue(w, row, report)
+            if row is None or io is None:
+                logger.warning("kvtier: G3 write of %016x skipped: source copy failed", w.seq_hash)
+                report.disk_store_failed.append(w.seq_hash)
+                continue
+            (fut,) = io.write([w.seq_hash], [row], [w.parent_hash], [0])
+            self._writes.append((w.seq_hash, fut))
+
+    def queue_from_step(
+        self, plan: StepPlan, step_failed: bool, failed: set[int], report: WorkerReport
+    ) -> None:
+        """CPU: queue a step's G3 writes, the ones from the device copied into staging rows
+        first (and waited for)."""
+        plane, staging = self.plane, None
+        from_gpu = [w.gpu_block for w in plan.disk_writes if w.gpu_block >= 0]
+        if from_gpu and plane.disk_io is not None and not step_failed:
+            rows, handle = stage_blocks(plane.engine, plane.device, from_gpu)
+            err = handle.wait()
+            if err is None:
+                staging = rows
+            else:
+                logger.warning("kvtier: staging copy for G3 writes failed: %s", err)
+        self.queue(plan.disk_writes, failed, staging, report)
 
     def collect(self, report: WorkerReport) -> None:
         """Report the writes that finished."""
@@ -114,28 +124,3 @@ def store_host(
         return set(batch.hashes)
     report.host_stored.extend(batch.hashes)
     return set()
-
-
-def store_to_disk(
-    plane: RankDataPlane,
-    plan: StepPlan,
-    step_failed: bool,
-    failed: set[int],
-    writes: DiskWrites,
-    report: WorkerReport,
-) -> None:
-    """CPU: queue this step's G3 writes, from G2 rows (unless their store ``failed``) or from
-    staging rows the device blocks are copied into first (and waited for)."""
-    if not plan.disk_writes:
-        return
-    from_gpu = [w for w in plan.disk_writes if w.gpu_block >= 0]
-    staging: HostStorage | None = None
-    if from_gpu and plane.disk_io is not None and not step_failed:
-        gpu_blocks = [w.gpu_block for w in from_gpu]
-        rows, handle = stage_blocks(plane.engine, plane.device, gpu_blocks)
-        err = handle.wait()
-        if err is None:
-            staging = rows
-        else:
-            logger.warning("kvtier: staging copy for G3 writes failed: %s", err)
-    writes.queue_step(plan.disk_writes, failed, staging, report)

@@ -44,10 +44,6 @@ class TransferPath(enum.Enum):
     HOST_TO_DEVICE = "host_to_device"
     DISK_TO_DEVICE = "disk_to_device"
 
-    @property
-    def is_onboard(self) -> bool:
-        return self in (TransferPath.HOST_TO_DEVICE, TransferPath.DISK_TO_DEVICE)
-
 
 _START_ORDER = (
     TransferPath.HOST_TO_DEVICE,
@@ -102,13 +98,9 @@ class TransferHandle:
     def __init__(self, request: _Request, num_layers: int) -> None:
         self.path = request.path
         self.block_hashes = request.hashes
-        self.device_block_ids = (
-            request.dst_ids
-            if request.path.is_onboard
-            else request.src_ids
-            if request.path in (TransferPath.DEVICE_TO_HOST, TransferPath.DEVICE_TO_DISK)
-            else ()
-        )
+        src, dst = request.path.value.split("_to_")
+        ids = request.dst_ids if dst == "device" else request.src_ids if src == "device" else ()
+        self.device_block_ids = ids
         self.num_blocks = len(request.hashes)
         self.num_layers = num_layers
         self.request = request
@@ -307,33 +299,26 @@ class TransferManager:
             done.complete()
             h._attach(done)
             return
+        dev, host, src, dst = self.device, self.host, req.src_ids, req.dst_ids  # checked at submit
         try:
             if req.path is TransferPath.DEVICE_TO_HOST:
-                assert self.device is not None and self.host is not None
-                h._attach(
-                    self.engine.device_to_host(
-                        self.device, self.host, req.src_ids, req.dst_ids, req.gate
-                    )
-                )
+                assert dev is not None and host is not None
+                h._attach(self.engine.device_to_host(dev, host, src, dst, req.gate))
             elif req.path is TransferPath.HOST_TO_DEVICE:
-                assert self.device is not None and self.host is not None
-                h._attach(
-                    self.engine.host_to_device(
-                        self.host, self.device, req.src_ids, req.dst_ids, req.gate
-                    )
-                )
+                assert dev is not None and host is not None
+                h._attach(self.engine.host_to_device(host, dev, src, dst, req.gate))
             elif req.path is TransferPath.HOST_TO_DISK:
-                assert self.host is not None
-                self._start_writes(run, self.host, list(req.src_ids))
+                assert host is not None
+                self._start_writes(run, host, list(src))
             elif req.path is TransferPath.DEVICE_TO_DISK:
-                assert self.device is not None
+                assert dev is not None
                 run.staging, run.stage1 = stage_blocks(
-                    self.engine, self.device, req.src_ids, req.gate, pin_memory=self.pin_staging
+                    self.engine, dev, src, req.gate, pin_memory=self.pin_staging
                 )
                 h._attach(CopyFuture(self.num_layers))  # completed when its writes finish
             else:
-                assert self._loader is not None and self.device is not None
-                h._attach(self._loader.load(self.device, req.hashes, req.dst_ids, req.gate))
+                assert self._loader is not None and dev is not None
+                h._attach(self._loader.load(dev, req.hashes, dst, req.gate))
         except Exception as exc:
             failed = CopyFuture(self.num_layers)
             failed.fail(exc)

@@ -13,13 +13,14 @@ Ordering (every rule is a GPU-side event wait unless said otherwise):
   pageable memory).
 - A step's stores: ``wait_for_save`` records an event on the model's stream after the forward
   pass; the device->host copy waits on it on its own stream, and ``wait_for_save`` returns at
-  once. Their G3 writes are queued (``poll``) only once the copy landed, in step order.
+  once. Their G3 writes and G4 write-behind are queued (``poll``) only once the copy landed, in
+  step order.
 - Reuse of a stored GPU block: the next step's forward pass (``gate_forward``, called when the
   step's plan is bound: before the pass in every vLLM version) and every load (the ``gate`` of
   the host->device copies) wait for the last store's *gather* (``released_event``), so neither a
   preempted request's freed blocks nor a load into them can overwrite a block before it was
-  read. A finished request's blocks are also
-  held by vLLM (delayed free) until ``released_through`` covers its stores.
+  read. A finished request's blocks are also held by vLLM (delayed free) until
+  ``released_through`` covers its stores.
 - Loads run on the engine's highest-priority streams, behind ``gate()``; a layer-wise load's layer
   ``l`` is waited for with ``stream_wait_layer`` (GPU side). G3 loads go through the
   ``DiskToDeviceLoader``'s pinned bounce rows and G4 loads through pinned staging rows; their
@@ -48,6 +49,8 @@ from kvtier.transfer.cuda.plan import triton_available
 from kvtier.transfer.disk_store import stage_blocks
 from kvtier.transfer.engine import CopyEngine, CopyHandle
 from kvtier.vllm.metadata import DiskWrite, StepPlan, WorkerReport
+from kvtier.vllm.remote_exec import RemoteExecutor
+from kvtier.vllm.remote_plan import RemoteWrites
 
 __all__ = ["GpuDataPath", "StoreRun"]
 
@@ -71,6 +74,8 @@ class StoreRun:
     staging_copy: CudaCopyHandle | None = None
     failed: set[int] = field(default_factory=set)
     """Hashes whose G2 store failed before anything was issued (the step's load failed)."""
+    remote_writes: RemoteWrites | None = None
+    """The step's landed G2 stores to write behind to G4."""
 
     def handles(self) -> list[CudaCopyHandle]:
         return [h for h in (self.host, self.staging_copy) if h is not None]
@@ -150,34 +155,32 @@ class GpuDataPath:
             after_forward = new_event()
             after_forward.record(torch.cuda.current_stream())
         run = StoreRun(plan.step, list(batch.hashes), None, list(plan.disk_writes))
+        run.remote_writes = plan.remote_writes
         if batch.gpu_blocks:
             if step_failed or self.host is None:
                 run.failed.update(batch.hashes)
             else:
-                run.host = _cuda(
-                    self.engine.device_to_host(
-                        self.device,
-                        self.host,
-                        batch.gpu_blocks,
-                        batch.host_slots,
-                        gate=after_forward,
-                    )
+                copy = self.engine.device_to_host(
+                    self.device, self.host, batch.gpu_blocks, batch.host_slots, after_forward
                 )
-                self._last_d2h = run.host
+                run.host = self._last_d2h = _cuda(copy)
         if from_gpu and not step_failed:
+            blocks = [w.gpu_block for w in from_gpu]
             run.staging, copy = stage_blocks(
-                self.engine,
-                self.device,
-                [w.gpu_block for w in from_gpu],
-                after_forward,
-                pin_memory=True,
+                self.engine, self.device, blocks, after_forward, pin_memory=True
             )
-            run.staging_copy = _cuda(copy)
-            self._last_d2h = run.staging_copy
+            run.staging_copy = self._last_d2h = _cuda(copy)
         self.runs.append(run)
 
-    def poll(self, report: WorkerReport, writes: DiskWrites, *, wait: bool = False) -> None:
-        """Report stores that landed, queue their G3 writes (in step order), advance
+    def poll(
+        self,
+        report: WorkerReport,
+        writes: DiskWrites,
+        remote: RemoteExecutor | None,
+        *,
+        wait: bool = False,
+    ) -> None:
+        """Report stores that landed, queue their G3 and G4 writes (in step order), advance
         ``released_through``; ``wait``: block until every run landed (shutdown)."""
         while self.runs:
             run = self.runs[0]
@@ -187,7 +190,7 @@ class GpuDataPath:
             if not run.done():
                 break
             self.runs.pop(0)
-            self._finish(run, report, writes)
+            self._finish(run, report, writes, remote)
         released = self.released_through
         for run in self.runs:
             if not run.released():
@@ -203,7 +206,9 @@ class GpuDataPath:
         if not self.runs:
             self.released_through = max(self.released_through, step)
 
-    def _finish(self, run: StoreRun, report: WorkerReport, writes: DiskWrites) -> None:
+    def _finish(
+        self, run: StoreRun, report: WorkerReport, writes: DiskWrites, g4: RemoteExecutor | None
+    ) -> None:
         failed = set(run.failed)
         if run.host is not None and run.host.error is not None:
             logger.warning("kvtier: G2 store of step %d failed: %s", run.step, run.host.error)
@@ -212,7 +217,9 @@ class GpuDataPath:
             report.host_store_failed.extend(h for h in run.hashes if h in failed)
         report.host_stored.extend(h for h in run.hashes if h not in failed)
         staging_ok = run.staging_copy is not None and run.staging_copy.error is None
-        writes.queue_step(run.writes, failed, run.staging if staging_ok else None, report)
+        writes.queue(run.writes, failed, run.staging if staging_ok else None, report)
+        if g4 is not None:
+            g4.write_behind(run.remote_writes, self.host, failed)
 
     def take_pinned(self) -> int:
         """The pinned-row count when it changed since the last call, else -1."""

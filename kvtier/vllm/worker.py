@@ -1,11 +1,9 @@
 """The worker half of the connector: moves bytes exactly as the scheduler half planned.
 
 Why this exists: the worker owns the data (vLLM's KV tensors, the G2 host rows, the G3 files) but
-decides nothing; it executes each step's ``StepPlan`` on the rank's data plane
-(``kvtier.executor``: ``RankDataPlane`` wires the storages, the copy engine, G3 on ``DiskIo``
-threads and the one disk -> device loader; ``start_load`` runs a load's G2/G3/G4 parts;
-``store_host`` / ``store_to_disk`` / ``DiskWrites`` run the stores) and reports back what landed
-and what failed.
+decides nothing; it executes each step's ``StepPlan`` on the rank's ``RankDataPlane`` (loads with
+``start_load``, stores with ``store_host`` and ``DiskWrites``: ``kvtier.executor``) and reports
+back what landed and what failed.
 
 Ordering rules (where the races hide):
 
@@ -37,7 +35,7 @@ import torch
 from kvtier.config import ModelConfig
 from kvtier.executor.loads import LoadRun, start_load
 from kvtier.executor.plane import DataPlaneConfig, RankDataPlane
-from kvtier.executor.stores import DiskWrites, store_host, store_to_disk
+from kvtier.executor.stores import DiskWrites, store_host
 from kvtier.storage.layout import KvLayout, LayoutKind, detect_layout
 from kvtier.transfer.cuda.config import CudaCopyConfig
 from kvtier.vllm.metadata import LoadJob, StepPlan, WorkerReport
@@ -120,7 +118,7 @@ class KvTierWorker:
         for run in self._sync_runs + self._async_runs + self._landing:
             run.wait()
         if self._gpu is not None:
-            self._gpu.poll(self._report, self._writes, wait=True)
+            self._gpu.poll(self._report, self._writes, self.remote, wait=True)
         if self.remote is not None:
             self.remote.close()
         if self._gpu is not None:
@@ -185,11 +183,11 @@ class KvTierWorker:
         if gpu is not None:
             gpu.store(plan, step_failed)  # a failed step's stores are reported failed by poll
             gpu.planned(plan.step)
-            gpu.poll(self._report, self._writes)
+            gpu.poll(self._report, self._writes, self.remote)
             self._report.stores_read_step = gpu.released_through
             return
         failed_hashes = store_host(self.plane, plan, step_failed, self._report)
-        store_to_disk(self.plane, plan, step_failed, failed_hashes, self._writes, self._report)
+        self._writes.queue_from_step(plan, step_failed, failed_hashes, self._report)
         if self.remote is not None and plan.remote_writes is not None:
             self.remote.write_behind(plan.remote_writes, self.plane.host, failed_hashes)
         self._report.stores_read_step = plan.step
@@ -268,7 +266,7 @@ class KvTierWorker:
             gpu.planned(plan.step - 1)
             if plan.delayed_free:
                 self._delayed.append((plan.step, list(plan.delayed_free)))
-        gpu.poll(self._report, self._writes)
+        gpu.poll(self._report, self._writes, self.remote)
         self._report.stores_read_step = max(self._report.stores_read_step, gpu.released_through)
         pinned = gpu.take_pinned()
         if pinned >= 0:

@@ -15,10 +15,10 @@ from cuda_helpers import needs_cuda
 from kvtier.config import KvTierConfig, ModelConfig
 from kvtier.ops.redislocal import LocalRedis, redis_available
 from kvtier.storage.remote import RemoteConfig
-from kvtier.storage.remote_block import encode_block, remote_key
+from kvtier.storage.remote_block import decode_block, encode_block, remote_key
 from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, StoreBatch, WorkerReport
 from kvtier.vllm.remote_exec import attach_remote
-from kvtier.vllm.remote_plan import RemoteLoad
+from kvtier.vllm.remote_plan import RemoteLoad, RemoteWrites
 from kvtier.vllm.worker import KvTierWorker, WorkerConfig
 
 pytestmark = needs_cuda
@@ -171,3 +171,28 @@ def test_g4_load_is_fetched_into_the_gpu_and_g2(
         host = w.plane.host
         assert host is not None and torch.equal(host.row(1), row)
         assert report.host_stored == [0xE1]
+
+
+def test_landed_g2_stores_are_written_behind_to_g4(
+    worker: tuple[KvTierWorker, dict[str, torch.Tensor]],
+) -> None:
+    """The CUDA path writes a step's G2 stores to G4 once their copy landed, bit-exact."""
+    reason = redis_available()
+    if reason is not None:
+        pytest.skip(reason)
+    w, _ = worker
+    with LocalRedis() as node:
+        cfg = KvTierConfig(
+            model=MODEL, host_blocks=4, remote=RemoteConfig(url=node.url, timeout_ms=5000)
+        )
+        g4 = attach_remote(w, cfg)
+        row = w.plane.device.read_block(1)
+        writes = RemoteWrites([0xF1], [0xF0], [2])
+        run_step(w, StepPlan(0, stores=StoreBatch([1], [2], [0xF1]), remote_writes=writes))
+        report, _ = settle(w, 100)
+        assert report.host_stored == [0xF1]
+        assert g4.writer.flush(30.0)
+        (value,) = g4.store.get([remote_key(g4.namespace, 0xF1)])
+        assert value is not None
+        header, payload = decode_block(value, g4.fingerprint, 0xF1, row.numel())
+        assert header.parent_hash == 0xF0 and bytes(payload) == row.numpy().tobytes()
