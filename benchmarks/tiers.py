@@ -49,6 +49,7 @@ from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import LayoutKind, default_layout
 from kvtier.transfer.disk_io import DiskIo
+from kvtier.transfer.disk_load import DiskLoadConfig, DiskToDeviceLoader
 from kvtier.transfer.engine import CopyEngine, TorchCopyEngine
 from kvtier.transfer.manager import TransferManager, TransferPath
 
@@ -135,17 +136,17 @@ def bench_disk(args: argparse.Namespace, root: Path) -> list[tuple[str, float, f
     io.start()
     engine = TorchCopyEngine()
     engine.start()
+    loader = DiskToDeviceLoader(io, engine, DiskLoadConfig.for_staging(n))
+    loader.start()
     tm = TransferManager(
         engine,
         device=device,
         host=src,
         disk_io=io,
-        block_bytes=bb,
+        loader=loader,
         num_layers=MODEL.num_layers,
         max_inflight_blocks=n,
-        staging_blocks=n,
     )
-    tm.start()
     hashes = [0x5EED0000 + i for i in range(n)]
     ids = list(range(n))
     times: dict[str, list[float]] = {k: [] for k in ("kw", "rw", "kr", "rr", "kd")}
@@ -184,6 +185,7 @@ def bench_disk(args: argparse.Namespace, root: Path) -> list[tuple[str, float, f
     finally:
         tm.close()
         engine.close()
+        loader.close()
         io.close()
         storage.close()
     return [

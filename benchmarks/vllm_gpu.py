@@ -144,9 +144,9 @@ def wait_pinned(llm: Any, timeout: float = 90.0) -> float:
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     conn: Any = get_kv_transfer_group()
-    gpu = conn.worker._gpu
+    pinner = conn.worker.plane.pinner
     t = time.perf_counter()
-    while gpu is not None and gpu.pinner is not None and not gpu.pinner.progress().done:
+    while pinner is not None and not pinner.progress().done:
         if time.perf_counter() - t > timeout:
             break
         time.sleep(0.1)
@@ -326,7 +326,7 @@ def run_phase(phase: str, model: Path, reps: int, workdir: Path) -> dict[str, An
         from kvtier.hashing import salt_hash, sequence_hashes
 
         conn: Any = get_kv_transfer_group()
-        disk = conn.worker._disk
+        disk = conn.worker.plane.disk
         p = prompt(seed_of(phase, 32768, 0), 32768)
         hashes = [h for h in sequence_hashes(p, 16, salt_hash(None, None)) if h in sched.disk]
         paths = [disk.path(h) for h in hashes]

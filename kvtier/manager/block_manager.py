@@ -21,6 +21,7 @@ import torch
 from kvtier.config import KvTierConfig
 from kvtier.core.pool import BlockPool
 from kvtier.core.registry import TierEvent
+from kvtier.executor.plane import DataPlaneConfig, RankDataPlane
 from kvtier.lifecycle import Lifecycle
 from kvtier.manager.checks import check_onboard, offload_parents
 from kvtier.manager.copies import Copies
@@ -29,17 +30,12 @@ from kvtier.manager.stats import KvTierStats, Tally
 from kvtier.manager.tiers import DevicePool, DiskPool, HostPool
 from kvtier.plan.planner import PlannerConfig, TierPlanner
 from kvtier.plan.slots import SlotIndex
-from kvtier.storage.device import DeviceStorage
-from kvtier.storage.disk import DiskStorage
-from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import KvLayout, LayoutKind, default_layout, detect_layout
-from kvtier.transfer.disk_io import DiskIo
-from kvtier.transfer.engine import CopyEngine, TorchCopyEngine
+from kvtier.transfer.engine import CopyEngine
 from kvtier.transfer.manager import TransferManager
 
 if TYPE_CHECKING:
     from kvtier.ops.metrics import KvTierMetrics
-    from kvtier.storage.pinned import ChunkedPinner
 
 __all__ = ["KvBlockManager"]
 
@@ -67,9 +63,12 @@ class KvBlockManager(Lifecycle):
         copy_engine: CopyEngine | None = None,
         metrics: KvTierMetrics | None = None,
     ) -> None:
-        """Record the config; allocate nothing, start nothing (see ``start``). ``copy_engine``
-        overrides the default (``TorchCopyEngine``, the CUDA engine on GPU tensors); ``metrics``
-        receives every transfer and lookup as well as ``stats()``."""
+        """Record the config; allocate nothing, start nothing (see ``start``).
+
+        ``copy_engine`` overrides the data plane's choice (``TorchCopyEngine`` on CPU,
+        ``CudaCopyEngine`` on CUDA; ``kvtier.executor.plane``);
+        ``metrics`` receives every transfer and lookup as well as ``stats()``.
+        """
         if not isinstance(config, KvTierConfig):
             raise TypeError(f"config must be a KvTierConfig, got {type(config).__name__}")
         self.config = config
@@ -83,15 +82,12 @@ class KvBlockManager(Lifecycle):
         )
         self.planner = TierPlanner(plan, disk_has=self._has_disk_file)
         self.registry = self.planner.registry
-        self._engine_override = copy_engine
-        self._engine: CopyEngine = TorchCopyEngine()
-        self._pinner: ChunkedPinner | None = None
+        self._plane = RankDataPlane(DataPlaneConfig.from_config(config), copy_engine)
         self._device_tensors: Mapping[str, torch.Tensor] | torch.Tensor | None = None
         self._layout: KvLayout | None = None
         self.device_pool: DevicePool | None = None
         self.host_pool: HostPool | None = None
         self.disk_pool: DiskPool | None = None
-        self._disk_io: DiskIo | None = None
         self._transfers: TransferManager | None = None
         self._copies: Copies | None = None
         self._handles: list[KvHandle] = []
@@ -140,66 +136,40 @@ class KvBlockManager(Lifecycle):
                 raise RuntimeError(
                     "no device KV: call register_device_kv(tensors) or set device_blocks > 0"
                 )
-            layout = default_layout(cfg.model, LayoutKind(cfg.device_layout), cfg.device_blocks)
-            storage = DeviceStorage.allocate(layout, cfg.device)
-            self._layout = layout
-            self._device_tensors = storage.tensors
-        else:
-            layout = self._layout
-            storage = DeviceStorage(layout, self._device_tensors)
+            self._layout = default_layout(
+                cfg.model, LayoutKind(cfg.device_layout), cfg.device_blocks
+            )
+        layout = self._layout
+        plane = self._plane  # the one wiring of storages, engine, disk threads and loader
+        plane.open(layout, self._device_tensors)
         bs = cfg.model.block_size
         self.device_pool = DevicePool(
-            BlockPool(layout.num_blocks, block_size=bs, tier="G1", registry=self.registry), storage
+            BlockPool(layout.num_blocks, block_size=bs, tier="G1", registry=self.registry),
+            plane.device,
         )
-        self._engine = self._pick_engine(storage)
-        on_gpu = storage.device.type == "cuda"
-        pinned = cfg.host_pinned if cfg.host_pinned is not None else on_gpu
-        if cfg.host_blocks:
-            host = HostStorage(cfg.host_blocks, layout.block_bytes)
-            host.allocate()
-            self.host_pool = HostPool(_pool_of(self.planner.host), host)
-            if pinned:
-                self._pin(host)
-        if cfg.disk_blocks:
-            assert cfg.disk_dir is not None
-            ident = cfg.model_identity  # G3 namespace: model identity + layout (identity.py)
-            disk = DiskStorage(
-                cfg.disk_dir,
-                ident.namespace(layout.fingerprint) if ident else layout.fingerprint,
-                layout.block_bytes,
-                o_direct=cfg.disk_o_direct,
-                fsync=cfg.disk_fsync,
-                capacity=cfg.disk_blocks,
-                group=cfg.disk_group,
-                identity=ident.describe(layout.fingerprint) if ident else None,
-            )
-            found = disk.open()
-            if disk.names_only:  # a large tier: files are the index, adopted when matched
-                found = []
-            self.disk_pool = DiskPool(_pool_of(self.planner.disk), disk)
+        if plane.host is not None:
+            self.host_pool = HostPool(_pool_of(self.planner.host), plane.host)
+        if plane.disk is not None:
+            self.disk_pool = DiskPool(_pool_of(self.planner.disk), plane.disk)
             # The one restore rule (kvtier.plan.restore), in the planner: the newest files that
             # fit, oldest first, parents before children, unsafe parent links dropped.
+            found = plane.found  # empty for a large tier: files are the index, adopted when matched
             hashes = [e.sequence_hash for e in found]
             parents = [e.parent_hash for e in found]
             priorities = [e.priority for e in found]
             self.planner.restored(0, hashes, parents, None, priorities=priorities)
             for extra in self.planner.take_deletes():  # beyond G3's size (it shrank)
-                disk.remove(extra)
-            self._disk_io = DiskIo(disk, cfg.io_threads)
-            self._disk_io.start()
-        self._engine.start()
+                plane.disk.remove(extra)
         self._transfers = TransferManager(
-            self._engine,
-            device=storage,
-            host=self.host_pool.storage if self.host_pool else None,
-            disk_io=self._disk_io,
-            block_bytes=layout.block_bytes,
+            plane.engine,
+            device=plane.device,
+            host=plane.host,
+            disk_io=plane.disk_io,
+            loader=plane.loader,
             num_layers=cfg.model.num_layers,
             max_inflight_blocks=cfg.max_inflight_blocks,
-            staging_blocks=cfg.staging_blocks,
-            pin_staging=on_gpu,
+            pin_staging=plane.on_cuda,
         )
-        self._transfers.start()
         self._copies = Copies(
             self.planner,
             self._transfers,
@@ -209,32 +179,6 @@ class KvBlockManager(Lifecycle):
             metrics=self.metrics,
         )
         self._started = True
-
-    def _pick_engine(self, storage: DeviceStorage) -> CopyEngine:
-        """The given engine; else the CUDA engine for GPU tensors; else ``TorchCopyEngine``."""
-        if self._engine_override is not None:
-            return self._engine_override
-        if storage.device.type == "cuda":
-            from kvtier.transfer.cuda import CudaCopyEngine
-
-            return CudaCopyEngine(device=storage.device)
-        return TorchCopyEngine()
-
-    def _pin(self, host: HostStorage) -> None:
-        """Page-lock G2 in chunks on a background thread (first rows usable at once); the CUDA
-        engine refuses rows not pinned yet, so an early offload to them fails, never degrades."""
-        from kvtier.storage.pinned import ChunkedPinner
-
-        attach = getattr(self._engine, "attach_pinner", None)
-        if attach is None:  # an engine that cannot track chunks: pin everything up front
-            pinned = HostStorage(host.num_blocks, host.block_bytes, pin_memory=True)
-            pinned.allocate()
-            assert self.host_pool is not None
-            self.host_pool.storage = pinned
-            return
-        self._pinner = ChunkedPinner(host.rows)
-        self._pinner.start()
-        attach(host, self._pinner)
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish (up to ``timeout`` s) or cancel in-flight work, apply it, stop threads.
@@ -247,19 +191,13 @@ class KvBlockManager(Lifecycle):
         self._closed = True
         assert self._transfers is not None
         settled = self._transfers.close(timeout)
-        self._engine.close()  # fails copies whose gate never opened
-        if self._disk_io is not None:
-            self._disk_io.close()  # every block file is now complete or absent
+        # The engine first (fails copies whose gate never opened), then the loader and the disk
+        # threads (every block file is now complete or absent), G3, the pinner, G2.
+        self._plane.close()
         settled.extend(self._transfers.close(1.0))  # settles what finished meanwhile
         assert self._copies is not None
         self._copies.settle(settled, closing=True)
         self._handles.clear()
-        if self.disk_pool is not None:
-            self.disk_pool.storage.close()
-        if self._pinner is not None:
-            self._pinner.close()
-        if self.host_pool is not None:
-            self.host_pool.storage.release()
 
     def _check_running(self) -> Copies:
         if not self._started or self._closed:
@@ -369,8 +307,8 @@ class KvBlockManager(Lifecycle):
             if tier is not None:
                 p = tier.pool
                 metrics.set_pool_occupancy(label, p.num_active, p.num_inactive, p.num_free)
-        if self._pinner is not None:
-            metrics.set_pinned_bytes(self._pinner.progress().pinned_bytes)
+        if self._plane.pinner is not None:
+            metrics.set_pinned_bytes(self._plane.pinner.progress().pinned_bytes)
         rejections = self.planner.filter.rejections
         if rejections > self._rejections_told:
             metrics.record_filter_rejections(rejections - self._rejections_told)

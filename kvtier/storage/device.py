@@ -73,15 +73,6 @@ class DeviceStorage:
         return self._bytes or None
 
     @classmethod
-    def wrap(
-        cls,
-        tensors: Mapping[str, torch.Tensor] | torch.Tensor,
-        layout: KvLayout,
-    ) -> DeviceStorage:
-        """Wrap engine-owned tensors whose layout was detected (see ``detect_layout``)."""
-        return cls(layout, tensors)
-
-    @classmethod
     def allocate(cls, model_layout: KvLayout, device: str | torch.device = "cpu") -> DeviceStorage:
         """Allocate zeroed tensors of ``model_layout``'s shape (kvtier's own G1)."""
         m = model_layout.model

@@ -40,11 +40,6 @@ class StoredBlock:
     priority: int
     mtime_ns: int
 
-    @property
-    def header(self) -> StoredBlock:
-        """The same fields (kept for callers that read ``entry.header.sequence_hash``)."""
-        return self
-
 
 def scan_names(d: TierDir, writable: bool) -> list[int]:
     """Sequence hashes of the block files there; leftover temporary files (a crash mid-write, no

@@ -28,8 +28,8 @@ def aligned_empty(nbytes: int, *, pin_memory: bool = False) -> torch.Tensor:
 class HostStorage:
     """``num_blocks`` rows of ``block_bytes`` in one contiguous, aligned uint8 tensor.
 
-    The constructor only records sizes; ``allocate()`` (called by the pool's ``start``) takes the
-    memory. ``wrap`` adopts a buffer someone else allocated (e.g. one pinned in chunks).
+    The constructor only records sizes; ``allocate()`` (called by the data plane's ``open``)
+    takes the memory.
     """
 
     def __init__(self, num_blocks: int, block_bytes: int, *, pin_memory: bool = False) -> None:
@@ -42,17 +42,6 @@ class HostStorage:
         self.block_bytes = block_bytes
         self.pin_memory = pin_memory
         self._rows: torch.Tensor | None = None
-
-    @classmethod
-    def wrap(cls, rows: torch.Tensor) -> HostStorage:
-        """Adopt an existing ``[num_blocks, block_bytes]`` uint8 CPU tensor as the storage."""
-        if rows.dtype != torch.uint8 or rows.dim() != 2 or not rows.is_contiguous():
-            raise ValueError("host rows must be a contiguous 2-D uint8 tensor")
-        if rows.device.type != "cpu":
-            raise ValueError(f"host rows must live in CPU memory, got {rows.device}")
-        self = cls(rows.shape[0], rows.shape[1], pin_memory=rows.is_pinned())
-        self._rows = rows
-        return self
 
     def allocate(self) -> None:
         """Take the memory (idempotent)."""

@@ -58,6 +58,13 @@ class DiskLoadConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
 
+    @classmethod
+    def for_staging(cls, staging_blocks: int) -> DiskLoadConfig:
+        """``staging_blocks`` bounce rows as slots of the default size at most (the last slot's
+        copy is not hidden behind reads); more slots keep more reads queued."""
+        group = min(cls.group_blocks, max(1, staging_blocks // 2))
+        return cls(group, slots=max(2, staging_blocks // group))
+
 
 class DiskLoadHandle:
     """Completion of one disk -> device load: a ``CopyHandle`` with per-block outcomes.

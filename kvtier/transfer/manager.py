@@ -8,9 +8,9 @@ bound allows, and returns the batches whose data finished, for the caller (``KvB
 apply to the pools. A failed batch carries a ``TransferError`` naming its blocks.
 
 Paths: device->host and host->device go to the ``CopyEngine``; host->disk to ``DiskIo``;
-disk->device to the ``DiskToDeviceLoader`` (its own thread, so layer-wise waits never depend on
-anyone polling); device->disk copies to staging rows (``stage_blocks``), then writes them (chained
-in ``poll``).
+disk->device to the owner's ``DiskToDeviceLoader`` (its own thread, so layer-wise waits never
+depend on anyone polling); device->disk copies to staging rows (``stage_blocks``), then writes
+them (chained in ``poll``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskBlockError
 from kvtier.storage.host import HostStorage
 from kvtier.transfer.disk_io import DiskIo
-from kvtier.transfer.disk_load import DiskLoadConfig, DiskLoadHandle, DiskToDeviceLoader
+from kvtier.transfer.disk_load import DiskLoadHandle, DiskToDeviceLoader
 from kvtier.transfer.disk_store import stage_blocks
 from kvtier.transfer.engine import CopyEngine, CopyFuture, CopyHandle
 
@@ -43,10 +43,6 @@ class TransferPath(enum.Enum):
     DEVICE_TO_DISK = "device_to_disk"
     HOST_TO_DEVICE = "host_to_device"
     DISK_TO_DEVICE = "disk_to_device"
-
-    @property
-    def is_onboard(self) -> bool:
-        return self in (TransferPath.HOST_TO_DEVICE, TransferPath.DISK_TO_DEVICE)
 
 
 _START_ORDER = (
@@ -99,22 +95,15 @@ class TransferHandle:
     blocks that could be loaded has landed; check ``error`` for blocks that could not).
     """
 
-    def __init__(self, request: _Request, num_layers: int, block_bytes: int) -> None:
+    def __init__(self, request: _Request, num_layers: int) -> None:
         self.path = request.path
         self.block_hashes = request.hashes
-        self.device_block_ids = (
-            request.dst_ids
-            if request.path.is_onboard
-            else request.src_ids
-            if request.path in (TransferPath.DEVICE_TO_HOST, TransferPath.DEVICE_TO_DISK)
-            else ()
-        )
+        src, dst = request.path.value.split("_to_")
+        ids = request.dst_ids if dst == "device" else request.src_ids if src == "device" else ()
+        self.device_block_ids = ids
         self.num_blocks = len(request.hashes)
-        self.nbytes = self.num_blocks * block_bytes
         self.num_layers = num_layers
-        self.skipped: tuple[int, ...] = ()
         self.request = request
-        self.submitted_at = time.perf_counter()
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.error: TransferError | None = None
@@ -193,9 +182,10 @@ class _Running:
 class TransferManager:
     """Queues, starts and completes batches; see the module docstring.
 
-    ``device``/``host``/``disk_io`` may be None when a tier is absent (a path using it is then
-    refused at submit). ``staging_blocks`` host rows (loader slots; pinned when ``pin_staging``)
-    bounce disk->device loads; device->disk batches stage into rows of their own.
+    ``device``/``host``/``disk_io``/``loader`` may be None when a tier is absent (a path using it
+    is then refused at submit). ``loader`` (started and closed by its owner, e.g. the data plane)
+    runs disk->device loads; device->disk batches stage into rows of their own (pinned when
+    ``pin_staging``). The constructor starts nothing; there is nothing of its own to start.
     """
 
     def __init__(
@@ -205,38 +195,23 @@ class TransferManager:
         device: DeviceStorage | None,
         host: HostStorage | None,
         disk_io: DiskIo | None,
-        block_bytes: int,
+        loader: DiskToDeviceLoader | None,
         num_layers: int,
         max_inflight_blocks: int = 512,
-        staging_blocks: int = 64,
         pin_staging: bool = False,
     ) -> None:
         self.engine = engine
         self.device = device
         self.host = host
         self.disk_io = disk_io
-        self.block_bytes = block_bytes
         self.num_layers = num_layers
         self.max_inflight_blocks = max_inflight_blocks
-        self.staging_blocks = staging_blocks
         self.pin_staging = pin_staging
         self._queues: dict[TransferPath, deque[TransferHandle]] = {p: deque() for p in TransferPath}
         self._running: list[_Running] = []
         self._inflight_blocks = 0
-        self._loader: DiskToDeviceLoader | None = None
+        self._loader = loader
         self._closed = False
-
-    def start(self) -> None:
-        """Start the disk->device loader (when there are a disk tier and a device)."""
-        if self.disk_io is not None and self.device is not None and self._loader is None:
-            # ``staging_blocks`` rows as slots of the loader's default size at most (the last
-            # slot's copy is not hidden behind reads); more slots keep more reads queued.
-            group = min(DiskLoadConfig().group_blocks, max(1, self.staging_blocks // 2))
-            cfg = DiskLoadConfig(group, slots=max(2, self.staging_blocks // group))
-            self._loader = DiskToDeviceLoader(
-                self.disk_io, self.engine, cfg, pin_memory=self.pin_staging
-            )
-            self._loader.start()
 
     @property
     def inflight_blocks(self) -> int:
@@ -277,26 +252,12 @@ class TransferManager:
         pri = tuple(priorities) if priorities is not None else (0,) * n
         if len(par) != n or len(pri) != n:
             raise ValueError(f"{n} hashes but {len(par)} parents and {len(pri)} priorities")
-        needs_device = path is not TransferPath.HOST_TO_DISK
-        needs_host = path in (
-            TransferPath.DEVICE_TO_HOST,
-            TransferPath.HOST_TO_DISK,
-            TransferPath.HOST_TO_DEVICE,
-        )
-        needs_disk = path in (
-            TransferPath.HOST_TO_DISK,
-            TransferPath.DISK_TO_DEVICE,
-            TransferPath.DEVICE_TO_DISK,
-        )
-        for needed, what in (
-            (needs_device and self.device is None, "device"),
-            (needs_host and self.host is None, "host"),
-            (needs_disk and self.disk_io is None, "disk"),
-        ):
-            if needed:
+        disk = self._loader if path is TransferPath.DISK_TO_DEVICE else self.disk_io
+        for what, tier in (("device", self.device), ("host", self.host), ("disk", disk)):
+            if tier is None and what in path.value.split("_to_"):
                 raise ValueError(f"path {path.value} needs a {what} tier, which is not configured")
         request = _Request(path, tuple(sequence_hashes), src, dst, par, pri, gate)
-        handle = TransferHandle(request, self.num_layers, self.block_bytes)
+        handle = TransferHandle(request, self.num_layers)
         self._queues[path].append(handle)
         self._pump()
         return handle
@@ -338,33 +299,26 @@ class TransferManager:
             done.complete()
             h._attach(done)
             return
+        dev, host, src, dst = self.device, self.host, req.src_ids, req.dst_ids  # checked at submit
         try:
             if req.path is TransferPath.DEVICE_TO_HOST:
-                assert self.device is not None and self.host is not None
-                h._attach(
-                    self.engine.device_to_host(
-                        self.device, self.host, req.src_ids, req.dst_ids, req.gate
-                    )
-                )
+                assert dev is not None and host is not None
+                h._attach(self.engine.device_to_host(dev, host, src, dst, req.gate))
             elif req.path is TransferPath.HOST_TO_DEVICE:
-                assert self.device is not None and self.host is not None
-                h._attach(
-                    self.engine.host_to_device(
-                        self.host, self.device, req.src_ids, req.dst_ids, req.gate
-                    )
-                )
+                assert dev is not None and host is not None
+                h._attach(self.engine.host_to_device(host, dev, src, dst, req.gate))
             elif req.path is TransferPath.HOST_TO_DISK:
-                assert self.host is not None
-                self._start_writes(run, self.host, list(req.src_ids))
+                assert host is not None
+                self._start_writes(run, host, list(src))
             elif req.path is TransferPath.DEVICE_TO_DISK:
-                assert self.device is not None
+                assert dev is not None
                 run.staging, run.stage1 = stage_blocks(
-                    self.engine, self.device, req.src_ids, req.gate, pin_memory=self.pin_staging
+                    self.engine, dev, src, req.gate, pin_memory=self.pin_staging
                 )
-                h._attach(_Stage1Pending(self.num_layers))
+                h._attach(CopyFuture(self.num_layers))  # completed when its writes finish
             else:
-                assert self._loader is not None and self.device is not None
-                h._attach(self._loader.load(self.device, req.hashes, req.dst_ids, req.gate))
+                assert self._loader is not None and dev is not None
+                h._attach(self._loader.load(dev, req.hashes, dst, req.gate))
         except Exception as exc:
             failed = CopyFuture(self.num_layers)
             failed.fail(exc)
@@ -376,7 +330,8 @@ class TransferManager:
     def _start_writes(self, run: _Running, source: HostStorage, rows: list[int]) -> None:
         assert self.disk_io is not None
         req = run.handle.request
-        data = CopyFuture(1)
+        staged = run.handle._data  # a device->disk batch's future, attached at stage 1
+        data = staged if isinstance(staged, CopyFuture) else CopyFuture(1)
         tensors = [source.rows[r] for r in rows]
         futures = self.disk_io.write(req.hashes, tensors, req.parents, req.priorities)
         run.writes = futures
@@ -389,9 +344,7 @@ class TransferManager:
             if last:
                 data.complete()
 
-        if isinstance(run.handle._data, _Stage1Pending):
-            run.handle._data.inner = data
-        else:
+        if data is not staged:
             run.handle._attach(data)
         for f in futures:
             f.add_done_callback(one_done)
@@ -414,9 +367,8 @@ class TransferManager:
             # Stage 1 failed, or its writes could not start: fail the batch and its waiters.
             run.failed = list(range(h.num_blocks))
             run.messages.append(str(err))
-            assert isinstance(h._data, _Stage1Pending)
-            h._data.inner = CopyFuture(1)
-            h._data.inner.fail(err)
+            assert isinstance(h._data, CopyFuture)
+            h._data.fail(err)
             return True
         data = h._data
         return data is not None and data.done()
@@ -456,13 +408,6 @@ class TransferManager:
         self._inflight_blocks -= h.num_blocks
         h._settle(error)
 
-    def failed_indices(self, handle: TransferHandle) -> set[int]:
-        """Indices into the batch of blocks that failed (empty when the batch succeeded)."""
-        if handle.error is None:
-            return set()
-        bad = set(handle.error.failed_hashes)
-        return {i for i, h in enumerate(handle.block_hashes) if h in bad}
-
     def close(self, timeout: float = 30.0) -> list[TransferHandle]:
         """Wait (up to ``timeout`` s) for running batches; fail queued ones; return all settled."""
         self._closed = True
@@ -481,40 +426,4 @@ class TransferManager:
             settled.extend(self.poll())
             if self._running:
                 time.sleep(0.001)
-        if not self._running and self._loader is not None:  # its loads are all settled
-            self._loader.close()
-            self._loader = None
         return settled
-
-
-class _Stage1Pending:
-    """Data progress of a device->disk batch: pending until its disk writes finish."""
-
-    def __init__(self, num_layers: int) -> None:
-        self._num_layers = num_layers
-        self.inner: CopyFuture | None = None
-
-    @property
-    def num_layers(self) -> int:
-        return self._num_layers
-
-    @property
-    def error(self) -> BaseException | None:
-        return None if self.inner is None else self.inner.error
-
-    def done(self) -> bool:
-        return self.inner is not None and self.inner.done()
-
-    def wait(self, timeout: float | None = None) -> BaseException | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.inner is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"device->disk batch not finished after {timeout} s")
-            time.sleep(0.0005)
-        return self.inner.wait(timeout)
-
-    def layer_done(self, layer: int) -> bool:
-        return self.done()
-
-    def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
-        return self.wait(timeout) is None

@@ -13,54 +13,53 @@ Ordering (every rule is a GPU-side event wait unless said otherwise):
   pageable memory).
 - A step's stores: ``wait_for_save`` records an event on the model's stream after the forward
   pass; the device->host copy waits on it on its own stream, and ``wait_for_save`` returns at
-  once. Their G3 writes are queued (``poll``) only once the copy landed, in step order.
+  once. Their G3 writes and G4 write-behind are queued (``poll``) only once the copy landed, in
+  step order.
 - Reuse of a stored GPU block: the next step's forward pass (``gate_forward``, called when the
   step's plan is bound: before the pass in every vLLM version) and every load (the ``gate`` of
   the host->device copies) wait for the last store's *gather* (``released_event``), so neither a
   preempted request's freed blocks nor a load into them can overwrite a block before it was
-  read. A finished request's blocks are also
-  held by vLLM (delayed free) until ``released_through`` covers its stores.
-- Loads run on the engine's highest-priority streams; a layer-wise load's layer ``l`` is waited
-  for with ``stream_wait_layer`` (GPU side). G3 loads go through the ``DiskToDeviceLoader``'s
-  pinned bounce rows; their completion is known on the host only (disk reads).
+  read. A finished request's blocks are also held by vLLM (delayed free) until
+  ``released_through`` covers its stores.
+- Loads run on the engine's highest-priority streams, behind ``gate()``; a layer-wise load's layer
+  ``l`` is waited for with ``stream_wait_layer`` (GPU side). G3 loads go through the
+  ``DiskToDeviceLoader``'s pinned bounce rows and G4 loads through pinned staging rows; their
+  completion is known on the host only (disk reads, G4 fetches).
+
+The rank's storages, the store engine (``STORE_COPY``), the pinner and the loader are the data
+plane's (``kvtier.executor.plane.RankDataPlane``); this path adds the layer-wise engine and the
+ordering above.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from kvtier.storage.device import DeviceStorage
+from kvtier.executor.plane import RankDataPlane
+from kvtier.executor.stores import DiskWrites
 from kvtier.storage.host import HostStorage
-from kvtier.storage.pinned import ChunkedPinner
 from kvtier.transfer.cuda.config import CudaCopyConfig
 from kvtier.transfer.cuda.engine import CudaCopyEngine
 from kvtier.transfer.cuda.events import new_event
 from kvtier.transfer.cuda.handle import CudaCopyHandle
 from kvtier.transfer.cuda.plan import triton_available
-from kvtier.transfer.disk_load import DiskLoadHandle, DiskToDeviceLoader
 from kvtier.transfer.disk_store import stage_blocks
-from kvtier.transfer.engine import CopyHandle
+from kvtier.transfer.engine import CopyEngine, CopyHandle
 from kvtier.vllm.metadata import DiskWrite, StepPlan, WorkerReport
+from kvtier.vllm.remote_exec import RemoteExecutor
+from kvtier.vllm.remote_plan import RemoteWrites
 
 __all__ = ["GpuDataPath", "StoreRun"]
 
 logger = logging.getLogger(__name__)
 
-STORE_COPY = CudaCopyConfig(staging_bytes=512 << 20, gather_programs=32)
-"""The worker's engine for stores, asynchronous loads and G3: 256 MiB staging slots; a gather grid
-of 32 programs leaves most SMs to the model while still far outrunning PCIe."""
-
 LAYERWISE_LOAD = CudaCopyConfig(mode="kernel", kernel_programs=32)
 """The engine for layer-wise G2 loads: a small-grid kernel reading the mapped pinned rows lands
 the layers one by one (each with its own event), so layer l's attention starts while later
 layers still cross PCIe; the DMA path lands every layer at the end."""
-
-QueueWrite = Callable[[DiskWrite, torch.Tensor | None], None]
-"""Queue one G3 write from a host row (None: its source copy failed)."""
 
 
 @dataclass
@@ -75,6 +74,8 @@ class StoreRun:
     staging_copy: CudaCopyHandle | None = None
     failed: set[int] = field(default_factory=set)
     """Hashes whose G2 store failed before anything was issued (the step's load failed)."""
+    remote_writes: RemoteWrites | None = None
+    """The step's landed G2 stores to write behind to G4."""
 
     def handles(self) -> list[CudaCopyHandle]:
         return [h for h in (self.host, self.staging_copy) if h is not None]
@@ -94,12 +95,15 @@ def _cuda(handle: CopyHandle) -> CudaCopyHandle:
 class GpuDataPath:
     """The CUDA half of ``KvTierWorker`` (see the module docstring). Model-runner thread only."""
 
-    def __init__(self, device: DeviceStorage, host: HostStorage | None) -> None:
-        self.device = device
-        self.host = host
-        self.engine = CudaCopyEngine(STORE_COPY, device=device.device)
-        self.layer_engine = CudaCopyEngine(LAYERWISE_LOAD, device=device.device)
-        self.pinner: ChunkedPinner | None = None
+    def __init__(self, plane: RankDataPlane) -> None:
+        """On an open ``plane`` whose engine is the CUDA engine."""
+        engine = plane.engine
+        assert isinstance(engine, CudaCopyEngine)
+        self.plane = plane
+        self.device = plane.device
+        self.host = plane.host
+        self.engine = engine
+        self.layer_engine = CudaCopyEngine(LAYERWISE_LOAD, device=self.device.device)
         self.runs: list[StoreRun] = []
         self._last_d2h: CudaCopyHandle | None = None
         self._reported_pinned = -1
@@ -108,28 +112,21 @@ class GpuDataPath:
         """Every store planned up to this step has read its GPU blocks."""
 
     def start(self) -> None:
-        self.engine.start()
-        if self.host is not None:
-            self.pinner = ChunkedPinner(self.host.rows)
-            self.pinner.start()
-            self.engine.attach_pinner(self.host, self.pinner)
-            if self.layer_engine.config.mode == "kernel" and triton_available():
-                self.layer_engine.start()
-                self.layer_engine.attach_pinner(self.host, self.pinner)
+        """The layer-wise engine, on the plane's pinned G2 (the store engine is the plane's)."""
+        pinner = self.plane.pinner
+        kernel = self.layer_engine.config.mode == "kernel" and triton_available()
+        if self.host is not None and pinner is not None and kernel:
+            self.layer_engine.start()
+            self.layer_engine.attach_pinner(self.host, pinner)
 
     def close(self) -> None:
-        for run in self.runs:
-            for h in run.handles():
-                h.wait()
-        self.engine.close()
+        """Stop the layer-wise engine (``poll(wait=True)`` first; the plane closes the rest)."""
         self.layer_engine.close()
-        if self.pinner is not None:
-            self.pinner.close()
-            self.pinner = None
 
     # -- gating -------------------------------------------------------------------------------
 
-    def _pending_release(self) -> torch.cuda.Event | None:
+    def gate(self) -> torch.cuda.Event | None:
+        """What a copy into GPU blocks waits for: the last store's gather (None: nothing)."""
         last = self._last_d2h
         if last is None or last.source_released():
             return None
@@ -137,30 +134,14 @@ class GpuDataPath:
 
     def gate_forward(self) -> None:
         """Make the model's stream wait until the last store gathered its blocks (GPU side)."""
-        ev = self._pending_release()
+        ev = self.gate()
         if ev is not None:
             torch.cuda.current_stream(self.device.device).wait_event(ev)
 
-    # -- loads --------------------------------------------------------------------------------
-
-    def load_host(
-        self, slots: list[int], gpu_blocks: list[int], *, layerwise: bool = False
-    ) -> CudaCopyHandle:
-        """G2 -> GPU; ``layerwise`` (a load inside the forward pass) lands layer by layer."""
-        assert self.host is not None
-        engine = self.layer_engine if layerwise and self.layer_engine.started else self.engine
-        return _cuda(
-            engine.host_to_device(
-                self.host, self.device, slots, gpu_blocks, gate=self._pending_release()
-            )
-        )
-
-    def load_disk(
-        self, loader: DiskToDeviceLoader, hashes: list[int], gpu_blocks: list[int]
-    ) -> DiskLoadHandle:
-        """G3 -> GPU through the worker's ``loader`` (on this path's engine), behind the last
-        store's gather."""
-        return loader.load(self.device, hashes, gpu_blocks, gate=self._pending_release())
+    def load_engine(self, layerwise: bool) -> CopyEngine:
+        """The engine of G2 -> GPU loads; ``layerwise`` (a load inside the forward pass) lands
+        layer by layer on the kernel engine when it runs."""
+        return self.layer_engine if layerwise and self.layer_engine.started else self.engine
 
     # -- stores -------------------------------------------------------------------------------
 
@@ -174,34 +155,32 @@ class GpuDataPath:
             after_forward = new_event()
             after_forward.record(torch.cuda.current_stream())
         run = StoreRun(plan.step, list(batch.hashes), None, list(plan.disk_writes))
+        run.remote_writes = plan.remote_writes
         if batch.gpu_blocks:
             if step_failed or self.host is None:
                 run.failed.update(batch.hashes)
             else:
-                run.host = _cuda(
-                    self.engine.device_to_host(
-                        self.device,
-                        self.host,
-                        batch.gpu_blocks,
-                        batch.host_slots,
-                        gate=after_forward,
-                    )
+                copy = self.engine.device_to_host(
+                    self.device, self.host, batch.gpu_blocks, batch.host_slots, after_forward
                 )
-                self._last_d2h = run.host
+                run.host = self._last_d2h = _cuda(copy)
         if from_gpu and not step_failed:
+            blocks = [w.gpu_block for w in from_gpu]
             run.staging, copy = stage_blocks(
-                self.engine,
-                self.device,
-                [w.gpu_block for w in from_gpu],
-                after_forward,
-                pin_memory=True,
+                self.engine, self.device, blocks, after_forward, pin_memory=True
             )
-            run.staging_copy = _cuda(copy)
-            self._last_d2h = run.staging_copy
+            run.staging_copy = self._last_d2h = _cuda(copy)
         self.runs.append(run)
 
-    def poll(self, report: WorkerReport, queue_write: QueueWrite, *, wait: bool = False) -> None:
-        """Report stores that landed, queue their G3 writes (in step order), advance
+    def poll(
+        self,
+        report: WorkerReport,
+        writes: DiskWrites,
+        remote: RemoteExecutor | None,
+        *,
+        wait: bool = False,
+    ) -> None:
+        """Report stores that landed, queue their G3 and G4 writes (in step order), advance
         ``released_through``; ``wait``: block until every run landed (shutdown)."""
         while self.runs:
             run = self.runs[0]
@@ -211,7 +190,7 @@ class GpuDataPath:
             if not run.done():
                 break
             self.runs.pop(0)
-            self._finish(run, report, queue_write)
+            self._finish(run, report, writes, remote)
         released = self.released_through
         for run in self.runs:
             if not run.released():
@@ -227,7 +206,9 @@ class GpuDataPath:
         if not self.runs:
             self.released_through = max(self.released_through, step)
 
-    def _finish(self, run: StoreRun, report: WorkerReport, queue_write: QueueWrite) -> None:
+    def _finish(
+        self, run: StoreRun, report: WorkerReport, writes: DiskWrites, g4: RemoteExecutor | None
+    ) -> None:
         failed = set(run.failed)
         if run.host is not None and run.host.error is not None:
             logger.warning("kvtier: G2 store of step %d failed: %s", run.step, run.host.error)
@@ -236,23 +217,16 @@ class GpuDataPath:
             report.host_store_failed.extend(h for h in run.hashes if h in failed)
         report.host_stored.extend(h for h in run.hashes if h not in failed)
         staging_ok = run.staging_copy is not None and run.staging_copy.error is None
-        gpu_row = 0
-        for w in run.writes:
-            row: torch.Tensor | None = None
-            if w.host_slot >= 0:
-                if w.seq_hash not in failed and self.host is not None:
-                    row = self.host.row(w.host_slot)
-            else:
-                if staging_ok and run.staging is not None:
-                    row = run.staging.row(gpu_row)
-                gpu_row += 1
-            queue_write(w, row)
+        writes.queue(run.writes, failed, run.staging if staging_ok else None, report)
+        if g4 is not None:
+            g4.write_behind(run.remote_writes, self.host, failed)
 
     def take_pinned(self) -> int:
         """The pinned-row count when it changed since the last call, else -1."""
-        if self.pinner is None:
+        pinner = self.plane.pinner
+        if pinner is None:
             return -1
-        n = self.pinner.pinned_rows
+        n = pinner.pinned_rows
         if n == self._reported_pinned:
             return -1
         self._reported_pinned = n

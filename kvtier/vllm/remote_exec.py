@@ -32,15 +32,15 @@ import numpy as np
 from kvtier.config import KvTierConfig
 from kvtier.lifecycle import Lifecycle
 from kvtier.storage.block_file import HEADER_SIZE, BlockFileError
-from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.remote import RemoteConfig, RemoteError, RemoteStore
 from kvtier.storage.remote_block import decode_block, remote_key, remote_namespace
 from kvtier.storage.write_behind import WriteBehindQueue
-from kvtier.transfer.engine import CopyFuture, TorchCopyEngine
+from kvtier.transfer.engine import CopyFuture
 from kvtier.vllm.remote_plan import RemoteLoad, RemoteReport, RemoteWrites
 
 if TYPE_CHECKING:
+    from kvtier.executor.plane import RankDataPlane
     from kvtier.vllm.worker import KvTierWorker
 
 __all__ = ["RemoteExecutor", "RemoteFetch", "attach_remote"]
@@ -106,19 +106,16 @@ class RemoteExecutor(Lifecycle):
     # -- fetch -----------------------------------------------------------------------------------
 
     def fetch(
-        self,
-        load: RemoteLoad,
-        engine: TorchCopyEngine,
-        device: DeviceStorage,
-        host: HostStorage | None,
+        self, load: RemoteLoad, plane: RankDataPlane, gate: object | None = None
     ) -> RemoteFetch:
-        """Start fetching ``load`` (returns at once; the fetch thread completes ``future``)."""
-        run = RemoteFetch(load, CopyFuture(device.layout.model.num_layers))
+        """Start fetching ``load`` into the plane's device blocks (and G2 slots), the copy to the
+        device ordered after ``gate`` (returns at once; the fetch thread completes ``future``)."""
+        run = RemoteFetch(load, CopyFuture(plane.layout.model.num_layers))
         if self._pool is None:
             self._fail_all(run)
             run.future.complete()
             return run
-        self._pool.submit(self._fetch, run, engine, device, host)
+        self._pool.submit(self._fetch, run, plane, gate)
         return run
 
     def _fail_all(self, run: RemoteFetch) -> None:
@@ -129,18 +126,14 @@ class RemoteExecutor(Lifecycle):
         ]
         run.host_stored = []
 
-    def _fetch(
-        self,
-        run: RemoteFetch,
-        engine: TorchCopyEngine,
-        device: DeviceStorage,
-        host: HostStorage | None,
-    ) -> None:
+    def _fetch(self, run: RemoteFetch, plane: RankDataPlane, gate: object | None) -> None:
         load, fut = run.load, run.future
+        host = plane.host
         r = RemoteReport()
         try:
             t0 = time.perf_counter()
-            staging = HostStorage(len(load.hashes), self.block_bytes)
+            # Page-locked on CUDA: the CUDA engine copies from pinned rows only.
+            staging = HostStorage(len(load.hashes), self.block_bytes, pin_memory=plane.on_cuda)
             staging.allocate()
             rows = staging.rows.numpy()
             host_rows = host.rows.numpy() if host is not None else None
@@ -195,9 +188,8 @@ class RemoteExecutor(Lifecycle):
                 if slot >= 0:
                     (run.host_failed if host_rows is None else run.host_stored).append(h)
             nbytes = len(good_rows) * (HEADER_SIZE + self.block_bytes)
-            handle = engine.host_to_device(staging, device, good_rows, good_gpu)
-            for layer in range(fut.num_layers):
-                handle.wait_layer(layer)
+            handle = plane.engine.host_to_device(staging, plane.device, good_rows, good_gpu, gate)
+            handle.wait()
             if corrupt:  # verifiably bad values: remove them for the whole fleet
                 with contextlib.suppress(RemoteError):
                     self.store.delete(corrupt)
@@ -268,13 +260,11 @@ class RemoteExecutor(Lifecycle):
 def attach_remote(worker: KvTierWorker, config: KvTierConfig) -> RemoteExecutor:
     """Start a G4 executor for a worker whose KV tensors are registered, and attach it (its
     namespace: this model's identity, the detected layout's fingerprint, this rank)."""
-    layout = worker.layout
-    if layout is None:
+    if worker.layout is None:
         raise RuntimeError("kvtier: G4 needs the worker's KV layout (register_kv_caches first)")
     if config.remote is None:
         raise ValueError("kvtier: attach_remote needs a configuration with a G4 tier (remote)")
-    ident = config.model_identity  # None: keyed by the layout alone, as G3 is
-    identity = ident.namespace(layout.fingerprint) if ident else layout.fingerprint
+    layout, identity = worker.layout, worker.plane.namespace  # G3's key space
     executor = RemoteExecutor(
         config.remote,
         remote_namespace(identity, layout.fingerprint, config.rank, config.num_workers),

@@ -88,8 +88,8 @@ def test_reopen_restores_index_and_cleans_leftovers(tmp_path: Path) -> None:
     (st.directory / "notes.txt").write_text("left alone")
     again = DiskStorage(tmp_path, FP, MODEL.block_bytes)
     found = again.open()
-    assert sorted(e.header.sequence_hash for e in found) == [10, 11, 12]
-    assert {e.header.parent_hash for e in found} == {None, 10, 11}
+    assert sorted(e.sequence_hash for e in found) == [10, 11, 12]
+    assert {e.parent_hash for e in found} == {None, 10, 11}
     assert not list(st.directory.glob("*.tmp"))
     assert (st.directory / "notes.txt").exists()
 
@@ -236,7 +236,7 @@ def test_read_only_directory(tmp_path: Path) -> None:
     try:
         reader = DiskStorage(ro, FP, MODEL.block_bytes)
         found = reader.open()
-        assert [e.header.sequence_hash for e in found] == [1]
+        assert [e.sequence_hash for e in found] == [1]
         assert reader.writable is False
         out = HostStorage(1, MODEL.block_bytes)
         out.allocate()

@@ -15,6 +15,7 @@ from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import detect_layout
 from kvtier.transfer.disk_io import DiskIo
+from kvtier.transfer.disk_load import DiskLoadConfig, DiskToDeviceLoader
 from kvtier.transfer.engine import TorchCopyEngine
 from kvtier.transfer.manager import TransferError, TransferManager, TransferPath
 
@@ -29,23 +30,25 @@ def _manager(
     max_inflight_blocks: int = 512,
     staging_blocks: int = 64,
 ) -> TransferManager:
-    """A started manager over 8 random device blocks and a started ``TorchCopyEngine``."""
+    """A manager over 8 random device blocks, a started ``TorchCopyEngine`` and (with
+    ``disk_io``) a started loader."""
     tensors = engine_tensors("block_first", MODEL, 8, seed=seed)
     device = DeviceStorage(detect_layout(tensors, MODEL), tensors)
     engine = TorchCopyEngine()
     engine.start()
-    manager = TransferManager(
+    loader = None
+    if disk_io is not None:
+        loader = DiskToDeviceLoader(disk_io, engine, DiskLoadConfig.for_staging(staging_blocks))
+        loader.start()
+    return TransferManager(
         engine,
         device=device,
         host=host,
         disk_io=disk_io,
-        block_bytes=MODEL.block_bytes,
+        loader=loader,
         num_layers=MODEL.num_layers,
         max_inflight_blocks=max_inflight_blocks,
-        staging_blocks=staging_blocks,
     )
-    manager.start()
-    return manager
 
 
 @pytest.fixture

@@ -162,7 +162,7 @@ def test_corrupt_g3_block_is_recomputed(llm: Any) -> None:
     hashes = _hashes(b)
     assert _split(llm, hashes) == (0, 40)
     _, worker = connectors(llm)
-    path = worker.worker._disk.path(hashes[7])
+    path = worker.worker.plane.disk.path(hashes[7])
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -195,7 +195,7 @@ def test_race_freed_blocks_overwritten_at_once(llm: Any) -> None:
     byte must still be what the forward pass wrote."""
     _, wconn = connectors(llm)
     worker = wconn.worker
-    dev = worker._device
+    dev = worker.plane.device
     pool = core(llm).scheduler.kv_cache_manager.block_pool
     freed: list[int] = []
     snapshots: dict[int, torch.Tensor] = {}  # seq hash -> GPU copy of its block, after its pass
@@ -249,7 +249,7 @@ def test_race_freed_blocks_overwritten_at_once(llm: Any) -> None:
         slot = sched.host.lookup(h)
         if slot is None:
             continue
-        stored = worker._host.row(slot)
+        stored = worker.plane.host.row(slot)
         checked += 1
         wrong += int(not torch.equal(stored, snap.cpu()))
     assert checked >= 100, checked  # G2 holds 160 blocks

@@ -91,7 +91,7 @@ def test_fsck_reports_then_repairs_and_good_blocks_survive(
     again = fsck_dir(root)
     assert (again.checked, again.good, again.bad) == (7, 7, [])
     reopened = DiskStorage(root, FP, BLOCK, o_direct=False)
-    assert sorted(s.header.sequence_hash for s in reopened.open()) == [1, 2, 3, 4, 5]
+    assert sorted(s.sequence_hash for s in reopened.open()) == [1, 2, 3, 4, 5]
     out = torch.empty(BLOCK, dtype=torch.uint8)
     for h in range(1, 6):
         reopened.read(h, out)

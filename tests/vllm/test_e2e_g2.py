@@ -198,7 +198,7 @@ def test_wrong_kv_changes_the_output(llm: Any) -> None:
     [(good, _)] = generate(llm, [p], max_tokens=16)
     drain(llm)
     slots = [sched.scheduler.host.lookup(h) for h in sequence_hashes(p, BLOCK, salt_hash())]
-    rows = worker_conn.worker._host.rows
+    rows = worker_conn.worker.plane.host.rows
     saved = rows[slots[1]].clone()
     gen = torch.Generator().manual_seed(0)
     rows[slots[1]] = torch.randint(0, 256, saved.shape, dtype=torch.uint8, generator=gen)

@@ -168,12 +168,12 @@ def test_failed_g2_load_is_reported_as_a_g2_load_error(
     run_step(w, StepPlan(1, disk_writes=[DiskWrite(0xC1, None, gpu_block=1)]))
     assert settle(w).disk_stored == [0xC1]
     w.take_report()
-    engine = w._engine
+    engine = w.plane.engine
     assert engine is not None
     real = engine.host_to_device
 
     def failing(host: HostStorage, *args: Any, **kw: Any) -> CopyHandle:
-        if host is not w._host:
+        if host is not w.plane.host:
             return real(host, *args, **kw)
         fut = CopyFuture(MODEL.num_layers)
         fut.fail(RuntimeError("injected G2 copy failure"))
