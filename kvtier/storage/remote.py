@@ -3,10 +3,11 @@
 Why this exists: engines on many hosts recompute prefixes another host already computed. G4 keeps
 blocks in an existing distributed store spoken to in the Redis protocol, one key per block (see
 ``kvtier.storage.remote_block`` for keys and values). This module is the client: batched
-gets/sets/exists per shard (a batch's keys grouped by node, one pipeline per node and
-connection; gets hand each value on as it is read and keep none, see ``get_each``; MOVED/ASK
-redirections followed), a connection pool per node, optional password and TLS,
-optional TTL, and a ``CircuitBreaker`` so a sick server costs one timeout, then nothing, until a
+gets/sets/exists per shard (a batch's keys grouped by node, one stream per node and connection;
+gets hand each value on as it is read and keep none, see ``get_each``; puts build each value on
+the connection that sends it, see ``put_each``; MOVED/ASK redirections followed), a connection
+pool per node, optional password and TLS, optional TTL, and a ``CircuitBreaker`` so a sick
+server costs one timeout, then nothing, until a
 probe finds it healthy again. It never retries for long: a failed or refused call raises
 ``RemoteError`` and the caller counts a G4 miss.
 
@@ -22,17 +23,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from kvtier.lifecycle import Lifecycle
 from kvtier.storage.breaker import CircuitBreaker
 
-__all__ = ["RemoteConfig", "RemoteError", "RemoteStore", "RemoteUnavailable", "parse_remote_url"]
+__all__ = [
+    "RemoteConfig",
+    "RemoteError",
+    "RemoteStore",
+    "RemoteUnavailable",
+    "default_parallel",
+    "parse_remote_url",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +112,25 @@ def _redact(url: str) -> str:
     return f"{head}://***@{rest.split('@', 1)[1]}"
 
 
+def default_parallel() -> int:
+    """``RemoteConfig.parallel``'s default: the CPUs this process may run on, 1 to 8 (a get or
+    put is bound by per-connection CPU work that runs off the GIL, so a connection per core
+    pays; past 8 the server is the limit)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
 @dataclass(frozen=True)
 class RemoteConfig:
     """How to reach G4 and how long to wait for it.
 
     ``timeout_ms``: socket connect/read timeout of every call (and, in the connector, the most a
     step waits for G4). ``ttl_s``: expiry of every stored block (0: none, the server's eviction
-    policy decides). ``max_batch_bytes``: a larger batch goes out as several pipelines, so one
-    call's buffers stay bounded.
+    policy decides). ``max_batch_bytes``: the most value bytes a put sends on one connection
+    before it reads the server's answers.
     """
 
     url: str
@@ -120,11 +140,11 @@ class RemoteConfig:
     max_batch_bytes: int = 64 << 20
     breaker_failures: int = 3
     breaker_cooldown_s: float = 2.0
-    parallel: int = 4
+    parallel: int = field(default_factory=default_parallel)
     """Connections one large get/put uses at once (a batch's keys grouped by node, then split in
     contiguous parts), each on its own thread: socket reads and writes, the checksum and the
-    copies out release the GIL, hiredis' reply parsing does not. On 2 busy cores 1, 2 and 4
-    measured alike (benchmarks/RESULTS.md); more cores are where the threads pay."""
+    copies release the GIL, hiredis' reply parsing does not. Default ``default_parallel()``: on
+    2 busy cores 1, 2 and 4 measured alike, on 16 cores 8 beat 4 (benchmarks/RESULTS.md)."""
 
     def __post_init__(self) -> None:
         parse_remote_url(self.url)
@@ -221,26 +241,40 @@ class RemoteStore(Lifecycle):
         ``remote_redis.stream_gets``). An error raised by ``sink`` ends the call."""
         if not keys:
             return
-        # Values are about the same size; batch by count so each pipeline stays near the bound.
-        per = max(1, self.config.max_batch_bytes // (2 << 20))
 
         def run(client: Any) -> None:
             self._parallel(
-                lambda ids: self._binding.stream_gets(client, keys, ids, sink, batch=per),
+                lambda ids: self._binding.stream_gets(client, keys, ids, sink),
                 self._parts(client, keys),
             )
 
         self._call(run)
 
-    def put(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> None:
-        """Store ``(key, value)`` pairs (SET with the configured TTL), pipelined per shard."""
-        if not items:
+    def put(self, items: Sequence[tuple[bytes, bytes | bytearray | memoryview]]) -> None:
+        """Store ``(key, value)`` pairs (SET with the configured TTL), streamed per shard."""
+        self.put_each([key for key, _ in items], lambda i: items[i][1])
+
+    def put_each(
+        self,
+        keys: Sequence[bytes],
+        value_of: Callable[[int], bytes | bytearray | memoryview],
+    ) -> None:
+        """Store ``value_of(i)`` under ``keys[i]`` (SET with the configured TTL; streamed per
+        shard, split over ``parallel`` connections). ``value_of`` runs on the connection's
+        thread just before its value is sent (several at once: it must only touch what ``i``
+        owns, and may be called again for a resent ``i``), so building values (a header's
+        checksum) overlaps the sends (see ``remote_redis.stream_sets``)."""
+        if not keys:
             return
+        ttl = self.config.ttl_s or None
+        most = self.config.max_batch_bytes
 
         def run(client: Any) -> None:
             self._parallel(
-                lambda ids: self._put(client, [items[i] for i in ids]),
-                self._parts(client, [key for key, _ in items]),
+                lambda ids: self._binding.stream_sets(
+                    client, keys, ids, value_of, ttl_s=ttl, max_inflight=most
+                ),
+                self._parts(client, keys),
             )
 
         self._call(run)
@@ -308,26 +342,6 @@ class RemoteStore(Lifecycle):
         if error is not None:
             raise error
         return first + rest
-
-    def _batches(self, sizes: Sequence[int]) -> list[range]:
-        out: list[range] = []
-        start, total = 0, 0
-        for i, size in enumerate(sizes):
-            if i > start and total + size > self.config.max_batch_bytes:
-                out.append(range(start, i))
-                start, total = i, 0
-            total += size
-        out.append(range(start, len(sizes)))
-        return out
-
-    def _put(self, client: Any, items: Sequence[tuple[bytes, bytes | memoryview]]) -> None:
-        ttl = self.config.ttl_s or None
-        for batch in self._batches([len(v) for _, v in items]):
-            pipe = client.pipeline(transaction=False)
-            for i in batch:
-                key, value = items[i]
-                pipe.set(key, value, ex=ttl)
-            pipe.execute()
 
     def _call(self, fn: Callable[[Any], _T]) -> _T:
         if not self._started:

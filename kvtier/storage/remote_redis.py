@@ -20,7 +20,15 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.utils import HIREDIS_AVAILABLE
 
-__all__ = ["ERRORS", "READ_SIZE", "build_client", "node_groups", "stream_gets"]
+__all__ = [
+    "ERRORS",
+    "GET_WINDOW",
+    "READ_SIZE",
+    "build_client",
+    "node_groups",
+    "stream_gets",
+    "stream_sets",
+]
 
 READ_SIZE = 1 << 20
 """Socket read size: a 2 MiB value arrives in a few reads, not 32 (redis-py: 64 KiB). Not more:
@@ -102,74 +110,217 @@ def node_groups(client: Any, keys: Sequence[bytes], indices: Iterable[int]) -> l
     return list(groups.values())
 
 
+GET_WINDOW = 2
+"""GETs in flight on one connection (``stream_gets``): the next is sent as soon as one reply is
+read, so the server prepares a value while this side verifies the last. Not a whole pipeline:
+redis-server copies every reply of a pipeline into its output buffers before the socket drains
+them (tens of MiB a connection at 2 MiB a value), and that made the server, not the client, the
+bottleneck of a one-node get (benchmarks/RESULTS.md)."""
+
+
+def _pool_of(client: Any, key: bytes) -> Any:
+    """The connection pool of the node serving ``key``."""
+    if _is_cluster(client):
+        return client.get_redis_connection(client.get_node_from_key(key)).connection_pool
+    return client.connection_pool
+
+
+class _Stream:
+    """One pooled connection of one node and the indices it carries (``sent`` sent so far,
+    ``read`` answered so far)."""
+
+    def __init__(self, pool: Any, ids: list[int]) -> None:
+        self.pool = pool
+        self.ids = ids
+        self.conn: Any = pool.get_connection()
+        self.sent = 0
+        self.read = 0
+
+
+def _open_streams(client: Any, keys: Sequence[bytes], part: Sequence[int]) -> list[_Stream]:
+    streams: list[_Stream] = []
+    try:
+        for ids in node_groups(client, keys, part):
+            streams.append(_Stream(_pool_of(client, keys[ids[0]]), ids))
+    except BaseException:
+        _close_streams(streams, failed=True)
+        raise
+    return streams
+
+
+def _close_streams(streams: list[_Stream], *, failed: bool) -> None:
+    """Hand the connections back; after a failure, replies may be left unread: disconnect them
+    first, never hand one back dirty."""
+    for s in streams:
+        if failed:
+            s.conn.disconnect()
+        s.pool.release(s.conn)
+
+
+def _twice(attempt: Callable[[list[int]], None], indices: Sequence[int], done: set[int]) -> None:
+    """``attempt(indices)``, and once more for the indices not ``done`` when a connection
+    dropped (a restarted server: the retry gets new connections)."""
+    try:
+        attempt(list(indices))
+    except redis.ConnectionError:
+        attempt([i for i in indices if i not in done])
+
+
 def stream_gets(
     client: Any,
     keys: Sequence[bytes],
     indices: Sequence[int],
     sink: Callable[[int, bytes | None], None],
     *,
-    batch: int,
+    window: int = GET_WINDOW,
 ) -> None:
     """GET ``keys[i]`` for every ``i`` in ``indices``, handing each value to ``sink(i, value)``
-    as soon as it is read.
+    as soon as it is read, exactly once.
 
     Why not a pipeline's ``execute()``: it keeps every reply until the last one arrives, so each
     2 MiB value lands in fresh pages (all are freed together and handed back to the system: 513
     page faults a value, measured) and is cold again when verified; here a value is dropped
     before the next one is read and the allocator hands the same warm memory back (16-56 faults
-    a value; a get + verify of 64 x 2 MiB costs 2-2.5x less CPU). redis-py packs the commands
-    and hiredis parses every reply: no protocol code here. One pipeline per node and ``batch``
-    keys, sent to every node before any is read; a key a node answers with an error (MOVED or
-    ASK while a slot migrates) is fetched again through a cluster pipeline, which follows the
-    redirection and refreshes the slot map. A dropped connection is retried once (a restarted
-    server)."""
-    for start in range(0, len(indices), batch):
-        part = indices[start : start + batch]
-        try:
-            redirected = _stream_part(client, keys, part, sink)
-        except redis.ConnectionError:  # once more, on a new connection (a restarted server)
-            redirected = _stream_part(client, keys, part, sink)
-        if redirected:
-            pipe = client.pipeline(transaction=False)
-            for i in redirected:
-                pipe.get(keys[i])
-            for i, value in zip(redirected, pipe.execute(), strict=True):
-                sink(i, value)
+    a value; a get + verify of 64 x 2 MiB costs 2-2.5x less CPU). One connection per node, each
+    with ``window`` GETs in flight (``GET_WINDOW``), the nodes read in turn. redis-py packs the
+    commands and hiredis parses every reply: no protocol code here. A key a node answers with an
+    error (MOVED or ASK while a slot migrates) is fetched again through a cluster pipeline, which
+    follows the redirection and refreshes the slot map. A dropped connection is retried once for
+    the keys not yet handed on (a restarted server)."""
+    done: set[int] = set()
+    redirected: list[int] = []
+
+    def attempt(part: list[int]) -> None:
+        if part:
+            _get_streams(client, keys, part, sink, window, done, redirected)
+
+    _twice(attempt, indices, done)
+    if redirected:
+        pipe = client.pipeline(transaction=False)
+        for i in redirected:
+            pipe.get(keys[i])
+        for i, value in zip(redirected, pipe.execute(), strict=True):
+            sink(i, value)
 
 
-def _stream_part(
+def _get_streams(
     client: Any,
     keys: Sequence[bytes],
     part: Sequence[int],
     sink: Callable[[int, bytes | None], None],
-) -> list[int]:
-    """One pipeline of GETs per node, sent to all nodes, then read reply by reply; returns the
-    indices answered with an error."""
-    taken: list[tuple[Any, Any, list[int]]] = []
-    errors: list[int] = []
+    window: int,
+    done: set[int],
+    redirected: list[int],
+) -> None:
+    streams = _open_streams(client, keys, part)
+    failed = True
     try:
-        for ids in node_groups(client, keys, part):
-            if _is_cluster(client):
-                owner = client.get_redis_connection(client.get_node_from_key(keys[ids[0]]))
-            else:
-                owner = client
-            pool = owner.connection_pool
-            conn: Any = pool.get_connection()
-            taken.append((pool, conn, ids))
-            conn.send_packed_command(conn.pack_commands([("GET", keys[i]) for i in ids]))
-        for _, conn, ids in taken:
-            for i in ids:
+        for s in streams:
+            s.sent = min(window, len(s.ids))
+            s.conn.send_packed_command(
+                s.conn.pack_commands([("GET", keys[i]) for i in s.ids[: s.sent]])
+            )
+        active = streams
+        while active:
+            for s in active:
+                i = s.ids[s.read]
                 try:
-                    value = conn.read_response()
+                    value = s.conn.read_response()
                 except redis.ResponseError:
-                    errors.append(i)
-                    continue
-                sink(i, value)
-    except BaseException:
-        for _, conn, _ in taken:
-            conn.disconnect()  # replies may be left unread: never hand it back dirty
-        raise
+                    value = _REDIRECTED
+                s.read += 1
+                if s.sent < len(s.ids):  # keep the window full before this side's work
+                    s.conn.send_packed_command(s.conn.pack_command("GET", keys[s.ids[s.sent]]))
+                    s.sent += 1
+                if value is _REDIRECTED:
+                    redirected.append(i)
+                else:
+                    sink(i, value)
+                done.add(i)
+            active = [s for s in active if s.read < len(s.ids)]
+        failed = False
     finally:
-        for pool, conn, _ in taken:
-            pool.release(conn)
-    return errors
+        _close_streams(streams, failed=failed)
+
+
+def stream_sets(
+    client: Any,
+    keys: Sequence[bytes],
+    indices: Sequence[int],
+    value_of: Callable[[int], bytes | bytearray | memoryview],
+    *,
+    ttl_s: int | None,
+    max_inflight: int,
+) -> None:
+    """SET ``keys[i]`` to ``value_of(i)`` for every ``i`` in ``indices`` (expiring after
+    ``ttl_s`` if given), one connection per node.
+
+    Why not a pipeline: ``value_of`` runs here, on the connection's thread, just before its value
+    is sent, so building a value (header and checksum) on one connection overlaps the sends of
+    the others, and nothing waits for a whole batch to be built first. Values go to the socket as
+    they are (redis-py sends a large argument or a memoryview without copying it). At most
+    ``max_inflight`` bytes are sent on a connection before its replies are read. A key a node
+    answers with an error (MOVED or ASK) is set again through a pipeline, which follows the
+    redirection (or raises what a single node answered); a dropped connection is retried once for
+    the keys not yet answered. ``value_of`` may be called twice for one index: it must build the
+    same value again."""
+    done: set[int] = set()
+    redirected: list[int] = []
+    extra: tuple[Any, ...] = ("EX", ttl_s) if ttl_s else ()
+
+    def attempt(part: list[int]) -> None:
+        if part:
+            _set_streams(client, keys, part, value_of, extra, max_inflight, done, redirected)
+
+    _twice(attempt, indices, done)
+    if redirected:
+        pipe = client.pipeline(transaction=False)
+        for i in redirected:
+            pipe.set(keys[i], value_of(i), ex=ttl_s or None)
+        pipe.execute()
+
+
+def _set_streams(
+    client: Any,
+    keys: Sequence[bytes],
+    part: Sequence[int],
+    value_of: Callable[[int], bytes | bytearray | memoryview],
+    extra: tuple[Any, ...],
+    max_inflight: int,
+    done: set[int],
+    redirected: list[int],
+) -> None:
+    streams = _open_streams(client, keys, part)
+    failed = True
+
+    def read_one(s: _Stream) -> None:
+        i = s.ids[s.read]
+        try:
+            s.conn.read_response()
+        except redis.ResponseError:
+            redirected.append(i)
+        s.read += 1
+        done.add(i)
+
+    try:
+        for s in streams:  # every node's values sent before the last node's replies are read
+            sizes: list[int] = []
+            unanswered = 0
+            for i in s.ids:
+                value = value_of(i)
+                s.conn.send_packed_command(s.conn.pack_command("SET", keys[i], value, *extra))
+                s.sent += 1
+                sizes.append(len(value))
+                unanswered += len(value)
+                while unanswered > max_inflight and s.read < s.sent - 1:
+                    unanswered -= sizes[s.read]
+                    read_one(s)
+        for s in streams:
+            while s.read < s.sent:
+                read_one(s)
+        failed = False
+    finally:
+        _close_streams(streams, failed=failed)
+
+
+_REDIRECTED = object()
