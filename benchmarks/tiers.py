@@ -302,16 +302,12 @@ def _redis_benchmark(port: int, size: int, n: int, clients: int, cluster: bool) 
     return rates
 
 
-def _kvtier_connections(parallel: int, nodes: int, blocks: int) -> int:
-    """How many connections one kvtier get/put of ``blocks`` keys uses (``RemoteStore._parts``:
-    a node's keys in up to ``parallel // nodes`` parts of at least ``MIN_PART``, or one part
-    per node and several nodes a part when ``parallel < nodes``)."""
-    from kvtier.storage.remote import MIN_PART
+def _kvtier_connections(most: int, nodes: int, blocks: int) -> int:
+    """How many connections kvtier uses for ``blocks`` keys spread over ``nodes`` nodes when
+    allowed ``most`` (``RemoteStore``'s own split, ``split_parts``)."""
+    from kvtier.storage.remote import split_parts
 
-    if nodes >= parallel:
-        return parallel
-    per_node = max(1, min(parallel // nodes, blocks // nodes // MIN_PART))
-    return nodes * per_node
+    return len(split_parts([list(range(k, blocks, nodes)) for k in range(nodes)], most))
 
 
 def bench_remote(args: argparse.Namespace) -> list[tuple[str, str, float, float, float]]:
@@ -341,7 +337,7 @@ def _bench_server(
     would measure one node while kvtier spreads a batch over all three) and as many clients as
     kvtier uses connections. kvtier's connections are opened before anything is timed (an
     untimed round), and kvtier and raw take turns going first."""
-    from kvtier.storage.remote import RemoteConfig, RemoteStore
+    from kvtier.storage.remote import GET_PARALLEL, RemoteConfig, RemoteStore
     from kvtier.storage.remote_block import ValueBuffers, decode_block, encode_in_place, remote_key
 
     size, n = MODEL.block_bytes, args.remote_blocks
@@ -350,12 +346,13 @@ def _bench_server(
     keys = [remote_key("kvtier:v1:bench", h) for h in hashes]
     buffers = ValueBuffers(n * (size + 4096))  # one batch: a write-behind's batch reuses the last's
     bufs: list[bytearray] = [bytearray()] * n
-    conns = _kvtier_connections(args.remote_parallel, nodes, n)
-    clients = sorted({nodes * args.remote_clients, conns})
-    kv: dict[str, list[float]] = {"SET": [], "GET": []}
-    raw: dict[tuple[int, str], list[float]] = {
-        (c, op): [] for c in clients for op in ("SET", "GET")
+    conns = {
+        "SET": _kvtier_connections(args.remote_parallel, nodes, n),
+        "GET": _kvtier_connections(min(args.remote_parallel, GET_PARALLEL), nodes, n),
     }
+    clients = {op: sorted({nodes * args.remote_clients, c}) for op, c in conns.items()}
+    kv: dict[str, list[float]] = {"SET": [], "GET": []}
+    raw: dict[tuple[int, str], list[float]] = {(c, op): [] for op in kv for c in clients[op]}
 
     def value_of(i: int) -> memoryview:
         # The write-behind's work for one value: the copy ``offer`` makes (on the engine's
@@ -369,10 +366,11 @@ def _bench_server(
         decode_block(value, 1, hashes[i], size)
 
     def baseline() -> None:
-        for c in clients:
+        for c in sorted({*clients["SET"], *clients["GET"]}):
             rates = _redis_benchmark(port, size, n, c, nodes > 1)
-            raw[c, "SET"].append(rates["SET"])
-            raw[c, "GET"].append(rates["GET"])
+            for op in kv:
+                if c in clients[op]:
+                    raw[c, op].append(rates[op])
 
     config = RemoteConfig(url, timeout_ms=10_000, parallel=args.remote_parallel)
     with RemoteStore(config) as store:
@@ -392,9 +390,9 @@ def _bench_server(
                 fn()
     rows = []
     for op, name in (("SET", "G4 put"), ("GET", "G4 get")):
-        for c in clients:
+        for c in clients[op]:
             ratio = statistics.median(k / r for k, r in zip(kv[op], raw[c, op], strict=True))
-            rows.append((f"{name} [{label}, {conns} conn]", f"redis-benchmark -d {size} -c {c}",
+            rows.append((f"{name} [{label}, {conns[op]} conn]", f"redis-benchmark -d {size} -c {c}",
                          statistics.median(kv[op]), statistics.median(raw[c, op]),
                          ratio))  # fmt: skip
     return rows
@@ -416,10 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--remote-clients", type=int, default=1,
                    help="redis-benchmark clients per node (1)")  # fmt: skip
     p.add_argument("--remote-parallel", type=int, default=default_parallel(),
-                   help="connections one G4 get/put uses (RemoteConfig.parallel, default "
-                        f"{default_parallel()}: this machine's CPUs, 1-8); the raw run is "
-                        "repeated with as many redis-benchmark clients as kvtier's "
-                        "connections")  # fmt: skip
+                   help="most connections one G4 get/put uses (RemoteConfig.parallel, "
+                        f"default {default_parallel()}: this machine's CPUs, 1-8; at most 2 a "
+                        "node, a get at most 4); the raw run is repeated with as many "
+                        "redis-benchmark clients as kvtier's connections")  # fmt: skip
     args = p.parse_args(argv)
     mib = MODEL.block_bytes / 2**20
     print(

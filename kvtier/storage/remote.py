@@ -41,6 +41,7 @@ __all__ = [
     "RemoteUnavailable",
     "default_parallel",
     "parse_remote_url",
+    "split_parts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,16 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 MIN_PART = 4
 """Fewest blocks a parallel part of one get/put carries."""
+PER_NODE = 2
+"""Most connections one get/put uses per node. One node, 16 cores, 64 x 2 MiB: put 4.2 GB/s
+with 2 connections, 3.7 with 4, 3.2 with 8; get 3.1, 2.8, 2.1 (benchmarks/RESULTS.md). The
+client's threads queue for the GIL (redis-py's command handling, hiredis building each reply)
+and redis-server serves one client's pipelined stream no slower than several; a cluster gets
+its parallelism from its nodes."""
+GET_PARALLEL = 4
+"""Most connections one get uses in all, whatever ``parallel`` says: every reply is parsed under
+the GIL, so more reading threads only queue for it (3-node cluster: 3 connections 2.9 GB/s, 6
+connections 2.3-2.4)."""
 _SCHEMES = {
     "redis": (False, False),
     "rediss": (True, False),
@@ -113,9 +124,8 @@ def _redact(url: str) -> str:
 
 
 def default_parallel() -> int:
-    """``RemoteConfig.parallel``'s default: the CPUs this process may run on, 1 to 8 (a get or
-    put is bound by per-connection CPU work that runs off the GIL, so a connection per core
-    pays; past 8 the server is the limit)."""
+    """``RemoteConfig.parallel``'s default: the CPUs this process may run on, 1 to 8 (each
+    connection's thread needs a core for its share of the work that runs off the GIL)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -141,10 +151,10 @@ class RemoteConfig:
     breaker_failures: int = 3
     breaker_cooldown_s: float = 2.0
     parallel: int = field(default_factory=default_parallel)
-    """Connections one large get/put uses at once (a batch's keys grouped by node, then split in
-    contiguous parts), each on its own thread: socket reads and writes, the checksum and the
-    copies release the GIL, hiredis' reply parsing does not. Default ``default_parallel()``: on
-    2 busy cores 1, 2 and 4 measured alike, on 16 cores 8 beat 4 (benchmarks/RESULTS.md)."""
+    """Most connections one large get/put uses at once (a batch's keys grouped by node, then
+    split in contiguous parts, at most ``PER_NODE`` a node; a get at most ``GET_PARALLEL``),
+    each on its own thread: socket reads and writes, the checksum and the copies release the
+    GIL, hiredis' reply parsing does not. Default ``default_parallel()``."""
 
     def __post_init__(self) -> None:
         parse_remote_url(self.url)
@@ -160,6 +170,25 @@ class RemoteConfig:
     @property
     def endpoint(self) -> RemoteUrl:
         return parse_remote_url(self.url)
+
+
+def split_parts(groups: list[list[int]], most: int) -> list[list[int]]:
+    """Node groups of indices in at most ``most`` parts, one connection each: a part then needs
+    one connection, not one per node, and every node streams at once; a node's indices split in
+    up to ``PER_NODE`` contiguous parts of at least ``MIN_PART``; with fewer connections than
+    nodes, a part holds several nodes' indices."""
+    if len(groups) >= most:
+        merged: list[list[int]] = [[] for _ in range(most)]
+        for j, ids in enumerate(groups):
+            merged[j % most].extend(ids)
+        return [ids for ids in merged if ids]
+    share = min(PER_NODE, most // len(groups))
+    out: list[list[int]] = []
+    for ids in groups:
+        n = max(1, min(share, len(ids) // MIN_PART))
+        step = -(-len(ids) // n)
+        out.extend(ids[i : i + step] for i in range(0, len(ids), step))
+    return out
 
 
 class RemoteStore(Lifecycle):
@@ -245,7 +274,7 @@ class RemoteStore(Lifecycle):
         def run(client: Any) -> None:
             self._parallel(
                 lambda ids: self._binding.stream_gets(client, keys, ids, sink),
-                self._parts(client, keys),
+                self._parts(client, keys, min(self.config.parallel, GET_PARALLEL)),
             )
 
         self._call(run)
@@ -274,7 +303,7 @@ class RemoteStore(Lifecycle):
                 lambda ids: self._binding.stream_sets(
                     client, keys, ids, value_of, ttl_s=ttl, max_inflight=most
                 ),
-                self._parts(client, keys),
+                self._parts(client, keys, self.config.parallel),
             )
 
         self._call(run)
@@ -301,25 +330,9 @@ class RemoteStore(Lifecycle):
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _parts(self, client: Any, keys: Sequence[bytes]) -> list[list[int]]:
-        """The indices of ``keys`` in at most ``max(parallel, nodes)`` parts, one connection
-        each: grouped by node first (a part then needs one connection, not one per node, and
-        every node streams at once), a node's keys split in contiguous parts of at least
-        ``MIN_PART``; with fewer connections than nodes, a part holds several nodes' keys."""
-        groups = self._binding.node_groups(client, keys, range(len(keys)))
-        most = self.config.parallel
-        if len(groups) >= most:
-            merged: list[list[int]] = [[] for _ in range(most)]
-            for j, ids in enumerate(groups):
-                merged[j % most].extend(ids)
-            return [ids for ids in merged if ids]
-        share = most // len(groups)
-        out: list[list[int]] = []
-        for ids in groups:
-            n = max(1, min(share, len(ids) // MIN_PART))
-            step = -(-len(ids) // n)
-            out.extend(ids[i : i + step] for i in range(0, len(ids), step))
-        return out
+    def _parts(self, client: Any, keys: Sequence[bytes], most: int) -> list[list[int]]:
+        """The indices of ``keys`` in parts of one connection each (``split_parts``)."""
+        return split_parts(self._binding.node_groups(client, keys, range(len(keys))), most)
 
     def _parallel(self, fn: Callable[[list[int]], _T], parts: list[list[int]]) -> list[_T]:
         """``fn`` over the parts, the first on this thread, the others on the I/O threads (each
