@@ -139,15 +139,13 @@ class RemoteConfig:
 
     ``timeout_ms``: socket connect/read timeout of every call (and, in the connector, the most a
     step waits for G4). ``ttl_s``: expiry of every stored block (0: none, the server's eviction
-    policy decides). ``max_batch_bytes``: the most value bytes a put sends on one connection
-    before it reads the server's answers.
+    policy decides).
     """
 
     url: str
     password: str | None = None
     ttl_s: int = 0
     timeout_ms: int = 100
-    max_batch_bytes: int = 64 << 20
     breaker_failures: int = 3
     breaker_cooldown_s: float = 2.0
     parallel: int = field(default_factory=default_parallel)
@@ -158,14 +156,12 @@ class RemoteConfig:
 
     def __post_init__(self) -> None:
         parse_remote_url(self.url)
-        for name in ("ttl_s", "timeout_ms", "max_batch_bytes", "breaker_failures", "parallel"):
+        for name in ("ttl_s", "timeout_ms", "breaker_failures", "parallel"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"RemoteConfig.{name} must be an int >= 0, got {value!r}")
-        if 0 in (self.timeout_ms, self.max_batch_bytes, self.breaker_failures, self.parallel):
-            raise ValueError(
-                "RemoteConfig: timeout_ms, max_batch_bytes, breaker_failures, parallel >= 1"
-            )
+        if 0 in (self.timeout_ms, self.breaker_failures, self.parallel):
+            raise ValueError("RemoteConfig: timeout_ms, breaker_failures, parallel >= 1")
 
     @property
     def endpoint(self) -> RemoteUrl:
@@ -296,13 +292,10 @@ class RemoteStore(Lifecycle):
         if not keys:
             return
         ttl = self.config.ttl_s or None
-        most = self.config.max_batch_bytes
 
         def run(client: Any) -> None:
             self._parallel(
-                lambda ids: self._binding.stream_sets(
-                    client, keys, ids, value_of, ttl_s=ttl, max_inflight=most
-                ),
+                lambda ids: self._binding.stream_sets(client, keys, ids, value_of, ttl_s=ttl),
                 self._parts(client, keys, self.config.parallel),
             )
 

@@ -8,7 +8,8 @@ hiredis reply parser.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -111,11 +112,12 @@ def node_groups(client: Any, keys: Sequence[bytes], indices: Iterable[int]) -> l
 
 
 GET_WINDOW = 2
-"""GETs in flight on one connection (``stream_gets``): the next is sent as soon as one reply is
+"""GETs in flight on one connection (``stream_gets``): the next is sent as soon as a reply is
 read, so the server prepares a value while this side verifies the last. Not a whole pipeline:
-redis-server copies every reply of a pipeline into its output buffers before the socket drains
-them (tens of MiB a connection at 2 MiB a value), and that made the server, not the client, the
-bottleneck of a one-node get (benchmarks/RESULTS.md)."""
+redis-server builds every reply of a pipeline in its output buffers before the socket drains
+them: a one-node get of 64 x 2 MiB ran at 0.45-0.57x the rate of 2 in flight (measured)."""
+
+_REDIRECTED = object()
 
 
 def _pool_of(client: Any, key: bytes) -> Any:
@@ -125,45 +127,38 @@ def _pool_of(client: Any, key: bytes) -> Any:
     return client.connection_pool
 
 
-class _Stream:
-    """One pooled connection of one node and the indices it carries (``sent`` sent so far,
-    ``read`` answered so far)."""
-
-    def __init__(self, pool: Any, ids: list[int]) -> None:
-        self.pool = pool
-        self.ids = ids
-        self.conn: Any = pool.get_connection()
-        self.sent = 0
-        self.read = 0
-
-
-def _open_streams(client: Any, keys: Sequence[bytes], part: Sequence[int]) -> list[_Stream]:
-    streams: list[_Stream] = []
+@contextmanager
+def _connections(
+    client: Any, keys: Sequence[bytes], part: Sequence[int]
+) -> Iterator[list[tuple[Any, list[int]]]]:
+    """One pooled connection per node for the indices of ``part`` it serves. After a failure
+    replies may be left unread: the connections are dropped, never handed back dirty."""
+    taken: list[tuple[Any, Any, list[int]]] = []
     try:
         for ids in node_groups(client, keys, part):
-            streams.append(_Stream(_pool_of(client, keys[ids[0]]), ids))
+            pool = _pool_of(client, keys[ids[0]])
+            taken.append((pool, pool.get_connection(), ids))
+        yield [(conn, ids) for _, conn, ids in taken]
     except BaseException:
-        _close_streams(streams, failed=True)
+        for _, conn, _ in taken:
+            conn.disconnect()
         raise
-    return streams
+    finally:
+        for pool, conn, _ in taken:
+            pool.release(conn)
 
 
-def _close_streams(streams: list[_Stream], *, failed: bool) -> None:
-    """Hand the connections back; after a failure, replies may be left unread: disconnect them
-    first, never hand one back dirty."""
-    for s in streams:
-        if failed:
-            s.conn.disconnect()
-        s.pool.release(s.conn)
-
-
-def _twice(attempt: Callable[[list[int]], None], indices: Sequence[int], done: set[int]) -> None:
-    """``attempt(indices)``, and once more for the indices not ``done`` when a connection
-    dropped (a restarted server: the retry gets new connections)."""
+def _retry_once(
+    attempt: Callable[[list[int]], None], indices: Sequence[int], done: set[int]
+) -> None:
+    """``attempt(indices)``, and once more for those not ``done`` if a connection dropped (a
+    restarted server; the retry takes new connections). No retry on a timeout."""
     try:
         attempt(list(indices))
     except redis.ConnectionError:
-        attempt([i for i in indices if i not in done])
+        left = [i for i in indices if i not in done]
+        if left:
+            attempt(left)
 
 
 def stream_gets(
@@ -175,72 +170,49 @@ def stream_gets(
     window: int = GET_WINDOW,
 ) -> None:
     """GET ``keys[i]`` for every ``i`` in ``indices``, handing each value to ``sink(i, value)``
-    as soon as it is read, exactly once.
+    as soon as it is read, once.
 
     Why not a pipeline's ``execute()``: it keeps every reply until the last one arrives, so each
     2 MiB value lands in fresh pages (all are freed together and handed back to the system: 513
     page faults a value, measured) and is cold again when verified; here a value is dropped
     before the next one is read and the allocator hands the same warm memory back (16-56 faults
-    a value; a get + verify of 64 x 2 MiB costs 2-2.5x less CPU). One connection per node, each
-    with ``window`` GETs in flight (``GET_WINDOW``), the nodes read in turn. redis-py packs the
-    commands and hiredis parses every reply: no protocol code here. A key a node answers with an
-    error (MOVED or ASK while a slot migrates) is fetched again through a cluster pipeline, which
-    follows the redirection and refreshes the slot map. A dropped connection is retried once for
-    the keys not yet handed on (a restarted server)."""
+    a value; a get + verify of 64 x 2 MiB costs 2-2.5x less CPU). One connection per node with
+    ``window`` GETs in flight, the nodes read in turn; redis-py packs the commands and hiredis
+    parses every reply: no protocol code here. A key a node answers with an error (MOVED or ASK
+    while a slot migrates) is fetched again through a cluster pipeline, which follows the
+    redirection and refreshes the slot map."""
     done: set[int] = set()
     redirected: list[int] = []
 
     def attempt(part: list[int]) -> None:
-        if part:
-            _get_streams(client, keys, part, sink, window, done, redirected)
+        with _connections(client, keys, part) as streams:
+            for conn, ids in streams:
+                conn.send_packed_command(
+                    conn.pack_commands([("GET", keys[i]) for i in ids[:window]])
+                )
+            for n in range(max(len(ids) for _, ids in streams)):
+                for conn, ids in streams:
+                    if n >= len(ids):
+                        continue
+                    try:
+                        value = conn.read_response()
+                    except redis.ResponseError:
+                        value = _REDIRECTED
+                    if n + window < len(ids):  # refill the window before this side's work
+                        conn.send_packed_command(conn.pack_command("GET", keys[ids[n + window]]))
+                    if value is _REDIRECTED:
+                        redirected.append(ids[n])
+                    else:
+                        sink(ids[n], value)
+                    done.add(ids[n])
 
-    _twice(attempt, indices, done)
+    _retry_once(attempt, indices, done)
     if redirected:
         pipe = client.pipeline(transaction=False)
         for i in redirected:
             pipe.get(keys[i])
         for i, value in zip(redirected, pipe.execute(), strict=True):
             sink(i, value)
-
-
-def _get_streams(
-    client: Any,
-    keys: Sequence[bytes],
-    part: Sequence[int],
-    sink: Callable[[int, bytes | None], None],
-    window: int,
-    done: set[int],
-    redirected: list[int],
-) -> None:
-    streams = _open_streams(client, keys, part)
-    failed = True
-    try:
-        for s in streams:
-            s.sent = min(window, len(s.ids))
-            s.conn.send_packed_command(
-                s.conn.pack_commands([("GET", keys[i]) for i in s.ids[: s.sent]])
-            )
-        active = streams
-        while active:
-            for s in active:
-                i = s.ids[s.read]
-                try:
-                    value = s.conn.read_response()
-                except redis.ResponseError:
-                    value = _REDIRECTED
-                s.read += 1
-                if s.sent < len(s.ids):  # keep the window full before this side's work
-                    s.conn.send_packed_command(s.conn.pack_command("GET", keys[s.ids[s.sent]]))
-                    s.sent += 1
-                if value is _REDIRECTED:
-                    redirected.append(i)
-                else:
-                    sink(i, value)
-                done.add(i)
-            active = [s for s in active if s.read < len(s.ids)]
-        failed = False
-    finally:
-        _close_streams(streams, failed=failed)
 
 
 def stream_sets(
@@ -250,77 +222,36 @@ def stream_sets(
     value_of: Callable[[int], bytes | bytearray | memoryview],
     *,
     ttl_s: int | None,
-    max_inflight: int,
 ) -> None:
     """SET ``keys[i]`` to ``value_of(i)`` for every ``i`` in ``indices`` (expiring after
-    ``ttl_s`` if given), one connection per node.
+    ``ttl_s`` if given), one connection per node, every value sent before any reply is read.
 
-    Why not a pipeline: ``value_of`` runs here, on the connection's thread, just before its value
-    is sent, so building a value (header and checksum) on one connection overlaps the sends of
-    the others, and nothing waits for a whole batch to be built first. Values go to the socket as
-    they are (redis-py sends a large argument or a memoryview without copying it). At most
-    ``max_inflight`` bytes are sent on a connection before its replies are read. A key a node
-    answers with an error (MOVED or ASK) is set again through a pipeline, which follows the
-    redirection (or raises what a single node answered); a dropped connection is retried once for
-    the keys not yet answered. ``value_of`` may be called twice for one index: it must build the
-    same value again."""
+    Why not a pipeline: ``value_of`` runs here, on the connection's thread, just before its
+    value is sent, so building values (header and checksum) overlaps the other connections'
+    sends instead of all being built first. redis-py sends a large value as it is (no copy).
+    A key a node answers with an error (MOVED or ASK) is set again through a pipeline, which
+    follows the redirection (or raises what the node said). ``value_of`` may be called again
+    for an index (a retry): it must build the same value."""
     done: set[int] = set()
     redirected: list[int] = []
     extra: tuple[Any, ...] = ("EX", ttl_s) if ttl_s else ()
 
     def attempt(part: list[int]) -> None:
-        if part:
-            _set_streams(client, keys, part, value_of, extra, max_inflight, done, redirected)
+        with _connections(client, keys, part) as streams:
+            for conn, ids in streams:
+                for i in ids:
+                    conn.send_packed_command(conn.pack_command("SET", keys[i], value_of(i), *extra))
+            for conn, ids in streams:
+                for i in ids:
+                    try:
+                        conn.read_response()
+                    except redis.ResponseError:
+                        redirected.append(i)
+                    done.add(i)
 
-    _twice(attempt, indices, done)
+    _retry_once(attempt, indices, done)
     if redirected:
         pipe = client.pipeline(transaction=False)
         for i in redirected:
             pipe.set(keys[i], value_of(i), ex=ttl_s or None)
         pipe.execute()
-
-
-def _set_streams(
-    client: Any,
-    keys: Sequence[bytes],
-    part: Sequence[int],
-    value_of: Callable[[int], bytes | bytearray | memoryview],
-    extra: tuple[Any, ...],
-    max_inflight: int,
-    done: set[int],
-    redirected: list[int],
-) -> None:
-    streams = _open_streams(client, keys, part)
-    failed = True
-
-    def read_one(s: _Stream) -> None:
-        i = s.ids[s.read]
-        try:
-            s.conn.read_response()
-        except redis.ResponseError:
-            redirected.append(i)
-        s.read += 1
-        done.add(i)
-
-    try:
-        for s in streams:  # every node's values sent before the last node's replies are read
-            sizes: list[int] = []
-            unanswered = 0
-            for i in s.ids:
-                value = value_of(i)
-                s.conn.send_packed_command(s.conn.pack_command("SET", keys[i], value, *extra))
-                s.sent += 1
-                sizes.append(len(value))
-                unanswered += len(value)
-                while unanswered > max_inflight and s.read < s.sent - 1:
-                    unanswered -= sizes[s.read]
-                    read_one(s)
-        for s in streams:
-            while s.read < s.sent:
-                read_one(s)
-        failed = False
-    finally:
-        _close_streams(streams, failed=failed)
-
-
-_REDIRECTED = object()
