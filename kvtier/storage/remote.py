@@ -50,11 +50,10 @@ _T = TypeVar("_T")
 MIN_PART = 4
 """Fewest blocks a parallel part of one get/put carries."""
 PER_NODE = 2
-"""Most connections one get/put uses per node. One node, 16 cores, 64 x 2 MiB: put 4.2 GB/s
-with 2 connections, 3.7 with 4, 3.2 with 8; get 3.1, 2.8, 2.1 (benchmarks/RESULTS.md). The
-client's threads queue for the GIL (redis-py's command handling, hiredis building each reply)
-and redis-server serves one client's pipelined stream no slower than several; a cluster gets
-its parallelism from its nodes."""
+"""Most connections one get/put uses per node: more threads only queue for the GIL (redis-py's
+command handling, hiredis building each reply) and one redis-server is no faster with more
+clients. One node, 16 cores, 64 x 2 MiB (measured 2026-12-04): put 4.2 GB/s with 2
+connections, 3.7 with 4, 3.2 with 8; get 3.1, 2.8, 2.1. A cluster's parallelism is its nodes."""
 GET_PARALLEL = 4
 """Most connections one get uses in all, whatever ``parallel`` says: every reply is parsed under
 the GIL, so more reading threads only queue for it (3-node cluster: 3 connections 2.9 GB/s, 6
@@ -222,15 +221,7 @@ class RemoteStore(Lifecycle):
         if self._workers is not None:
             self._workers.shutdown(wait=True)
             self._workers = None
-        with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(*self._errors):
-                client.close()
-
-    @property
-    def is_cluster(self) -> bool:
-        return self.config.endpoint.cluster
+        self._drop_client()
 
     # -- calls ----------------------------------------------------------------------------------
 
@@ -360,7 +351,7 @@ class RemoteStore(Lifecycle):
             if self.breaker.failure() and not self._down:
                 self._down = True  # logged once per episode, until a call succeeds again
                 logger.warning("kvtier: G4 (%s) unavailable, breaker open: %s", self._where(), exc)
-            if self.is_cluster:
+            if self.config.endpoint.cluster:
                 self._drop_client()  # rediscover the topology on the next call
             raise RemoteError(f"G4 call failed: {type(exc).__name__}: {exc}") from exc
         self.breaker.success()

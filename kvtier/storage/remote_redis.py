@@ -53,20 +53,21 @@ class _Parser(_HiredisParser):
         self._reader.setmaxbuf(0)
 
 
-class _Connection(redis.Connection):
-    """redis-py's connection, packing commands in Python: hiredis' packer copies every 2 MiB
-    value into a new buffer (a third of a put's time, measured); this one sends large values
-    as they are. Replies are still parsed by hiredis."""
+class _PythonPacker:
+    """Commands packed in Python: hiredis' packer copies every 2 MiB value into a new buffer (a
+    third of a put's time, measured); this one sends large values as they are. Replies are
+    still parsed by hiredis."""
 
     def _construct_command_packer(self, packer: Any) -> Any:
-        return packer or PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)
+        return packer or PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)  # type: ignore[attr-defined]
 
 
-class _SSLConnection(redis.SSLConnection):
+class _Connection(_PythonPacker, redis.Connection):
+    """redis-py's connection with ``_PythonPacker``."""
+
+
+class _SSLConnection(_PythonPacker, redis.SSLConnection):
     """``_Connection`` over TLS."""
-
-    def _construct_command_packer(self, packer: Any) -> Any:
-        return packer or PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)
 
 
 def build_client(
