@@ -18,12 +18,12 @@ same bytes, and the ratio is what the target is about (host<->disk >= 0.8 of raw
   the same bytes (the memcpy / DMA limit). CUDA when present (its engine if importable), else CPU.
 
 - G4 remote (Redis), one node and a 3-node cluster started here on localhost: kvtier = the
-  write-behind's path (payload copied into a ``ValueBuffers`` buffer, header + xxh3 checksum,
-  ``RemoteStore.put``: one pipeline per shard) and ``RemoteStore.get_each`` with
-  ``decode_block`` (verification) on every value; raw = ``redis-benchmark`` SET/GET of values
-  of the same size on the same server in the same run, no pipelining, with ``--remote-clients``
-  connections and again with as many as kvtier uses (``--remote-parallel``). Skipped, saying
-  why, without redis-server.
+  write-behind's path (``RemoteStore.put_each``: each connection copies a payload into a
+  ``ValueBuffers`` buffer and fills in header + xxh3 checksum as it sends it) and
+  ``RemoteStore.get_each`` with ``decode_block`` (verification) on every value; raw =
+  ``redis-benchmark`` SET/GET of values of the same size on the same server in the same run, no
+  pipelining, with one client per node (``--remote-clients``) and again with as many as kvtier
+  uses connections (``--remote-parallel``). Skipped, saying why, without redis-server.
 
 Run: ``.venv/bin/python benchmarks/tiers.py`` (``--help`` for sizes). Prints medians of
 ``--repeats`` interleaved runs.
@@ -48,6 +48,7 @@ from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import LayoutKind, default_layout
+from kvtier.storage.remote import default_parallel
 from kvtier.transfer.disk_io import DiskIo
 from kvtier.transfer.disk_load import DiskLoadConfig, DiskToDeviceLoader
 from kvtier.transfer.engine import CopyEngine, TorchCopyEngine
@@ -303,65 +304,99 @@ def _redis_benchmark(port: int, size: int, n: int, clients: int, cluster: bool) 
     return rates
 
 
+def _kvtier_connections(most: int, nodes: int, blocks: int) -> int:
+    """How many connections kvtier uses for ``blocks`` keys spread over ``nodes`` nodes when
+    allowed ``most`` (``RemoteStore``'s own split, ``split_parts``)."""
+    from kvtier.storage.remote import split_parts
+
+    return len(split_parts([list(range(k, blocks, nodes)) for k in range(nodes)], most))
+
+
 def bench_remote(args: argparse.Namespace) -> list[tuple[str, str, float, float, float]]:
     """G4 put/get of ``--remote-blocks`` 2 MiB blocks against redis-benchmark, node and cluster."""
     from kvtier.ops.redislocal import LocalRedis, LocalRedisCluster, redis_available
-    from kvtier.storage.remote import RemoteConfig, RemoteStore
-    from kvtier.storage.remote_block import ValueBuffers, decode_block, encode_in_place, remote_key
 
     reason = redis_available()
     if reason is not None:
         print(f"G4 remote: skipped ({reason})")
         return []
+    rows: list[tuple[str, str, float, float, float]] = []
+    with LocalRedis(maxmemory_mb=2048) as node:
+        assert node.port is not None
+        rows += _bench_server(args, "node", node.url, node.port, 1)
+    with LocalRedisCluster(3, maxmemory_mb=1024) as cluster:
+        port = cluster.nodes[0].port
+        assert port is not None
+        rows += _bench_server(args, "3-node cluster", cluster.url, port, len(cluster.nodes))
+    return rows
+
+
+def _bench_server(
+    args: argparse.Namespace, label: str, url: str, port: int, nodes: int
+) -> list[tuple[str, str, float, float, float]]:
+    """One server's rows. Raw baselines, both printed: one client per node (``-c 1`` on one
+    node; ``-c 3`` on the cluster, where redis-benchmark puts client k on node k mod 3: ``-c 1``
+    would measure one node while kvtier spreads a batch over all three) and as many clients as
+    kvtier uses connections. kvtier's connections are opened before anything is timed (an
+    untimed round), and kvtier and raw take turns going first."""
+    from kvtier.storage.remote import GET_PARALLEL, RemoteConfig, RemoteStore
+    from kvtier.storage.remote_block import ValueBuffers, decode_block, encode_in_place, remote_key
+
     size, n = MODEL.block_bytes, args.remote_blocks
     payloads = [os.urandom(size) for _ in range(min(n, 8))]
     hashes = list(range(1, n + 1))
     keys = [remote_key("kvtier:v1:bench", h) for h in hashes]
     buffers = ValueBuffers(n * (size + 4096))  # one batch: a write-behind's batch reuses the last's
-    rows: list[tuple[str, str, float, float, float]] = []
-    for label, server in (("node", LocalRedis(maxmemory_mb=2048)),
-                          ("3-node cluster", LocalRedisCluster(3, maxmemory_mb=1024))):  # fmt: skip
-        with server:
-            port = server.nodes[0].port if isinstance(server, LocalRedisCluster) else server.port
-            assert port is not None
-            cluster = isinstance(server, LocalRedisCluster)
-            kv: dict[str, list[float]] = {"SET": [], "GET": []}
-            clients = sorted({args.remote_clients, args.remote_parallel})
-            raw: dict[tuple[int, str], list[float]] = {
-                (c, op): [] for c in clients for op in ("SET", "GET")
-            }
-            config = RemoteConfig(server.url, timeout_ms=10_000, parallel=args.remote_parallel)
-            with RemoteStore(config) as store:
+    bufs: list[bytearray] = [bytearray()] * n
+    conns = {
+        "SET": _kvtier_connections(args.remote_parallel, nodes, n),
+        "GET": _kvtier_connections(min(args.remote_parallel, GET_PARALLEL), nodes, n),
+    }
+    clients = {op: sorted({nodes * args.remote_clients, c}) for op, c in conns.items()}
+    kv: dict[str, list[float]] = {"SET": [], "GET": []}
+    raw: dict[tuple[int, str], list[float]] = {(c, op): [] for op in kv for c in clients[op]}
 
-                def put() -> None:
-                    bufs = [buffers.fill(payloads[h % len(payloads)]) for h in hashes]
-                    store.put([(k, encode_in_place(1, h, None, b))
-                               for k, h, b in zip(keys, hashes, bufs, strict=True)])  # fmt: skip
-                    buffers.give_back(bufs)
+    def value_of(i: int) -> memoryview:
+        # The write-behind's work for one value: the copy ``offer`` makes (on the engine's
+        # thread there, beside the writer) and the header + checksum the writer's connection
+        # fills in (``WriteBehindQueue._put``).
+        bufs[i] = buffers.fill(payloads[hashes[i] % len(payloads)])
+        return encode_in_place(1, hashes[i], None, bufs[i])
 
-                def check(i: int, value: bytes | None) -> None:
-                    assert value is not None
-                    decode_block(value, 1, hashes[i], size)
+    def check(i: int, value: bytes | None) -> None:
+        assert value is not None
+        decode_block(value, 1, hashes[i], size)
 
-                def get() -> None:
-                    store.get_each(keys, check)
+    def baseline() -> None:
+        for c in sorted({*clients["SET"], *clients["GET"]}):
+            rates = _redis_benchmark(port, size, n, c, nodes > 1)
+            for op in kv:
+                if c in clients[op]:
+                    raw[c, op].append(rates[op])
 
-                for _ in range(args.repeats):
-                    kv["SET"].append(_gbps(n * size, _timed(put)))
-                    kv["GET"].append(_gbps(n * size, _timed(get)))
-                    for c in clients:
-                        rates = _redis_benchmark(port, size, n, c, cluster)
-                        raw[c, "SET"].append(rates["SET"])
-                        raw[c, "GET"].append(rates["GET"])
-            for op, name in (("SET", "G4 put"), ("GET", "G4 get")):
-                for c in clients:
-                    base = f"redis-benchmark -d {size} -c {c}"
-                    ratio = statistics.median(
-                        k / r for k, r in zip(kv[op], raw[c, op], strict=True)
-                    )
-                    rows.append((f"{name} [{label}, {args.remote_parallel} conn]", base,
-                                 statistics.median(kv[op]), statistics.median(raw[c, op]),
-                                 ratio))  # fmt: skip
+    config = RemoteConfig(url, timeout_ms=10_000, parallel=args.remote_parallel)
+    with RemoteStore(config) as store:
+
+        def put() -> None:
+            store.put_each(keys, value_of)
+            buffers.give_back(bufs)
+
+        def kvtier() -> None:
+            kv["SET"].append(_gbps(n * size, _timed(put)))
+            kv["GET"].append(_gbps(n * size, _timed(lambda: store.get_each(keys, check))))
+
+        put()  # untimed: every connection opened, the value buffers allocated
+        store.get_each(keys, check)
+        for rep in range(args.repeats):
+            for fn in (kvtier, baseline) if rep % 2 == 0 else (baseline, kvtier):
+                fn()
+    rows = []
+    for op, name in (("SET", "G4 put"), ("GET", "G4 get")):
+        for c in clients[op]:
+            ratio = statistics.median(k / r for k, r in zip(kv[op], raw[c, op], strict=True))
+            rows.append((f"{name} [{label}, {conns[op]} conn]", f"redis-benchmark -d {size} -c {c}",
+                         statistics.median(kv[op]), statistics.median(raw[c, op]),
+                         ratio))  # fmt: skip
     return rows
 
 
@@ -378,10 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-shared", action="store_true", help="skip the multi-process section")
     p.add_argument("--skip-remote", action="store_true", help="skip G4 (Redis) figures")
     p.add_argument("--remote-blocks", type=int, default=64, help="2 MiB blocks per G4 batch (64)")
-    p.add_argument("--remote-clients", type=int, default=1, help="redis-benchmark clients (1)")
-    p.add_argument("--remote-parallel", type=int, default=4,
-                   help="connections one G4 get/put uses (RemoteConfig.parallel, 4); the raw "
-                        "run is repeated with as many redis-benchmark clients")  # fmt: skip
+    p.add_argument("--remote-clients", type=int, default=1,
+                   help="redis-benchmark clients per node (1)")  # fmt: skip
+    p.add_argument("--remote-parallel", type=int, default=default_parallel(),
+                   help="most connections one G4 get/put uses (RemoteConfig.parallel, "
+                        f"default {default_parallel()}: this machine's CPUs, 1-8; at most 2 a "
+                        "node, a get at most 4); the raw run is repeated with as many "
+                        "redis-benchmark clients as kvtier's connections")  # fmt: skip
     args = p.parse_args(argv)
     mib = MODEL.block_bytes / 2**20
     print(

@@ -3,10 +3,11 @@
 Why this exists: engines on many hosts recompute prefixes another host already computed. G4 keeps
 blocks in an existing distributed store spoken to in the Redis protocol, one key per block (see
 ``kvtier.storage.remote_block`` for keys and values). This module is the client: batched
-gets/sets/exists per shard (a batch's keys grouped by node, one pipeline per node and
-connection; gets hand each value on as it is read and keep none, see ``get_each``; MOVED/ASK
-redirections followed), a connection pool per node, optional password and TLS,
-optional TTL, and a ``CircuitBreaker`` so a sick server costs one timeout, then nothing, until a
+gets/sets/exists per shard (a batch's keys grouped by node, one stream per node and connection;
+gets hand each value on as it is read and keep none, see ``get_each``; puts build each value on
+the connection that sends it, see ``put_each``; MOVED/ASK redirections followed), a connection
+pool per node, optional password and TLS, optional TTL, and a ``CircuitBreaker`` so a sick
+server costs one timeout, then nothing, until a
 probe finds it healthy again. It never retries for long: a failed or refused call raises
 ``RemoteError`` and the caller counts a G4 miss.
 
@@ -22,23 +23,41 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from kvtier.lifecycle import Lifecycle
 from kvtier.storage.breaker import CircuitBreaker
 
-__all__ = ["RemoteConfig", "RemoteError", "RemoteStore", "RemoteUnavailable", "parse_remote_url"]
+__all__ = [
+    "RemoteConfig",
+    "RemoteError",
+    "RemoteStore",
+    "RemoteUnavailable",
+    "default_parallel",
+    "parse_remote_url",
+    "split_parts",
+]
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 MIN_PART = 4
 """Fewest blocks a parallel part of one get/put carries."""
+PER_NODE = 2
+"""Most connections one get/put uses per node: more threads only queue for the GIL (redis-py's
+command handling, hiredis building each reply) and one redis-server is no faster with more
+clients. One node, 16 cores, 64 x 2 MiB (measured 2026-12-04): put 4.2 GB/s with 2
+connections, 3.7 with 4, 3.2 with 8; get 3.1, 2.8, 2.1. A cluster's parallelism is its nodes."""
+GET_PARALLEL = 4
+"""Most connections one get uses in all, whatever ``parallel`` says: every reply is parsed under
+the GIL, so more reading threads only queue for it (3-node cluster: 3 connections 2.9 GB/s, 6
+connections 2.3-2.4)."""
 _SCHEMES = {
     "redis": (False, False),
     "rediss": (True, False),
@@ -103,43 +122,68 @@ def _redact(url: str) -> str:
     return f"{head}://***@{rest.split('@', 1)[1]}"
 
 
+def default_parallel() -> int:
+    """``RemoteConfig.parallel``'s default: the CPUs this process may run on, 1 to 8 (each
+    connection's thread needs a core for its share of the work that runs off the GIL)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
 @dataclass(frozen=True)
 class RemoteConfig:
     """How to reach G4 and how long to wait for it.
 
     ``timeout_ms``: socket connect/read timeout of every call (and, in the connector, the most a
     step waits for G4). ``ttl_s``: expiry of every stored block (0: none, the server's eviction
-    policy decides). ``max_batch_bytes``: a larger batch goes out as several pipelines, so one
-    call's buffers stay bounded.
+    policy decides).
     """
 
     url: str
     password: str | None = None
     ttl_s: int = 0
     timeout_ms: int = 100
-    max_batch_bytes: int = 64 << 20
     breaker_failures: int = 3
     breaker_cooldown_s: float = 2.0
-    parallel: int = 4
-    """Connections one large get/put uses at once (a batch's keys grouped by node, then split in
-    contiguous parts), each on its own thread: socket reads and writes, the checksum and the
-    copies out release the GIL, hiredis' reply parsing does not. On 2 busy cores 1, 2 and 4
-    measured alike (benchmarks/RESULTS.md); more cores are where the threads pay."""
+    parallel: int = field(default_factory=default_parallel)
+    """Most connections one large get/put uses at once (a batch's keys grouped by node, then
+    split in contiguous parts, at most ``PER_NODE`` a node; a get at most ``GET_PARALLEL``),
+    each on its own thread: socket reads and writes, the checksum and the copies release the
+    GIL, hiredis' reply parsing does not. Default ``default_parallel()``."""
 
     def __post_init__(self) -> None:
         parse_remote_url(self.url)
-        for name in ("ttl_s", "timeout_ms", "max_batch_bytes", "breaker_failures", "parallel"):
+        for name in ("ttl_s", "timeout_ms", "breaker_failures", "parallel"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"RemoteConfig.{name} must be an int >= 0, got {value!r}")
-        if 0 in (self.timeout_ms, self.max_batch_bytes, self.breaker_failures, self.parallel):
-            raise ValueError(
-                "RemoteConfig: timeout_ms, max_batch_bytes, breaker_failures, parallel >= 1"
-            )
+        if 0 in (self.timeout_ms, self.breaker_failures, self.parallel):
+            raise ValueError("RemoteConfig: timeout_ms, breaker_failures, parallel >= 1")
 
     @property
     def endpoint(self) -> RemoteUrl:
         return parse_remote_url(self.url)
+
+
+def split_parts(groups: list[list[int]], most: int) -> list[list[int]]:
+    """Node groups of indices in at most ``most`` parts, one connection each: a part then needs
+    one connection, not one per node, and every node streams at once; a node's indices split in
+    up to ``PER_NODE`` contiguous parts of at least ``MIN_PART``; with fewer connections than
+    nodes, a part holds several nodes' indices."""
+    if len(groups) >= most:
+        merged: list[list[int]] = [[] for _ in range(most)]
+        for j, ids in enumerate(groups):
+            merged[j % most].extend(ids)
+        return [ids for ids in merged if ids]
+    share = min(PER_NODE, most // len(groups))
+    out: list[list[int]] = []
+    for ids in groups:
+        n = max(1, min(share, len(ids) // MIN_PART))
+        step = -(-len(ids) // n)
+        out.extend(ids[i : i + step] for i in range(0, len(ids), step))
+    return out
 
 
 class RemoteStore(Lifecycle):
@@ -177,15 +221,7 @@ class RemoteStore(Lifecycle):
         if self._workers is not None:
             self._workers.shutdown(wait=True)
             self._workers = None
-        with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(*self._errors):
-                client.close()
-
-    @property
-    def is_cluster(self) -> bool:
-        return self.config.endpoint.cluster
+        self._drop_client()
 
     # -- calls ----------------------------------------------------------------------------------
 
@@ -221,26 +257,37 @@ class RemoteStore(Lifecycle):
         ``remote_redis.stream_gets``). An error raised by ``sink`` ends the call."""
         if not keys:
             return
-        # Values are about the same size; batch by count so each pipeline stays near the bound.
-        per = max(1, self.config.max_batch_bytes // (2 << 20))
 
         def run(client: Any) -> None:
             self._parallel(
-                lambda ids: self._binding.stream_gets(client, keys, ids, sink, batch=per),
-                self._parts(client, keys),
+                lambda ids: self._binding.stream_gets(client, keys, ids, sink),
+                self._parts(client, keys, min(self.config.parallel, GET_PARALLEL)),
             )
 
         self._call(run)
 
-    def put(self, items: Sequence[tuple[bytes, bytes | memoryview]]) -> None:
-        """Store ``(key, value)`` pairs (SET with the configured TTL), pipelined per shard."""
-        if not items:
+    def put(self, items: Sequence[tuple[bytes, bytes | bytearray | memoryview]]) -> None:
+        """Store ``(key, value)`` pairs (SET with the configured TTL), streamed per shard."""
+        self.put_each([key for key, _ in items], lambda i: items[i][1])
+
+    def put_each(
+        self,
+        keys: Sequence[bytes],
+        value_of: Callable[[int], bytes | bytearray | memoryview],
+    ) -> None:
+        """Store ``value_of(i)`` under ``keys[i]`` (SET with the configured TTL; streamed per
+        shard, split over ``parallel`` connections). ``value_of`` runs on the connection's
+        thread just before its value is sent (several at once: it must only touch what ``i``
+        owns, and may be called again for a resent ``i``), so building values (a header's
+        checksum) overlaps the sends (see ``remote_redis.stream_sets``)."""
+        if not keys:
             return
+        ttl = self.config.ttl_s or None
 
         def run(client: Any) -> None:
             self._parallel(
-                lambda ids: self._put(client, [items[i] for i in ids]),
-                self._parts(client, [key for key, _ in items]),
+                lambda ids: self._binding.stream_sets(client, keys, ids, value_of, ttl_s=ttl),
+                self._parts(client, keys, self.config.parallel),
             )
 
         self._call(run)
@@ -267,25 +314,9 @@ class RemoteStore(Lifecycle):
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _parts(self, client: Any, keys: Sequence[bytes]) -> list[list[int]]:
-        """The indices of ``keys`` in at most ``max(parallel, nodes)`` parts, one connection
-        each: grouped by node first (a part then needs one connection, not one per node, and
-        every node streams at once), a node's keys split in contiguous parts of at least
-        ``MIN_PART``; with fewer connections than nodes, a part holds several nodes' keys."""
-        groups = self._binding.node_groups(client, keys, range(len(keys)))
-        most = self.config.parallel
-        if len(groups) >= most:
-            merged: list[list[int]] = [[] for _ in range(most)]
-            for j, ids in enumerate(groups):
-                merged[j % most].extend(ids)
-            return [ids for ids in merged if ids]
-        share = most // len(groups)
-        out: list[list[int]] = []
-        for ids in groups:
-            n = max(1, min(share, len(ids) // MIN_PART))
-            step = -(-len(ids) // n)
-            out.extend(ids[i : i + step] for i in range(0, len(ids), step))
-        return out
+    def _parts(self, client: Any, keys: Sequence[bytes], most: int) -> list[list[int]]:
+        """The indices of ``keys`` in parts of one connection each (``split_parts``)."""
+        return split_parts(self._binding.node_groups(client, keys, range(len(keys))), most)
 
     def _parallel(self, fn: Callable[[list[int]], _T], parts: list[list[int]]) -> list[_T]:
         """``fn`` over the parts, the first on this thread, the others on the I/O threads (each
@@ -309,26 +340,6 @@ class RemoteStore(Lifecycle):
             raise error
         return first + rest
 
-    def _batches(self, sizes: Sequence[int]) -> list[range]:
-        out: list[range] = []
-        start, total = 0, 0
-        for i, size in enumerate(sizes):
-            if i > start and total + size > self.config.max_batch_bytes:
-                out.append(range(start, i))
-                start, total = i, 0
-            total += size
-        out.append(range(start, len(sizes)))
-        return out
-
-    def _put(self, client: Any, items: Sequence[tuple[bytes, bytes | memoryview]]) -> None:
-        ttl = self.config.ttl_s or None
-        for batch in self._batches([len(v) for _, v in items]):
-            pipe = client.pipeline(transaction=False)
-            for i in batch:
-                key, value = items[i]
-                pipe.set(key, value, ex=ttl)
-            pipe.execute()
-
     def _call(self, fn: Callable[[Any], _T]) -> _T:
         if not self._started:
             raise RemoteError("RemoteStore is not started")
@@ -340,7 +351,7 @@ class RemoteStore(Lifecycle):
             if self.breaker.failure() and not self._down:
                 self._down = True  # logged once per episode, until a call succeeds again
                 logger.warning("kvtier: G4 (%s) unavailable, breaker open: %s", self._where(), exc)
-            if self.is_cluster:
+            if self.config.endpoint.cluster:
                 self._drop_client()  # rediscover the topology on the next call
             raise RemoteError(f"G4 call failed: {type(exc).__name__}: {exc}") from exc
         self.breaker.success()

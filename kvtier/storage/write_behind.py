@@ -5,7 +5,8 @@ wait for it, and a slow or dead server must not make blocks pile up in memory. `
 the block's bytes into the queue (the G2 row it came from may be reused right after) and returns
 at once; the queue is bounded in bytes (a block that does not fit is dropped and counted) and in
 time (a block that waited longer than ``max_age_s`` is dropped and counted when its turn comes).
-The writer thread sends batches (one pipeline per shard) through the ``RemoteStore``, whose
+The writer thread sends batches through the ``RemoteStore`` (its connections fill in each
+value's header and checksum as they send it: ``RemoteStore.put_each``), whose
 breaker makes a sick server cost nothing: refused batches are dropped and counted. No torch.
 """
 
@@ -167,15 +168,13 @@ class WriteBehindQueue(Lifecycle):
 
     def _put(self, batch: list[_Item]) -> None:
         t0 = time.perf_counter()
-        pairs = [
-            (
-                remote_key(self.namespace, it.seq_hash),
-                encode_in_place(self.fingerprint, it.seq_hash, it.parent, it.value),
-            )
-            for it in batch
-        ]
+
+        def value_of(i: int) -> memoryview:  # on the connection's thread: checksums in parallel
+            it = batch[i]
+            return encode_in_place(self.fingerprint, it.seq_hash, it.parent, it.value)
+
         try:
-            self.store.put(pairs)
+            self.store.put_each([remote_key(self.namespace, it.seq_hash) for it in batch], value_of)
         except RemoteUnavailable:
             with self._cond:
                 self._stats.dropped_unavailable += len(batch)
@@ -188,5 +187,5 @@ class WriteBehindQueue(Lifecycle):
         with self._cond:
             self._stats.written.extend(it.seq_hash for it in batch)
             self._stats.written_parents.extend(it.parent for it in batch)
-            self._stats.written_bytes += sum(len(v) for _, v in pairs)
+            self._stats.written_bytes += sum(len(it.value) for it in batch)
             self._stats.write_seconds += time.perf_counter() - t0

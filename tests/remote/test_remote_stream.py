@@ -1,7 +1,8 @@
 """The G4 data path's memory reuse against real redis-server processes: ``RemoteStore.get_each``
 hands every value on exactly once as it is read (one node and a 3-node cluster, several
-connections), a sink that fails leaves no stale replies behind, and reused ``ValueBuffers``
-never leak one block's bytes into another's value."""
+connections, and a connection killed mid-stream), a sink that fails leaves no stale replies
+behind, reused ``ValueBuffers`` never leak one block's bytes into another's value, and a
+batch is split over at most ``PER_NODE`` connections a node."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from kvtier.ops.redislocal import LocalRedis, LocalRedisCluster
 from kvtier.storage.block_file import HEADER_SIZE
-from kvtier.storage.remote import RemoteConfig, RemoteStore
+from kvtier.storage.remote import MIN_PART, PER_NODE, RemoteConfig, RemoteStore, split_parts
 from kvtier.storage.remote_block import (
     ValueBuffers,
     decode_block,
@@ -76,6 +77,37 @@ def test_a_failing_sink_leaves_no_stale_replies(redis_node: LocalRedis) -> None:
         for (h, want), value in zip(blocks.items(), store.get(keys[::-1])[::-1], strict=True):
             assert value is not None
             assert bytes(decode_block(value, FP, h, SIZE)[1]) == want
+
+
+def test_a_connection_killed_mid_stream_is_resumed_without_repeats(
+    redis_node: LocalRedis,
+) -> None:
+    with RemoteStore(RemoteConfig(redis_node.url, timeout_ms=5000, parallel=1)) as store:
+        blocks = _fill(store, 12)
+        hashes = list(blocks)
+        seen: list[int] = []
+
+        def sink(i: int, value: bytes | None) -> None:
+            assert value is not None
+            assert bytes(decode_block(value, FP, hashes[i], SIZE)[1]) == blocks[hashes[i]]
+            if not seen:  # drop the streaming connection with GETs still in flight
+                redis_node.cli("CLIENT", "KILL", "TYPE", "normal")
+            seen.append(i)
+
+        store.get_each([remote_key(NS, h) for h in hashes], sink)
+        assert sorted(seen) == list(range(len(hashes))), "each value handed on exactly once"
+
+
+def test_split_parts_bounds_connections_per_node_and_in_all() -> None:
+    nodes = [list(range(k, 90, 3)) for k in range(3)]  # 3 nodes, 30 indices each
+    for most in (1, 2, 3, 4, 6, 8, 16):
+        parts = split_parts(nodes, most)
+        assert sorted(i for p in parts for i in p) == list(range(90))
+        assert len(parts) <= most
+        for ids in nodes:
+            assert sum(1 for p in parts if set(p) & set(ids)) <= max(PER_NODE, 1)
+    assert len(split_parts(nodes, 8)) == 3 * PER_NODE
+    assert len(split_parts([list(range(2 * MIN_PART - 1))], 8)) == 1  # too few for two parts
 
 
 def test_value_buffers_are_reused_within_their_bound() -> None:
