@@ -37,7 +37,7 @@ class KvRecorder:
 
     def rows(self, blocks: list[int]) -> torch.Tensor:
         """The canonical rows of device ``blocks`` now, ``[len(blocks), block_bytes]`` on CPU."""
-        dev = self.worker._device
+        dev = self.worker.plane.device
         idx = torch.tensor(blocks, device=dev.device)
         pieces = []
         for layer in range(dev.layout.model.num_layers):
@@ -71,7 +71,7 @@ class KvRecorder:
             if slot is None:
                 continue
             assert h in self.stored, f"block {i} is in G2 but its store was never seen"
-            row = self.worker._host.row(slot)
+            row = self.worker.plane.host.row(slot)
             assert torch.equal(row.cpu(), self.stored[h]), f"G2 row of block {i} differs"
             checked += 1
         return checked

@@ -125,7 +125,7 @@ def test_layout_is_the_mla_latent(llm: Any) -> None:
     spec = ENGINES[name]
     worker = connectors(llm)[1].worker
     layout = worker.layout
-    tensors = worker._device.tensors
+    tensors = worker.plane.device.tensors
     first = tensors if not isinstance(tensors, dict) else next(iter(tensors.values()))
     runner = core(llm).model_executor.driver_worker.worker.model_runner
     print(
@@ -201,7 +201,7 @@ def test_corrupt_g3_block_is_recomputed(llm: Any) -> None:
     _push_out_of_g2(llm, (22, 23, 24))
     assert sched.host.lookup(hashes[0]) is None, "the prompt is still in G2"
     assert all(sched.disk.lookup(h) is not None for h in hashes), "not all blocks are in G3"
-    path = worker._disk.path(hashes[5])
+    path = worker.plane.disk.path(hashes[5])
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))

@@ -82,7 +82,7 @@ def _onboard(llm: Any, rec: KvRecorder, p: list[int], salt: str | None = None) -
 def test_mla_layout_is_one_latent_region_per_block(llm: Any) -> None:
     _, worker = connectors(llm)
     layout = worker.worker.layout
-    first = next(iter(worker.worker._device.tensors.values()))
+    first = next(iter(worker.worker.plane.device.tensors.values()))
     print("CPU MLA tensor", tuple(first.shape), first.stride(), layout)
     assert layout.model.outer_dim == 1 and layout.model.head_dim == SPEC.latent
     assert layout.model.num_kv_heads == 1 and layout.model.block_size == MLA_BLOCK
@@ -146,7 +146,7 @@ def test_corrupt_g3_block_is_recomputed(llm: Any, rec: KvRecorder) -> None:
     _push_out_of_g2(llm, (42, 43, 44))
     assert sched.host.lookup(hashes[0]) is None
     assert all(sched.disk.lookup(h) is not None for h in hashes), "not all blocks are in G3"
-    path = worker._disk.path(hashes[5])
+    path = worker.plane.disk.path(hashes[5])
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
