@@ -25,8 +25,16 @@ from pathlib import Path
 
 import xxhash
 
-from kvtier.storage.block_file import HEADER_SIZE, BlockFileError, BlockHeader, file_size
+from kvtier.storage.block_file import (
+    BLOCK_SUFFIX,
+    HEADER_SIZE,
+    BlockFileError,
+    BlockHeader,
+    block_file_name,
+    file_size,
+)
 from kvtier.storage.disk import IDENTITY_FILE, DiskStorage
+from kvtier.storage.disk_scan import TMP_SUFFIX
 from kvtier.storage.tier_dir import (
     STATE_PREFIX,
     is_leftover_at,
@@ -46,7 +54,6 @@ __all__ = [
 ]
 
 _FP_DIR = re.compile(r"^[0-9a-f]{16}$")
-_TMP_SUFFIX = ".tmp"
 _CHUNK = 1 << 22
 _MAX_PAYLOAD = 1 << 30
 """Largest payload fsck reads where a namespace does not state its block size (1 GiB)."""
@@ -67,10 +74,6 @@ Progress = Callable[[int, int], None]
 
 class NotATierError(ValueError):
     """The directory holds no kvtier disk tier (no namespace folder of block files)."""
-
-
-def _block_suffix() -> str:
-    return DiskStorage(".", 0, 1).path(0).suffix
 
 
 @dataclass
@@ -136,20 +139,19 @@ class _Listing:
 
 def _list(folder: _Folder) -> _Listing:
     """Block files, leftover temp files (no live writer), in-progress temps, other entries."""
-    suffix = _block_suffix()
     out = _Listing()
     for entry in sorted(os.scandir(folder.fd), key=lambda e: e.name):
         name = entry.name
-        if name.startswith(STATE_PREFIX) and not name.endswith(_TMP_SUFFIX):
+        if name.startswith(STATE_PREFIX) and not name.endswith(TMP_SUFFIX):
             continue  # the tier's own bookkeeping (block count, identity)
         if not entry.is_file(follow_symlinks=False):
             out.other += 1
-        elif name.endswith(_TMP_SUFFIX):
+        elif name.endswith(TMP_SUFFIX):
             if is_leftover_at(folder.fd, name):
                 out.leftovers.append(name)
             else:
                 out.in_progress += 1
-        elif name.endswith(suffix):
+        elif name.endswith(BLOCK_SUFFIX):
             out.blocks.append(name)
         else:
             out.other += 1
@@ -198,8 +200,7 @@ def verify_block_file(
             raise BlockFileError(
                 f"fingerprint {header.fingerprint:016x} in a folder of {folder_fingerprint:016x}"
             )
-        expected = DiskStorage(path.parent.parent, header.fingerprint, 1).path(header.sequence_hash)
-        if path.name != expected.name:
+        if path.name != block_file_name(header.sequence_hash):
             raise BlockFileError(
                 f"holds sequence hash {header.sequence_hash:016x}, named {path.name}"
             )

@@ -22,8 +22,8 @@ Contract for implementers (``CopyEngine``):
   copy. Layers complete in order. A failure sets ``error`` (an exception naming the blocks) and
   completes all layers; the copy never raises into the caller's thread. ``CopyFuture`` below is a
   ready-made thread-safe handle an engine may complete from its own thread.
-- ``SubmittingEngine`` maps both verbs onto one ``_submit(to_host, ...)``; ``copy_failure`` builds
-  the ``CopyError`` (direction and blocks named) a failed handle carries; both engines use them.
+- An engine subclasses ``CopyEngine``, which maps both verbs onto one ``_submit(to_host, ...)``;
+  ``copy_failure`` builds the ``CopyError`` (direction and blocks named) a failed handle carries.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ __all__ = [
     "CopyError",
     "CopyFuture",
     "CopyHandle",
-    "SubmittingEngine",
     "check_ids",
     "copy_failure",
 ]
@@ -77,7 +76,11 @@ class CopyHandle(Protocol):
 
 @runtime_checkable
 class CopyEngine(Protocol):
-    """Moves batches of blocks between device storage and host rows (see the module docstring)."""
+    """Moves batches of blocks between device storage and host rows (see the module docstring).
+
+    An engine subclasses this and implements ``_submit``: both directions validate, queue and
+    complete alike; only the direction flag differs.
+    """
 
     def start(self) -> None: ...
 
@@ -90,7 +93,8 @@ class CopyEngine(Protocol):
         device_ids: Sequence[int],
         host_ids: Sequence[int],
         gate: object | None = None,
-    ) -> CopyHandle: ...
+    ) -> CopyHandle:
+        return self._submit(True, device, host, device_ids, host_ids, gate)
 
     def host_to_device(
         self,
@@ -99,6 +103,17 @@ class CopyEngine(Protocol):
         host_ids: Sequence[int],
         device_ids: Sequence[int],
         gate: object | None = None,
+    ) -> CopyHandle:
+        return self._submit(False, device, host, device_ids, host_ids, gate)
+
+    def _submit(
+        self,
+        to_host: bool,
+        device: DeviceStorage,
+        host: HostStorage,
+        device_ids: Sequence[int],
+        host_ids: Sequence[int],
+        gate: object | None,
     ) -> CopyHandle: ...
 
 
@@ -179,44 +194,6 @@ def copy_failure(
     )
     err.__cause__ = exc
     return err
-
-
-class SubmittingEngine:
-    """The protocol's two verbs, as one ``_submit(to_host, ...)`` that each engine implements.
-
-    Why: both directions validate, queue and complete alike; only the direction flag differs.
-    """
-
-    def device_to_host(
-        self,
-        device: DeviceStorage,
-        host: HostStorage,
-        device_ids: Sequence[int],
-        host_ids: Sequence[int],
-        gate: object | None = None,
-    ) -> CopyHandle:
-        return self._submit(True, device, host, device_ids, host_ids, gate)
-
-    def host_to_device(
-        self,
-        host: HostStorage,
-        device: DeviceStorage,
-        host_ids: Sequence[int],
-        device_ids: Sequence[int],
-        gate: object | None = None,
-    ) -> CopyHandle:
-        return self._submit(False, device, host, device_ids, host_ids, gate)
-
-    def _submit(
-        self,
-        to_host: bool,
-        device: DeviceStorage,
-        host: HostStorage,
-        device_ids: Sequence[int],
-        host_ids: Sequence[int],
-        gate: object | None,
-    ) -> CopyHandle:
-        raise NotImplementedError
 
 
 def check_ids(

@@ -20,7 +20,6 @@ from kvtier.transfer.copy_api import CopyEngine as CopyEngine
 from kvtier.transfer.copy_api import CopyError as CopyError
 from kvtier.transfer.copy_api import CopyFuture as CopyFuture
 from kvtier.transfer.copy_api import CopyHandle as CopyHandle
-from kvtier.transfer.copy_api import SubmittingEngine as SubmittingEngine
 from kvtier.transfer.copy_api import check_ids as check_ids
 from kvtier.transfer.copy_api import copy_failure as copy_failure
 
@@ -51,7 +50,7 @@ def _open_gate(gate: object | None, closed: Callable[[], bool]) -> None:
     raise TypeError(f"gate must be None, a threading.Event or a CUDA event, got {type(gate)}")
 
 
-class TorchCopyEngine(SubmittingEngine):
+class TorchCopyEngine(CopyEngine):
     """``CopyEngine`` with torch indexing on one worker thread (CPU, or CUDA without kernels).
 
     On CPU each (layer, run of consecutive ids) is one numpy slice copy (a memcpy that releases
