@@ -36,7 +36,6 @@ from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
 
 __all__ = [
-    "CopyDirection",
     "CopyEngine",
     "CopyError",
     "CopyFuture",
@@ -174,18 +173,11 @@ class CopyFuture:
         return self._error is None
 
 
-class CopyDirection:
-    """Names of the two directions, used in error messages."""
-
-    D2H = "device->host"
-    H2D = "host->device"
-
-
 def copy_failure(
     to_host: bool, device_ids: Sequence[int], host_ids: Sequence[int], exc: BaseException
 ) -> CopyError:
     """The ``CopyError`` a handle carries when a batch fails: names the direction and blocks."""
-    direction = CopyDirection.D2H if to_host else CopyDirection.H2D
+    direction = "device->host" if to_host else "host->device"
     err = CopyError(
         f"{direction} copy of device blocks {list(device_ids)} / host blocks {list(host_ids)} "
         f"failed: {exc}",

@@ -15,7 +15,6 @@ from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
 from kvtier.transfer.batch_copy import copy_batch as copy_batch
 from kvtier.transfer.batch_copy import runs as runs
-from kvtier.transfer.copy_api import CopyDirection as CopyDirection
 from kvtier.transfer.copy_api import CopyEngine as CopyEngine
 from kvtier.transfer.copy_api import CopyError as CopyError
 from kvtier.transfer.copy_api import CopyFuture as CopyFuture
