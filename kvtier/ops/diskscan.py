@@ -4,9 +4,9 @@ Why this exists: an operator must be able to see what a disk tier holds (which m
 layouts, how many blocks, how old) and to verify it after a crash, a full disk or a copy between
 hosts, without stopping the engines that share it. The file format is the disk tier's own:
 headers are parsed and verified by :class:`kvtier.storage.block_file.BlockHeader`, payloads
-checked with its checksum, sizes with ``file_size``; folders and files are opened the way the
-tier opens them (``kvtier.storage.tier_dir``: no symlink followed, only regular files, never
-blocking on a FIFO). Nothing here writes a block or takes a lock an engine waits for; a block
+checked with its checksum, sizes by ``disk_scan.check_geometry``; folders and files are opened
+as the tier opens them (``kvtier.storage.tier_dir``: no symlink followed, only regular files,
+never blocking on a FIFO). Nothing here writes a block or takes a lock an engine waits for; a block
 deleted meanwhile (another process evicted it) is simply gone, and a temporary file a live writer
 holds is in progress, not bad. ``fsck --repair`` only deletes files that failed verification and
 temporary files no writer holds. A payload is hashed in 4 MiB pieces and its claimed length is
@@ -31,10 +31,9 @@ from kvtier.storage.block_file import (
     BlockFileError,
     BlockHeader,
     block_file_name,
-    file_size,
 )
 from kvtier.storage.disk import IDENTITY_FILE, DiskStorage
-from kvtier.storage.disk_scan import TMP_SUFFIX
+from kvtier.storage.disk_scan import TMP_SUFFIX, check_geometry
 from kvtier.storage.tier_dir import (
     STATE_PREFIX,
     is_leftover_at,
@@ -55,8 +54,6 @@ __all__ = [
 
 _FP_DIR = re.compile(r"^[0-9a-f]{16}$")
 _CHUNK = 1 << 22
-_MAX_PAYLOAD = 1 << 30
-"""Largest payload fsck reads where a namespace does not state its block size (1 GiB)."""
 _IDENTITY_MAX = 1 << 16
 
 AGE_BUCKETS: tuple[tuple[str, float], ...] = (
@@ -204,16 +201,7 @@ def verify_block_file(
             raise BlockFileError(
                 f"holds sequence hash {header.sequence_hash:016x}, named {path.name}"
             )
-        limit = block_bytes if block_bytes is not None else _MAX_PAYLOAD
-        if header.payload_len > limit or (block_bytes and header.payload_len != block_bytes):
-            raise BlockFileError(
-                f"header claims a {header.payload_len}-byte payload; blocks here are "
-                + (f"{block_bytes} bytes" if block_bytes else f"at most {limit} bytes")
-            )
-        if size != file_size(header.payload_len):
-            raise BlockFileError(
-                f"file is {size} bytes, expected {file_size(header.payload_len)} (truncated?)"
-            )
+        check_geometry(header, size, block_bytes)
         digest = xxhash.xxh3_64()
         offset, left = HEADER_SIZE, header.payload_len
         while left:
