@@ -20,7 +20,7 @@ import xxhash
 
 from kvtier.core import BlockPool, ImmutableBlock, TierRegistry
 from kvtier.hashing import sequence_hashes
-from kvtier.tokens import TokenBlockSequence
+from kvtier.tokens import SequenceHashes
 
 BLOCK = 16
 CHAIN = 8192  # blocks per prompt: 128k tokens
@@ -97,12 +97,12 @@ def bench_hashing(rng: random.Random, reps: int) -> None:
     line("  tokens hashed per second", f"{len(tokens) / fast / 1e6:.1f} M/s")
 
     def decode() -> None:
-        seq = TokenBlockSequence(tokens[:BLOCK], block_size=BLOCK)
-        for t in tokens[: CHAIN * 2]:
-            seq.append(t)
+        seq = SequenceHashes(BLOCK)
+        for n in range(1, CHAIN * 2 + 1):
+            seq.advance(tokens, n)
 
     d = median_s(decode, max(3, reps // 4))
-    line("TokenBlockSequence.append (decode)", f"{CHAIN * 2 / d / 1e6:.2f} M tok/s")
+    line("SequenceHashes.advance (decode)", f"{CHAIN * 2 / d / 1e6:.2f} M tok/s")
 
 
 def bench_pool(rng: random.Random, num_blocks: int, reps: int) -> None:

@@ -4,9 +4,9 @@ Why this exists: an operator must be able to see what a disk tier holds (which m
 layouts, how many blocks, how old) and to verify it after a crash, a full disk or a copy between
 hosts, without stopping the engines that share it. The file format is the disk tier's own:
 headers are parsed and verified by :class:`kvtier.storage.block_file.BlockHeader`, payloads
-checked with its checksum, sizes with ``file_size``; folders and files are opened the way the
-tier opens them (``kvtier.storage.tier_dir``: no symlink followed, only regular files, never
-blocking on a FIFO). Nothing here writes a block or takes a lock an engine waits for; a block
+checked with its checksum, sizes by ``disk_scan.check_geometry``; folders and files are opened
+as the tier opens them (``kvtier.storage.tier_dir``: no symlink followed, only regular files,
+never blocking on a FIFO). Nothing here writes a block or takes a lock an engine waits for; a block
 deleted meanwhile (another process evicted it) is simply gone, and a temporary file a live writer
 holds is in progress, not bad. ``fsck --repair`` only deletes files that failed verification and
 temporary files no writer holds. A payload is hashed in 4 MiB pieces and its claimed length is
@@ -25,8 +25,15 @@ from pathlib import Path
 
 import xxhash
 
-from kvtier.storage.block_file import HEADER_SIZE, BlockFileError, BlockHeader, file_size
+from kvtier.storage.block_file import (
+    BLOCK_SUFFIX,
+    HEADER_SIZE,
+    BlockFileError,
+    BlockHeader,
+    block_file_name,
+)
 from kvtier.storage.disk import IDENTITY_FILE, DiskStorage
+from kvtier.storage.disk_scan import TMP_SUFFIX, check_geometry
 from kvtier.storage.tier_dir import (
     STATE_PREFIX,
     is_leftover_at,
@@ -46,10 +53,7 @@ __all__ = [
 ]
 
 _FP_DIR = re.compile(r"^[0-9a-f]{16}$")
-_TMP_SUFFIX = ".tmp"
 _CHUNK = 1 << 22
-_MAX_PAYLOAD = 1 << 30
-"""Largest payload fsck reads where a namespace does not state its block size (1 GiB)."""
 _IDENTITY_MAX = 1 << 16
 
 AGE_BUCKETS: tuple[tuple[str, float], ...] = (
@@ -67,10 +71,6 @@ Progress = Callable[[int, int], None]
 
 class NotATierError(ValueError):
     """The directory holds no kvtier disk tier (no namespace folder of block files)."""
-
-
-def _block_suffix() -> str:
-    return DiskStorage(".", 0, 1).path(0).suffix
 
 
 @dataclass
@@ -136,20 +136,19 @@ class _Listing:
 
 def _list(folder: _Folder) -> _Listing:
     """Block files, leftover temp files (no live writer), in-progress temps, other entries."""
-    suffix = _block_suffix()
     out = _Listing()
     for entry in sorted(os.scandir(folder.fd), key=lambda e: e.name):
         name = entry.name
-        if name.startswith(STATE_PREFIX) and not name.endswith(_TMP_SUFFIX):
+        if name.startswith(STATE_PREFIX) and not name.endswith(TMP_SUFFIX):
             continue  # the tier's own bookkeeping (block count, identity)
         if not entry.is_file(follow_symlinks=False):
             out.other += 1
-        elif name.endswith(_TMP_SUFFIX):
+        elif name.endswith(TMP_SUFFIX):
             if is_leftover_at(folder.fd, name):
                 out.leftovers.append(name)
             else:
                 out.in_progress += 1
-        elif name.endswith(suffix):
+        elif name.endswith(BLOCK_SUFFIX):
             out.blocks.append(name)
         else:
             out.other += 1
@@ -198,21 +197,11 @@ def verify_block_file(
             raise BlockFileError(
                 f"fingerprint {header.fingerprint:016x} in a folder of {folder_fingerprint:016x}"
             )
-        expected = DiskStorage(path.parent.parent, header.fingerprint, 1).path(header.sequence_hash)
-        if path.name != expected.name:
+        if path.name != block_file_name(header.sequence_hash):
             raise BlockFileError(
                 f"holds sequence hash {header.sequence_hash:016x}, named {path.name}"
             )
-        limit = block_bytes if block_bytes is not None else _MAX_PAYLOAD
-        if header.payload_len > limit or (block_bytes and header.payload_len != block_bytes):
-            raise BlockFileError(
-                f"header claims a {header.payload_len}-byte payload; blocks here are "
-                + (f"{block_bytes} bytes" if block_bytes else f"at most {limit} bytes")
-            )
-        if size != file_size(header.payload_len):
-            raise BlockFileError(
-                f"file is {size} bytes, expected {file_size(header.payload_len)} (truncated?)"
-            )
+        check_geometry(header, size, block_bytes)
         digest = xxhash.xxh3_64()
         offset, left = HEADER_SIZE, header.payload_len
         while left:

@@ -56,15 +56,19 @@ def scan_names(d: TierDir, writable: bool) -> list[int]:
     return hashes
 
 
-def check_geometry(header: BlockHeader, size: int, block_bytes: int) -> None:
-    if header.payload_len != block_bytes:
-        raise BlockFileError(
-            f"payload is {header.payload_len} bytes, blocks here are {block_bytes}"
-        )
-    if size != file_size(header.payload_len):
-        raise BlockFileError(
-            f"file is {size} bytes, expected {file_size(header.payload_len)} (truncated?)"
-        )
+MAX_PAYLOAD = 1 << 30
+"""Largest payload accepted where a namespace does not state its block size (1 GiB)."""
+
+
+def check_geometry(header: BlockHeader, size: int, block_bytes: int | None) -> None:
+    """The payload is ``block_bytes`` long (None: at most ``MAX_PAYLOAD``) and the file exactly
+    holds it; checked before any payload byte is read."""
+    plen = header.payload_len
+    if plen > MAX_PAYLOAD if block_bytes is None else plen != block_bytes:
+        want = f"at most {MAX_PAYLOAD}" if block_bytes is None else str(block_bytes)
+        raise BlockFileError(f"header claims a {plen}-byte payload; blocks here are {want} bytes")
+    if size != file_size(plen):
+        raise BlockFileError(f"file is {size} bytes, expected {file_size(plen)} (truncated?)")
 
 
 def read_header(d: TierDir, name: str, fingerprint: int, h: int, block_bytes: int) -> StoredBlock:

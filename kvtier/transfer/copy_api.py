@@ -22,8 +22,8 @@ Contract for implementers (``CopyEngine``):
   copy. Layers complete in order. A failure sets ``error`` (an exception naming the blocks) and
   completes all layers; the copy never raises into the caller's thread. ``CopyFuture`` below is a
   ready-made thread-safe handle an engine may complete from its own thread.
-- ``SubmittingEngine`` maps both verbs onto one ``_submit(to_host, ...)``; ``copy_failure`` builds
-  the ``CopyError`` (direction and blocks named) a failed handle carries; both engines use them.
+- An engine subclasses ``CopyEngine``, which maps both verbs onto one ``_submit(to_host, ...)``;
+  ``copy_failure`` builds the ``CopyError`` (direction and blocks named) a failed handle carries.
 """
 
 from __future__ import annotations
@@ -36,12 +36,10 @@ from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
 
 __all__ = [
-    "CopyDirection",
     "CopyEngine",
     "CopyError",
     "CopyFuture",
     "CopyHandle",
-    "SubmittingEngine",
     "check_ids",
     "copy_failure",
 ]
@@ -77,7 +75,11 @@ class CopyHandle(Protocol):
 
 @runtime_checkable
 class CopyEngine(Protocol):
-    """Moves batches of blocks between device storage and host rows (see the module docstring)."""
+    """Moves batches of blocks between device storage and host rows (see the module docstring).
+
+    An engine subclasses this and implements ``_submit``: both directions validate, queue and
+    complete alike; only the direction flag differs.
+    """
 
     def start(self) -> None: ...
 
@@ -90,7 +92,8 @@ class CopyEngine(Protocol):
         device_ids: Sequence[int],
         host_ids: Sequence[int],
         gate: object | None = None,
-    ) -> CopyHandle: ...
+    ) -> CopyHandle:
+        return self._submit(True, device, host, device_ids, host_ids, gate)
 
     def host_to_device(
         self,
@@ -99,6 +102,17 @@ class CopyEngine(Protocol):
         host_ids: Sequence[int],
         device_ids: Sequence[int],
         gate: object | None = None,
+    ) -> CopyHandle:
+        return self._submit(False, device, host, device_ids, host_ids, gate)
+
+    def _submit(
+        self,
+        to_host: bool,
+        device: DeviceStorage,
+        host: HostStorage,
+        device_ids: Sequence[int],
+        host_ids: Sequence[int],
+        gate: object | None,
     ) -> CopyHandle: ...
 
 
@@ -159,18 +173,11 @@ class CopyFuture:
         return self._error is None
 
 
-class CopyDirection:
-    """Names of the two directions, used in error messages."""
-
-    D2H = "device->host"
-    H2D = "host->device"
-
-
 def copy_failure(
     to_host: bool, device_ids: Sequence[int], host_ids: Sequence[int], exc: BaseException
 ) -> CopyError:
     """The ``CopyError`` a handle carries when a batch fails: names the direction and blocks."""
-    direction = CopyDirection.D2H if to_host else CopyDirection.H2D
+    direction = "device->host" if to_host else "host->device"
     err = CopyError(
         f"{direction} copy of device blocks {list(device_ids)} / host blocks {list(host_ids)} "
         f"failed: {exc}",
@@ -179,44 +186,6 @@ def copy_failure(
     )
     err.__cause__ = exc
     return err
-
-
-class SubmittingEngine:
-    """The protocol's two verbs, as one ``_submit(to_host, ...)`` that each engine implements.
-
-    Why: both directions validate, queue and complete alike; only the direction flag differs.
-    """
-
-    def device_to_host(
-        self,
-        device: DeviceStorage,
-        host: HostStorage,
-        device_ids: Sequence[int],
-        host_ids: Sequence[int],
-        gate: object | None = None,
-    ) -> CopyHandle:
-        return self._submit(True, device, host, device_ids, host_ids, gate)
-
-    def host_to_device(
-        self,
-        host: HostStorage,
-        device: DeviceStorage,
-        host_ids: Sequence[int],
-        device_ids: Sequence[int],
-        gate: object | None = None,
-    ) -> CopyHandle:
-        return self._submit(False, device, host, device_ids, host_ids, gate)
-
-    def _submit(
-        self,
-        to_host: bool,
-        device: DeviceStorage,
-        host: HostStorage,
-        device_ids: Sequence[int],
-        host_ids: Sequence[int],
-        gate: object | None,
-    ) -> CopyHandle:
-        raise NotImplementedError
 
 
 def check_ids(

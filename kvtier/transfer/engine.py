@@ -15,12 +15,10 @@ from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
 from kvtier.transfer.batch_copy import copy_batch as copy_batch
 from kvtier.transfer.batch_copy import runs as runs
-from kvtier.transfer.copy_api import CopyDirection as CopyDirection
 from kvtier.transfer.copy_api import CopyEngine as CopyEngine
 from kvtier.transfer.copy_api import CopyError as CopyError
 from kvtier.transfer.copy_api import CopyFuture as CopyFuture
 from kvtier.transfer.copy_api import CopyHandle as CopyHandle
-from kvtier.transfer.copy_api import SubmittingEngine as SubmittingEngine
 from kvtier.transfer.copy_api import check_ids as check_ids
 from kvtier.transfer.copy_api import copy_failure as copy_failure
 
@@ -51,7 +49,7 @@ def _open_gate(gate: object | None, closed: Callable[[], bool]) -> None:
     raise TypeError(f"gate must be None, a threading.Event or a CUDA event, got {type(gate)}")
 
 
-class TorchCopyEngine(SubmittingEngine):
+class TorchCopyEngine(CopyEngine):
     """``CopyEngine`` with torch indexing on one worker thread (CPU, or CUDA without kernels).
 
     On CPU each (layer, run of consecutive ids) is one numpy slice copy (a memcpy that releases

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvtier.hashing import hash_chain, sequence_hashes
-from kvtier.tokens import TokenBlockSequence
+from kvtier.tokens import SequenceHashes
 
 tokens_st = st.lists(st.integers(0, 2**32 - 1), max_size=80)
 seed_st = st.integers(0, 2**64 - 1)
@@ -40,21 +40,12 @@ def test_bulk_matches_spec(tokens: list[int], block_size: int, seed: int) -> Non
 def test_incremental_matches_bulk(
     tokens: list[int], block_size: int, seed: int, cuts: list[int]
 ) -> None:
-    """Any split into initial tokens, extends and appends, with truncations: the same chain."""
-    first = cuts[0] if cuts else 0
-    seq = TokenBlockSequence(tokens[:first], block_size=block_size, salt_hash=seed)
-    for i, t in enumerate(tokens[len(seq) :]):
-        if i % 3 == 0:
-            seq.append(t)
-        else:
-            seq.extend([t])
-    assert seq.sequence_hashes() == spec(tokens, block_size, seed)
-    for cut in cuts[1:]:
-        keep = min(cut, len(seq))
-        seq.truncate(keep)
-        assert seq.tokens() == tokens[:keep]
-        seq.extend(tokens[keep:])
-        assert seq.sequence_hashes() == spec(tokens, block_size, seed)
+    """Any split into advances (prefill chunks, single decode blocks): the same chain."""
+    seq = SequenceHashes(block_size, seed)
+    for cut in [*cuts, *range(len(tokens) + 1)]:
+        seq.advance(tokens, min(cut, len(tokens)))
+        assert seq.hashes == spec(tokens[: seq.num_tokens], block_size, seed)
+    assert seq.hashes == spec(tokens, block_size, seed)
     split = len(tokens) // 2 // block_size * block_size
     head = sequence_hashes(tokens[:split], block_size, seed)
     _, tail = hash_chain(tokens[split:], block_size, seed, head[-1] if head else None)

@@ -15,11 +15,13 @@ plan = [m.name for m in pkgutil.walk_packages(kvtier.plan.__path__, "kvtier.plan
 for name in mods + plan:
     __import__(name)
 from kvtier.core import BlockPool
-from kvtier.tokens import TokenBlockSequence
+from kvtier.tokens import SequenceHashes
 pool = BlockPool(4)
 (b,) = pool.allocate(1)
 b.mark_complete()
-pool.register(b, TokenBlockSequence(list(range(16)), block_size=16).sequence_hashes()[0]).release()
+seq = SequenceHashes(16)
+seq.advance(list(range(16)), 16)
+pool.register(b, seq.hashes[0]).release()
 from kvtier.plan.planner import G2, PlannerConfig, TierPlanner
 planner = TierPlanner(PlannerConfig(host_blocks=2, disk_blocks=0))
 planner.store(7, None)

@@ -15,6 +15,7 @@ from kvtier.lifecycle import Lifecycle
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.pinned import ChunkedPinner
+from kvtier.transfer.copy_api import CopyEngine, check_ids, copy_failure
 from kvtier.transfer.cuda.config import CudaCopyConfig
 from kvtier.transfer.cuda.dma import RowDma, check_pinned, host_runs, join_streams
 from kvtier.transfer.cuda.events import new_event, new_stream, record_through
@@ -23,7 +24,6 @@ from kvtier.transfer.cuda.handle import CudaCopyHandle
 from kvtier.transfer.cuda.ids import IdRing
 from kvtier.transfer.cuda.lane import Lane, chunk_bounds
 from kvtier.transfer.cuda.plan import triton_available
-from kvtier.transfer.engine import SubmittingEngine, check_ids, copy_failure
 
 __all__ = ["CudaCopyConfig", "CudaCopyEngine", "CudaCopyHandle", "chunk_bounds"]
 
@@ -39,7 +39,7 @@ class _Batch(NamedTuple):
     handle: CudaCopyHandle
 
 
-class CudaCopyEngine(SubmittingEngine, Lifecycle):
+class CudaCopyEngine(CopyEngine, Lifecycle):
     """``CopyEngine`` for device tensors on a CUDA GPU (see the module docstring).
 
     The constructor only validates and records; ``start()`` creates streams; ``close()`` waits for
@@ -146,7 +146,7 @@ class CudaCopyEngine(SubmittingEngine, Lifecycle):
         """Whether gathers/scatters run as Triton kernels (False: torch indexing ops)."""
         return self._gather.use_triton
 
-    # -- submission (the protocol's two verbs are SubmittingEngine's) -----------------------
+    # -- submission (the protocol's two verbs are CopyEngine's) -----------------------------
 
     def _submit(
         self,

@@ -3,7 +3,7 @@
 Why a file of its own: this is the device half of ``mode="dma"``. With Triton, every layer of a
 chunk moves in one launch driven by a table of layer addresses (when all layers share strides),
 else one launch per segment; without Triton, or for geometries that are not 4-byte multiples,
-torch indexing ops do the same (``plan.torch_gather`` / ``torch_scatter``). Per-storage
+torch indexing ops do the same (``plan.torch_move``). Per-storage
 segment lists and per-lane address tables are cached here; ``clear()`` drops them.
 """
 
@@ -13,7 +13,7 @@ import torch
 
 from kvtier.storage.device import DeviceStorage
 from kvtier.transfer.cuda.events import record_through
-from kvtier.transfer.cuda.plan import Segment, segments_of, torch_gather, torch_scatter
+from kvtier.transfer.cuda.plan import Segment, segments_of, torch_move
 
 __all__ = ["DeviceGather"]
 
@@ -64,7 +64,7 @@ class DeviceGather:
         segs = self.segments(device)
         last_layer = device.layout.model.num_layers - 1
         if segs is None:
-            (torch_gather if to_rows else torch_scatter)(device, idx, staging_slot)
+            torch_move(device, idx, staging_slot, to_rows=to_rows)
             record_through(layer_events, 0, last_layer)
             return
         from kvtier.transfer.cuda.kernels import launch_segment, launch_segments

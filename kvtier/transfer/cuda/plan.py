@@ -4,8 +4,8 @@ Why this exists: the CUDA engine moves pieces between three places (engine-owned
 a device staging buffer of canonical rows, pinned host rows). A ``Segment`` describes one group of
 pieces (one layer of a layer-separate layout, or whole blocks of a fully contiguous one) as word
 offsets, so one Triton launch (``kernels.copy_pieces_kernel``) moves a segment for a whole
-batch. When Triton is missing, or a geometry is not 4-byte aligned, ``torch_gather`` /
-``torch_scatter`` do the same with indexing ops (two device passes, still far faster than PCIe).
+batch. When Triton is missing, or a geometry is not 4-byte aligned, ``torch_move`` does the
+same with indexing ops (two device passes, still far faster than PCIe).
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ __all__ = [
     "Segment",
     "segments_of",
     "tile_words",
-    "torch_gather",
-    "torch_scatter",
+    "torch_move",
     "triton_available",
     "words",
 ]
@@ -114,25 +113,19 @@ def _staging_layer(
     return view
 
 
-def torch_gather(device: DeviceStorage, idx: torch.Tensor, staging: torch.Tensor) -> None:
-    """Gather blocks ``idx`` of ``device`` into the first rows of ``staging`` (canonical rows)."""
+def torch_move(
+    device: DeviceStorage, idx: torch.Tensor, staging: torch.Tensor, *, to_rows: bool
+) -> None:
+    """Gather (``to_rows``) blocks ``idx`` of ``device`` into the first rows of ``staging``
+    (canonical rows), or scatter those rows into blocks ``idx``."""
     n = idx.numel()
+    outer_first = device.layout.kind is LayoutKind.OUTER_FIRST
+    dim = 1 if outer_first else 0  # the block axis of a layer's bytes
     for layer in range(device.layout.model.num_layers):
-        src = device.layer_bytes(layer)
-        dst = _staging_layer(staging, device, layer, n)
-        if device.layout.kind is LayoutKind.OUTER_FIRST:
-            dst.copy_(src.index_select(1, idx).transpose(0, 1))
+        dev = device.layer_bytes(layer)
+        rows = _staging_layer(staging, device, layer, n)
+        if to_rows:
+            picked = dev.index_select(dim, idx)
+            rows.copy_(picked.transpose(0, 1) if outer_first else picked)
         else:
-            dst.copy_(src.index_select(0, idx))
-
-
-def torch_scatter(device: DeviceStorage, idx: torch.Tensor, staging: torch.Tensor) -> None:
-    """Scatter the first rows of ``staging`` into blocks ``idx`` of ``device``."""
-    n = idx.numel()
-    for layer in range(device.layout.model.num_layers):
-        dst = device.layer_bytes(layer)
-        src = _staging_layer(staging, device, layer, n)
-        if device.layout.kind is LayoutKind.OUTER_FIRST:
-            dst.index_copy_(1, idx, src.transpose(0, 1))
-        else:
-            dst.index_copy_(0, idx, src)
+            dev.index_copy_(dim, idx, rows.transpose(0, 1) if outer_first else rows)
