@@ -11,6 +11,11 @@ Precedence, highest first: ``kv_connector_extra_config`` key, ``KVTIER_*`` varia
 variable, the default. Sizes in blocks override sizes in GB, whichever source each came from.
 Unknown ``kv_connector_extra_config`` keys are refused (a typo must not silently do nothing).
 The knobs themselves are the table ``KNOBS`` in ``kvtier.knobs``. This module imports no torch.
+
+The tier knobs become ``KvTierConfig.from_settings`` (which re-raises a refused field as a
+``SettingsError`` naming the knob as given); what is not tier configuration is read from the
+settings directly: vLLM-facing switches (``load_failure_policy``, ``cross_layer_blocks``) and
+telemetry (``metrics*``, ``events*``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,33 @@
 Why: every tier (G1 device, G2 host, G3 disk) needs the same bookkeeping over a fixed number of
 slots; only the bytes differ, and those live in the data plane. This is pure Python, no torch.
 The eviction order is ``kvtier.core.eviction``; argument checks ``pool_checks``; the O(pool)
-verification ``pool_invariants``.
+verification ``pool_invariants`` (the invariants are listed there).
+
+A slot's states::
+
+            allocate()              append_tokens (full) / mark_complete()
+  [free] ------------> RESET ---------------------------------------------> COMPLETE
+    ^                    |  append_tokens (not full)                      ^      |
+    |                    v                                                |      | register(h)
+    |                 PARTIAL --- append_tokens (full) / mark_complete() -+      v
+    |                                                                   REGISTERED (immutable)
+    |   release() of a MutableBlock (any mutable state); register() of a     |  refs > 0: active
+    +-- duplicate hash (dedup frees it); eviction or remove() of an inactive  |  refs = 0: inactive,
+        REGISTERED block; last release() of a removed one <------------------+  still matchable
+
+Anything else raises ``BlockStateError`` (registering a non-COMPLETE block, appending past the
+block size or to a COMPLETE block, marking a COMPLETE block complete) and changes nothing.
+
+Eviction and the verbs: only inactive leaves are evicted (ref count 0, no registered child here),
+so a chain is eaten from its tail and a shared prefix outlives its branches; among them the lowest
+``priority`` first, then the least recently released (the release tick is taken when the ref
+count drops to 0, or at ``restore``). ``match`` takes references, so the next release refreshes
+recency; ``contains`` and ``lookup`` refresh nothing. ``allocate(n)`` evicts only what it needs
+beyond the free slots and is all or nothing. ``remove(h)`` unregisters at once (``RemoveEvent``
+now; the slot is freed now if inactive, else on the last release). ``match_group`` takes the same
+references as ``match`` behind one handle, about 3x cheaper for long prefixes: use it on hot
+paths. Every verb is O(1) or O(log n) per block it touches, never O(pool size); only
+``check_invariants()`` scans the pool.
 """
 
 from __future__ import annotations

@@ -2,6 +2,22 @@
 
 Why apart: it is O(pool size), for the property tests and the ``check`` tooling, never the
 serving path; the pool's own file keeps to the verbs. It reads the pool's private structures.
+
+The rules, checked after every step of the property test:
+
+1. Every slot is exactly one of: free (in the free list), mutable (RESET/PARTIAL/COMPLETE, owned
+   by one ``MutableBlock``, ref count 0), registered-linked (in the hash index under its own
+   hash), registered-unlinked (removed while held: ref count > 0, freed on last release);
+   ``num_free + used == capacity``.
+2. The hash index maps each sequence hash to the one linked slot holding it (dedup: never two).
+3. ``num_inactive`` = linked slots with ref count 0; ``num_active = capacity - num_free -
+   num_inactive``.
+4. The child count of a hash = linked slots whose parent is that hash.
+5. Every eviction candidate (linked, ref count 0, child count 0) has a heap entry whose key
+   ``(priority, release tick, block id)`` matches the slot; stale entries are skipped on pop and
+   compacted away when they outnumber the live ones.
+6. With a registry: the registry holds ``(tier, h)`` exactly for the hashes in the index. One
+   pool per tier per registry (a second ``Store`` of a hash in a tier raises ``RegistryError``).
 """
 
 from __future__ import annotations
@@ -16,7 +32,7 @@ if TYPE_CHECKING:
 
 
 def check_invariants(pool: BlockPool) -> None:
-    """Raise ``InvariantError`` naming the first break (the rules are in docs/design.md)."""
+    """Raise ``InvariantError`` naming the first break (the rules: the module docstring)."""
 
     def fail(msg: str) -> None:
         raise InvariantError(f"pool {pool._tier}: {msg}")

@@ -3,6 +3,8 @@
 Why: matching walks tiers (G2 then G3), offload skips blocks a target already holds, and KV events
 tell routers what is cached where. Pools report every arrival and departure here; events wait in a
 queue until the caller drains them (no callbacks into foreign code from inside a pool operation).
+A ``StoreEvent`` is queued when a hash first appears in a tier, a ``RemoveEvent`` when it leaves;
+``event_id`` increases by one per event; dedup and re-matching emit nothing.
 """
 
 from __future__ import annotations

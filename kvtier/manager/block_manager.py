@@ -48,7 +48,7 @@ def _pool_of(index: SlotIndex) -> BlockPool:
 class KvBlockManager(Lifecycle):
     """Tiered KV block manager: G1 device, G2 host, G3 disk, with polled asynchronous transfers.
 
-    Calls (docs/design.md, "Facade"): ``register_device_kv``, ``start`` / ``close`` / ``with``,
+    Calls: ``register_device_kv``, ``start`` / ``close`` / ``with``,
     ``offload`` (G2, and G3 through the cascade, from G2 or, when G2 is absent or full, from the
     device), ``match`` (pins a G2-then-G3 prefix), ``onboard`` (takes a match's pins over),
     ``poll`` (the only place outcomes reach the planner), ``wait`` / ``wait_all``, ``stats``,

@@ -31,6 +31,10 @@ Filesystem requirements: POSIX ``link``/``unlink``/``rename`` atomic in one dire
 honoured between processes (local filesystems; NFSv4 and NFSv3 with NLM, where Linux maps
 ``flock`` to byte-range locks; Lustre with ``-o flock``; GPFS). On a mount where locks are not
 honoured across hosts the count can drift by the writes racing on it, never serving wrong bytes.
+On NFS an open file deleted by another host may read as ``ESTALE``: a miss, not an error. Files
+on disk exceed the bound only by the temporary files in flight (at most ``io_threads`` per
+process). Tests with real processes: ``tests/data/test_shared_dir.py``,
+``tests/data/test_disk_safety.py``, ``tests/vllm/test_e2e_shared_g3.py``.
 """
 
 from __future__ import annotations

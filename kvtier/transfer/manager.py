@@ -10,7 +10,8 @@ apply to the pools. A failed batch carries a ``TransferError`` naming its blocks
 Paths: device->host and host->device go to the ``CopyEngine``; host->disk to ``DiskIo``;
 disk->device to the owner's ``DiskToDeviceLoader`` (its own thread, so layer-wise waits never
 depend on anyone polling); device->disk copies to staging rows (``stage_blocks``), then writes
-them (chained in ``poll``).
+them (chained in ``poll``). Queued batches start onboards first, while the blocks in flight stay
+under ``max_inflight_blocks`` (a lone larger batch runs alone).
 """
 
 from __future__ import annotations

@@ -22,6 +22,10 @@ Per request, vLLM passes ``SamplingParams.extra_args["kv_transfer_params"]`` to 
 choice), ``"load"`` (everything matched), ``"recompute"`` (nothing), and ``kvtier_load_tokens``:
 load at most that many tokens (rounded down to whole blocks), past the cost model. A bad value
 is logged as a warning naming it and ignored (the request is served as with ``"auto"``).
+
+Not modelled: chunked prefill's extra steps, requests vLLM has not asked about yet, and loads of
+one step running in parallel on a worker (the model queues them one after another, so it errs
+towards recompute at high concurrency).
 """
 
 from __future__ import annotations
