@@ -49,9 +49,10 @@ from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import LayoutKind, default_layout
 from kvtier.storage.remote import default_parallel
+from kvtier.transfer.copy_api import CopyEngine
 from kvtier.transfer.disk_io import DiskIo
 from kvtier.transfer.disk_load import DiskLoadConfig, DiskToDeviceLoader
-from kvtier.transfer.engine import CopyEngine, TorchCopyEngine
+from kvtier.transfer.engine import TorchCopyEngine
 from kvtier.transfer.manager import TransferManager, TransferPath
 
 MODEL = ModelConfig(num_layers=32, block_size=16, num_kv_heads=8, head_dim=128, dtype="bfloat16")

@@ -40,9 +40,10 @@ from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage, aligned_empty
 from kvtier.storage.layout import detect_layout
+from kvtier.transfer.copy_api import CopyEngine
 from kvtier.transfer.disk_io import DiskIo
 from kvtier.transfer.disk_load import DiskLoadConfig, DiskToDeviceLoader
-from kvtier.transfer.engine import CopyEngine, TorchCopyEngine
+from kvtier.transfer.engine import TorchCopyEngine
 
 GB = 1e9
 SHAPES = {

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvtier.executor.plane import RankDataPlane
+from kvtier.transfer.copy_api import CopyEngine, CopyHandle
 from kvtier.transfer.disk_load import DiskLoadHandle
-from kvtier.transfer.engine import CopyEngine, CopyHandle
 from kvtier.vllm.metadata import LoadJob, WorkerReport
 from kvtier.vllm.remote_exec import RemoteExecutor, RemoteFetch
 

@@ -25,10 +25,11 @@ from kvtier.storage.host import HostStorage
 from kvtier.storage.identity import ModelIdentity
 from kvtier.storage.layout import KvLayout
 from kvtier.storage.pinned import ChunkedPinner
+from kvtier.transfer.copy_api import CopyEngine
 from kvtier.transfer.cuda.config import CudaCopyConfig
 from kvtier.transfer.disk_io import DiskIo
 from kvtier.transfer.disk_load import DiskLoadConfig, DiskToDeviceLoader
-from kvtier.transfer.engine import CopyEngine, TorchCopyEngine
+from kvtier.transfer.engine import TorchCopyEngine
 
 __all__ = ["DataPlaneConfig", "RankDataPlane"]
 

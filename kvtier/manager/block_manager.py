@@ -31,7 +31,7 @@ from kvtier.manager.tiers import DevicePool, DiskPool, HostPool
 from kvtier.plan.planner import PlannerConfig, TierPlanner
 from kvtier.plan.slots import SlotIndex
 from kvtier.storage.layout import KvLayout, LayoutKind, default_layout, detect_layout
-from kvtier.transfer.engine import CopyEngine
+from kvtier.transfer.copy_api import CopyEngine
 from kvtier.transfer.manager import TransferManager
 
 if TYPE_CHECKING:

@@ -12,8 +12,9 @@ publishes what its G1 pool stores and evicts; kvtier publishes what G2 (medium `
 - an optional ROUTER replay socket answers ``[b"", start_seq(8 bytes)]`` with every buffered batch
   from that number on, then an end marker whose sequence number is -1 (as vLLM 0.32 does).
 
-The wire format is ``kvtier.ops.event_wire``, the sockets ``kvtier.ops.event_stream``; their
-names import from here too. This module maps the registry's events onto the wire.
+The wire format is ``kvtier.ops.event_wire``, the sockets ``kvtier.ops.event_stream``
+(``KvEventSubscriber`` imports from here too, as docs/operations.md shows). This module maps the
+registry's events onto the wire.
 """
 
 from __future__ import annotations
@@ -21,23 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Sequence
 
 from kvtier.core.registry import RemoveEvent, StoreEvent, TierEvent
-from kvtier.ops.event_stream import EventsConfig as EventsConfig
-from kvtier.ops.event_stream import KvEventPublisher as KvEventPublisher
 from kvtier.ops.event_stream import KvEventSubscriber as KvEventSubscriber
-from kvtier.ops.event_stream import ReceivedBatch as ReceivedBatch
-from kvtier.ops.event_wire import END_SEQ as END_SEQ
-from kvtier.ops.event_wire import MEDIUM_DEVICE as MEDIUM_DEVICE
-from kvtier.ops.event_wire import MEDIUM_DISK as MEDIUM_DISK
-from kvtier.ops.event_wire import MEDIUM_HOST as MEDIUM_HOST
-from kvtier.ops.event_wire import MEDIUM_REMOTE as MEDIUM_REMOTE
-from kvtier.ops.event_wire import TIER_MEDIUM as TIER_MEDIUM
-from kvtier.ops.event_wire import AllBlocksCleared as AllBlocksCleared
-from kvtier.ops.event_wire import BlockRemoved as BlockRemoved
-from kvtier.ops.event_wire import BlockStored as BlockStored
-from kvtier.ops.event_wire import EventBatch as EventBatch
-from kvtier.ops.event_wire import KvEvent as KvEvent
-from kvtier.ops.event_wire import decode_batch as decode_batch
-from kvtier.ops.event_wire import encode_batch as encode_batch
+from kvtier.ops.event_wire import TIER_MEDIUM, BlockRemoved, BlockStored, KvEvent
 
 
 def events_from_tier_events(

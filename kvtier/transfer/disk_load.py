@@ -39,8 +39,8 @@ from kvtier.storage.block_file import BlockHeader
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskBlockError
 from kvtier.storage.host import HostStorage
+from kvtier.transfer.copy_api import CopyEngine, CopyHandle
 from kvtier.transfer.disk_io import DiskIo
-from kvtier.transfer.engine import CopyEngine, CopyHandle
 
 __all__ = ["DiskLoadConfig", "DiskLoadHandle", "DiskToDeviceLoader"]
 

@@ -14,7 +14,7 @@ import torch
 
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
-from kvtier.transfer.engine import CopyEngine, CopyHandle
+from kvtier.transfer.copy_api import CopyEngine, CopyHandle
 
 __all__ = ["stage_blocks"]
 

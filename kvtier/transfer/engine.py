@@ -1,6 +1,6 @@
 """``TorchCopyEngine``: the CPU ``CopyEngine``, ``batch_copy`` on one worker thread.
 
-The contract is ``kvtier.transfer.copy_api`` (its names import from here too); the GPU engine is
+The contract is ``kvtier.transfer.copy_api``; the GPU engine is
 ``kvtier.transfer.cuda``.
 """
 
@@ -13,14 +13,8 @@ from dataclasses import dataclass
 
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
-from kvtier.transfer.batch_copy import copy_batch as copy_batch
-from kvtier.transfer.batch_copy import runs as runs
-from kvtier.transfer.copy_api import CopyEngine as CopyEngine
-from kvtier.transfer.copy_api import CopyError as CopyError
-from kvtier.transfer.copy_api import CopyFuture as CopyFuture
-from kvtier.transfer.copy_api import CopyHandle as CopyHandle
-from kvtier.transfer.copy_api import check_ids as check_ids
-from kvtier.transfer.copy_api import copy_failure as copy_failure
+from kvtier.transfer.batch_copy import copy_batch
+from kvtier.transfer.copy_api import CopyEngine, CopyFuture, CopyHandle, check_ids, copy_failure
 
 
 @dataclass

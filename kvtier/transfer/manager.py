@@ -28,10 +28,10 @@ from kvtier.storage.block_file import BlockHeader
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskBlockError
 from kvtier.storage.host import HostStorage
+from kvtier.transfer.copy_api import CopyEngine, CopyFuture, CopyHandle
 from kvtier.transfer.disk_io import DiskIo
 from kvtier.transfer.disk_load import DiskLoadHandle, DiskToDeviceLoader
 from kvtier.transfer.disk_store import stage_blocks
-from kvtier.transfer.engine import CopyEngine, CopyFuture, CopyHandle
 
 __all__ = ["TransferError", "TransferHandle", "TransferManager", "TransferPath"]
 

@@ -41,13 +41,13 @@ import torch
 from kvtier.executor.plane import RankDataPlane
 from kvtier.executor.stores import DiskWrites
 from kvtier.storage.host import HostStorage
+from kvtier.transfer.copy_api import CopyEngine, CopyHandle
 from kvtier.transfer.cuda.config import CudaCopyConfig
 from kvtier.transfer.cuda.engine import CudaCopyEngine
 from kvtier.transfer.cuda.events import new_event
 from kvtier.transfer.cuda.handle import CudaCopyHandle
 from kvtier.transfer.cuda.plan import triton_available
 from kvtier.transfer.disk_store import stage_blocks
-from kvtier.transfer.engine import CopyEngine, CopyHandle
 from kvtier.vllm.metadata import DiskWrite, StepPlan, WorkerReport
 from kvtier.vllm.remote_exec import RemoteExecutor
 from kvtier.vllm.remote_plan import RemoteWrites

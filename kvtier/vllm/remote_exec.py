@@ -36,7 +36,7 @@ from kvtier.storage.host import HostStorage
 from kvtier.storage.remote import RemoteConfig, RemoteError, RemoteStore
 from kvtier.storage.remote_block import decode_block, remote_key, remote_namespace
 from kvtier.storage.write_behind import WriteBehindQueue
-from kvtier.transfer.engine import CopyFuture
+from kvtier.transfer.copy_api import CopyFuture
 from kvtier.vllm.remote_plan import RemoteLoad, RemoteReport, RemoteWrites
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import fields
 
-from kvtier.ops.events import MEDIUM_REMOTE, BlockStored, KvEvent
+from kvtier.ops.event_wire import MEDIUM_REMOTE, BlockStored, KvEvent
 from kvtier.ops.metrics import KvTierMetrics
 from kvtier.vllm.metadata import WorkerReport
 from kvtier.vllm.remote_plan import RemoteCounters, RemotePlanner

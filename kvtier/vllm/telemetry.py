@@ -42,16 +42,9 @@ from collections.abc import Callable, Mapping, Sequence
 from kvtier.core.onboard_cost import TIERS
 from kvtier.core.registry import RemoveEvent, StoreEvent, TierEvent
 from kvtier.lifecycle import Lifecycle
-from kvtier.ops.events import (
-    MEDIUM_DISK,
-    AllBlocksCleared,
-    BlockRemoved,
-    BlockStored,
-    EventsConfig,
-    KvEvent,
-    KvEventPublisher,
-    events_from_tier_events,
-)
+from kvtier.ops.event_stream import EventsConfig, KvEventPublisher
+from kvtier.ops.event_wire import MEDIUM_DISK, AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+from kvtier.ops.events import events_from_tier_events
 from kvtier.ops.metrics import ONBOARD_TIERS, KvTierMetrics, MetricsConfig, MetricsServer
 from kvtier.plan.planner import G2, G3
 from kvtier.settings import KvTierSettings

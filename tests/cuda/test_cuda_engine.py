@@ -12,8 +12,8 @@ from cuda_helpers import KINDS, MODEL, ODD_MODEL, all_blocks, gpu_device, needs_
 from kvtier.config import ModelConfig
 from kvtier.storage.host import HostStorage
 from kvtier.storage.pinned import PinningError
+from kvtier.transfer.copy_api import CopyEngine, CopyError, CopyHandle
 from kvtier.transfer.cuda import CudaCopyConfig, CudaCopyEngine
-from kvtier.transfer.engine import CopyEngine, CopyError, CopyHandle
 
 pytestmark = [pytest.mark.cuda, needs_cuda]
 

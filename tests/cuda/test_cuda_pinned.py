@@ -8,8 +8,8 @@ from cuda_helpers import MODEL, gpu_device, needs_cuda
 
 from kvtier.storage.host import HostStorage
 from kvtier.storage.pinned import ChunkedPinner, PinningConfig, PinningError
+from kvtier.transfer.copy_api import CopyError
 from kvtier.transfer.cuda import CudaCopyConfig, CudaCopyEngine
-from kvtier.transfer.engine import CopyError
 
 pytestmark = [pytest.mark.cuda, needs_cuda]
 

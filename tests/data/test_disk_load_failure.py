@@ -23,9 +23,10 @@ from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import detect_layout
+from kvtier.transfer.copy_api import CopyHandle
 from kvtier.transfer.disk_io import DiskIo
 from kvtier.transfer.disk_load import DiskLoadConfig, DiskToDeviceLoader
-from kvtier.transfer.engine import CopyHandle, TorchCopyEngine
+from kvtier.transfer.engine import TorchCopyEngine
 
 MODEL = ModelConfig(num_layers=2, block_size=8, num_kv_heads=2, head_dim=64)  # 8 KiB blocks
 NUM_BLOCKS = 24

@@ -12,14 +12,9 @@ from dataplane_helpers import LAYOUT_KINDS, MODEL, engine_tensors, random_rows
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import detect_layout
-from kvtier.transfer.engine import (
-    CopyEngine,
-    CopyError,
-    CopyFuture,
-    CopyHandle,
-    TorchCopyEngine,
-    runs,
-)
+from kvtier.transfer.batch_copy import runs
+from kvtier.transfer.copy_api import CopyEngine, CopyError, CopyFuture, CopyHandle
+from kvtier.transfer.engine import TorchCopyEngine
 
 
 @pytest.fixture

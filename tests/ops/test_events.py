@@ -8,16 +8,14 @@ import msgpack
 import pytest
 import zmq
 
-from kvtier.ops.events import (
+from kvtier.ops.event_stream import EventsConfig, KvEventPublisher, KvEventSubscriber
+from kvtier.ops.event_wire import (
     MEDIUM_DISK,
     MEDIUM_HOST,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     EventBatch,
-    EventsConfig,
-    KvEventPublisher,
-    KvEventSubscriber,
     decode_batch,
     encode_batch,
 )

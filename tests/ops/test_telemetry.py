@@ -16,14 +16,14 @@ from dataclasses import dataclass
 import pytest
 
 from kvtier.hashing import salt_hash, sequence_hashes
-from kvtier.ops.events import (
+from kvtier.ops.event_stream import KvEventSubscriber
+from kvtier.ops.event_wire import (
     MEDIUM_DISK,
     MEDIUM_HOST,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     KvEvent,
-    KvEventSubscriber,
 )
 from kvtier.settings import load_settings
 from kvtier.vllm.metadata import DiskWrite, StepPlan, StoreBatch, WorkerReport

@@ -19,7 +19,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvtier.hashing import salt_hash, sequence_hashes
-from kvtier.ops.events import MEDIUM_HOST, BlockRemoved, BlockStored, KvEventSubscriber
+from kvtier.ops.event_stream import KvEventSubscriber
+from kvtier.ops.event_wire import MEDIUM_HOST, BlockRemoved, BlockStored
 from kvtier.ops.tinymodel import build_tiny_llama
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

@@ -4,7 +4,7 @@ breaker state) and written hashes become ``BlockStored`` events with medium REMO
 
 from __future__ import annotations
 
-from kvtier.ops.events import MEDIUM_REMOTE, BlockStored
+from kvtier.ops.event_wire import MEDIUM_REMOTE, BlockStored
 from kvtier.ops.metrics import KvTierMetrics
 from kvtier.storage.remote import RemoteConfig
 from kvtier.vllm.metadata import WorkerReport

@@ -17,7 +17,7 @@ import torch
 from kvtier.config import KvTierConfig, ModelConfig
 from kvtier.settings import load_settings
 from kvtier.storage.host import HostStorage
-from kvtier.transfer.engine import CopyFuture, CopyHandle
+from kvtier.transfer.copy_api import CopyFuture, CopyHandle
 from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, StoreBatch, WorkerReport
 from kvtier.vllm.worker import KvTierWorker, WorkerConfig
 
