@@ -27,10 +27,8 @@ from typing import Any
 
 from kvtier.config import blocks_in, require_count
 from kvtier.knobs import KNOBS as KNOBS
-from kvtier.knobs import MAX_CACHE_GB as MAX_CACHE_GB
-from kvtier.knobs import Knob as Knob
 
-__all__ = ["KNOBS", "Knob", "KvTierSettings", "SettingsError", "load_settings"]
+__all__ = ["KNOBS", "KvTierSettings", "SettingsError", "load_settings"]
 
 
 class SettingsError(ValueError):

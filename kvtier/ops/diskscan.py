@@ -32,8 +32,8 @@ from kvtier.storage.block_file import (
     BlockHeader,
     block_file_name,
 )
-from kvtier.storage.disk import IDENTITY_FILE, DiskStorage
-from kvtier.storage.disk_scan import TMP_SUFFIX, check_geometry
+from kvtier.storage.disk import DiskStorage
+from kvtier.storage.disk_scan import IDENTITY_FILE, TMP_SUFFIX, check_geometry
 from kvtier.storage.tier_dir import (
     STATE_PREFIX,
     is_leftover_at,

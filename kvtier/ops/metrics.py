@@ -20,9 +20,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kvtier.config import require_count
-from kvtier.ops.hit_rate import SlidingHitRate as SlidingHitRate
-from kvtier.ops.metrics_server import MetricsConfig as MetricsConfig
-from kvtier.ops.metrics_server import MetricsServer as MetricsServer
+from kvtier.ops.hit_rate import SlidingHitRate
 from kvtier.ops.remote_metrics import RemoteMetrics
 
 PATHS: tuple[str, ...] = (

@@ -40,8 +40,8 @@ from kvtier.storage.block_file import (
     file_size,
     payload_checksum,
 )
-from kvtier.storage.disk_scan import IDENTITY_FILE as IDENTITY_FILE
 from kvtier.storage.disk_scan import (
+    IDENTITY_FILE,
     TMP_SUFFIX,
     StoredBlock,
     check_geometry,
@@ -53,7 +53,7 @@ from kvtier.storage.disk_scan import (
 from kvtier.storage.tier_dir import TierDir
 from kvtier.storage.vectored_io import aligned, bytes_of, read_all, write_all
 
-__all__ = ["IDENTITY_FILE", "DiskBlockError", "DiskStorage", "StoredBlock"]
+__all__ = ["DiskBlockError", "DiskStorage", "StoredBlock"]
 
 logger = logging.getLogger(__name__)
 

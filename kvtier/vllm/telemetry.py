@@ -45,7 +45,8 @@ from kvtier.lifecycle import Lifecycle
 from kvtier.ops.event_stream import EventsConfig, KvEventPublisher
 from kvtier.ops.event_wire import MEDIUM_DISK, AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 from kvtier.ops.events import events_from_tier_events
-from kvtier.ops.metrics import ONBOARD_TIERS, KvTierMetrics, MetricsConfig, MetricsServer
+from kvtier.ops.metrics import ONBOARD_TIERS, KvTierMetrics
+from kvtier.ops.metrics_server import MetricsConfig, MetricsServer
 from kvtier.plan.planner import G2, G3
 from kvtier.settings import KvTierSettings
 from kvtier.vllm.metadata import StepPlan, WorkerReport
