@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from dataclasses import asdict
@@ -30,12 +29,7 @@ from kvtier.ops.demo import (
     block_bytes,
     demo_model_spec,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from kvtier.ops.redislocal import free_port
 
 
 class _Session:
@@ -45,7 +39,7 @@ class _Session:
         if mode not in MODES:
             raise ValueError(f"unknown demo mode {mode!r}; expected one of {', '.join(MODES)}")
         self.mode, self.cfg, self.work = mode, cfg, work
-        self.port = _free_port()
+        self.port = free_port()
         self.llm: Any = None
         self.params: Any = None
         self.workload = Workload.build(cfg)

@@ -1,12 +1,12 @@
 """``kvtier inspect`` and ``kvtier fsck``: read a G3 directory, also while engines use it.
 
-Why this exists: an operator must be able to see what a disk tier holds (which models and
-layouts, how many blocks, how old) and to verify it after a crash, a full disk or a copy between
-hosts, without stopping the engines that share it. The file format is the disk tier's own:
-headers are parsed and verified by :class:`kvtier.storage.block_file.BlockHeader`, payloads
-checked with its checksum, sizes by ``disk_scan.check_geometry``; folders and files are opened
-as the tier opens them (``kvtier.storage.tier_dir``: no symlink followed, only regular files,
-never blocking on a FIFO). Nothing here writes a block or takes a lock an engine waits for; a block
+Why this exists: an operator must be able to see what a disk tier holds (which models and layouts,
+how many blocks, how old) and to verify it after a crash, a full disk or a copy between hosts,
+without stopping the engines that share it. The file format is the disk tier's own: headers are
+parsed and verified by :class:`kvtier.storage.block_file.BlockHeader`, payloads checked with its
+checksum, name, fingerprint and sizes by ``disk_scan.check_header``; folders and files are opened as
+the tier opens them (``kvtier.storage.tier_dir``: no symlink followed, only regular files, never
+blocking on a FIFO). Nothing here writes a block or takes a lock an engine waits for; a block
 deleted meanwhile (another process evicted it) is simply gone, and a temporary file a live writer
 holds is in progress, not bad. ``fsck --repair`` only deletes files that failed verification and
 temporary files no writer holds. A payload is hashed in 4 MiB pieces and its claimed length is
@@ -30,10 +30,9 @@ from kvtier.storage.block_file import (
     HEADER_SIZE,
     BlockFileError,
     BlockHeader,
-    block_file_name,
 )
 from kvtier.storage.disk import DiskStorage
-from kvtier.storage.disk_scan import IDENTITY_FILE, TMP_SUFFIX, check_geometry
+from kvtier.storage.disk_scan import IDENTITY_FILE, TMP_SUFFIX, check_header
 from kvtier.storage.tier_dir import (
     STATE_PREFIX,
     is_leftover_at,
@@ -193,15 +192,7 @@ def verify_block_file(
     try:
         size = os.fstat(fd).st_size
         header = BlockHeader.unpack(os.pread(fd, HEADER_SIZE, 0))
-        if header.fingerprint != folder_fingerprint:
-            raise BlockFileError(
-                f"fingerprint {header.fingerprint:016x} in a folder of {folder_fingerprint:016x}"
-            )
-        if path.name != block_file_name(header.sequence_hash):
-            raise BlockFileError(
-                f"holds sequence hash {header.sequence_hash:016x}, named {path.name}"
-            )
-        check_geometry(header, size, block_bytes)
+        check_header(header, path.name, folder_fingerprint, size, block_bytes)
         digest = xxhash.xxh3_64()
         offset, left = HEADER_SIZE, header.payload_len
         while left:

@@ -18,7 +18,13 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kvtier.storage.block_file import HEADER_SIZE, BlockFileError, BlockHeader, file_size
+from kvtier.storage.block_file import (
+    HEADER_SIZE,
+    BlockFileError,
+    BlockHeader,
+    block_file_name,
+    file_size,
+)
 from kvtier.storage.tier_dir import STATE_PREFIX, TierDir
 from kvtier.storage.vectored_io import ALIGN
 
@@ -71,6 +77,20 @@ def check_geometry(header: BlockHeader, size: int, block_bytes: int | None) -> N
         raise BlockFileError(f"file is {size} bytes, expected {file_size(plen)} (truncated?)")
 
 
+def check_header(
+    header: BlockHeader, name: str, fingerprint: int, size: int, block_bytes: int | None
+) -> None:
+    """The header belongs in file ``name`` of folder ``fingerprint`` and fits its size (the
+    wording ``kvtier fsck`` reports); raises BlockFileError."""
+    if header.fingerprint != fingerprint:
+        raise BlockFileError(
+            f"fingerprint {header.fingerprint:016x} in a folder of {fingerprint:016x}"
+        )
+    if name != block_file_name(header.sequence_hash):
+        raise BlockFileError(f"holds sequence hash {header.sequence_hash:016x}, named {name}")
+    check_geometry(header, size, block_bytes)
+
+
 def read_header(d: TierDir, name: str, fingerprint: int, h: int, block_bytes: int) -> StoredBlock:
     """The verified header of block file ``name`` of hash ``h``; raises BlockFileError when bad."""
     fd = d.open_regular(name, os.O_RDONLY)
@@ -80,13 +100,7 @@ def read_header(d: TierDir, name: str, fingerprint: int, h: int, block_bytes: in
     finally:
         os.close(fd)
     header = BlockHeader.unpack(head)
-    if header.fingerprint != fingerprint:
-        raise BlockFileError(
-            f"fingerprint {header.fingerprint:016x}, this tier is {fingerprint:016x}"
-        )
-    if header.sequence_hash != h:
-        raise BlockFileError(f"file name does not match sequence hash in {name}")
-    check_geometry(header, st.st_size, block_bytes)
+    check_header(header, name, fingerprint, st.st_size, block_bytes)
     return StoredBlock(h, header.parent_hash, header.priority, st.st_mtime_ns)
 
 
