@@ -22,7 +22,8 @@ Contract for implementers (``CopyEngine``):
   copy. Layers complete in order. A failure sets ``error`` (an exception naming the blocks) and
   completes all layers; the copy never raises into the caller's thread. ``CopyFuture`` below is a
   ready-made thread-safe handle an engine may complete from its own thread.
-- An engine subclasses ``CopyEngine``, which maps both verbs onto one ``_submit(to_host, ...)``;
+- An engine subclasses ``CopyEngine``, which maps both verbs onto one
+  ``_submit(CopyBatch)``;
   ``copy_failure`` builds the ``CopyError`` (direction and blocks named) a failed handle carries.
 """
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
@@ -73,6 +74,17 @@ class CopyHandle(Protocol):
     def wait_layer(self, layer: int, timeout: float | None = None) -> bool: ...
 
 
+class CopyBatch(NamedTuple):
+    """One call of either verb, as ``CopyEngine._submit`` gets it."""
+
+    to_host: bool
+    device: DeviceStorage
+    host: HostStorage
+    device_ids: Sequence[int]
+    host_ids: Sequence[int]
+    gate: object | None
+
+
 @runtime_checkable
 class CopyEngine(Protocol):
     """Moves batches of blocks between device storage and host rows (see the module docstring).
@@ -93,7 +105,7 @@ class CopyEngine(Protocol):
         host_ids: Sequence[int],
         gate: object | None = None,
     ) -> CopyHandle:
-        return self._submit(True, device, host, device_ids, host_ids, gate)
+        return self._submit(CopyBatch(True, device, host, device_ids, host_ids, gate))
 
     def host_to_device(
         self,
@@ -103,17 +115,9 @@ class CopyEngine(Protocol):
         device_ids: Sequence[int],
         gate: object | None = None,
     ) -> CopyHandle:
-        return self._submit(False, device, host, device_ids, host_ids, gate)
+        return self._submit(CopyBatch(False, device, host, device_ids, host_ids, gate))
 
-    def _submit(
-        self,
-        to_host: bool,
-        device: DeviceStorage,
-        host: HostStorage,
-        device_ids: Sequence[int],
-        host_ids: Sequence[int],
-        gate: object | None,
-    ) -> CopyHandle: ...
+    def _submit(self, batch: CopyBatch) -> CopyHandle: ...
 
 
 class CopyFuture:

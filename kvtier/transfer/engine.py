@@ -1,30 +1,22 @@
 """``TorchCopyEngine``: the CPU ``CopyEngine``, ``batch_copy`` on one worker thread.
 
-The contract is ``kvtier.transfer.copy_api``; the GPU engine is
-``kvtier.transfer.cuda``.
+The contract is ``kvtier.transfer.copy_api``; the GPU engine is ``kvtier.transfer.cuda``.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvtier.storage.device import DeviceStorage
-from kvtier.storage.host import HostStorage
 from kvtier.transfer.batch_copy import copy_batch
-from kvtier.transfer.copy_api import CopyEngine, CopyFuture, CopyHandle, check_ids, copy_failure
+from kvtier.transfer.copy_api import CopyBatch, CopyEngine, CopyFuture, check_ids, copy_failure
 
 
 @dataclass
 class _Job:
-    to_host: bool
-    device: DeviceStorage
-    host: HostStorage
-    device_ids: tuple[int, ...]
-    host_ids: tuple[int, ...]
-    gate: object | None
+    batch: CopyBatch  # its id lists copied to tuples: the caller may reuse its lists
     future: CopyFuture
 
 
@@ -76,25 +68,18 @@ class TorchCopyEngine(CopyEngine):
         for fut in stuck:
             fut.fail(RuntimeError("copy engine closed before the copy ran (gate never opened?)"))
 
-    def _submit(
-        self,
-        to_host: bool,
-        device: DeviceStorage,
-        host: HostStorage,
-        device_ids: Sequence[int],
-        host_ids: Sequence[int],
-        gate: object | None,
-    ) -> CopyHandle:
+    def _submit(self, batch: CopyBatch) -> CopyFuture:
         if self._thread is None or self._closed:
             raise RuntimeError("TorchCopyEngine is not started")
-        check_ids(device, host, device_ids, host_ids)
-        fut = CopyFuture(device.layout.model.num_layers)
-        if not device_ids:
+        check_ids(batch.device, batch.host, batch.device_ids, batch.host_ids)
+        fut = CopyFuture(batch.device.layout.model.num_layers)
+        if not batch.device_ids:
             fut.complete()
             return fut
         with self._lock:
             self._pending.add(fut)
-        self._queue.put(_Job(to_host, device, host, tuple(device_ids), tuple(host_ids), gate, fut))
+        own = batch._replace(device_ids=tuple(batch.device_ids), host_ids=tuple(batch.host_ids))
+        self._queue.put(_Job(own, fut))
         return fut
 
     def _run(self) -> None:
@@ -102,14 +87,13 @@ class TorchCopyEngine(CopyEngine):
             job = self._queue.get()
             if job is None:
                 return
+            b = job.batch
             try:
-                _open_gate(job.gate, lambda: self._closed)
-                copy_batch(
-                    job.to_host, job.device, job.host, job.device_ids, job.host_ids, job.future
-                )
+                _open_gate(b.gate, lambda: self._closed)
+                copy_batch(b.to_host, b.device, b.host, b.device_ids, b.host_ids, job.future)
                 job.future.complete()
             except Exception as exc:  # the handle carries the failure to the poller
-                job.future.fail(copy_failure(job.to_host, job.device_ids, job.host_ids, exc))
+                job.future.fail(copy_failure(b.to_host, b.device_ids, b.host_ids, exc))
             finally:
                 with self._lock:
                     self._pending.discard(job.future)

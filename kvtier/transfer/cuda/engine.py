@@ -6,7 +6,6 @@ The package docstring (``kvtier/transfer/cuda/__init__.py``) is the overview: ho
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -15,7 +14,7 @@ from kvtier.lifecycle import Lifecycle
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.host import HostStorage
 from kvtier.storage.pinned import ChunkedPinner
-from kvtier.transfer.copy_api import CopyEngine, check_ids, copy_failure
+from kvtier.transfer.copy_api import CopyBatch, CopyEngine, check_ids, copy_failure
 from kvtier.transfer.cuda.config import CudaCopyConfig
 from kvtier.transfer.cuda.dma import RowDma, check_pinned, host_runs, join_streams
 from kvtier.transfer.cuda.events import new_event, new_stream, record_through
@@ -141,22 +140,10 @@ class CudaCopyEngine(CopyEngine, Lifecycle):
         """Whether runs of host rows cross PCIe as ``cuMemcpyBatchAsync`` batches."""
         return self._row_dma.uses_batches
 
-    @property
-    def uses_triton(self) -> bool:
-        """Whether gathers/scatters run as Triton kernels (False: torch indexing ops)."""
-        return self._gather.use_triton
-
     # -- submission (the protocol's two verbs are CopyEngine's) -----------------------------
 
-    def _submit(
-        self,
-        to_host: bool,
-        device: DeviceStorage,
-        host: HostStorage,
-        device_ids: Sequence[int],
-        host_ids: Sequence[int],
-        gate: object | None,
-    ) -> CudaCopyHandle:
+    def _submit(self, copy: CopyBatch) -> CudaCopyHandle:
+        to_host, device, host, device_ids, host_ids, gate = copy
         if not self._started:
             raise RuntimeError("CudaCopyEngine is not started")
         check_ids(device, host, device_ids, host_ids)

@@ -32,7 +32,6 @@ class CudaCopyHandle:
         self._released: torch.cuda.Event | None = None
         self._error: BaseException | None = None
         self._keep: list[Any] = []  # tensors the GPU still reads; dropped once done
-        self.submitted_at = time.perf_counter()
 
     @property
     def num_layers(self) -> int:
