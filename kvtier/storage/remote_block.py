@@ -47,15 +47,8 @@ def encode_block(
     fingerprint: int, seq_hash: int, parent_hash: int | None, payload: bytes | memoryview
 ) -> bytes:
     """The value of one block: header (with the payload's checksum) + payload."""
-    header = BlockHeader(
-        fingerprint=fingerprint,
-        sequence_hash=seq_hash,
-        parent_hash=parent_hash,
-        priority=0,
-        payload_len=len(payload),
-        checksum=payload_checksum(payload),
-    )
-    return header.pack() + bytes(payload)
+    buf = bytearray(HEADER_SIZE) + payload
+    return bytes(encode_in_place(fingerprint, seq_hash, parent_hash, buf))
 
 
 class ValueBuffers:
