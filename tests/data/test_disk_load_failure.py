@@ -11,7 +11,6 @@ and the next load's bytes are exact.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,8 @@ from kvtier.config import ModelConfig
 from kvtier.storage.block_file import BlockHeader
 from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
-from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import detect_layout
-from kvtier.transfer.copy_api import CopyHandle
+from kvtier.transfer.copy_api import CopyBatch, CopyFuture
 from kvtier.transfer.disk_io import DiskIo
 from kvtier.transfer.disk_load import DiskLoadConfig, DiskToDeviceLoader
 from kvtier.transfer.engine import TorchCopyEngine
@@ -63,22 +61,14 @@ class _RefusingEngine(TorchCopyEngine):
         self.before = before
         self.h2d_calls = 0
 
-    def _submit(
-        self,
-        to_host: bool,
-        device: DeviceStorage,
-        host: HostStorage,
-        device_ids: Sequence[int],
-        host_ids: Sequence[int],
-        gate: object | None,
-    ) -> CopyHandle:
-        if not to_host:
+    def _submit(self, batch: CopyBatch) -> CopyFuture:
+        if not batch.to_host:
             self.h2d_calls += 1
             if self.h2d_calls == self.refuse_call:
                 if self.before is not None:
                     assert self.before.wait(20)
                 raise RuntimeError("injected: copy could not be issued")
-        return super()._submit(to_host, device, host, device_ids, host_ids, gate)
+        return super()._submit(batch)
 
 
 def _device(seed: int) -> DeviceStorage:
