@@ -116,11 +116,6 @@ class Copies:
         """The planner's G2-then-G3 prefix of ``hashes``, pinned as one load job."""
         planner = self.planner
         host_end, end = planner.match(hashes, 0, len(hashes))
-        lookup = planner.disk.lookup  # an adoption may have evicted a block matched before it
-        for i in range(host_end, end):
-            if lookup(hashes[i]) is None:
-                end = i
-                break
         self.flush_deletes()
         host, disk = list(hashes[:host_end]), list(hashes[host_end:end])
         job, slots = planner.begin_load("", host, disk) if end else (-1, [])

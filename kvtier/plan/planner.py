@@ -142,16 +142,22 @@ class TierPlanner:
 
     def match(self, hashes: Sequence[int], start: int, limit: int) -> tuple[int, int]:
         """Where the G2 part and then the G3 part of a prefix match from ``start`` end (block
-        indices, at most ``limit``)."""
+        indices, at most ``limit``). An adoption reserves a G3 slot, which may evict a block this
+        match found before it: the G3 part then ends there, so every block it names is held."""
         n = start
         while n < limit and self.host.lookup(hashes[n]) is not None:
             n += 1
         host_end = n
+        lookup, adopted = self.disk.lookup, False
         while n < limit:
             h = hashes[n]
-            if self.disk.lookup(h) is None and not self._adopt(h, hashes[n - 1] if n else None):
-                break
+            if lookup(h) is None:
+                if not self._adopt(h, hashes[n - 1] if n else None):
+                    break
+                adopted = True
             n += 1
+        if adopted:
+            n = next((i for i in range(host_end, n) if lookup(hashes[i]) is None), n)
         return host_end, n
 
     def _adopt(self, h: int, parent: int | None) -> bool:

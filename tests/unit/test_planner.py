@@ -343,3 +343,14 @@ def test_restore_keeps_priorities_and_disk_has_replaces_the_folder_lookup() -> N
     assert p.match([7, 8], 0, 2) == (0, 1)  # adopted through disk_has: no folder was given
     assert p.disk.lookup(7) is not None
     p.check_invariants()
+
+
+def test_an_adoption_that_evicts_a_block_of_the_same_match_ends_the_match_there() -> None:
+    # G3 holds one block (1); 2 is adoptable from a shared file, and its reservation evicts 1.
+    p = TierPlanner(PlannerConfig(host_blocks=0, disk_blocks=1), disk_has={2}.__contains__)
+    p.restored(0, [1], [None], None)
+    assert p.match([1, 2], 0, 2) == (0, 0)  # 1 is gone: nothing of the prefix is held
+    assert p.disk.lookup(1) is None and p.disk.lookup(2) is not None
+    job, _ = p.begin_load("r", [], [])  # what the match named can be pinned (nothing here)
+    assert p.load_reported(job) == "r"
+    p.check_invariants()
