@@ -13,7 +13,7 @@ is then complete or absent), G3, the pinner, and drops G2.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol, Self, TypeVar
 
 import torch
@@ -74,21 +74,10 @@ class DataPlaneConfig:
 
     @classmethod
     def from_config(cls, config: KvTierConfig) -> Self:
-        """This rank's share of the one configuration root."""
-        return cls(
-            rank=config.rank,
-            host_blocks=config.host_blocks,
-            disk_blocks=config.disk_blocks,
-            disk_dir=config.disk_dir,
-            disk_o_direct=config.disk_o_direct,
-            disk_fsync=config.disk_fsync,
-            io_threads=config.io_threads,
-            model_identity=config.model_identity,
-            disk_group=config.disk_group,
-            host_pinned=config.host_pinned,
-            device=config.device,
-            staging_blocks=config.staging_blocks,
-        )
+        """This rank's share of the one configuration root: its fields of the same names (all
+        but ``cuda_copy``, which the root does not set)."""
+        names = [f.name for f in fields(cls) if f.name != "cuda_copy"]
+        return cls(**{name: getattr(config, name) for name in names})
 
 
 class RankDataPlane:

@@ -37,7 +37,13 @@ from kvtier.storage.remote import RemoteConfig, RemoteError, RemoteStore
 from kvtier.storage.remote_block import decode_block, remote_key, remote_namespace
 from kvtier.storage.write_behind import WriteBehindQueue
 from kvtier.transfer.copy_api import CopyFuture
-from kvtier.vllm.remote_plan import RemoteLoad, RemoteReport, RemoteWrites
+from kvtier.vllm.remote_plan import (
+    FETCH_FIGURES,
+    RemoteLoad,
+    RemoteReport,
+    RemoteWrites,
+    add_figures,
+)
 
 if TYPE_CHECKING:
     from kvtier.executor.plane import RankDataPlane
@@ -213,14 +219,8 @@ class RemoteExecutor(Lifecycle):
 
     def _merge(self, r: RemoteReport, bad: list[int]) -> None:
         with self._lock:
-            rep = self._report
-            rep.bad.extend(bad)
-            rep.fetched_blocks += r.fetched_blocks
-            rep.fetched_bytes += r.fetched_bytes
-            rep.fetch_seconds += r.fetch_seconds
-            rep.fetch_missing += r.fetch_missing
-            rep.fetch_corrupt += r.fetch_corrupt
-            rep.fetch_failed += r.fetch_failed
+            self._report.bad.extend(bad)
+            add_figures(self._report, r, FETCH_FIGURES)
 
     def _log_miss(self, message: str) -> None:
         """Log the first G4 miss of an episode (until a fetch fully succeeds again)."""

@@ -38,12 +38,30 @@ __all__ = [
     "RemotePlanner",
     "RemoteReport",
     "RemoteWrites",
+    "add_figures",
 ]
 
 logger = logging.getLogger(__name__)
 
 KNOWN_MAX = 1 << 16
 """Hashes remembered as present in G4 (not written again); oldest forgotten first."""
+
+FETCH_FIGURES = (
+    "fetched_blocks",
+    "fetched_bytes",
+    "fetch_seconds",
+    "fetch_missing",
+    "fetch_corrupt",
+    "fetch_failed",
+)
+"""The fetch figures a ``RemoteReport`` and ``RemoteCounters`` share (summed as they come)."""
+WRITE_FIGURES = ("written_bytes", "write_seconds", "write_dropped", "write_failed")
+
+
+def add_figures(total: object, part: object, names: Sequence[str]) -> None:
+    """Add ``part``'s figures ``names`` to ``total``'s (reports and counters share the names)."""
+    for name in names:
+        setattr(total, name, getattr(total, name) + getattr(part, name))
 
 
 @dataclass(frozen=True)
@@ -288,16 +306,7 @@ class RemotePlanner(Lifecycle):
         if report.namespace is not None:
             self._namespaces[rank] = report.namespace
         c = self.counters
-        c.fetched_blocks += report.fetched_blocks
-        c.fetched_bytes += report.fetched_bytes
-        c.fetch_seconds += report.fetch_seconds
-        c.fetch_missing += report.fetch_missing
-        c.fetch_corrupt += report.fetch_corrupt
-        c.fetch_failed += report.fetch_failed
-        c.written_bytes += report.written_bytes
-        c.write_seconds += report.write_seconds
-        c.write_dropped += report.write_dropped
-        c.write_failed += report.write_failed
+        add_figures(c, report, FETCH_FIGURES + WRITE_FIGURES)
         c.worker_breaker = report.breaker_state
         if rank == 0:
             c.written_blocks += len(report.written)

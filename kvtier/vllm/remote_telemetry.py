@@ -11,7 +11,7 @@ shard of the same block). No torch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from kvtier.ops.event_wire import MEDIUM_REMOTE, BlockStored, KvEvent
 from kvtier.ops.metrics import KvTierMetrics
@@ -50,7 +50,7 @@ class RemoteTelemetry:
                 if f.name != "worker_breaker"
             }
         )
-        self._last = RemoteCounters(**{f.name: getattr(cur, f.name) for f in fields(cur)})
+        self._last = replace(cur)
         m = metrics.remote
         if d.lookup_blocks or d.hit_blocks:
             metrics.record_remote_lookup(max(d.lookup_blocks, d.hit_blocks), d.hit_blocks)
