@@ -27,10 +27,10 @@ from pathlib import Path
 
 from kvtier import KvBlockManager
 from kvtier.config import KvTierConfig, ModelConfig
+from kvtier.executor.jobs import WorkerReport
 from kvtier.storage.block_file import BlockHeader, block_file_name, file_size
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.layout import LayoutKind, default_layout
-from kvtier.vllm.metadata import WorkerReport
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
 
 MODEL = ModelConfig(num_layers=1, block_size=16, num_kv_heads=1, head_dim=64, dtype="bfloat16")

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvtier.executor.jobs import LoadJob, WorkerReport
 from kvtier.executor.plane import RankDataPlane
+from kvtier.executor.remote import RemoteExecutor, RemoteFetch
 from kvtier.transfer.copy_api import CopyEngine, CopyHandle
 from kvtier.transfer.disk_load import DiskLoadHandle
-from kvtier.vllm.metadata import LoadJob, WorkerReport
-from kvtier.vllm.remote_exec import RemoteExecutor, RemoteFetch
 
 __all__ = ["LoadRun", "start_load"]
 
@@ -27,7 +27,7 @@ class LoadRun:
     job: LoadJob
     host_handle: CopyHandle | None = None
     disk_load: DiskLoadHandle | None = None  # the G3 part (``DiskToDeviceLoader``)
-    remote: RemoteFetch | None = None  # the G4 part (kvtier.vllm.remote_exec)
+    remote: RemoteFetch | None = None  # the G4 part (kvtier.executor.remote)
 
     def _parts(self) -> tuple[CopyHandle | None, ...]:
         g4 = self.remote.future if self.remote is not None else None

@@ -14,13 +14,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 import torch
 
+from kvtier.executor.jobs import DiskWrite, StepPlan, WorkerReport
 from kvtier.executor.plane import RankDataPlane
 from kvtier.storage.block_file import BlockHeader
 from kvtier.storage.host import HostStorage
 from kvtier.transfer.batch_copy import copy_batch
 from kvtier.transfer.copy_api import check_ids
 from kvtier.transfer.disk_store import stage_blocks
-from kvtier.vllm.metadata import DiskWrite, StepPlan, WorkerReport
 
 __all__ = ["DiskWrites", "store_host"]
 

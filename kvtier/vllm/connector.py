@@ -35,9 +35,9 @@ except ImportError:  # pragma: no cover - exercised on the GPU build (vLLM 0.26)
     CacheHitSource = None  # type: ignore[assignment,misc]
 
 from kvtier.config import KvTierConfig, ModelConfig
+from kvtier.executor.jobs import StepPlan, WorkerReport
 from kvtier.settings import KvTierSettings, load_settings
 from kvtier.storage.identity import ModelIdentity
-from kvtier.vllm.metadata import StepPlan, WorkerReport
 from kvtier.vllm.onboard import OnboardAdvisor
 from kvtier.vllm.remote_plan import RemotePlanner
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
@@ -213,9 +213,9 @@ class KvTierConnector(KVConnectorBase_V1):
             self._attach_remote()
 
     def _attach_remote(self) -> None:
-        """G4 (kvtier.vllm.remote_exec), keyed by the layout, when configured."""
+        """G4 (kvtier.executor.remote), keyed by the layout, when configured."""
         if self.config.remote is not None and self.worker is not None:
-            from kvtier.vllm.remote_exec import attach_remote
+            from kvtier.vllm.worker import attach_remote
 
             attach_remote(self.worker, self.config)
 

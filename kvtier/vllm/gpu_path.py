@@ -38,7 +38,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvtier.executor.jobs import DiskWrite, RemoteWrites, StepPlan, WorkerReport
 from kvtier.executor.plane import RankDataPlane
+from kvtier.executor.remote import RemoteExecutor
 from kvtier.executor.stores import DiskWrites
 from kvtier.storage.host import HostStorage
 from kvtier.transfer.copy_api import CopyEngine, CopyHandle
@@ -48,9 +50,6 @@ from kvtier.transfer.cuda.events import new_event
 from kvtier.transfer.cuda.handle import CudaCopyHandle
 from kvtier.transfer.cuda.plan import triton_available
 from kvtier.transfer.disk_store import stage_blocks
-from kvtier.vllm.metadata import DiskWrite, StepPlan, WorkerReport
-from kvtier.vllm.remote_exec import RemoteExecutor
-from kvtier.vllm.remote_plan import RemoteWrites
 
 __all__ = ["GpuDataPath", "StoreRun"]
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import fields, replace
 
+from kvtier.executor.jobs import WorkerReport
 from kvtier.ops.event_wire import MEDIUM_REMOTE, BlockStored, KvEvent
 from kvtier.ops.metrics import KvTierMetrics
-from kvtier.vllm.metadata import WorkerReport
 from kvtier.vllm.remote_plan import RemoteCounters, RemotePlanner
 
 __all__ = ["RemoteTelemetry"]

@@ -25,13 +25,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from kvtier.executor.jobs import (
+    DiskWrite,
+    LoadJob,
+    RemoteLoad,
+    StepPlan,
+    StoreBatch,
+    WorkerReport,
+)
 from kvtier.hashing import salt_hash
 from kvtier.plan.counters import SchedulerCounters
 from kvtier.plan.planner import G2, G3, TierPlanner
 from kvtier.tokens import SequenceHashes
-from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, StoreBatch, WorkerReport
 from kvtier.vllm.onboard import OnboardAdvisor
-from kvtier.vllm.remote_plan import RemoteLoad, RemotePlanner
+from kvtier.vllm.remote_plan import RemotePlanner
 from kvtier.vllm.request_state import RequestLike, RequestState, lora_name, scheduled_rows
 from kvtier.vllm.scheduler_config import SchedulerConfig
 

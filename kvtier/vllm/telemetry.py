@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from kvtier.core.onboard_cost import TIERS
 from kvtier.core.registry import RemoveEvent, StoreEvent, TierEvent
+from kvtier.executor.jobs import StepPlan, WorkerReport
 from kvtier.lifecycle import Lifecycle
 from kvtier.ops.event_stream import EventsConfig, KvEventPublisher
 from kvtier.ops.event_wire import MEDIUM_DISK, AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
@@ -49,7 +50,6 @@ from kvtier.ops.metrics import ONBOARD_TIERS, KvTierMetrics
 from kvtier.ops.metrics_server import MetricsConfig, MetricsServer
 from kvtier.plan.planner import G2, G3
 from kvtier.settings import KvTierSettings
-from kvtier.vllm.metadata import StepPlan, WorkerReport
 from kvtier.vllm.onboard import OnboardAdvisor
 from kvtier.vllm.remote_telemetry import RemoteTelemetry
 from kvtier.vllm.scheduler import KvTierScheduler

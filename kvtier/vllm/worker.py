@@ -32,19 +32,20 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvtier.config import ModelConfig
+from kvtier.config import KvTierConfig, ModelConfig
+from kvtier.executor.jobs import LoadJob, StepPlan, WorkerReport
 from kvtier.executor.loads import LoadRun, start_load
 from kvtier.executor.plane import DataPlaneConfig, RankDataPlane
+from kvtier.executor.remote import RemoteExecutor
 from kvtier.executor.stores import DiskWrites, store_host
 from kvtier.storage.layout import KvLayout, LayoutKind, detect_layout
+from kvtier.storage.remote_block import remote_namespace
 from kvtier.transfer.cuda.config import CudaCopyConfig
-from kvtier.vllm.metadata import LoadJob, StepPlan, WorkerReport
-from kvtier.vllm.remote_exec import RemoteExecutor
 
 if TYPE_CHECKING:
     from kvtier.vllm.gpu_path import GpuDataPath
 
-__all__ = ["KvTierWorker", "WorkerConfig"]
+__all__ = ["KvTierWorker", "WorkerConfig", "attach_remote"]
 
 logger = logging.getLogger(__name__)
 
@@ -284,3 +285,22 @@ class KvTierWorker:
                 waiting.append((step, ids))
         self._delayed = waiting
         return (sending or None), (recving or None)
+
+
+def attach_remote(worker: KvTierWorker, config: KvTierConfig) -> RemoteExecutor:
+    """Start a G4 executor for a worker whose KV tensors are registered, and attach it (its
+    namespace: this model's identity, the detected layout's fingerprint, this rank)."""
+    if worker.layout is None:
+        raise RuntimeError("kvtier: G4 needs the worker's KV layout (register_kv_caches first)")
+    if config.remote is None:
+        raise ValueError("kvtier: attach_remote needs a configuration with a G4 tier (remote)")
+    layout, identity = worker.layout, worker.plane.namespace  # G3's key space
+    executor = RemoteExecutor(
+        config.remote,
+        remote_namespace(identity, layout.fingerprint, config.rank, config.num_workers),
+        layout.fingerprint,
+        layout.block_bytes,
+        max_write_queue_bytes=config.remote_write_queue_bytes,
+    ).start()
+    worker.remote = executor
+    return executor

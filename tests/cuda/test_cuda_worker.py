@@ -13,13 +13,19 @@ import torch
 from cuda_helpers import needs_cuda
 
 from kvtier.config import KvTierConfig, ModelConfig
+from kvtier.executor.jobs import (
+    DiskWrite,
+    LoadJob,
+    RemoteLoad,
+    RemoteWrites,
+    StepPlan,
+    StoreBatch,
+    WorkerReport,
+)
 from kvtier.ops.redislocal import LocalRedis, redis_available
 from kvtier.storage.remote import RemoteConfig
 from kvtier.storage.remote_block import decode_block, encode_block, remote_key
-from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, StoreBatch, WorkerReport
-from kvtier.vllm.remote_exec import attach_remote
-from kvtier.vllm.remote_plan import RemoteLoad, RemoteWrites
-from kvtier.vllm.worker import KvTierWorker, WorkerConfig
+from kvtier.vllm.worker import KvTierWorker, WorkerConfig, attach_remote
 
 pytestmark = needs_cuda
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from kvtier.executor.jobs import DiskWrite, StepPlan, StoreBatch, WorkerReport
 from kvtier.hashing import salt_hash, sequence_hashes
 from kvtier.ops.event_stream import KvEventSubscriber
 from kvtier.ops.event_wire import (
@@ -26,7 +27,6 @@ from kvtier.ops.event_wire import (
     KvEvent,
 )
 from kvtier.settings import load_settings
-from kvtier.vllm.metadata import DiskWrite, StepPlan, StoreBatch, WorkerReport
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
 from kvtier.vllm.telemetry import ConnectorTelemetry
 

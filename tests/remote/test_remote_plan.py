@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import time
 
+from kvtier.executor.jobs import RemoteReport
 from kvtier.ops.redislocal import LocalRedis
 from kvtier.storage.remote import RemoteConfig, RemoteStore
 from kvtier.storage.remote_block import remote_key
-from kvtier.vllm.remote_plan import RemotePlanner, RemoteReport
+from kvtier.vllm.remote_plan import RemotePlanner
 
 HASHES = [11, 22, 33, 44, 55]
 

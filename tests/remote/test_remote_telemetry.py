@@ -4,11 +4,11 @@ breaker state) and written hashes become ``BlockStored`` events with medium REMO
 
 from __future__ import annotations
 
+from kvtier.executor.jobs import RemoteReport, WorkerReport
 from kvtier.ops.event_wire import MEDIUM_REMOTE, BlockStored
 from kvtier.ops.metrics import KvTierMetrics
 from kvtier.storage.remote import RemoteConfig
-from kvtier.vllm.metadata import WorkerReport
-from kvtier.vllm.remote_plan import RemotePlanner, RemoteReport
+from kvtier.vllm.remote_plan import RemotePlanner
 from kvtier.vllm.remote_telemetry import RemoteTelemetry
 
 

@@ -39,12 +39,12 @@ from vllm_engine_helpers import (
 )
 
 from kvtier.config import ModelConfig
+from kvtier.executor.jobs import WorkerReport
 from kvtier.hashing import salt_hash, sequence_hashes
 from kvtier.ops.diskscan import verify_block_file
 from kvtier.ops.tinymodel import TinyLlamaSpec
 from kvtier.storage.block_file import file_size
 from kvtier.storage.identity import ModelIdentity
-from kvtier.vllm.metadata import WorkerReport
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
 
 TP = 2

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvtier.executor.jobs import WorkerReport
 from kvtier.plan.slots import SlotIndex
-from kvtier.vllm.metadata import WorkerReport
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
 
 BS = 4

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from kvtier.executor.jobs import DiskWrite, StepPlan, WorkerReport
 from kvtier.hashing import salt_hash, sequence_hashes
-from kvtier.vllm.metadata import DiskWrite, StepPlan, WorkerReport
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
 
 BS = 4
@@ -370,7 +370,7 @@ def test_bad_config_is_refused() -> None:
 
 def test_scheduler_half_imports_no_torch() -> None:
     code = (
-        "import sys; import kvtier.vllm.scheduler, kvtier.vllm.metadata, kvtier.settings, "
+        "import sys; import kvtier.vllm.scheduler, kvtier.executor.jobs, kvtier.settings, "
         "kvtier.vllm; assert 'torch' not in sys.modules, 'torch imported'; "
         "assert 'vllm' not in sys.modules"
     )

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from test_vllm_scheduler import BS, FakeRequest
 
+from kvtier.executor.jobs import WorkerReport
 from kvtier.hashing import salt_hash, sequence_hashes
 from kvtier.storage.block_file import block_file_name
-from kvtier.vllm.metadata import WorkerReport
 from kvtier.vllm.scheduler import KvTierScheduler, SchedulerConfig
 
 

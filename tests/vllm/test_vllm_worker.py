@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from kvtier.config import KvTierConfig, ModelConfig
+from kvtier.executor.jobs import DiskWrite, LoadJob, StepPlan, StoreBatch, WorkerReport
 from kvtier.settings import load_settings
 from kvtier.storage.host import HostStorage
 from kvtier.transfer.copy_api import CopyFuture, CopyHandle
-from kvtier.vllm.metadata import DiskWrite, LoadJob, StepPlan, StoreBatch, WorkerReport
 from kvtier.vllm.worker import KvTierWorker, WorkerConfig
 
 MODEL = ModelConfig(num_layers=2, block_size=16, num_kv_heads=2, head_dim=32, dtype="float32")

@@ -29,27 +29,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kvtier.config import KvTierConfig
+from kvtier.executor.jobs import FETCH_FIGURES, RemoteLoad, RemoteReport, RemoteWrites, add_figures
 from kvtier.lifecycle import Lifecycle
 from kvtier.storage.block_file import HEADER_SIZE, BlockFileError
 from kvtier.storage.host import HostStorage
 from kvtier.storage.remote import RemoteConfig, RemoteError, RemoteStore
-from kvtier.storage.remote_block import decode_block, remote_key, remote_namespace
+from kvtier.storage.remote_block import decode_block, remote_key
 from kvtier.storage.write_behind import WriteBehindQueue
 from kvtier.transfer.copy_api import CopyFuture
-from kvtier.vllm.remote_plan import (
-    FETCH_FIGURES,
-    RemoteLoad,
-    RemoteReport,
-    RemoteWrites,
-    add_figures,
-)
 
 if TYPE_CHECKING:
     from kvtier.executor.plane import RankDataPlane
-    from kvtier.vllm.worker import KvTierWorker
 
-__all__ = ["RemoteExecutor", "RemoteFetch", "attach_remote"]
+__all__ = ["RemoteExecutor", "RemoteFetch"]
 
 logger = logging.getLogger(__name__)
 
@@ -255,22 +247,3 @@ class RemoteExecutor(Lifecycle):
         report.write_failed = stats.failed
         report.breaker_state = self.store.breaker.state
         return None if report.is_empty else report
-
-
-def attach_remote(worker: KvTierWorker, config: KvTierConfig) -> RemoteExecutor:
-    """Start a G4 executor for a worker whose KV tensors are registered, and attach it (its
-    namespace: this model's identity, the detected layout's fingerprint, this rank)."""
-    if worker.layout is None:
-        raise RuntimeError("kvtier: G4 needs the worker's KV layout (register_kv_caches first)")
-    if config.remote is None:
-        raise ValueError("kvtier: attach_remote needs a configuration with a G4 tier (remote)")
-    layout, identity = worker.layout, worker.plane.namespace  # G3's key space
-    executor = RemoteExecutor(
-        config.remote,
-        remote_namespace(identity, layout.fingerprint, config.rank, config.num_workers),
-        layout.fingerprint,
-        layout.block_bytes,
-        max_write_queue_bytes=config.remote_write_queue_bytes,
-    ).start()
-    worker.remote = executor
-    return executor

@@ -1,4 +1,5 @@
-"""What the scheduler half tells the workers each step, and what the workers report back.
+"""The plain-data jobs of the data plane: what the scheduler half tells the workers each step
+(``StepPlan``), and what the workers report back (``WorkerReport``), G4 parts included.
 
 Why this exists: in vLLM the scheduler and the workers may live in different processes, and vLLM
 pickles these objects between them. They are therefore plain data only (ints, strs and lists of
@@ -9,18 +10,90 @@ worker half only moves bytes and reports completions and failures. Pure Python, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-# G4 (remote tier) parts: plain data too, kept in their own module (kvtier.vllm.remote_plan).
-from kvtier.vllm.remote_plan import RemoteLoad, RemoteReport, RemoteWrites
+from kvtier.storage.breaker import BreakerState
 
-__all__ = [
-    "DiskWrite",
-    "LoadJob",
-    "StepPlan",
-    "StoreBatch",
-    "WorkerReport",
-]
+FETCH_FIGURES = (
+    "fetched_blocks",
+    "fetched_bytes",
+    "fetch_seconds",
+    "fetch_missing",
+    "fetch_corrupt",
+    "fetch_failed",
+)
+"""The fetch figures a ``RemoteReport`` and ``RemoteCounters`` share (summed as they come)."""
+WRITE_FIGURES = ("written_bytes", "write_seconds", "write_dropped", "write_failed")
+
+
+def add_figures(total: object, part: object, names: Sequence[str]) -> None:
+    """Add ``part``'s figures ``names`` to ``total``'s (reports and counters share the names)."""
+    for name in names:
+        setattr(total, name, getattr(total, name) + getattr(part, name))
+
+
+@dataclass(frozen=True)
+class RemoteLoad:
+    """The G4 part of a ``LoadJob``: fetch ``hashes[i]`` into GPU block ``gpu_blocks[i]`` and keep
+    a copy in G2 slot ``host_slots[i]`` (-1: no G2 slot was free; the block is only onboarded)."""
+
+    hashes: list[int] = field(default_factory=list)
+    gpu_blocks: list[int] = field(default_factory=list)
+    host_slots: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not len(self.hashes) == len(self.gpu_blocks) == len(self.host_slots):
+            raise ValueError("RemoteLoad: hashes, gpu_blocks and host_slots differ in length")
+
+
+@dataclass(frozen=True)
+class RemoteWrites:
+    """Blocks of this step's G2 stores to write behind to G4, read from their G2 slots once the
+    store landed (same order as the three lists)."""
+
+    hashes: list[int] = field(default_factory=list)
+    parents: list[int | None] = field(default_factory=list)
+    host_slots: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RemoteReport:
+    """One worker's G4 figures since its last report (plain data, inside ``WorkerReport``)."""
+
+    namespace: str | None = None
+    """This rank's key namespace (first report only)."""
+    written: list[int] = field(default_factory=list)
+    """Sequence hashes written to G4 (for KV events with medium REMOTE)."""
+    written_parents: list[int | None] = field(default_factory=list)
+    """The parent hash of each ``written`` block (same order)."""
+    bad: list[int] = field(default_factory=list)
+    """Sequence hashes a fetch found missing, corrupt or failed (not matched again until
+    written again: vLLM recomputes them, and the engine stores them again)."""
+    fetched_blocks: int = 0
+    fetched_bytes: int = 0
+    fetch_seconds: float = 0.0
+    fetch_missing: int = 0
+    fetch_corrupt: int = 0
+    fetch_failed: int = 0
+    written_bytes: int = 0
+    write_seconds: float = 0.0
+    write_dropped: int = 0
+    write_failed: int = 0
+    breaker_state: str = BreakerState.CLOSED
+
+    @property
+    def is_empty(self) -> bool:
+        return self.namespace is None and not (
+            self.written
+            or self.bad
+            or self.fetched_blocks
+            or self.fetch_missing
+            or self.fetch_corrupt
+            or self.fetch_failed
+            or self.write_dropped
+            or self.write_failed
+        )
 
 
 @dataclass(frozen=True)
