@@ -11,20 +11,30 @@ worker half only moves bytes and reports completions and failures. Pure Python, 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from kvtier.storage.breaker import BreakerState
 
-FETCH_FIGURES = (
-    "fetched_blocks",
-    "fetched_bytes",
-    "fetch_seconds",
-    "fetch_missing",
-    "fetch_corrupt",
-    "fetch_failed",
-)
-"""The fetch figures a ``RemoteReport`` and ``RemoteCounters`` share (summed as they come)."""
-WRITE_FIGURES = ("written_bytes", "write_seconds", "write_dropped", "write_failed")
+
+@dataclass
+class RemoteFigures:
+    """The G4 fetch and write figures a ``RemoteReport`` and the scheduler half's
+    ``RemoteCounters`` share (summed as they come: ``add_figures``)."""
+
+    fetched_blocks: int = 0
+    fetched_bytes: int = 0
+    fetch_seconds: float = 0.0
+    fetch_missing: int = 0
+    fetch_corrupt: int = 0
+    fetch_failed: int = 0
+    written_bytes: int = 0
+    write_seconds: float = 0.0
+    write_dropped: int = 0
+    write_failed: int = 0
+
+
+FIGURES = tuple(f.name for f in fields(RemoteFigures))
+FETCH_FIGURES = tuple(name for name in FIGURES if name.startswith("fetch"))
 
 
 def add_figures(total: object, part: object, names: Sequence[str]) -> None:
@@ -58,7 +68,7 @@ class RemoteWrites:
 
 
 @dataclass
-class RemoteReport:
+class RemoteReport(RemoteFigures):
     """One worker's G4 figures since its last report (plain data, inside ``WorkerReport``)."""
 
     namespace: str | None = None
@@ -70,16 +80,6 @@ class RemoteReport:
     bad: list[int] = field(default_factory=list)
     """Sequence hashes a fetch found missing, corrupt or failed (not matched again until
     written again: vLLM recomputes them, and the engine stores them again)."""
-    fetched_blocks: int = 0
-    fetched_bytes: int = 0
-    fetch_seconds: float = 0.0
-    fetch_missing: int = 0
-    fetch_corrupt: int = 0
-    fetch_failed: int = 0
-    written_bytes: int = 0
-    write_seconds: float = 0.0
-    write_dropped: int = 0
-    write_failed: int = 0
     breaker_state: str = BreakerState.CLOSED
 
     @property

@@ -27,13 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
-from kvtier.executor.jobs import (
-    FETCH_FIGURES,
-    WRITE_FIGURES,
-    RemoteReport,
-    RemoteWrites,
-    add_figures,
-)
+from kvtier.executor.jobs import FIGURES, RemoteFigures, RemoteReport, RemoteWrites, add_figures
 from kvtier.lifecycle import Lifecycle
 from kvtier.storage.breaker import BreakerState
 from kvtier.storage.remote import RemoteConfig, RemoteError, RemoteStore
@@ -48,7 +42,7 @@ KNOWN_MAX = 1 << 16
 
 
 @dataclass
-class RemoteCounters:
+class RemoteCounters(RemoteFigures):
     """Cumulative G4 figures of the scheduler half (blocks unless named otherwise)."""
 
     lookups: int = 0
@@ -57,17 +51,7 @@ class RemoteCounters:
     lookup_seconds: float = 0.0
     lookup_timeouts: int = 0
     lookup_errors: int = 0
-    fetched_blocks: int = 0
-    fetched_bytes: int = 0
-    fetch_seconds: float = 0.0
-    fetch_missing: int = 0
-    fetch_corrupt: int = 0
-    fetch_failed: int = 0
     written_blocks: int = 0
-    written_bytes: int = 0
-    write_seconds: float = 0.0
-    write_dropped: int = 0
-    write_failed: int = 0
     worker_breaker: str = BreakerState.CLOSED
 
 
@@ -226,7 +210,7 @@ class RemotePlanner(Lifecycle):
         if report.namespace is not None:
             self._namespaces[rank] = report.namespace
         c = self.counters
-        add_figures(c, report, FETCH_FIGURES + WRITE_FIGURES)
+        add_figures(c, report, FIGURES)
         c.worker_breaker = report.breaker_state
         if rank == 0:
             c.written_blocks += len(report.written)
