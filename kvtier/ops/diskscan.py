@@ -32,7 +32,7 @@ from kvtier.storage.block_file import (
     BlockHeader,
 )
 from kvtier.storage.disk import DiskStorage
-from kvtier.storage.disk_scan import IDENTITY_FILE, TMP_SUFFIX, check_header
+from kvtier.storage.disk_scan import IDENTITY_FILE, TMP_SUFFIX, check_header, header_at
 from kvtier.storage.tier_dir import (
     STATE_PREFIX,
     is_leftover_at,
@@ -154,15 +154,6 @@ def _list(folder: _Folder) -> _Listing:
     return out
 
 
-def _read_header(dir_fd: int, name: str) -> tuple[BlockHeader, int, float]:
-    fd = open_regular_at(dir_fd, name, os.O_RDONLY)
-    try:
-        st = os.fstat(fd)
-        return BlockHeader.unpack(os.pread(fd, HEADER_SIZE, 0)), st.st_size, st.st_mtime
-    finally:
-        os.close(fd)
-
-
 def _limit(identity: dict[str, object] | None) -> int | None:
     value = identity.get("block_bytes") if identity else None
     return value if isinstance(value, int) and value > 0 else None
@@ -261,18 +252,18 @@ def inspect_dir(
         for i, name in enumerate(listing.blocks):
             on_file(i + 1, len(listing.blocks))
             try:
-                header, size, mtime = _read_header(folder.fd, name)
+                header, st = header_at(folder.fd, name)
             except FileNotFoundError:
                 continue  # evicted by an engine meanwhile
             except (BlockFileError, OSError):
                 report.unreadable += 1
                 continue
             report.blocks += 1
-            report.file_bytes += size
+            report.file_bytes += st.st_size
             report.payload_bytes += header.payload_len
             fp = folder.fingerprint
             report.fingerprints[fp] = report.fingerprints.get(fp, 0) + 1
-            age = max(0.0, stamp - mtime)
+            age = max(0.0, stamp - st.st_mtime)
             ages.append(age)
             counts[next(j for j, (_, bound) in enumerate(AGE_BUCKETS) if age < bound)] += 1
     if not folders:

@@ -25,7 +25,7 @@ from kvtier.storage.block_file import (
     block_file_name,
     file_size,
 )
-from kvtier.storage.tier_dir import STATE_PREFIX, TierDir
+from kvtier.storage.tier_dir import STATE_PREFIX, TierDir, open_regular_at
 from kvtier.storage.vectored_io import ALIGN
 
 logger = logging.getLogger(__name__)
@@ -91,15 +91,18 @@ def check_header(
     check_geometry(header, size, block_bytes)
 
 
-def read_header(d: TierDir, name: str, fingerprint: int, h: int, block_bytes: int) -> StoredBlock:
-    """The verified header of block file ``name`` of hash ``h``; raises BlockFileError when bad."""
-    fd = d.open_regular(name, os.O_RDONLY)
+def header_at(dir_fd: int, name: str) -> tuple[BlockHeader, os.stat_result]:
+    """The header (parsed, not yet checked against its folder) and stat of block file ``name``."""
+    fd = open_regular_at(dir_fd, name, os.O_RDONLY)
     try:
-        st = os.fstat(fd)
-        head = os.pread(fd, HEADER_SIZE, 0)
+        return BlockHeader.unpack(os.pread(fd, HEADER_SIZE, 0)), os.fstat(fd)
     finally:
         os.close(fd)
-    header = BlockHeader.unpack(head)
+
+
+def read_header(d: TierDir, name: str, fingerprint: int, h: int, block_bytes: int) -> StoredBlock:
+    """The verified header of block file ``name`` of hash ``h``; raises BlockFileError when bad."""
+    header, st = header_at(d.fd, name)
     check_header(header, name, fingerprint, st.st_size, block_bytes)
     return StoredBlock(h, header.parent_hash, header.priority, st.st_mtime_ns)
 
