@@ -227,16 +227,7 @@ class RemoteStore(Lifecycle):
 
     def exists(self, keys: Sequence[bytes]) -> list[bool]:
         """Which keys the store holds (one pipeline of EXISTS, grouped by shard)."""
-        if not keys:
-            return []
-
-        def run(client: Any) -> list[bool]:
-            pipe = client.pipeline(transaction=False)
-            for key in keys:
-                pipe.exists(key)
-            return [bool(n) for n in pipe.execute()]
-
-        return self._call(run)
+        return [bool(n) for n in self._each_key("exists", keys)]
 
     def get(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """The values of ``keys`` (None where missing). Keeps every value until the last one
@@ -294,16 +285,7 @@ class RemoteStore(Lifecycle):
 
     def delete(self, keys: Sequence[bytes]) -> int:
         """Remove keys; returns how many existed."""
-        if not keys:
-            return 0
-
-        def run(client: Any) -> int:
-            pipe = client.pipeline(transaction=False)
-            for key in keys:
-                pipe.delete(key)
-            return sum(int(n) for n in pipe.execute())
-
-        return self._call(run)
+        return sum(int(n) for n in self._each_key("delete", keys))
 
     def ping(self) -> bool:
         """True if every node answers (a health probe that goes through the breaker)."""
@@ -313,6 +295,19 @@ class RemoteStore(Lifecycle):
             return False
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _each_key(self, command: str, keys: Sequence[bytes]) -> list[Any]:
+        """One pipeline (grouped by shard) of ``command`` on every key: its replies in order."""
+        if not keys:
+            return []
+
+        def run(client: Any) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                getattr(pipe, command)(key)
+            return list(pipe.execute())
+
+        return self._call(run)
 
     def _parts(self, client: Any, keys: Sequence[bytes], most: int) -> list[list[int]]:
         """The indices of ``keys`` in parts of one connection each (``split_parts``)."""
