@@ -40,9 +40,7 @@ if TYPE_CHECKING:
     from kvtier.ops.demo_report import Summary
 
 MODES: tuple[str, ...] = ("baseline", "kvtier", "reference")
-"""The runs: vLLM alone (small G1), vLLM with kvtier (same small G1), and the correctness
-reference: vLLM alone with a G1 big enough to keep everything (its own prefix cache reuses
-exactly the blocks kvtier brings back, so the outputs must be identical)."""
+"""The runs: vLLM alone (small G1), vLLM with kvtier (same small G1), the correctness reference."""
 
 BLOCK_TOKENS = 128
 """vLLM's CPU block size (tokens per KV block)."""
@@ -71,12 +69,8 @@ HELP: dict[str, str] = {
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The demo workload and the engine's sizes (defaults: a few minutes on a 2-core machine).
-
-    ``g1_blocks`` is the engine's own KV pool: big enough for one conversation, far too small for
-    all. ``host_blocks`` / ``disk_blocks`` size kvtier's G2 and G3 (0 disables a tier); by
-    default G2 holds about one document and G3 everything.
-    """
+    """The demo workload and the engine's sizes (``HELP``; defaults: a few minutes on a 2-core
+    machine, G1 holds one conversation, G2 about one document and G3 everything)."""
 
     users: int = 6
     turns: int = 3
@@ -249,8 +243,7 @@ class _Child:
 def _run_lockstep(
     cfg: DemoConfig, work: Path, out_dir: Path, console: Console
 ) -> dict[str, RunResult]:
-    """All engines alive at once, taking turns request by request (ABBA order), so background
-    load on the machine falls on every run alike; only one computes at any moment."""
+    """All engines alive at once, taking turns request by request (ABBA order)."""
     children: dict[str, _Child] = {}
     runs: dict[str, RunResult] = {}
     try:
@@ -296,12 +289,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo-out", help="folder for demo.json, demo.png, logs")
 
 
-def config_from_args(args: argparse.Namespace) -> DemoConfig:
-    """The DemoConfig named by parsed ``kvtier demo`` options."""
-    return DemoConfig(**{name: getattr(args, name) for name in asdict(DemoConfig())})
-
-
 def run_cli(args: argparse.Namespace, console: Console) -> int:
     """``kvtier demo``: run, print, write; exit status 0."""
-    run_demo(config_from_args(args), Path(args.out), console)
+    cfg = DemoConfig(**{name: getattr(args, name) for name in asdict(DemoConfig())})
+    run_demo(cfg, Path(args.out), console)
     return 0

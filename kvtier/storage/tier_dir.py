@@ -4,37 +4,34 @@ Why this exists: operators put one ``disk_dir`` under several engines (local NVM
 mount), and the directory may hold anything another user or a crash left there. Every file
 operation of the disk tier therefore goes through one object that
 
-- opens the namespace folder once with ``O_NOFOLLOW | O_DIRECTORY`` and then works relative to
-  that descriptor (``dir_fd``), so no symlink under the tier is ever followed and a path swapped
-  underneath cannot redirect a write or a delete; the folder must be a real directory owned by
-  this user (or, with a shared group, carry that group);
+- opens the namespace folder once with ``O_NOFOLLOW | O_DIRECTORY`` and works relative to that
+  descriptor, so no symlink under the tier is followed and a path swapped underneath cannot
+  redirect a write or a delete; the folder must be a real directory owned by this user (or, with
+  a shared group, carry that group);
 - opens block files only with ``O_NOFOLLOW | O_NONBLOCK`` and uses them only if ``fstat`` says
-  regular file (a FIFO, a socket, a device or a directory named ``*.kvb`` is never read from);
+  regular file (a FIFO, socket, device or directory named ``*.kvb`` is never read from);
 - creates files and folders owner-only (0600 / 0700), or group read-write (0660 / 2770) with the
   ``disk_group`` knob;
 - publishes a finished temporary file with ``link()`` (fails if the name exists, so concurrent
-  writers of one block are harmless: one wins, the others discard their copy) and unlinks it;
-- coordinates the processes of one directory with ``flock``: each process holds a shared lock on
-  the folder while it uses the tier (one that gets it exclusively at start knows it is alone and
-  may recount the blocks); a writer holds an exclusive lock on its temporary file until it is
-  published, so a scan (start-up, ``kvtier fsck``) removes a temporary file only when no live
-  writer holds it; and ``.kvtier-count`` (only when a capacity is given) holds the number of
-  block files, changed under its lock by the process that creates (``link``) or deletes
-  (``unlink``) one, so the capacity bound holds across processes. A crash between the two steps
+  writers of one block are harmless: one wins) and unlinks it;
+- coordinates processes with ``flock``: each holds a shared lock on the folder while it uses the
+  tier (one that gets it exclusively at start is alone and may recount the blocks); a writer
+  holds an exclusive lock on its temporary file until it is published, so a scan (start-up,
+  ``kvtier fsck``) removes only temporary files no live writer holds; ``.kvtier-count`` (only
+  with a capacity) holds the number of block files, changed under its lock by the process that
+  links or unlinks one, so the bound holds across processes. A crash between the two steps
   leaves the count high by one (never low); the next process to start alone recounts.
 
-On NFS the membership lock on the folder cannot be taken (a lock on a directory), so no process
-counts as alone there: the count is never recounted automatically (``kvtier fsck`` shows the
-files; stop the engines and delete ``.kvtier-count`` to have the next start recount).
+On NFS the lock on the folder cannot be taken, so no process counts as alone and the count is
+never recounted automatically (stop the engines and delete ``.kvtier-count`` to recount).
 
 Filesystem requirements: POSIX ``link``/``unlink``/``rename`` atomic in one directory, ``flock``
-honoured between processes (local filesystems; NFSv4 and NFSv3 with NLM, where Linux maps
-``flock`` to byte-range locks; Lustre with ``-o flock``; GPFS). On a mount where locks are not
-honoured across hosts the count can drift by the writes racing on it, never serving wrong bytes.
-On NFS an open file deleted by another host may read as ``ESTALE``: a miss, not an error. Files
-on disk exceed the bound only by the temporary files in flight (at most ``io_threads`` per
-process). Tests with real processes: ``tests/data/test_shared_dir.py``,
-``tests/data/test_disk_safety.py``, ``tests/vllm/test_e2e_shared_g3.py``.
+honoured between processes (local filesystems; NFSv4 and NFSv3 with NLM; Lustre with
+``-o flock``; GPFS). Where locks are not honoured across hosts the count can drift by the writes
+racing on it, never serving wrong bytes. On NFS an open file deleted by another host may read as
+``ESTALE``: a miss. Files on disk exceed the bound only by the temporary files in flight (at most
+``io_threads`` per process). Tests with real processes: ``tests/data/test_shared_dir.py``,
+``test_disk_safety.py``, ``tests/vllm/test_e2e_shared_g3.py``.
 """
 
 from __future__ import annotations
