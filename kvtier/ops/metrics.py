@@ -14,13 +14,14 @@ built for Dynamo keep working; docs/operations.md lists the mapping. This module
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kvtier.config import require_count
-from kvtier.ops.hit_rate import SlidingHitRate
 from kvtier.ops.remote_metrics import RemoteMetrics
 
 PATHS: tuple[str, ...] = (
@@ -74,6 +75,38 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 def _check_label(kind: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {kind} {value!r}; expected one of {', '.join(allowed)}")
+
+
+class SlidingHitRate:
+    """Hit rate per tier over the lookups of the last ``window_s`` seconds (thread-safe; G2/G3's
+    ``kvtier_hit_rate`` and G4's each read one).
+
+    Each lookup adds (time, blocks looked up, blocks matched per tier); old entries fall out when
+    the rate is read. With no lookup in the window the rate is 0.0 (nothing was served).
+    """
+
+    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if not window_s > 0:
+            raise ValueError(f"window_s must be > 0, got {window_s!r}")
+        self._window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: deque[tuple[float, int, dict[str, int]]] = deque()
+
+    def add(self, looked_up: int, matched: dict[str, int]) -> None:
+        """Record one lookup of ``looked_up`` blocks, of which ``matched[tier]`` came from tier."""
+        with self._lock:
+            self._entries.append((self._clock(), looked_up, dict(matched)))
+
+    def rate(self, tier: str) -> float:
+        """Matched blocks of ``tier`` / looked-up blocks, within the window."""
+        with self._lock:
+            horizon = self._clock() - self._window_s
+            while self._entries and self._entries[0][0] < horizon:
+                self._entries.popleft()
+            total = sum(e[1] for e in self._entries)
+            hits = sum(e[2].get(tier, 0) for e in self._entries)
+        return hits / total if total else 0.0
 
 
 class KvTierMetrics:

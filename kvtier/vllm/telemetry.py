@@ -1,58 +1,113 @@
 """Metrics and KV events of the vLLM connector, read from the planner and the workers' reports.
 
-Why here: in vLLM's multi-process engine the workers may live in other processes than the
-scheduler, and the scheduler half (in the engine-core process) is the one place that sees
-everything: it plans every copy and applies every report. So the metrics server and the event
-publisher run there, beside the scheduler half, and read what it already keeps; nothing extra
-crosses a process boundary, and nothing here keeps its own copy of what the tiers hold. The same
-holds for one worker or many (tensor parallel): a copy counts once all workers reported it.
+Why here: in vLLM's multi-process engine the workers may live in other processes, and the
+scheduler half (in the engine-core process) is the one place that sees everything: it plans every
+copy and applies every report. So the metrics server and the event publisher run beside it and
+read what it already keeps; nothing extra crosses a process boundary, and a copy counts once all
+workers (tensor parallel) reported it.
 
 What is read, each step:
 
-- the planner's ``TierRegistry`` events (kept only while KV events are on: ``record_events``),
-  the one record of what G2 and G3 hold: ``BlockStored`` when a block lands in G2 (blocks of a
-  chain landing together are one event, as vLLM batches a request's blocks) or G3 (one event
-  per block; the G3 index restored at start-up in the order the workers listed it), with the
-  parent hash the planner recorded; ``BlockRemoved`` when a block leaves (G2 eviction, G3
-  eviction, a G3 block read back corrupt); a cache reset is one ``AllBlocksCleared``;
+- the planner's ``TierRegistry`` events (kept only while KV events are on), the one record of what
+  G2 and G3 hold: ``BlockStored`` when a block lands (a chain landing in G2 together is one event,
+  as vLLM batches a request's blocks; G3 one event per block), ``BlockRemoved`` when one leaves
+  (eviction, a G3 block read back corrupt), ``AllBlocksCleared`` on a cache reset;
 - the planner's landed copies (``TierPlanner.take_transfers``): blocks, bytes and latency per
-  path, from the step that planned a copy to the report that completed it (what the engine
-  waits, queueing included);
+  path, from planning to the report that completed it (queueing included);
 - the scheduler half's counters (deltas per step): lookups and matched tokens per tier, counted
-  once per request vLLM schedules (``SchedulerCounters.query_tokens``), as vLLM counts its
-  ``external_prefix_cache_queries/hits``, so ``kvtier_hit_rate`` and vLLM's external hit rate
-  agree; load errors per tier (the workers say which tier failed); filter rejections;
-- occupancy per tier (in use = pinned by a copy in flight, inactive = held and not pinned,
-  free), sizes every step, the pinned count at most once per ``occupancy_interval_s`` (it is
-  zero whenever nothing is in flight).
+  once per request vLLM schedules (as vLLM counts ``external_prefix_cache_queries/hits``, so the
+  two hit rates agree); load errors per tier; filter rejections;
+- occupancy per tier, sizes every step, the pinned count at most once per
+  ``occupancy_interval_s``.
 
-The one thing held here: the tokens of blocks whose copy is in flight, by tier and sequence hash,
-only while events are on, until the copy lands (its ``BlockStored`` carries them) or fails. The
-registry keeps hashes only, and the plan deliberately carries no tokens (it is pickled to every
-worker every step); the request that had them may be gone by the time the copy lands.
-
-No torch (this runs in the scheduler half).
+The one thing held here: the tokens of blocks whose copy is in flight, only while events are on,
+until the copy lands (its ``BlockStored`` carries them) or fails: the registry keeps hashes only,
+and the plan, pickled to every worker, carries no tokens. No torch.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields, replace
 
 from kvtier.core.onboard_cost import TIERS
 from kvtier.core.registry import RemoveEvent, StoreEvent, TierEvent
 from kvtier.executor.jobs import StepPlan, WorkerReport
 from kvtier.lifecycle import Lifecycle
 from kvtier.ops.event_stream import EventsConfig, KvEventPublisher
-from kvtier.ops.event_wire import MEDIUM_DISK, AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
+from kvtier.ops.event_wire import (
+    MEDIUM_DISK,
+    MEDIUM_REMOTE,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KvEvent,
+)
 from kvtier.ops.events import events_from_tier_events
 from kvtier.ops.metrics import ONBOARD_TIERS, KvTierMetrics
 from kvtier.ops.metrics_server import MetricsConfig, MetricsServer
 from kvtier.plan.planner import G2, G3
 from kvtier.settings import KvTierSettings
 from kvtier.vllm.onboard import OnboardAdvisor
-from kvtier.vllm.remote_telemetry import RemoteTelemetry
+from kvtier.vllm.remote_plan import RemoteCounters, RemotePlanner
 from kvtier.vllm.scheduler import KvTierScheduler
+
+
+class RemoteTelemetry:
+    """G4's share: ``kvtier_remote_*`` metrics from the ``RemotePlanner``'s counter deltas (its
+    lookups, and the workers' fetch and write figures folded in), and ``BlockStored`` events with
+    medium ``REMOTE`` for the blocks rank 0 wrote (every rank writes its shard of one block)."""
+
+    def __init__(self, block_size: int) -> None:
+        self._block_size = block_size
+        self._last = RemoteCounters()
+
+    def events(self, reports: Sequence[WorkerReport]) -> list[KvEvent]:
+        """``BlockStored`` (medium REMOTE) for each block rank 0 wrote to G4."""
+        out: list[KvEvent] = []
+        for r in reports:
+            if r.remote is None or r.rank != 0:
+                continue
+            parents = r.remote.written_parents
+            for i, h in enumerate(r.remote.written):
+                parent = parents[i] if i < len(parents) else None
+                out.append(BlockStored((h,), parent, (), self._block_size, MEDIUM_REMOTE))
+        return out
+
+    def observe(self, planner: RemotePlanner, metrics: KvTierMetrics) -> None:
+        """Record what changed in the planner's counters since the last step."""
+        cur = planner.counters
+        d = RemoteCounters(
+            **{
+                f.name: getattr(cur, f.name) - getattr(self._last, f.name)
+                for f in fields(RemoteCounters)
+                if f.name != "worker_breaker"
+            }
+        )
+        self._last = replace(cur)
+        m = metrics.remote
+        if d.lookup_blocks or d.hit_blocks:
+            metrics.record_remote_lookup(max(d.lookup_blocks, d.hit_blocks), d.hit_blocks)
+        if d.lookups or d.lookup_seconds:
+            m.record_op("lookup", d.lookup_blocks, 0, d.lookup_seconds)
+        if d.fetched_blocks or d.fetch_seconds:
+            m.record_op("get", d.fetched_blocks, d.fetched_bytes, d.fetch_seconds)
+        if d.written_blocks or d.write_seconds:
+            m.record_op("put", d.written_blocks, d.written_bytes, d.write_seconds)
+        for reason, n in (
+            ("missing", d.fetch_missing),
+            ("corrupt", d.fetch_corrupt),
+            ("failed", d.fetch_failed),
+            ("lookup_timeout", d.lookup_timeouts),
+            ("lookup_error", d.lookup_errors),
+        ):
+            if n:
+                m.record_misses(reason, n)
+        if d.write_dropped or d.write_failed:
+            m.record_writes(d.write_dropped, d.write_failed)
+        m.set_breaker("scheduler", planner.breaker_state)
+        m.set_breaker("worker", cur.worker_breaker)
 
 
 class ConnectorTelemetry(Lifecycle):

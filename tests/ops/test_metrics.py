@@ -7,8 +7,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvtier.ops.hit_rate import SlidingHitRate
-from kvtier.ops.metrics import KvTierMetrics
+from kvtier.ops.metrics import KvTierMetrics, SlidingHitRate
 from kvtier.ops.metrics_server import MetricsConfig, MetricsServer
 
 

@@ -9,7 +9,7 @@ from kvtier.ops.event_wire import MEDIUM_REMOTE, BlockStored
 from kvtier.ops.metrics import KvTierMetrics
 from kvtier.storage.remote import RemoteConfig
 from kvtier.vllm.remote_plan import RemotePlanner
-from kvtier.vllm.remote_telemetry import RemoteTelemetry
+from kvtier.vllm.telemetry import RemoteTelemetry
 
 
 def test_counters_become_metrics_and_written_blocks_events() -> None:
