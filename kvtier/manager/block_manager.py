@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
 
@@ -27,9 +28,11 @@ from kvtier.manager.checks import check_onboard, offload_parents
 from kvtier.manager.copies import Copies
 from kvtier.manager.handles import KvHandle, TierMatch
 from kvtier.manager.stats import KvTierStats, Tally
-from kvtier.manager.tiers import DevicePool, DiskPool, HostPool
 from kvtier.plan.planner import PlannerConfig, TierPlanner
 from kvtier.plan.slots import SlotIndex
+from kvtier.storage.device import DeviceStorage
+from kvtier.storage.disk import DiskStorage
+from kvtier.storage.host import HostStorage
 from kvtier.storage.layout import KvLayout, LayoutKind, default_layout, detect_layout
 from kvtier.transfer.copy_api import CopyEngine
 from kvtier.transfer.manager import TransferManager
@@ -38,6 +41,25 @@ if TYPE_CHECKING:
     from kvtier.ops.metrics import KvTierMetrics
 
 __all__ = ["KvBlockManager"]
+
+
+S = TypeVar("S", DeviceStorage, HostStorage, DiskStorage)
+
+
+@dataclass
+class Tier(Generic[S]):
+    """A tier as a pair of a control-plane ``BlockPool`` (for G2 and G3 the planner's) and the
+    storage holding its bytes (composition, so here, not in ``kvtier/storage/``, which imports no
+    pools). Slot i of ``pool`` is G1 block i of the engine's (or kvtier's own) tensors, G2 row i of
+    ``storage.rows``, or a G3 capacity unit (G3 files are named by the hash the slot holds)."""
+
+    pool: BlockPool
+    storage: S
+
+
+DevicePool = Tier[DeviceStorage]
+HostPool = Tier[HostStorage]
+DiskPool = Tier[DiskStorage]
 
 
 def _pool_of(index: SlotIndex) -> BlockPool:

@@ -1,8 +1,9 @@
 """The storage layer holds bytes; it must not import the control plane's pools or planner.
 
 Why: issue 9's layout keeps the planes apart, so a storage module can be reused by the executor
-without dragging in pool bookkeeping. The pool/storage pairs live in ``kvtier/manager/tiers.py``.
-The check reads each file's imports with ``ast`` (no import runs, no torch needed).
+without dragging in pool bookkeeping. The pool/storage pairs (``Tier``) live in
+``kvtier/manager/block_manager.py``. The check reads each file's imports with ``ast`` (no
+import runs, no torch needed).
 """
 
 from __future__ import annotations
