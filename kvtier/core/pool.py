@@ -2,8 +2,9 @@
 
 Why: every tier (G1 device, G2 host, G3 disk) needs the same bookkeeping over a fixed number of
 slots; only the bytes differ, and those live in the data plane. This is pure Python, no torch.
-The eviction order is ``kvtier.core.eviction``; argument checks ``pool_checks``; the O(pool)
-verification ``pool_invariants`` (the invariants are listed there).
+The eviction order is ``kvtier.core.eviction``; the argument checks ``check_*`` are shared by
+``register`` and its pre-check ``check_registration`` (``KvBlockManager.offload`` calls it); the
+O(pool) verification ``pool_invariants`` (the invariants are listed there).
 
 A slot's states::
 
@@ -41,18 +42,55 @@ from kvtier.core.block import BlockState, ImmutableBlock, ImmutableBlockGroup, M
 from kvtier.core.errors import BlockStateError, PoolError
 from kvtier.core.eviction import EvictionHeap
 from kvtier.core.free_slots import FreeSlots
-from kvtier.core.pool_checks import (
-    U64_MAX,
-    check_hash,
-    check_int,
-    check_priority,
-    check_registration,
-)
 from kvtier.core.pool_invariants import check_invariants as _check_invariants
 from kvtier.core.registry import TierRegistry
 from kvtier.core.slot_table import SlotTable
 
 __all__ = ["BlockPool"]
+
+U64_MAX = 2**64 - 1
+
+
+def check_hash(name: str, value: int | None, *, optional: bool = False) -> None:
+    if type(value) is int and 0 <= value <= U64_MAX:  # the common case, checked cheaply
+        return
+    if value is None and optional:
+        return
+    raise ValueError(f"{name} must be an int in the u64 range [0, 2**64), got {value!r}")
+
+
+def check_int(name: str, value: int, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_priority(priority: int) -> None:
+    check_int("priority", priority)
+    if not st.INT64_MIN <= priority <= st.INT64_MAX:
+        raise ValueError(f"priority must fit in 64 bits, got {priority}")
+
+
+def check_registration(
+    sequence_hash: int,
+    *,
+    parent_sequence_hash: int | None = None,
+    block_hash: int | None = None,
+    priority: int = 0,
+) -> None:
+    """Raise (ValueError/TypeError naming it) for any argument ``register`` would refuse.
+
+    Why: a caller that registers only later (when a copy lands) checks first, so bad input
+    fails before anything is allocated or moved, not inside ``poll``.
+    """
+    check_hash("sequence_hash", sequence_hash)
+    check_hash("parent_sequence_hash", parent_sequence_hash, optional=True)
+    check_hash("block_hash", block_hash, optional=True)
+    check_priority(priority)
+    if parent_sequence_hash == sequence_hash:
+        raise ValueError(f"block {sequence_hash} cannot be its own parent")
+
 
 _MUTABLE_STATES = {
     st.RESET: BlockState.RESET,
