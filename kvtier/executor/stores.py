@@ -3,7 +3,7 @@
 Why this exists: a store reads GPU blocks that vLLM may reuse after the step, so its copy out of
 the device must land within the step (the CPU path waits for it here; the CUDA path issues it
 behind an event, ``kvtier.vllm.gpu_path``). G3 writes are queued from a landed G2 row, or from
-staging rows filled by the one device -> disk stager (``kvtier.transfer.disk_store``), and run
+staging rows filled by the one device -> disk stager (``kvtier.transfer.disk_io``), and run
 on the plane's ``DiskIo`` threads; ``DiskWrites`` follows them and reports each once it is done.
 """
 
@@ -20,7 +20,7 @@ from kvtier.storage.block_file import BlockHeader
 from kvtier.storage.host import HostStorage
 from kvtier.transfer.batch_copy import copy_batch
 from kvtier.transfer.copy_api import check_ids
-from kvtier.transfer.disk_store import stage_blocks
+from kvtier.transfer.disk_io import stage_blocks
 
 __all__ = ["DiskWrites", "store_host"]
 

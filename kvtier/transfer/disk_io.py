@@ -1,10 +1,15 @@
-"""Disk I/O on a thread pool: many block files read or written at once.
+"""Disk I/O on a thread pool: many block files read or written at once; and ``stage_blocks``.
 
 Why this exists: one thread doing one 2 MiB O_DIRECT request at a time leaves an NVMe mostly idle;
 several requests in flight reach its bandwidth. ``os.preadv``/``os.pwritev`` (inside
 ``DiskStorage``) release the GIL, so plain threads give real parallelism. Results come back as
 ``concurrent.futures.Future`` objects that the transfer manager polls; nothing here touches pool
 metadata.
+
+A block that goes from the device straight to disk (no G2 copy to write from) first crosses into
+host rows, since a block file is written from host memory: ``stage_blocks``, the one device ->
+staging copy, used by the vLLM worker and the transfer manager alike (each queues its writes once
+the copy landed).
 """
 
 from __future__ import annotations
@@ -16,9 +21,29 @@ from functools import partial
 import torch
 
 from kvtier.storage.block_file import BlockHeader
+from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskStorage
+from kvtier.storage.host import HostStorage
+from kvtier.transfer.copy_api import CopyEngine, CopyHandle
 
-__all__ = ["DiskIo"]
+__all__ = ["DiskIo", "stage_blocks"]
+
+
+def stage_blocks(
+    engine: CopyEngine,
+    device: DeviceStorage,
+    device_ids: Sequence[int],
+    gate: object | None = None,
+    *,
+    pin_memory: bool = False,
+) -> tuple[HostStorage, CopyHandle]:
+    """Rows for ``device_ids`` (row i holds ``device_ids[i]``; page-locked with ``pin_memory``,
+    which the CUDA engine needs) and the copy into them, ordered after ``gate``."""
+    rows = HostStorage(len(device_ids), device.layout.block_bytes, pin_memory=pin_memory)
+    with torch.inference_mode(False):  # the copy thread runs outside vLLM's inference mode
+        rows.allocate()
+    ids = list(range(len(device_ids)))
+    return rows, engine.device_to_host(device, rows, device_ids, ids, gate)
 
 
 class DiskIo:

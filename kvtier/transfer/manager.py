@@ -29,9 +29,8 @@ from kvtier.storage.device import DeviceStorage
 from kvtier.storage.disk import DiskBlockError
 from kvtier.storage.host import HostStorage
 from kvtier.transfer.copy_api import CopyEngine, CopyFuture, CopyHandle
-from kvtier.transfer.disk_io import DiskIo
+from kvtier.transfer.disk_io import DiskIo, stage_blocks
 from kvtier.transfer.disk_load import DiskLoadHandle, DiskToDeviceLoader
-from kvtier.transfer.disk_store import stage_blocks
 
 __all__ = ["TransferError", "TransferHandle", "TransferManager", "TransferPath"]
 

@@ -49,7 +49,7 @@ from kvtier.transfer.cuda.engine import CudaCopyEngine
 from kvtier.transfer.cuda.events import new_event
 from kvtier.transfer.cuda.handle import CudaCopyHandle
 from kvtier.transfer.cuda.plan import triton_available
-from kvtier.transfer.disk_store import stage_blocks
+from kvtier.transfer.disk_io import stage_blocks
 
 __all__ = ["GpuDataPath", "StoreRun"]
 
