@@ -5,8 +5,7 @@ copies) lives beside the facade, not in ``kvtier/storage/``, which imports no po
 """
 
 from kvtier.manager.block_manager import KvBlockManager
-from kvtier.manager.handles import KvHandle, TierMatch
-from kvtier.manager.stats import KvTierStats, PathCounters, TierHits
+from kvtier.manager.handles import KvHandle, KvTierStats, PathCounters, TierHits, TierMatch
 from kvtier.transfer.manager import TransferError
 
 __all__ = [

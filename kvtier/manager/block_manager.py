@@ -25,8 +25,7 @@ from kvtier.core.registry import TierEvent
 from kvtier.executor.plane import DataPlaneConfig, RankDataPlane
 from kvtier.lifecycle import Lifecycle
 from kvtier.manager.copies import Copies
-from kvtier.manager.handles import KvHandle, TierMatch
-from kvtier.manager.stats import KvTierStats, Tally
+from kvtier.manager.handles import KvHandle, KvTierStats, Tally, TierMatch
 from kvtier.plan.planner import PlannerConfig, TierPlanner
 from kvtier.plan.slots import SlotIndex
 from kvtier.storage.block_file import PRIORITY_MAX, PRIORITY_MIN

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvtier.manager.handles import KvHandle, TierMatch
-from kvtier.manager.stats import Tally
+from kvtier.manager.handles import KvHandle, Tally, TierMatch
 from kvtier.plan.planner import G2, G3, TierPlanner
 from kvtier.storage.disk import DiskStorage
 from kvtier.storage.layout import KvLayout
