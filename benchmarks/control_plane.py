@@ -19,8 +19,7 @@ from collections.abc import Callable
 import xxhash
 
 from kvtier.core import BlockPool, ImmutableBlock, TierRegistry
-from kvtier.hashing import sequence_hashes
-from kvtier.tokens import SequenceHashes
+from kvtier.hashing import SequenceHashes, sequence_hashes
 
 BLOCK = 16
 CHAIN = 8192  # blocks per prompt: 128k tokens

@@ -29,6 +29,7 @@ import xxhash
 
 __all__ = [
     "TOKEN_MAX",
+    "SequenceHashes",
     "block_hashes",
     "chain_hash",
     "hash_block_bytes",
@@ -168,3 +169,35 @@ def sequence_hashes(
 ) -> list[int]:
     """Chained sequence hash of every full block of ``tokens`` (the keys pools are indexed by)."""
     return hash_chain(tokens, block_size, salt_hash)[1]
+
+
+class SequenceHashes:
+    """Sequence hashes of the full blocks of a growing token sequence held elsewhere, each block
+    hashed once, when it completes: re-hashing a decoding request's whole prompt each step would
+    be O(n) per token. Chains each new block from the previous sequence hash (the same values
+    as ``sequence_hashes``)."""
+
+    __slots__ = ("block_size", "hashes", "num_tokens", "salt_hash")
+
+    def __init__(self, block_size: int, salt_hash: int = 0) -> None:
+        self.block_size = block_size
+        self.salt_hash = salt_hash
+        self.hashes: list[int] = []
+        self.num_tokens = 0
+        """Tokens hashed so far (a multiple of ``block_size``)."""
+
+    def advance(self, tokens: Sequence[int], num_tokens: int) -> None:
+        """Hash the blocks of ``tokens[:num_tokens]`` not hashed yet (full blocks only)."""
+        bs = self.block_size
+        full = (num_tokens // bs) * bs
+        if full <= self.num_tokens:
+            return
+        if full - self.num_tokens == bs and self.hashes:  # decode: one block, no batch set-up
+            block = hash_block_bytes(token_bytes(tokens[self.num_tokens : full]), self.salt_hash)
+            self.hashes.append(chain_hash(self.hashes[-1], block, self.salt_hash))
+            self.num_tokens = full
+            return
+        parent = self.hashes[-1] if self.hashes else None
+        _, seqs = hash_chain(list(tokens[self.num_tokens : full]), bs, self.salt_hash, parent)
+        self.hashes.extend(seqs)
+        self.num_tokens = full

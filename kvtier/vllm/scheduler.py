@@ -36,10 +36,9 @@ from kvtier.executor.jobs import (
     StoreBatch,
     WorkerReport,
 )
-from kvtier.hashing import salt_hash
+from kvtier.hashing import SequenceHashes, salt_hash
 from kvtier.plan.counters import SchedulerCounters
 from kvtier.plan.planner import G2, G3, PlannerConfig, TierPlanner
-from kvtier.tokens import SequenceHashes
 from kvtier.vllm.onboard import OnboardAdvisor
 from kvtier.vllm.remote_plan import RemotePlanner
 

@@ -8,8 +8,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.hashing import hash_chain, sequence_hashes
-from kvtier.tokens import SequenceHashes
+from kvtier.hashing import SequenceHashes, hash_chain, sequence_hashes
 
 tokens_st = st.lists(st.integers(0, 2**32 - 1), max_size=80)
 seed_st = st.integers(0, 2**64 - 1)

@@ -8,14 +8,14 @@ import sys
 CODE = """
 import pkgutil, sys
 sys.modules["torch"] = None  # blocked: any import of torch raises ImportError
-import kvtier, kvtier.hashing, kvtier.tokens, kvtier.core, kvtier.plan
+import kvtier, kvtier.hashing, kvtier.core, kvtier.plan
 import kvtier.config, kvtier.settings, kvtier.vllm.scheduler
 mods = [m.name for m in pkgutil.walk_packages(kvtier.core.__path__, "kvtier.core.")]
 plan = [m.name for m in pkgutil.walk_packages(kvtier.plan.__path__, "kvtier.plan.")]
 for name in mods + plan:
     __import__(name)
 from kvtier.core import BlockPool
-from kvtier.tokens import SequenceHashes
+from kvtier.hashing import SequenceHashes
 pool = BlockPool(4)
 (b,) = pool.allocate(1)
 b.mark_complete()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvtier.hashing import sequence_hashes
-from kvtier.tokens import SequenceHashes
+from kvtier.hashing import SequenceHashes, sequence_hashes
 
 
 def test_sequence_hashes_match_the_batch_hash_whatever_the_advance_steps() -> None:
