@@ -160,7 +160,7 @@ class RemotePlanner(Lifecycle):
         while n < limit - start and all(found[n * world : (n + 1) * world]):
             n += 1
         for h in hashes[start : start + n]:
-            self._remember(h)
+            _bounded_add(self._known, h)
         return n
 
     def forget(self, req_id: str) -> None:
@@ -200,9 +200,6 @@ class RemotePlanner(Lifecycle):
             out.host_slots.append(host_slots[i])
         return out if out.hashes else None
 
-    def _remember(self, h: int) -> None:
-        _bounded_add(self._known, h)
-
     # -- reports ---------------------------------------------------------------------------------
 
     def on_report(self, rank: int, report: RemoteReport) -> None:
@@ -215,7 +212,7 @@ class RemotePlanner(Lifecycle):
         if rank == 0:
             c.written_blocks += len(report.written)
         for h in report.written:
-            self._remember(h)
+            _bounded_add(self._known, h)
             self._bad.pop(h, None)
         for h in report.bad:
             _bounded_add(self._bad, h)
