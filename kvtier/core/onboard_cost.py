@@ -18,8 +18,11 @@ What it measures (fed by the connector's scheduler half, see ``kvtier.vllm.onboa
   Per tier, a decayed least-squares fit of ``service = latency + bytes / bandwidth`` (moving
   averages: older jobs fade by ``decay`` at each new one), taught only by the jobs whose part
   there is predicted slowest (so a G2 + G4 job neither hides G4's slowness nor teaches G2 to be
-  slow). What is queued ahead of a new part is the bytes in flight on its tier's path at that
-  tier's bandwidth.
+  slow). What is queued ahead of a new part is the predicted service of the parts in flight on
+  its tier's path: their count times the tier's latency plus their bytes at its bandwidth (the
+  fit measures each job's service FIFO, so the queue is the sum of those; with jobs all of one
+  size the fit cannot tell latency from bandwidth, and a burst's G4 fit put all of a job's 44 ms
+  in its latency: a queue of bytes alone read 15 loads ahead as no wait at all).
 - **Prefill.** Each engine step (from the plan sent to the workers to the workers' output of that
   step coming back, matched by step id, queued behind the step before it) with its scheduled
   tokens: ``step = per_token * tokens + per_pair * pairs``, where ``pairs`` sums each new token's
@@ -174,6 +177,7 @@ class OnboardCostModel:
         self._steps: deque[_Step] = deque()
         self._steps_free_at = float("-inf")
         self.queued_bytes: dict[str, int] = dict.fromkeys(TIERS, 0)
+        self.queued_parts: dict[str, int] = dict.fromkeys(TIERS, 0)  # jobs with a part there
         self._pending: dict[str, tuple[float, float]] = {}  # request -> (tokens, pairs) to compute
         self._pending_tokens = 0.0
         self._pending_pairs = 0.0
@@ -225,12 +229,14 @@ class OnboardCostModel:
         return self.loads[tier].predict([1.0, nbytes]) if nbytes else 0.0
 
     def queue_seconds(self, tier: str) -> float:
-        """Predicted wait of a new part in ``tier`` behind the loads in flight there: their bytes
-        at the tier's bandwidth (each tier's worker path is FIFO: one G3 reader thread, one G4
-        fetch thread; the tiers run in parallel). Not their latencies: loads in flight overlap
-        them (pipelined reads, and many jobs ending at one step boundary), so charging each
-        would count one wait many times."""
-        return self.queued_bytes[tier] * self.loads[tier].theta[1]
+        """Predicted wait of a new part in ``tier`` behind the loads in flight there: the sum of
+        their predicted service, a latency each plus their bytes at the tier's bandwidth (each
+        tier's worker path is FIFO: one G3 reader thread, one G4 fetch thread; the tiers run in
+        parallel). The service the fit learns is measured FIFO, a job's time past the one before
+        it (pipelined reads overlap their latencies and learn a small one), so summing it counts
+        no wait twice; the bytes alone miss a queue whose cost the fit puts in the latency."""
+        lat, spb = self.loads[tier].theta
+        return self.queued_parts[tier] * lat + self.queued_bytes[tier] * spb
 
     def _loads_ready(self) -> tuple[list[float], list[float]]:
         """Predicted seconds until each load in flight is done (FIFO per tier), sorted, and
@@ -241,8 +247,8 @@ class OnboardCostModel:
             for job in self._jobs.values():
                 end = 0.0
                 for t, n in job.parts.items():
-                    ahead[t] += n
-                    end = max(end, ahead[t] * self.loads[t].theta[1])
+                    ahead[t] += self._part_seconds(t, n)
+                    end = max(end, ahead[t])
                 ready.append(end)
             ready.sort()
             self._ready = (ready, list(itertools.accumulate(ready, initial=0.0)))
@@ -262,8 +268,9 @@ class OnboardCostModel:
         predicted = max((self._part_seconds(t, n) for t, n in parts.items()), default=0.0)
         self._jobs[job_id] = _Job(now, parts, predicted)
         self._ready = None
-        for t, n in bytes_by_tier.items():
-            self.queued_bytes[t] += n
+        for t, n in parts.items():
+            self.queued_bytes[t] += int(n)
+            self.queued_parts[t] += 1
         return predicted
 
     def load_finished(
@@ -282,6 +289,7 @@ class OnboardCostModel:
         self._ready = None
         for t, n in job.parts.items():
             self.queued_bytes[t] = max(0, self.queued_bytes[t] - int(n))
+            self.queued_parts[t] = max(0, self.queued_parts[t] - 1)
         if not job.parts:
             return job.predicted, 0.0
         top = max(job.parts, key=lambda t: self._part_seconds(t, job.parts[t]))

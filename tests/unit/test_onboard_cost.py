@@ -378,3 +378,22 @@ def test_recompute_with_loads_in_flight_is_calibrated_on_its_own() -> None:
     m.load_finished(1, now=0.02)
     assert m.recompute_scale == pytest.approx(1.0)
     assert m.prefill_seconds(0, 850) == pytest.approx(0.085)
+
+
+def test_queue_counts_the_latency_of_each_load_ahead() -> None:
+    # Jobs all of one size leave the fit free to put a job's whole time in its latency (a burst's
+    # G4 fit did: 44 ms a job, bandwidth unbounded). Three such loads in flight are 120 ms of
+    # queue, not the 0 their bytes at that bandwidth say: recomputing (85 ms, delaying the loads
+    # landing at 40 and 80 ms by 45 + 5 ms) beats loading behind them (120 + 40 + 5 ms).
+    m = model(bw={"G4": 1e15}, lat={"G4": 0.040})
+    assert chosen(m, [("G4", 8)]) == 8  # alone: 40 + 5 ms against 85 ms
+    for job in range(3):
+        m.load_submitted(job, {"G4": 8 * BB}, now=0.0)
+    assert m.queue_seconds("G4") == pytest.approx(0.120)
+    d = m.choose([("G4", 8)], 0, 850, BS, now=0.0)
+    assert d.total_blocks == 0
+    assert d.est_ttft_s == pytest.approx(0.085)
+    assert d.est_delay_s == pytest.approx(0.050)
+    m.load_finished(0, now=0.04)
+    assert m.queued_parts["G4"] == 2
+    assert m.queue_seconds("G4") == pytest.approx(0.080)
