@@ -6,7 +6,7 @@ copies) lives beside the facade, not in ``kvtier/storage/``, which imports no po
 
 from kvtier.manager.block_manager import KvBlockManager
 from kvtier.manager.handles import KvHandle, KvTierStats, PathCounters, TierHits, TierMatch
-from kvtier.transfer.manager import TransferError
+from kvtier.transfer.handle import TransferError
 
 __all__ = [
     "KvBlockManager",

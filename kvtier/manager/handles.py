@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from kvtier.transfer.manager import TransferError, TransferHandle, TransferPath
+from kvtier.transfer.handle import TransferError, TransferHandle, TransferPath
 
 __all__ = ["KvHandle", "KvTierStats", "PathCounters", "Tally", "TierHits", "TierMatch"]
 
