@@ -22,8 +22,8 @@ Contract for implementers (``CopyEngine``):
   copy. Layers complete in order. A failure sets ``error`` (an exception naming the blocks) and
   completes all layers; the copy never raises into the caller's thread. ``CopyFuture`` below is a
   ready-made thread-safe handle an engine may complete from its own thread.
-- An engine subclasses ``CopyEngine``, which maps both verbs onto one
-  ``_submit(CopyBatch)``;
+- An engine subclasses ``CopyEngine``, which maps both verbs onto one ``_submit(CopyBatch)`` (both
+  directions validate, queue and complete alike; only the direction flag differs);
   ``copy_failure`` builds the ``CopyError`` (direction and blocks named) a failed handle carries.
 """
 
@@ -87,11 +87,7 @@ class CopyBatch(NamedTuple):
 
 @runtime_checkable
 class CopyEngine(Protocol):
-    """Moves batches of blocks between device storage and host rows (see the module docstring).
-
-    An engine subclasses this and implements ``_submit``: both directions validate, queue and
-    complete alike; only the direction flag differs.
-    """
+    """Moves batches of blocks between device storage and host rows (see the module docstring)."""
 
     def start(self) -> None: ...
 

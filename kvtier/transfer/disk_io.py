@@ -2,14 +2,12 @@
 
 Why this exists: one thread doing one 2 MiB O_DIRECT request at a time leaves an NVMe mostly idle;
 several requests in flight reach its bandwidth. ``os.preadv``/``os.pwritev`` (inside
-``DiskStorage``) release the GIL, so plain threads give real parallelism. Results come back as
-``concurrent.futures.Future`` objects that the transfer manager polls; nothing here touches pool
-metadata.
+``DiskStorage``) release the GIL, so plain threads give real parallelism. Results are futures
+(``concurrent.futures``) the transfer manager polls; nothing here touches pool metadata.
 
-A block that goes from the device straight to disk (no G2 copy to write from) first crosses into
-host rows, since a block file is written from host memory: ``stage_blocks``, the one device ->
-staging copy, used by the vLLM worker and the transfer manager alike (each queues its writes once
-the copy landed).
+A block file is written from host memory, so a block going from the device straight to disk (no G2
+copy) first crosses into host rows: ``stage_blocks``, the one device -> staging copy, used by the
+vLLM worker and the transfer manager alike (each queues its writes once the copy landed).
 """
 
 from __future__ import annotations

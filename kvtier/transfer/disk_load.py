@@ -3,21 +3,18 @@
 Why this exists: it is the one disk -> device path (the vLLM worker on CPU and CUDA, and the
 transfer manager's ``DISK_TO_DEVICE``). A disk onboard is bounded by the disk (about 2 GB/s on the
 lent machine, against 55 GB/s of PCIe), so the copy to the device must hide behind the reads.
-Blocks are read and verified (header, fingerprint, checksum: ``DiskStorage.read``) on the
-``DiskIo`` threads into a ring of slots of host rows (page-locked with ``pin_memory``, which the
-CUDA engine needs); as soon as a slot is complete its blocks go to the device through the
-``CopyEngine`` while the next slots fill. Two slots hide the copies; more keep more reads queued,
-so the disk stays busy when the loader's thread is slow to run (a busy CPU). A block whose file
-is missing or bad is reported in the handle (``failed``, ``bad_files``; the caller turns it into a
-load error, so it is recomputed); it is never copied to the device. The handle is a
-``CopyHandle``: ``wait_layer(l)`` returns once layer ``l`` of every block that could be read
-landed, so layer-wise onboarding works on it.
+``DiskIo`` threads read and verify blocks (header, fingerprint, checksum: ``DiskStorage.read``)
+into a ring of slots of host rows; as soon as a slot is complete its blocks go to the device
+through the ``CopyEngine`` while the next slots fill. Two slots hide the copies; more keep more
+reads queued, so the disk stays busy when the loader's thread is slow to run (a busy CPU). A block
+whose file is missing or bad is reported in the handle (``failed``, ``bad_files``; the caller
+turns it into a load error, so it is recomputed), never copied to the device. The handle is a
+``CopyHandle``: ``wait_layer(l)`` returns once layer ``l`` of every readable block landed.
 
 A load that fails partway (a copy that cannot be issued, say) still ends cleanly: before its
-handle completes, and so before the next load may reuse the bounce rows, every read it started has
-finished or been cancelled and every copy it issued has completed. Otherwise a late read of the
-failed load could overwrite rows the next load already filled, and wrong bytes would reach the
-device.
+handle completes (so before the next load may reuse the bounce rows), every read it started has
+finished or been cancelled and every copy it issued completed; else a late read could overwrite
+rows the next load already filled, and wrong bytes would reach the device.
 
 GPUDirect Storage (kvikio) is not used: the lent machine has no GDS (kvikio runs in compatibility
 mode there at 1.9 GB/s, below plain O_DIRECT reads), and reading straight into device memory would
@@ -124,11 +121,8 @@ class _Job:
     device: DeviceStorage
     hashes: tuple[int, ...]
     handle: DiskLoadHandle
-    gate: object | None = None
-    """Passed to every host->device copy of the job (e.g. an event after pending reads of the
-    target blocks)."""
-    landed: set[int] = field(default_factory=set)
-    """Device ids whose copy completed without error (kept when the job fails later)."""
+    gate: object | None = None  # of each host->device copy (e.g. after pending reads of targets)
+    landed: set[int] = field(default_factory=set)  # ids copied without error (kept on failure)
 
 
 _Copy = tuple[CopyHandle, tuple[int, ...]]
@@ -138,9 +132,9 @@ _Copy = tuple[CopyHandle, tuple[int, ...]]
 class DiskToDeviceLoader:
     """Loads verified block files into device blocks (see the module docstring).
 
-    ``disk_io`` and ``engine`` are started by their owner and outlive the loader. The constructor
-    records; ``start()`` allocates the bounce rows (page-locked when ``pin_memory``) and the
-    loader's thread; ``close()`` finishes queued loads and frees them.
+    ``disk_io`` and ``engine`` are started by their owner and outlive the loader. ``start()``
+    allocates the bounce rows (page-locked when ``pin_memory``, which the CUDA engine needs) and
+    the loader's thread; ``close()`` finishes queued loads and frees them.
     """
 
     def __init__(

@@ -1,17 +1,14 @@
 """The transfer manager: per-path queues of batched block moves, bounded, completed by polling.
 
-Why this exists: offloads and onboards are asynchronous (copies on a copy engine, disk I/O on a
-thread pool), but the pools' metadata must only change on the owner's thread. So ``submit`` queues a
-batch and returns a ``TransferHandle``; worker threads only move bytes and mark data progress
-(thread-safe, per layer); ``poll()`` on the owner's thread starts queued batches while the in-flight
-bound allows, and returns the batches whose data finished, for the caller (``KvBlockManager``) to
-apply to the pools. A failed batch carries a ``TransferError`` naming its blocks.
+Why: copies and disk I/O run on other threads, but pool metadata changes only on the owner's
+thread. So ``submit`` queues a batch and returns a ``TransferHandle``; workers only move bytes and
+mark per-layer progress; ``poll()`` on the owner's thread starts queued batches while the in-flight
+bound allows and returns those whose data finished, for ``KvBlockManager`` to apply to the pools.
 
-Paths: device->host and host->device go to the ``CopyEngine``; host->disk to ``DiskIo``;
-disk->device to the owner's ``DiskToDeviceLoader`` (its own thread, so layer-wise waits never
-depend on anyone polling); device->disk copies to staging rows (``stage_blocks``), then writes
-them (chained in ``poll``). Queued batches start onboards first, while the blocks in flight stay
-under ``max_inflight_blocks`` (a lone larger batch runs alone).
+Paths: device<->host on the ``CopyEngine``; host->disk on ``DiskIo``; disk->device on the owner's
+``DiskToDeviceLoader`` (its own thread: layer-wise waits never depend on polling); device->disk
+copies to staging rows (``stage_blocks``), then writes them (chained in ``poll``). Onboards start
+first, while blocks in flight stay under ``max_inflight_blocks`` (a lone larger batch runs alone).
 """
 
 from __future__ import annotations
@@ -59,10 +56,9 @@ class _Running:
 class TransferManager:
     """Queues, starts and completes batches; see the module docstring.
 
-    ``device``/``host``/``disk_io``/``loader`` may be None when a tier is absent (a path using it
-    is then refused at submit). ``loader`` (started and closed by its owner, e.g. the data plane)
-    runs disk->device loads; device->disk batches stage into rows of their own (pinned when
-    ``pin_staging``). The constructor starts nothing; there is nothing of its own to start.
+    ``device``/``host``/``disk_io``/``loader``: None when a tier is absent (a path using it is
+    refused at submit). ``loader`` (disk->device) is started and closed by its owner (e.g. the
+    data plane); device->disk batches stage into rows of their own (pinned when ``pin_staging``).
     """
 
     def __init__(
