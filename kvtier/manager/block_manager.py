@@ -255,10 +255,8 @@ class KvBlockManager(Lifecycle):
         self._started = True
 
     def close(self, timeout: float = 30.0) -> None:
-        """Finish (up to ``timeout`` s) or cancel in-flight work, apply it, stop threads.
-
-        Every disk block is then either complete and registered on disk, or absent.
-        """
+        """Finish (up to ``timeout`` s) or cancel in-flight work, apply it, stop threads; every
+        disk block is then either complete and registered on disk, or absent."""
         if self._closed or not self._started:
             self._closed = True
             return
@@ -290,8 +288,7 @@ class KvBlockManager(Lifecycle):
         priority: int = 0,
         gate: object | None = None,
     ) -> KvHandle:
-        """Offload device blocks; see the class docstring. ``parent_sequence_hashes`` defaults to
-        the chain within the call (block i's parent is block i-1's hash; the first has none)."""
+        """Offload device blocks; see the class docstring (default parents: ``offload_parents``)."""
         copies = self._check_running()
         parents = offload_parents(
             device_block_ids,
