@@ -167,8 +167,7 @@ class KvTierConnector(KVConnectorBase_V1):
                 # overrides work; deciding only when the knob is on.
                 onboard=OnboardAdvisor(cfg.onboard_cost, enabled=cfg.onboard_cost_aware),
             )
-            # Metrics and KV events live with the scheduler half (engine-core process), up as
-            # soon as the engine is, reading the planner each step (kvtier.vllm.telemetry).
+            # Metrics and KV events: beside the scheduler half, up with the engine (telemetry.py).
             self.telemetry = ConnectorTelemetry(
                 self.settings,
                 self.scheduler,

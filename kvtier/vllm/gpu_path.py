@@ -26,9 +26,8 @@ Ordering (every rule is a GPU-side event wait unless said otherwise):
   ``DiskToDeviceLoader``'s pinned bounce rows and G4 loads through pinned staging rows; their
   completion is known on the host only (disk reads, G4 fetches).
 
-The rank's storages, the store engine (``STORE_COPY``), the pinner and the loader are the data
-plane's (``kvtier.executor.plane.RankDataPlane``); this path adds the layer-wise engine and the
-ordering above.
+The rank's storages, store engine (``STORE_COPY``), pinner and loader are the data plane's
+(``kvtier.executor.plane.RankDataPlane``); this path adds the layer-wise engine and the ordering.
 """
 
 from __future__ import annotations

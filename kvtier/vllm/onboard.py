@@ -227,8 +227,7 @@ class OnboardAdvisor:
             self._estimates.append(OnboardEstimate("load", got[0], got[1]))
 
     def step_planned(self, step: int, rows: Iterable[tuple[str, int, int]]) -> None:
-        """Step ``step`` goes to the workers: (req_id, computed tokens, scheduled tokens) per
-        request."""
+        """Step ``step`` goes to the workers: (req_id, computed, scheduled tokens) per request."""
         rows = rows if isinstance(rows, list) else list(rows)
         tokens = 0
         pairs = 0.0
@@ -269,9 +268,8 @@ class OnboardAdvisor:
                     self.model.recompute_observed(d.est_ttft, now - d.at, loading=d.loading)
 
     def forget(self, request_id: str) -> None:
-        """The request finished: vLLM says so before it hands back the connector output of the
-        step that finished it (a one-token request), so a decision that step completes stays
-        until ``step_done`` measures it."""
+        """The request finished; vLLM says so before it hands back the output of the step that
+        finished it (one-token requests), so a decision that step completes waits for step_done."""
         if not any(request_id in rids for rids in self._completing.values()):
             self._decided.pop(request_id, None)
         self._chosen.pop(request_id, None)

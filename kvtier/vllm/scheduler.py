@@ -1,12 +1,11 @@
 """The scheduler half of the connector: decides what to load and what to store. No torch.
 
-Why this exists: vLLM asks the scheduler half, for each waiting request, how many more prompt
-tokens kvtier can supply beyond vLLM's own G1 prefix hit, and every step it must tell the workers
-what to copy. It is vLLM glue around kvtier's control plane: it tracks requests, hashes their
-tokens, and asks the ``TierPlanner`` (kvtier.plan) every tier question (what matches, which slot a
-store fills, what a load pins); in vLLM's multi-process engine it cannot see the workers' memory.
-It names exact slots and GPU blocks in a ``StepPlan``; the workers copy and report back in
-``WorkerReport``s, which the planner applies (commit stores, release pins, drop corrupt blocks).
+Why this exists: vLLM asks it, for each waiting request, how many more prompt tokens kvtier can
+supply beyond vLLM's own G1 prefix hit, and every step what the workers must copy. It is vLLM glue
+around kvtier's control plane: it tracks requests (``kvtier.vllm.requests``) and asks the
+``TierPlanner`` (kvtier.plan) every tier question (what matches, which slot a store fills, what a
+load pins); in vLLM's multi-process engine it cannot see the workers' memory. It names exact slots
+and GPU blocks in a ``StepPlan``; the planner applies the workers' ``WorkerReport``s.
 
 Rules it keeps:
 
@@ -23,9 +22,8 @@ Rules it keeps:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from kvtier.config import KvTierConfig, require_count
 from kvtier.executor.jobs import (
@@ -41,6 +39,7 @@ from kvtier.plan.counters import SchedulerCounters
 from kvtier.plan.planner import G2, G3, PlannerConfig, TierPlanner
 from kvtier.vllm.onboard import OnboardAdvisor
 from kvtier.vllm.remote_plan import RemotePlanner
+from kvtier.vllm.requests import RequestLike, RequestState, lora_name, scheduled_rows
 
 __all__ = ["KvTierScheduler", "SchedulerConfig", "SchedulerCounters"]
 
@@ -57,10 +56,9 @@ class SchedulerConfig:
     layerwise_onboard: bool = False
     num_workers: int = 1
     async_store_reads: bool = False
-    """True when workers may still read a store's GPU blocks after the step that planned it
-    (an asynchronous copy stream); then ``request_finished`` keeps the blocks until the workers
-    confirm. kvtier's CPU worker finishes those reads inside the step (``wait_for_save``), so
-    vLLM may free a finished request's blocks at once; its CUDA worker does not."""
+    """True when workers may still read a store's GPU blocks after the step that planned it (CUDA:
+    an asynchronous copy stream; the CPU worker finishes them in ``wait_for_save``); then
+    ``request_finished`` keeps a finished request's blocks until the workers confirm."""
     layerwise_disk: bool = True
     """With ``layerwise_onboard``, whether matches with G3 blocks load inside the forward pass
     too. False sends them through the asynchronous path: vLLM with asynchronous scheduling (its
@@ -79,9 +77,8 @@ class SchedulerConfig:
 
     @classmethod
     def from_config(cls, config: KvTierConfig, *, record_events: bool = False) -> SchedulerConfig:
-        """The scheduler half's share of the one configuration root. CUDA workers store
-        asynchronously and pin G2 in chunks (``kvtier.vllm.gpu_path``); with asynchronous
-        scheduling G3 loads run before the forward pass. ``record_events``: KV events are on."""
+        """The scheduler half's share of the one configuration root (the fields' notes say why
+        CUDA and asynchronous scheduling set theirs). ``record_events``: KV events are on."""
         return cls(
             block_size=config.model.block_size,
             host_blocks=config.host_blocks,
@@ -105,56 +102,6 @@ class SchedulerConfig:
             pinned_host_rows=self.pinned_host_rows,
             record_events=self.record_events,
         )
-
-
-class RequestLike(Protocol):
-    """The attributes of vLLM's ``Request`` the scheduler half reads."""
-
-    request_id: str
-    cache_salt: str | None
-    lora_request: Any
-
-    @property
-    def all_token_ids(self) -> Sequence[int]: ...
-
-    @property
-    def num_tokens(self) -> int: ...
-
-
-@dataclass
-class RequestState:
-    """A tracked request: its hashes, GPU blocks, what is stored and what the last match found."""
-
-    request: RequestLike
-    hashes: SequenceHashes
-    block_ids: list[int] = field(default_factory=list)
-    next_store: int = 0
-    match_start: int = 0
-    match_host: int = 0
-    match_disk: int = 0
-    match_remote: int = 0
-    last_store_step: int = -1
-    load_job: int | None = None
-    query_tokens: int = 0
-
-
-def lora_name(request: RequestLike) -> str | None:
-    lora = getattr(request, "lora_request", None)
-    if lora is None:
-        return None
-    name = getattr(lora, "lora_name", None)
-    return str(name) if name is not None else None
-
-
-def scheduled_rows(
-    new_reqs: Iterable[tuple[str, Sequence[int], int]],
-    cached_reqs: Iterable[tuple[str, Sequence[int] | None, int, bool]],
-) -> Iterator[tuple[str, Sequence[int] | None, int, bool, bool]]:
-    """Both kinds of scheduled request as (req_id, block_ids, computed, resumed, new)."""
-    for req_id, block_ids, computed in new_reqs:
-        yield req_id, block_ids, computed, False, True
-    for req_id, new_ids, computed, resumed in cached_reqs:
-        yield req_id, new_ids, computed, resumed, False
 
 
 class KvTierScheduler:
@@ -293,15 +240,12 @@ class KvTierScheduler:
         idle: bool = False,
         block_tokens: dict[int, tuple[int, ...]] | None = None,
     ) -> StepPlan:
-        """Plan this step: the loads decided at allocation, and stores of the blocks this step
-        completes.
+        """Plan this step: the loads decided at allocation, and stores of the blocks it completes.
 
         ``new_reqs``: (req_id, block_ids, num_computed_tokens); ``cached_reqs``: (req_id,
         new_block_ids or None, num_computed_tokens, resumed). ``block_tokens``, when given, gets
-        the tokens of every block this plan stores (G2 or G3), by sequence hash: for the KV
-        events of the scheduler-side telemetry, which the plan itself (sent to every worker)
-        does not carry.
-        """
+        the tokens of every block this plan stores, by hash, for the telemetry's KV events (the
+        plan, sent to every worker, carries none)."""
         step = self._step
         self._step += 1
         bs = self.config.block_size
@@ -330,7 +274,7 @@ class KvTierScheduler:
             if first < st.next_store:
                 st.next_store = first
             if done // bs > st.next_store and len(st.block_ids) > st.next_store:
-                self._plan_stores(st, done, step, stores, writes, block_tokens)
+                st.plan_stores(self.planner, done, step, stores, writes, block_tokens)
         if rows is not None and self.onboard is not None:  # times this step for the cost model
             self.onboard.step_planned(step, rows)
         remote_writes = None
@@ -444,42 +388,3 @@ class KvTierScheduler:
             self._reqs[request.request_id] = st
         st.hashes.advance(request.all_token_ids, request.num_tokens)
         return st
-
-    def _plan_stores(
-        self,
-        st: RequestState,
-        done_tokens: int,
-        step: int,
-        stores: StoreBatch,
-        writes: list[DiskWrite],
-        block_tokens: dict[int, tuple[int, ...]] | None,
-    ) -> None:
-        bs = self.config.block_size
-        done_tokens = min(done_tokens, st.request.num_tokens)
-        hashes = st.hashes
-        hashes.advance(st.request.all_token_ids, done_tokens)
-        complete = min(done_tokens // bs, len(st.block_ids), len(hashes.hashes))
-        if st.next_store >= complete:
-            return
-        all_tokens = st.request.all_token_ids
-        for i in range(st.next_store, complete):
-            h = hashes.hashes[i]
-            parent = hashes.hashes[i - 1] if i else None
-            gpu_block = st.block_ids[i]
-            got = self.planner.store(h, parent)
-            if got.host_slot is not None:
-                stores.gpu_blocks.append(gpu_block)
-                stores.host_slots.append(got.host_slot)
-                stores.hashes.append(h)
-                stores.parents.append(parent)
-            if got.in_host:
-                st.last_store_step = step
-            if got.disk_write:
-                if got.disk_host_slot >= 0:
-                    writes.append(DiskWrite(h, parent, host_slot=got.disk_host_slot))
-                else:
-                    writes.append(DiskWrite(h, parent, gpu_block=gpu_block))
-                    st.last_store_step = step
-            if block_tokens is not None and (got.disk_write or got.host_slot is not None):
-                block_tokens[h] = tuple(all_tokens[i * bs : (i + 1) * bs])
-        st.next_store = max(st.next_store, complete)

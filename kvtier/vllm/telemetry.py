@@ -17,12 +17,10 @@ What is read, each step:
 - the scheduler half's counters (deltas per step): lookups and matched tokens per tier, counted
   once per request vLLM schedules (as vLLM counts ``external_prefix_cache_queries/hits``, so the
   two hit rates agree); load errors per tier; filter rejections;
-- occupancy per tier, sizes every step, the pinned count at most once per
-  ``occupancy_interval_s``.
+- occupancy per tier: sizes every step, the pinned count at most once per ``occupancy_interval_s``.
 
-The one thing held here: the tokens of blocks whose copy is in flight, only while events are on,
-until the copy lands (its ``BlockStored`` carries them) or fails: the registry keeps hashes only,
-and the plan, pickled to every worker, carries no tokens. No torch.
+Held here while events are on: the tokens of blocks whose copy is in flight, until it lands (its
+``BlockStored`` carries them) or fails; the registry and the plan carry hashes only. No torch.
 """
 
 from __future__ import annotations
@@ -56,15 +54,14 @@ from kvtier.vllm.scheduler import KvTierScheduler
 
 class RemoteTelemetry:
     """G4's share: ``kvtier_remote_*`` metrics from the ``RemotePlanner``'s counter deltas (its
-    lookups, and the workers' fetch and write figures folded in), and ``BlockStored`` events with
-    medium ``REMOTE`` for the blocks rank 0 wrote (every rank writes its shard of one block)."""
+    lookups, the workers' fetch and write figures folded in), and its ``BlockStored`` events."""
 
     def __init__(self, block_size: int) -> None:
         self._block_size = block_size
         self._last = RemoteCounters()
 
     def events(self, reports: Sequence[WorkerReport]) -> list[KvEvent]:
-        """``BlockStored`` (medium REMOTE) for each block rank 0 wrote to G4."""
+        """``BlockStored`` (medium REMOTE) per block rank 0 wrote (each rank writes a shard)."""
         out: list[KvEvent] = []
         for r in reports:
             if r.remote is None or r.rank != 0:
@@ -116,8 +113,7 @@ class ConnectorTelemetry(Lifecycle):
     ``metrics`` always counts (cheap); it is served only when ``settings.metrics`` is on, and
     events are published only when ``settings.events`` is on (then the scheduler's planner must
     keep its registry events: ``SchedulerConfig.record_events``). Constructing it does nothing;
-    :meth:`start` binds the ports.
-    """
+    :meth:`start` binds the ports."""
 
     def __init__(
         self,
@@ -197,11 +193,9 @@ class ConnectorTelemetry(Lifecycle):
     def on_plan(
         self, plan: StepPlan, block_tokens: Mapping[int, tuple[int, ...]] | None = None
     ) -> None:
-        """Publish what planning this step evicted; hold the tokens of the blocks it stores.
-
-        ``block_tokens``: those tokens by sequence hash (what ``KvTierScheduler.build_step_plan``
-        fills in when asked), held per tier until each copy lands or fails.
-        """
+        """Publish what planning this step evicted; hold the tokens of the blocks it stores
+        (``block_tokens``, by hash, as ``KvTierScheduler.build_step_plan`` fills it) per tier,
+        until each copy lands or fails."""
         if block_tokens:
             for tier, hashes in (
                 (G2, plan.stores.hashes),

@@ -18,9 +18,8 @@ Ordering rules (where the races hide):
   step's stores are dropped (they may have attended to the unloaded block).
 
 On a CUDA device the same plan runs on ``GpuDataPath`` (``kvtier.vllm.gpu_path``): pinned G2,
-stores issued behind an event and finished asynchronously (the scheduler half keeps a finished
-request's blocks until ``get_finished`` names it), GPU-side waits instead of host waits. The
-rules above hold with "wait" meaning a CUDA stream wait; the CPU path is unchanged.
+asynchronous stores (the scheduler half keeps a finished request's blocks until ``get_finished``
+names it); the rules above hold with "wait" meaning a CUDA stream wait.
 """
 
 from __future__ import annotations
