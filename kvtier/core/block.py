@@ -121,9 +121,9 @@ class MutableBlock(_Handle):
         return self._pool._slots.tokens.get(self._live_id(), ())
 
     def _check_fillable(self, block_id: int, refused: str) -> None:
-        """Unless the block is RESET or PARTIAL, raise "cannot <refused> in state <its state>"."""
+        """Raise unless RESET or PARTIAL; the block id fills ``refused``'s ``{}`` only then."""
         if self._pool._slots.state[block_id] not in (st.RESET, st.PARTIAL):
-            raise BlockStateError(f"cannot {refused} in state {self.state.name}")
+            raise BlockStateError(f"cannot {refused.format(block_id)} in state {self.state.name}")
 
     def append_tokens(self, tokens: Iterable[int]) -> None:
         """Add tokens: RESET/PARTIAL -> PARTIAL, or COMPLETE once the block is full.
@@ -132,7 +132,7 @@ class MutableBlock(_Handle):
         """
         block_id = self._live_id()
         new = tuple(tokens)
-        self._check_fillable(block_id, f"append tokens to block {block_id}")
+        self._check_fillable(block_id, "append tokens to block {}")
         slots, size = self._pool._slots, self._pool._block_size
         filled = slots.tokens.get(block_id, ()) + new
         if len(filled) > size:
@@ -147,7 +147,7 @@ class MutableBlock(_Handle):
     def mark_complete(self) -> None:
         """RESET/PARTIAL -> COMPLETE, for storage tiers whose content is bytes, not tokens."""
         block_id = self._live_id()
-        self._check_fillable(block_id, f"mark block {block_id} complete")
+        self._check_fillable(block_id, "mark block {} complete")
         self._pool._slots.state[block_id] = st.COMPLETE
 
     def reset(self) -> None:

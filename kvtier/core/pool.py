@@ -213,7 +213,10 @@ class BlockPool:
                 )
             block._alive = False
             self._free_slot(block_id)
-            return self.match((sequence_hash,))[0]
+            if not slots.refs[existing]:
+                self._num_inactive -= 1
+            slots.refs[existing] += 1
+            return ImmutableBlock(self, existing)
         self._link(block_id, sequence_hash, parent_sequence_hash, block_hash, priority, refs=1)
         block._alive = False
         return ImmutableBlock(self, block_id)
