@@ -1,11 +1,9 @@
 """Block states and the handles through which callers own pool slots.
 
-Why handles: a slot's life (Reset -> Partial -> Complete -> Registered) is driven by whoever
-holds it. A ``MutableBlock`` is exclusive and fillable; an ``ImmutableBlock`` is one counted
-reference to a registered, shareable block. Each handle is released exactly once (explicitly or
-by ``with``); a second release raises instead of silently underflowing a reference count. A
-released handle still knows its block id, and nothing else: the slot may hold another block now.
-A ``MutableBlock`` fills its slot itself, in its pool's slot table.
+Why handles: whoever holds a slot drives its life (below). A ``MutableBlock`` is exclusive and fills
+its slot; an ``ImmutableBlock`` is one counted reference to a registered, shareable block. Each
+handle is released once (explicitly or by ``with``): a second release raises instead of underflowing
+a reference count. A released handle knows only its block id: the slot may hold another block now.
 
 A slot's states::
 
@@ -97,6 +95,10 @@ class _Handle(_Owned):
         """The slot this handle is (or was) for; the data plane indexes its storage with it."""
         return self._block_id
 
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return self._pool._slots.tokens.get(self._live_id(), ())
+
     def _live_id(self) -> int:
         if not self._alive:
             raise PoolError(f"{type(self).__name__} for block {self.block_id} was already released")
@@ -116,22 +118,15 @@ class MutableBlock(_Handle):
     def state(self) -> BlockState:
         return _MUTABLE_STATES[self._pool._slots.state[self._live_id()]]
 
-    @property
-    def tokens(self) -> tuple[int, ...]:
-        return self._pool._slots.tokens.get(self._live_id(), ())
-
     def _check_fillable(self, block_id: int, refused: str) -> None:
         """Raise unless RESET or PARTIAL; the block id fills ``refused``'s ``{}`` only then."""
         if self._pool._slots.state[block_id] not in (st.RESET, st.PARTIAL):
             raise BlockStateError(f"cannot {refused.format(block_id)} in state {self.state.name}")
 
     def append_tokens(self, tokens: Iterable[int]) -> None:
-        """Add tokens: RESET/PARTIAL -> PARTIAL, or COMPLETE once the block is full.
-
-        Overfilling raises and leaves the block unchanged.
-        """
-        block_id = self._live_id()
-        new = tuple(tokens)
+        """Add tokens: RESET/PARTIAL -> PARTIAL, or COMPLETE once the block is full. Overfilling
+        raises and leaves the block unchanged."""
+        block_id, new = self._live_id(), tuple(tokens)
         self._check_fillable(block_id, "append tokens to block {}")
         slots, size = self._pool._slots, self._pool._block_size
         filled = slots.tokens.get(block_id, ()) + new
@@ -185,18 +180,11 @@ class ImmutableBlock(_Handle):
     def priority(self) -> int:
         return self._pool._slots.prio[self._live_id()]
 
-    @property
-    def tokens(self) -> tuple[int, ...]:
-        return self._pool._slots.tokens.get(self._live_id(), ())
-
 
 class ImmutableBlockGroup(_Owned):
-    """One reference on each block of a matched prefix, taken and released together.
-
-    Why: a long prompt matches thousands of blocks; one handle object per block is most of the
-    cost of ``match``. ``BlockPool.match_group`` returns this instead: same references, same
-    semantics, one object. Release it once (or use ``with``); a second release raises.
-    """
+    """One reference on each block of a matched prefix (``BlockPool.match_group``), taken and
+    released together, with ``match``'s semantics. Why: a long prompt matches thousands of blocks,
+    and one handle object per block is most of the cost of ``match``."""
 
     __slots__ = ("_block_ids",)
 

@@ -1,18 +1,16 @@
 """A tier's pool of block slots: allocation, registration (dedup), prefix match, eviction.
 
 Why: every tier (G1 device, G2 host, G3 disk) needs the same bookkeeping over a fixed number of
-slots; only the bytes differ, and those live in the data plane. This is pure Python, no torch.
-The eviction order is ``kvtier.core.eviction``; the argument checks ``check_*`` are shared by
-``register`` and its pre-check ``check_registration`` (``KvBlockManager.offload`` calls it); the
-O(pool) verification ``pool_invariants`` (the invariants are listed there); a slot's states
-``kvtier.core.block``, where a ``MutableBlock`` fills its own slot.
+slots; only the bytes differ, and those live in the data plane. Elsewhere: the eviction order
+(``kvtier.core.eviction``), the O(pool) verification and the invariants (``pool_invariants``), a
+slot's states and how a ``MutableBlock`` fills it (``kvtier.core.block``). ``register`` and its
+pre-check ``check_registration`` (``KvBlockManager.offload`` calls it) share the ``check_*``.
 
-Eviction and the verbs: only inactive leaves are evicted (ref count 0, no registered child here),
-so a chain is eaten from its tail and a shared prefix outlives its branches; among them the lowest
-``priority`` first, then the least recently released (the release tick is taken when the ref
-count drops to 0, or at ``restore``). ``match`` takes references, so the next release refreshes
-recency; ``contains`` and ``lookup`` refresh nothing. Every verb is O(1) or O(log n) per block
-it touches, never O(pool size); only ``check_invariants()`` scans the pool.
+Eviction and the verbs: only inactive leaves are evicted (ref count 0, no registered child here), so
+a chain is eaten from its tail and a shared prefix outlives its branches; among them the lowest
+``priority`` first, then the least recently released or restored. ``match`` takes references, so the
+next release refreshes recency; ``contains`` and ``lookup`` refresh nothing. A verb costs O(1) or
+O(log n) per block it touches; only ``check_invariants()`` scans the pool.
 """
 
 from __future__ import annotations
@@ -34,10 +32,8 @@ U64_MAX = 2**64 - 1
 
 
 def check_hash(name: str, value: int | None, *, optional: bool = False) -> None:
-    if type(value) is int and 0 <= value <= U64_MAX:  # the common case, checked cheaply
-        return
-    if value is None and optional:
-        return
+    if (type(value) is int and 0 <= value <= U64_MAX) or (value is None and optional):
+        return  # the common case first, checked cheaply
     raise ValueError(f"{name} must be an int in the u64 range [0, 2**64), got {value!r}")
 
 
@@ -61,11 +57,9 @@ def check_registration(
     block_hash: int | None = None,
     priority: int = 0,
 ) -> None:
-    """Raise (ValueError/TypeError naming it) for any argument ``register`` would refuse.
-
-    Why: a caller that registers only later (when a copy lands) checks first, so bad input
-    fails before anything is allocated or moved, not inside ``poll``.
-    """
+    """Raise (ValueError/TypeError naming it) for any argument ``register`` would refuse. Why: a
+    caller that registers only later (when a copy lands) checks first, so bad input fails before
+    anything is allocated or moved, not inside ``poll``."""
     check_hash("sequence_hash", sequence_hash)
     check_hash("parent_sequence_hash", parent_sequence_hash, optional=True)
     check_hash("block_hash", block_hash, optional=True)
@@ -139,10 +133,8 @@ class BlockPool:
 
     # -- verbs --------------------------------------------------------------------------------
     def allocate(self, n: int) -> list[MutableBlock] | None:
-        """``n`` RESET blocks, lowest free ids first, evicting if needed; None if impossible.
-
-        All or nothing: when it returns None, nothing was evicted.
-        """
+        """``n`` RESET blocks, lowest free ids first, evicting only what the free slots lack; None
+        if impossible, and then nothing was evicted (all or nothing)."""
         check_int("n", n, 0)
         short = n - self._free.num_free
         if short > 0:
@@ -180,11 +172,9 @@ class BlockPool:
         block_hash: int | None = None,
         priority: int = 0,
     ) -> ImmutableBlock:
-        """Make a COMPLETE block immutable and matchable; consumes ``block``.
-
-        If ``sequence_hash`` is already registered, returns a new handle on that block and frees
-        ``block`` (dedup). A parent that disagrees with the registered one raises, changing nothing.
-        """
+        """Make a COMPLETE block immutable and matchable; consumes ``block``. If ``sequence_hash``
+        is already registered, returns a new handle on that block and frees ``block`` (dedup). A
+        parent that disagrees with the registered one raises, changing nothing."""
         if type(block) is MutableBlock and block._pool is self and block._alive:
             block_id = block._block_id  # the common case, checked cheaply (a hot path)
         else:
@@ -394,6 +384,5 @@ class BlockPool:
 
     # -- verification -------------------------------------------------------------------------
     def check_invariants(self) -> None:
-        """Verify every structure against the others; raises InvariantError naming the break.
-        O(pool size): for tests and the ``check`` tooling, not for the serving path."""
+        """Raise InvariantError naming the first broken invariant (O(pool): ``pool_invariants``)."""
         _check_invariants(self)
