@@ -1,10 +1,24 @@
 """Block states and the handles through which callers own pool slots.
 
-Why handles: a slot's life (Reset -> Partial -> Complete -> Registered) is driven by whoever
-holds it. A ``MutableBlock`` is exclusive and fillable; an ``ImmutableBlock`` is one counted
-reference to a registered, shareable block. Each handle is released exactly once (explicitly or
-by ``with``); a second release raises instead of silently underflowing a reference count. A
-released handle still knows its block id, and nothing else: the slot may hold another block now.
+Why handles: whoever holds a slot drives its life (below). A ``MutableBlock`` is exclusive and fills
+its slot; an ``ImmutableBlock`` is one counted reference to a registered, shareable block. Each
+handle is released once (explicitly or by ``with``): a second release raises instead of underflowing
+a reference count. A released handle knows only its block id: the slot may hold another block now.
+
+A slot's states::
+
+            allocate()              append_tokens (full) / mark_complete()
+  [free] ------------> RESET ---------------------------------------------> COMPLETE
+    ^                    |  append_tokens (not full)                      ^      |
+    |                    v                                                |      | register(h)
+    |                 PARTIAL --- append_tokens (full) / mark_complete() -+      v
+    |                                                                   REGISTERED (immutable)
+    |   release() of a MutableBlock (any mutable state); register() of a     |  refs > 0: active
+    +-- duplicate hash (dedup frees it); eviction or remove() of an inactive  |  refs = 0: inactive,
+        REGISTERED block; last release() of a removed one <------------------+  still matchable
+
+Anything else raises ``BlockStateError`` (registering a non-COMPLETE block, appending past the
+block size or to a COMPLETE block, marking a COMPLETE block complete) and changes nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +28,8 @@ from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from kvtier.core.errors import PoolError
+from kvtier.core import slot_table as st
+from kvtier.core.errors import BlockStateError, PoolError
 
 if TYPE_CHECKING:
     from kvtier.core.pool import BlockPool
@@ -29,6 +44,13 @@ class BlockState(enum.Enum):
     PARTIAL = "partial"
     COMPLETE = "complete"
     REGISTERED = "registered"
+
+
+_MUTABLE_STATES = {
+    st.RESET: BlockState.RESET,
+    st.PARTIAL: BlockState.PARTIAL,
+    st.COMPLETE: BlockState.COMPLETE,
+}
 
 
 class _Owned:
@@ -73,6 +95,10 @@ class _Handle(_Owned):
         """The slot this handle is (or was) for; the data plane indexes its storage with it."""
         return self._block_id
 
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return self._pool._slots.tokens.get(self._live_id(), ())
+
     def _live_id(self) -> int:
         if not self._alive:
             raise PoolError(f"{type(self).__name__} for block {self.block_id} was already released")
@@ -90,26 +116,40 @@ class MutableBlock(_Handle):
 
     @property
     def state(self) -> BlockState:
-        return self._pool._mutable_state(self._live_id())
+        return _MUTABLE_STATES[self._pool._slots.state[self._live_id()]]
 
-    @property
-    def tokens(self) -> tuple[int, ...]:
-        return self._pool._slots.tokens.get(self._live_id(), ())
+    def _check_fillable(self, block_id: int, refused: str) -> None:
+        """Raise unless RESET or PARTIAL; the block id fills ``refused``'s ``{}`` only then."""
+        if self._pool._slots.state[block_id] not in (st.RESET, st.PARTIAL):
+            raise BlockStateError(f"cannot {refused.format(block_id)} in state {self.state.name}")
 
     def append_tokens(self, tokens: Iterable[int]) -> None:
-        """Add tokens: RESET/PARTIAL -> PARTIAL, or COMPLETE once the block is full.
-
-        Overfilling raises and leaves the block unchanged.
-        """
-        self._pool._append_tokens(self._live_id(), tuple(tokens))
+        """Add tokens: RESET/PARTIAL -> PARTIAL, or COMPLETE once the block is full. Overfilling
+        raises and leaves the block unchanged."""
+        block_id, new = self._live_id(), tuple(tokens)
+        self._check_fillable(block_id, "append tokens to block {}")
+        slots, size = self._pool._slots, self._pool._block_size
+        filled = slots.tokens.get(block_id, ()) + new
+        if len(filled) > size:
+            room = size - len(filled) + len(new)
+            raise BlockStateError(
+                f"block {block_id} has room for {room} more tokens, got {len(new)}"
+            )
+        if filled:
+            slots.tokens[block_id] = filled
+            slots.state[block_id] = st.COMPLETE if len(filled) == size else st.PARTIAL
 
     def mark_complete(self) -> None:
         """RESET/PARTIAL -> COMPLETE, for storage tiers whose content is bytes, not tokens."""
-        self._pool._mark_complete(self._live_id())
+        block_id = self._live_id()
+        self._check_fillable(block_id, "mark block {} complete")
+        self._pool._slots.state[block_id] = st.COMPLETE
 
     def reset(self) -> None:
         """Back to RESET (contents discarded), keeping ownership of the slot."""
-        self._pool._reset(self._live_id())
+        block_id = self._live_id()
+        self._pool._slots.tokens.pop(block_id, None)
+        self._pool._slots.state[block_id] = st.RESET
 
 
 class ImmutableBlock(_Handle):
@@ -140,18 +180,11 @@ class ImmutableBlock(_Handle):
     def priority(self) -> int:
         return self._pool._slots.prio[self._live_id()]
 
-    @property
-    def tokens(self) -> tuple[int, ...]:
-        return self._pool._slots.tokens.get(self._live_id(), ())
-
 
 class ImmutableBlockGroup(_Owned):
-    """One reference on each block of a matched prefix, taken and released together.
-
-    Why: a long prompt matches thousands of blocks; one handle object per block is most of the
-    cost of ``match``. ``BlockPool.match_group`` returns this instead: same references, same
-    semantics, one object. Release it once (or use ``with``); a second release raises.
-    """
+    """One reference on each block of a matched prefix (``BlockPool.match_group``), taken and
+    released together, with ``match``'s semantics. Why: a long prompt matches thousands of blocks,
+    and one handle object per block is most of the cost of ``match``."""
 
     __slots__ = ("_block_ids",)
 
@@ -175,7 +208,10 @@ class ImmutableBlockGroup(_Owned):
 
     @property
     def sequence_hashes(self) -> list[int]:
+        seq = self._pool._slots.seq
+        return [seq[i] for i in self._live_ids()]
+
+    def _live_ids(self) -> list[int]:
         if not self._alive:
             raise PoolError("ImmutableBlockGroup was already released")
-        seq = self._pool._slots.seq
-        return [seq[i] for i in self._block_ids]
+        return self._block_ids

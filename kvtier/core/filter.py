@@ -8,7 +8,6 @@ a block is offloaded once its count reaches ``min_frequency`` (2: seen twice bef
 Decay is computed lazily per entry from whole intervals elapsed since the filter's first use, which
 equals decrementing every entry at each interval boundary, without a timer thread. The clock is
 injected (tests drive it by hand); the filter can be switched off (then everything passes).
-It counts the sightings it turned away (``rejections``), for the filter-rejection metric.
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ class FrequencyFilter:
         self._origin: float | None = None  # time of first use; decay epochs count from here
         self._entries: OrderedDict[int, tuple[int, int]] = OrderedDict()  # hash -> (count, epoch)
         self.rejections = 0
-        """Sightings ``should_offload`` turned away (cumulative)."""
+        """Sightings ``should_offload`` turned away (cumulative): the filter-rejection metric."""
 
     @property
     def config(self) -> FrequencyFilterConfig:

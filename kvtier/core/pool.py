@@ -1,36 +1,16 @@
 """A tier's pool of block slots: allocation, registration (dedup), prefix match, eviction.
 
 Why: every tier (G1 device, G2 host, G3 disk) needs the same bookkeeping over a fixed number of
-slots; only the bytes differ, and those live in the data plane. This is pure Python, no torch.
-The eviction order is ``kvtier.core.eviction``; the argument checks ``check_*`` are shared by
-``register`` and its pre-check ``check_registration`` (``KvBlockManager.offload`` calls it); the
-O(pool) verification ``pool_invariants`` (the invariants are listed there).
+slots; only the bytes differ, and those live in the data plane. Elsewhere: the eviction order
+(``kvtier.core.eviction``), the O(pool) verification and the invariants (``pool_invariants``), a
+slot's states and how a ``MutableBlock`` fills it (``kvtier.core.block``). ``register`` and its
+pre-check ``check_registration`` (``KvBlockManager.offload`` calls it) share the ``check_*``.
 
-A slot's states::
-
-            allocate()              append_tokens (full) / mark_complete()
-  [free] ------------> RESET ---------------------------------------------> COMPLETE
-    ^                    |  append_tokens (not full)                      ^      |
-    |                    v                                                |      | register(h)
-    |                 PARTIAL --- append_tokens (full) / mark_complete() -+      v
-    |                                                                   REGISTERED (immutable)
-    |   release() of a MutableBlock (any mutable state); register() of a     |  refs > 0: active
-    +-- duplicate hash (dedup frees it); eviction or remove() of an inactive  |  refs = 0: inactive,
-        REGISTERED block; last release() of a removed one <------------------+  still matchable
-
-Anything else raises ``BlockStateError`` (registering a non-COMPLETE block, appending past the
-block size or to a COMPLETE block, marking a COMPLETE block complete) and changes nothing.
-
-Eviction and the verbs: only inactive leaves are evicted (ref count 0, no registered child here),
-so a chain is eaten from its tail and a shared prefix outlives its branches; among them the lowest
-``priority`` first, then the least recently released (the release tick is taken when the ref
-count drops to 0, or at ``restore``). ``match`` takes references, so the next release refreshes
-recency; ``contains`` and ``lookup`` refresh nothing. ``allocate(n)`` evicts only what it needs
-beyond the free slots and is all or nothing. ``remove(h)`` unregisters at once (``RemoveEvent``
-now; the slot is freed now if inactive, else on the last release). ``match_group`` takes the same
-references as ``match`` behind one handle, about 3x cheaper for long prefixes: use it on hot
-paths. Every verb is O(1) or O(log n) per block it touches, never O(pool size); only
-``check_invariants()`` scans the pool.
+Eviction and the verbs: only inactive leaves are evicted (ref count 0, no registered child here), so
+a chain is eaten from its tail and a shared prefix outlives its branches; among them the lowest
+``priority`` first, then the least recently released or restored. ``match`` takes references, so the
+next release refreshes recency; ``contains`` and ``lookup`` refresh nothing. A verb costs O(1) or
+O(log n) per block it touches; only ``check_invariants()`` scans the pool.
 """
 
 from __future__ import annotations
@@ -38,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvtier.core import slot_table as st
-from kvtier.core.block import BlockState, ImmutableBlock, ImmutableBlockGroup, MutableBlock
+from kvtier.core.block import ImmutableBlock, ImmutableBlockGroup, MutableBlock
 from kvtier.core.errors import BlockStateError, PoolError
 from kvtier.core.eviction import EvictionHeap
 from kvtier.core.free_slots import FreeSlots
@@ -52,10 +32,8 @@ U64_MAX = 2**64 - 1
 
 
 def check_hash(name: str, value: int | None, *, optional: bool = False) -> None:
-    if type(value) is int and 0 <= value <= U64_MAX:  # the common case, checked cheaply
-        return
-    if value is None and optional:
-        return
+    if (type(value) is int and 0 <= value <= U64_MAX) or (value is None and optional):
+        return  # the common case first, checked cheaply
     raise ValueError(f"{name} must be an int in the u64 range [0, 2**64), got {value!r}")
 
 
@@ -79,24 +57,15 @@ def check_registration(
     block_hash: int | None = None,
     priority: int = 0,
 ) -> None:
-    """Raise (ValueError/TypeError naming it) for any argument ``register`` would refuse.
-
-    Why: a caller that registers only later (when a copy lands) checks first, so bad input
-    fails before anything is allocated or moved, not inside ``poll``.
-    """
+    """Raise (ValueError/TypeError naming it) for any argument ``register`` would refuse. Why: a
+    caller that registers only later (when a copy lands) checks first, so bad input fails before
+    anything is allocated or moved, not inside ``poll``."""
     check_hash("sequence_hash", sequence_hash)
     check_hash("parent_sequence_hash", parent_sequence_hash, optional=True)
     check_hash("block_hash", block_hash, optional=True)
     check_priority(priority)
     if parent_sequence_hash == sequence_hash:
         raise ValueError(f"block {sequence_hash} cannot be its own parent")
-
-
-_MUTABLE_STATES = {
-    st.RESET: BlockState.RESET,
-    st.PARTIAL: BlockState.PARTIAL,
-    st.COMPLETE: BlockState.COMPLETE,
-}
 
 
 class BlockPool:
@@ -164,10 +133,8 @@ class BlockPool:
 
     # -- verbs --------------------------------------------------------------------------------
     def allocate(self, n: int) -> list[MutableBlock] | None:
-        """``n`` RESET blocks, lowest free ids first, evicting if needed; None if impossible.
-
-        All or nothing: when it returns None, nothing was evicted.
-        """
+        """``n`` RESET blocks, lowest free ids first, evicting only what the free slots lack; None
+        if impossible, and then nothing was evicted (all or nothing)."""
         check_int("n", n, 0)
         short = n - self._free.num_free
         if short > 0:
@@ -205,11 +172,9 @@ class BlockPool:
         block_hash: int | None = None,
         priority: int = 0,
     ) -> ImmutableBlock:
-        """Make a COMPLETE block immutable and matchable; consumes ``block``.
-
-        If ``sequence_hash`` is already registered, returns a new handle on that block and frees
-        ``block`` (dedup). A parent that disagrees with the registered one raises, changing nothing.
-        """
+        """Make a COMPLETE block immutable and matchable; consumes ``block``. If ``sequence_hash``
+        is already registered, returns a new handle on that block and frees ``block`` (dedup). A
+        parent that disagrees with the registered one raises, changing nothing."""
         if type(block) is MutableBlock and block._pool is self and block._alive:
             block_id = block._block_id  # the common case, checked cheaply (a hot path)
         else:
@@ -224,8 +189,7 @@ class BlockPool:
         slots = self._slots
         if slots.state[block_id] != st.COMPLETE:
             raise BlockStateError(
-                f"only a COMPLETE block can be registered; block {block_id} is "
-                f"{self._mutable_state(block_id).name}"
+                f"only a COMPLETE block can be registered; block {block_id} is {block.state.name}"
             )
         if parent_sequence_hash == sequence_hash:
             raise ValueError(f"block {sequence_hash} cannot be its own parent")
@@ -243,13 +207,8 @@ class BlockPool:
                 self._num_inactive -= 1
             slots.refs[existing] += 1
             return ImmutableBlock(self, existing)
-        if self._registry is not None:
-            self._registry.record_store(self._tier, sequence_hash, parent_sequence_hash, block_hash)
+        self._link(block_id, sequence_hash, parent_sequence_hash, block_hash, priority, refs=1)
         block._alive = False
-        slots.set_registered(
-            block_id, sequence_hash, parent_sequence_hash, block_hash, priority, refs=1
-        )
-        self._link(block_id, sequence_hash, parent_sequence_hash)
         return ImmutableBlock(self, block_id)
 
     check_registration = staticmethod(check_registration)
@@ -259,7 +218,8 @@ class BlockPool:
         return [ImmutableBlock(self, block_id) for block_id in self._ref_prefix(sequence_hashes)]
 
     def match_group(self, sequence_hashes: Sequence[int]) -> ImmutableBlockGroup:
-        """Like ``match``, but one handle for the whole matched prefix (much cheaper per block)."""
+        """Like ``match``, but one handle for the whole matched prefix: about 3x cheaper for long
+        prefixes, use it on hot paths."""
         return ImmutableBlockGroup(self, self._ref_prefix(sequence_hashes))
 
     def _ref_prefix(self, sequence_hashes: Sequence[int]) -> list[int]:
@@ -289,8 +249,8 @@ class BlockPool:
         return self._by_hash.get(sequence_hash)
 
     def remove(self, sequence_hash: int) -> bool:
-        """Unregister a block (e.g. found corrupt). Its slot is freed now if inactive, else when
-        the last handle is released; from now on it is not matchable. False if not registered."""
+        """Unregister a block (e.g. found corrupt) at once (its ``RemoveEvent`` now); its slot is
+        freed now if inactive, else on the last release. False if not registered."""
         block_id = self._by_hash.get(sequence_hash)
         if block_id is None:
             return False
@@ -324,14 +284,9 @@ class BlockPool:
             raise PoolError(f"sequence hash {sequence_hash} is already registered in {self._tier}")
         if not self._free.is_free(block_id):
             raise PoolError(f"slot {block_id} of {self._tier} is not free")
-        if self._registry is not None:
-            self._registry.record_store(self._tier, sequence_hash, parent_sequence_hash, block_hash)
+        self._slots.ensure(block_id)  # only grows the columns: harmless if the registry refuses
+        self._link(block_id, sequence_hash, parent_sequence_hash, block_hash, priority, refs=0)
         self._free.take(block_id)
-        self._slots.ensure(block_id)
-        self._slots.set_registered(
-            block_id, sequence_hash, parent_sequence_hash, block_hash, priority, refs=0
-        )
-        self._link(block_id, sequence_hash, parent_sequence_hash)
         self._became_inactive(block_id)
 
     def release(self, handle: MutableBlock | ImmutableBlock | ImmutableBlockGroup) -> None:
@@ -343,20 +298,18 @@ class BlockPool:
         if isinstance(handle, ImmutableBlockGroup):
             if handle._pool is not self:
                 raise PoolError(f"block group belongs to another pool than {self._tier}")
-            if not handle._alive:
-                raise PoolError("ImmutableBlockGroup was already released")
+            block_ids = handle._live_ids()
             handle._alive = False
-            for block_id in handle._block_ids:
+            for block_id in block_ids:
                 self._drop_ref(block_id)
             return
-        if isinstance(handle, MutableBlock):
-            block_id = self._own(handle, MutableBlock)
-            handle._alive = False
-            self._free_slot(block_id)
-            return
-        block_id = self._own(handle, ImmutableBlock)
+        mutable = isinstance(handle, MutableBlock)
+        block_id = self._own(handle, MutableBlock if mutable else ImmutableBlock)
         handle._alive = False
-        self._drop_ref(block_id)
+        if mutable:
+            self._free_slot(block_id)
+        else:
+            self._drop_ref(block_id)
 
     def _drop_ref(self, block_id: int) -> None:
         refs = self._slots.refs
@@ -368,39 +321,6 @@ class BlockPool:
             self._became_inactive(block_id)
         else:  # removed while held
             self._free_slot(block_id)
-
-    # -- mutable block transitions (called by MutableBlock) ---------------------------------
-    def _mutable_state(self, block_id: int) -> BlockState:
-        return _MUTABLE_STATES[self._slots.state[block_id]]
-
-    def _append_tokens(self, block_id: int, new: tuple[int, ...]) -> None:
-        slots = self._slots
-        if slots.state[block_id] not in (st.RESET, st.PARTIAL):
-            raise BlockStateError(
-                f"cannot append tokens to block {block_id} in state "
-                f"{self._mutable_state(block_id).name}"
-            )
-        tokens = slots.tokens.get(block_id, ()) + new
-        if len(tokens) > self._block_size:
-            room = self._block_size - len(tokens) + len(new)
-            raise BlockStateError(
-                f"block {block_id} has room for {room} more tokens, got {len(new)}"
-            )
-        if tokens:
-            slots.tokens[block_id] = tokens
-            slots.state[block_id] = st.COMPLETE if len(tokens) == self._block_size else st.PARTIAL
-
-    def _mark_complete(self, block_id: int) -> None:
-        if self._slots.state[block_id] not in (st.RESET, st.PARTIAL):
-            raise BlockStateError(
-                f"cannot mark block {block_id} complete in state "
-                f"{self._mutable_state(block_id).name}"
-            )
-        self._slots.state[block_id] = st.COMPLETE
-
-    def _reset(self, block_id: int) -> None:
-        self._slots.tokens.pop(block_id, None)
-        self._slots.state[block_id] = st.RESET
 
     # -- internals ----------------------------------------------------------------------------
     def _own(self, handle: MutableBlock | ImmutableBlock, kind: type) -> int:
@@ -414,7 +334,19 @@ class BlockPool:
         self._slots.clear(block_id)
         self._free.put(block_id)
 
-    def _link(self, block_id: int, sequence_hash: int, parent: int | None) -> None:
+    def _link(
+        self,
+        block_id: int,
+        sequence_hash: int,
+        parent: int | None,
+        block_hash: int | None,
+        priority: int,
+        refs: int,
+    ) -> None:
+        """Register the slot under its hash; the registry records it first (and may refuse)."""
+        if self._registry is not None:
+            self._registry.record_store(self._tier, sequence_hash, parent, block_hash)
+        self._slots.set_registered(block_id, sequence_hash, parent, block_hash, priority, refs)
         self._by_hash[sequence_hash] = block_id
         if parent is not None:
             self._children[parent] = self._children.get(parent, 0) + 1
@@ -452,7 +384,5 @@ class BlockPool:
 
     # -- verification -------------------------------------------------------------------------
     def check_invariants(self) -> None:
-        """Verify every structure against the others; raises InvariantError naming the break.
-
-        O(pool size): for tests and the ``check`` tooling, not for the serving path."""
+        """Raise InvariantError naming the first broken invariant (O(pool): ``pool_invariants``)."""
         _check_invariants(self)

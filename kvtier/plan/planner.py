@@ -1,26 +1,23 @@
 """``TierPlanner``: the one place that decides what lives where across G2 and G3. No torch.
 
 Why this exists: the data plane (a worker, possibly in another process) only moves bytes; every
-decision about the tiers is made here, on plain data (sequence hashes, parents, slot ids), so it
-runs in vLLM's scheduler process and in ``KvBlockManager`` (one worker), tested in microseconds:
+tier decision is made here on plain data (``kvtier.plan`` says why), tested in microseconds:
 
-- prefix match: G2 from a start block, then G3 from where G2 stopped; a G3 miss in this index is
-  looked up by file name in the G3 folders other engines share (adopted when every worker's
-  folder has the file);
+- prefix match: G2 from a start block, then G3 from where G2 stopped (adopting the G3 files other
+  engines wrote in the folders they share);
 - two phases for every copy: ``store``/``reserve_copy``/``begin_load`` reserve (a pending slot, or
-  pins on the slots a load reads), the workers' reports commit or abort once all ``num_workers``
-  reported (a failure on any rank aborts: the slot is freed, a G3 file deleted);
-- a G2 slot read by a copy (a load, or a G3 write from it) is pinned until the read is reported
-  done, so it is never reused under a copy;
+  pins on the slots a load or a G3 write from G2 reads, so none is reused under a copy), the
+  workers' reports commit or abort once all ``num_workers`` reported (a failure on any rank
+  aborts: the slot is freed, a G3 file deleted); loads in flight: ``kvtier.plan.loads``;
 - the G2 -> G3 cascade: a block is written to G3 when G3 does not hold it and the frequency filter
   admits it (from its G2 slot when it has one, else from the GPU block);
 - restore of G3 at start-up (``kvtier.plan.restore``), reset, invariants.
 
-Every arrival and departure lands in ``registry`` (a ``TierRegistry``) as a Store/Remove event,
-and every copy that landed on all workers in ``take_transfers``, timed by the in-flight records
-themselves: the connector's telemetry reads both, and keeps no copy of what is in flight. The G3
-files to delete (evicted, failed, corrupt on some rank, reset) accumulate until ``take_deletes``
-hands them to the next plan.
+Every arrival (commit, restore) and departure (eviction, removal) lands in ``registry`` (a
+``TierRegistry`` the pools report to) as a Store/Remove event, and every copy that landed on all
+workers in ``take_transfers``, timed by the in-flight records themselves: the connector's
+telemetry reads both, and keeps no copy of what is in flight. The G3 files to delete (evicted,
+failed, corrupt on some rank, reset) accumulate until ``take_deletes`` hands them to the next plan.
 """
 
 from __future__ import annotations
@@ -36,6 +33,7 @@ from kvtier.config import require_count
 from kvtier.core.filter import FrequencyFilter, FrequencyFilterConfig
 from kvtier.core.registry import TierRegistry
 from kvtier.plan.counters import SchedulerCounters
+from kvtier.plan.loads import LoadJobs
 from kvtier.plan.restore import plan_restore
 from kvtier.plan.slots import SlotIndex
 from kvtier.storage.block_file import block_file_name
@@ -87,15 +85,6 @@ worker reported landed; a plain tuple, as one is built per block on the schedule
 
 
 @dataclass
-class _Load:
-    req_id: str
-    host_hashes: list[int]
-    disk_hashes: list[int]
-    since: float
-    reports: int = 0
-
-
-@dataclass
 class _Restore:
     reports: list[set[int]] = field(default_factory=list)
     order: list[int] = field(default_factory=list)  # rank 0's, newest first
@@ -128,8 +117,7 @@ class TierPlanner:
         self.disk_ready = config.disk_blocks == 0
         """Whether the G3 index is known (every worker reported what it found on disk)."""
         self._from_host: set[int] = set()  # G3 writes in flight that pin their G2 slot
-        self._loads: dict[int, _Load] = {}
-        self._next_job = 0
+        self._loads = LoadJobs(self.host, self.disk, config.num_workers)
         self._deletes: list[int] = []
         self._restore = _Restore()
         self._pinned_rows: dict[int, int] = {}
@@ -182,45 +170,23 @@ class TierPlanner:
         self, req_id: str, host_hashes: list[int], disk_hashes: list[int]
     ) -> tuple[int, list[int]]:
         """Pin the matched blocks a load reads; returns its job id and the G2 slots it reads."""
-        slots = self.host.pin_all(host_hashes)
-        self.disk.pin_all(disk_hashes)
-        job_id = self._next_job
-        self._next_job += 1
-        self._loads[job_id] = _Load(req_id, host_hashes, disk_hashes, self._clock())
+        job = self._loads.begin(req_id, host_hashes, disk_hashes, self._clock())
         self.counters.host_hit_blocks += len(host_hashes)
         self.counters.disk_hit_blocks += len(disk_hashes)
         self.counters.onboard_h2d += len(host_hashes)
         self.counters.onboard_d2d += len(disk_hashes)
-        return job_id, slots
+        return job
 
     def trim_load(self, job_id: int, keep: int) -> None:
         """Keep the pins of the first ``keep`` blocks of load ``job_id`` (its G2 blocks first),
         dropping the rest; ``keep=0`` cancels the load (nothing was copied)."""
-        load = self._loads[job_id]
-        nh = min(keep, len(load.host_hashes))
-        nd = min(keep - nh, len(load.disk_hashes))
-        for h in load.host_hashes[nh:]:
-            self.host.unpin(h)
-        for h in load.disk_hashes[nd:]:
-            self.disk.unpin(h)
-        del load.host_hashes[nh:], load.disk_hashes[nd:]
-        if not keep:
-            del self._loads[job_id]
+        self._loads.trim(job_id, keep)
 
     def load_reported(self, job_id: int) -> str | None:
-        """One worker finished load ``job_id``; once all have, its pins go and the request id is
-        returned."""
-        load = self._loads.get(job_id)
+        """One worker finished load ``job_id``; the last one unpins it and gets its request id."""
+        load = self._loads.reported(job_id)
         if load is None:
             return None
-        load.reports += 1
-        if load.reports < self.config.num_workers:
-            return None
-        del self._loads[job_id]
-        for h in load.host_hashes:
-            self.host.unpin(h)
-        for h in load.disk_hashes:
-            self.disk.unpin(h)
         self._landed("host_to_device", len(load.host_hashes), load.since)
         self._landed("disk_to_device", len(load.disk_hashes), load.since)
         return load.req_id
@@ -374,8 +340,7 @@ class TierPlanner:
             self._transfers.append((path, blocks, self._clock() - since))
 
     def take_transfers(self) -> list[Transfer]:
-        """Copies landed since the last call, oldest first (at most 65536 kept: drain every
-        step)."""
+        """Copies landed since the last call, oldest first (at most 65536 kept: drain each step)."""
         out = list(self._transfers)
         self._transfers.clear()
         return out
@@ -408,11 +373,7 @@ class TierPlanner:
         disk_pins = dict.fromkeys(self.disk.stores_in_flight(), 1)
         for h in self._from_host:
             host_pins[h] = host_pins.get(h, 0) + 1
-        for load in self._loads.values():
-            for h in load.host_hashes:
-                host_pins[h] = host_pins.get(h, 0) + 1
-            for h in load.disk_hashes:
-                disk_pins[h] = disk_pins.get(h, 0) + 1
+        self._loads.count_pins(host_pins, disk_pins)
         for index, pins in ((self.host, host_pins), (self.disk, disk_pins)):
             held = index.pin_counts()
             assert held == {h: c for h, c in pins.items() if c}, (

@@ -10,8 +10,6 @@ G3 index from the files a previous run left, and both must agree on the rules:
   they register, so leaves go first); otherwise the recency order is kept;
 - parent links that name the block itself or close a cycle are dropped (``acyclic_parents``): a
   corrupt header must never pin a block forever.
-
-Pure Python, no torch.
 """
 
 from __future__ import annotations

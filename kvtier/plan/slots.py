@@ -1,17 +1,15 @@
 """The planner's record of what G2 and G3 hold, on the control plane's ``BlockPool``.
 
-Why this exists: in vLLM the scheduler and the workers may live in different processes, so the
-scheduler half cannot ask the worker what a tier holds. It keeps this index itself and tells the
-workers exactly which slot to fill or read; the workers only move bytes and report back. A slot is
-a G2 host row, or a G3 capacity unit (G3 files are named by hash; the slot only counts capacity).
+Why: the scheduler half cannot ask a worker (maybe in another process) what a tier holds, so it
+keeps this index and tells the workers which slot to fill or read; they move bytes and report. A
+slot is a G2 host row, or a G3 capacity unit (G3 files are named by hash; the slot counts room).
 
 ``SlotIndex`` adds the connector's asynchrony to a ``kvtier.core.BlockPool``: a slot reserved for
 a store in flight is a pool ``MutableBlock`` (pending: held, not matchable); when the worker
 reports the bytes landed it is registered (ready, matchable, deduplicated, evicted leaf-first by
 the pool's policy); a pin is a pool reference (``match``), so a block being read by a load or a
-G2->G3 copy is never evicted. The pool reports to a ``TierRegistry`` when one is given, so
-every arrival (commit, restore) and departure (eviction, removal) is one ``StoreEvent`` or
-``RemoveEvent`` there: the one record of tier contents that telemetry reads. Pure Python, no torch.
+G2->G3 copy is never evicted. The pool reports each arrival and departure to the ``TierRegistry``
+given: the one record of tier contents that telemetry reads. Pure Python, no torch.
 """
 
 from __future__ import annotations
@@ -59,11 +57,10 @@ class SlotIndex:
         """Slots ``[0, usable)`` may be handed out (G2 rows not yet page-locked are not)."""
 
     def set_usable(self, n: int) -> None:
-        """Allow slots ``[0, n)`` (never fewer than before; clamped to the tier's size).
-
-        The pool hands out the lowest free slot first, so while at most ``usable`` slots are in
-        use every slot handed out lies below ``usable``: ``reserve`` keeps it so by evicting
-        instead of taking a new slot once ``usable`` slots are in use."""
+        """Allow slots ``[0, n)`` (never fewer than before; clamped to the tier's size). The pool
+        hands out the lowest free slot first, so while at most ``usable`` slots are in use every
+        slot handed out lies below ``usable``: ``reserve`` keeps it so by evicting instead of
+        taking a new slot once ``usable`` slots are in use."""
         self.usable = max(self.usable, min(n, self.num_slots))
 
     def limit_usable(self, n: int) -> None:
@@ -115,10 +112,8 @@ class SlotIndex:
     ) -> tuple[int, list[int]] | None:
         """Take a slot for a new block (pending, pinned once by its store); evicts if needed.
         ``since``: when its copy was planned (read back by ``planned_at``, for copy timings);
-        ``priority``: the block's eviction priority once it lands.
-
-        Returns ``(slot, evicted_hashes)``, or None when every slot is pending or in use.
-        """
+        ``priority``: the block's eviction priority once it lands. Returns ``(slot,
+        evicted_hashes)``, or None when every slot is pending or in use."""
         pool = self.pool
         if seq_hash in self._pending or (pool is not None and pool.contains(seq_hash)):
             raise ValueError(f"{self.name}: hash {seq_hash:#x} is already held")
@@ -195,10 +190,8 @@ class SlotIndex:
         self._unpin_pending(seq_hash, p)
 
     def pin(self, seq_hash: int, *, pending_ok: bool = False) -> int:
-        """Protect a block from eviction while it is read; returns its slot.
-
-        ``pending_ok``: the block may still be pending (a copy ordered after its store).
-        """
+        """Protect a block from eviction while it is read; returns its slot. ``pending_ok``: the
+        block may still be pending (a copy ordered after its store)."""
         p = self._pending.get(seq_hash)
         if p is not None and pending_ok and not p.failed:
             p.pins += 1
@@ -257,10 +250,9 @@ class SlotIndex:
         priorities: Mapping[int, int] | None = None,
     ) -> list[int]:
         """Adopt blocks found on persistent storage at start (ready, unpinned; among eviction
-        candidates, the first given is the first evicted), linked to their parent hash in
-        ``parents`` (give parents before their children, so child counts are right and leaves
-        go first), with their eviction priority in ``priorities`` (default 0). Returns the
-        hashes that did not fit and were not adopted."""
+        candidates, the first given is the first evicted), linked to their parent in ``parents``
+        (parents first, as ``plan_restore`` orders them), with their eviction priority in
+        ``priorities`` (default 0). Returns the hashes that did not fit and were not adopted."""
         left: list[int] = []
         for h in hashes:
             if h in self:
