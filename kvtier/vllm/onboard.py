@@ -159,6 +159,7 @@ class OnboardAdvisor:
         mode, cap = _override(getattr(request, "kv_transfer_params", None), rid)
         now = self._clock()
         decision: OnboardDecision | None = None
+        backlog = 0.0  # other requests' prefill ahead, as the decision saw it
         if mode == "recompute":
             chosen = 0
         elif mode == "load" or (mode == "auto" and not self.enabled):
