@@ -68,3 +68,69 @@ def test_steps_are_timed_by_their_own_output() -> None:
     assert 0.040 < adv.model.prefill.predict([1573.0, 1573.0**2 / 2]) < 0.061
     adv.step_done(0)  # a late or unknown step id is ignored
     assert adv.model.prefill.observations == 1
+
+
+def request(rid: str, tokens: int = 12 * BS + 37) -> SimpleNamespace:
+    return SimpleNamespace(request_id=rid, num_tokens=tokens, kv_transfer_params=None)
+
+
+def test_only_a_lone_recompute_calibrates_the_recompute_estimate() -> None:
+    # Three recomputes each reach their first token after 3x their estimate. One shared the step
+    # that completed it with another request's prefill, one was decided behind 2000 tokens of
+    # others' prefill (more than 1/4 of its own 1573): their times are the others' too, not
+    # learnt. The lone one (beside decodes only) moves the recompute estimate.
+    clock = Clock()
+    adv = advisor(clock)
+    n = 12 * BS + 37
+    assert adv.choose(request("a"), 0, [("G4", 12)], BS) == 0
+    estimated = adv.model.prefill_seconds(0, n)
+    assert adv.choose(request("b", 5 * BS), 0, [("G4", 0)], BS) == 0  # came after, nothing hit
+    adv.step_planned(0, [("a", 0, n), ("b", 0, 5 * BS)])
+    clock.now += 3 * estimated
+    adv.step_done(0)
+    assert adv.model.recompute_scale == 1.0
+    assert adv.choose(request("c", 2000), 0, [("G4", 0)], BS) == 0
+    backlog = adv.model.backlog_seconds()
+    assert adv.choose(request("d"), 0, [("G4", 12)], BS) == 0
+    estimated = adv.model.prefill_seconds(0, n)
+    assert backlog > 0.25 * estimated
+    adv.step_planned(1, [("c", 0, 2000), ("a", n, 1), ("b", 5 * BS, 1)])
+    clock.now += backlog
+    adv.step_done(1)
+    adv.step_planned(2, [("d", 0, n), ("a", n + 1, 1), ("b", 5 * BS + 1, 1)])
+    clock.now += 3 * (backlog + estimated) - backlog  # 3x its estimate since its decision
+    adv.step_done(2)
+    assert adv.model.recompute_scale == 1.0
+    assert [e.kind for e in adv.take_estimates()] == ["ttft", "ttft"]  # both still measured
+    assert adv.model.backlog_seconds() == 0.0
+    assert adv.choose(request("e"), 0, [("G4", 12)], BS) == 0
+    estimated = adv.model.prefill_seconds(0, n)
+    adv.step_planned(3, [("e", 0, n), ("a", n + 2, 1), ("b", 5 * BS + 2, 1), ("c", 2000, 1)])
+    clock.now += 3 * estimated
+    adv.step_done(3)
+    assert adv.model.recompute_scale == pytest.approx(3**0.1)
+
+
+def test_a_load_teaches_the_contention_it_waited_beside_the_backlog() -> None:
+    # 1 ms of another request's prefill (50 tokens) ahead; 12 G2 blocks load in 0.36 ms. The
+    # loaded request's first token came after its load, half the backlog and its 37-token rest.
+    clock = Clock()
+    adv = advisor(clock)
+    n = 12 * BS + 37
+    assert adv.choose(request("o", 50), 0, [("G2", 0)], BS) == 0
+    backlog = adv.model.backlog_seconds()
+    assert backlog == pytest.approx(0.001)
+    assert adv.choose(request("r"), 0, [("G2", 12)], BS) == 12
+    adv.allocated("r", 12)
+    load = adv.model.loads["G2"].predict([1.0, 12 * BB])
+    rest = adv.model.prefill_seconds(12 * BS, n)
+    adv.load_planned(0, {"G2": 12})
+    adv.step_planned(0, [("o", 0, 50)])
+    clock.now = load
+    adv.load_done(0)
+    adv.step_done(0)
+    adv.step_planned(1, [("r", 12 * BS, 37), ("o", 50, 1)])
+    clock.now = load + 0.5 * backlog + rest
+    adv.step_done(1)
+    assert adv.model.contention == pytest.approx(0.1 * 0.5)
+    assert adv.model.recompute_scale == 1.0  # a load does not calibrate the recompute
