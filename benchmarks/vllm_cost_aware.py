@@ -234,8 +234,7 @@ def main() -> None:
                       f"{m.tier_latency(t) * 1e3:.2f} ms per job")  # fmt: skip
             print(f"  prefill: {m.prefill_seconds(0, 1000) * 1e3:.1f} ms per 1000 tokens "
                   f"(per token, per pair of context: {m.prefill.theta}; TTFT calibration "
-                  f"{m.recompute_scale:.2f}, x {m.loading_factor:.2f} while loading; "
-                  f"contention {m.contention:.2f})")  # fmt: skip
+                  f"{m.recompute_scale:.2f}, x {m.loading_factor:.2f} while loading)")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

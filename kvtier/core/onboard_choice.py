@@ -5,21 +5,21 @@ fit, queues and backlog); this module only decides, reading those estimates thro
 ``OnboardCostModel``'s public queries, so each side can be read and tested alone. Pure Python,
 no torch, no clock. The entry point is ``OnboardCostModel.choose``, which calls ``choose`` here.
 
-The decision: the matched prefix is laid out tier by tier (G2 blocks, then G3, then G4). Loading
-``k`` blocks takes ``L(k) = max over the used tiers of (queue + latency + bytes / bandwidth)`` and
-costs ``T(k) = max(bias * L(k), (1 - c) * B) + c * B + R(P0 + k * block_size)``, where ``B`` is
-the compute backlog, ``c`` the model's ``contention`` (the share of ``B`` a load waits for too; 0:
-it runs fully beside it) and ``R(p)`` the recompute of tokens ``p..N``: ``per_token * (N - p) +
-per_pair * (N^2 - p^2) / 2``; ``T(0) = B + R(P0)``. Inside one tier's segment the load term is
-linear in ``k`` past the earlier tiers and ``R`` is concave (``per_pair >= 0``), so on each side
-of the point where this tier's part stops hiding behind the earlier ones and ``(1 - c) * B`` the
-stationary point is a maximum and the optimum lies at an end: the candidates are 0 and, for each
-tier, its first and last block and the two blocks around that crossing point. Each candidate is
-scored ``T(k)`` plus what its prefill (``T(k) - R`` to ``T(k)``) adds to the loads in flight:
-vLLM runs a running prefill ahead of a loaded request's rest, so each load predicted to land
-inside that span waits until its end (a burst where every request recomputes what the ones before
-it load hold all their rests back). At most thirteen evaluations; a load shorter than the whole
-match must be estimated ``margin`` faster (10%) to be chosen, and ties go to the longer load.
+The decision: the matched prefix is laid out tier by tier (G2
+blocks, then G3, then G4). Loading ``k`` blocks takes ``L(k) = max over the used tiers of (queue +
+latency + bytes / bandwidth)`` and costs ``T(k) = max(bias * L(k), B) + R(P0 + k * block_size)``,
+where ``B`` is the compute backlog and ``R(p)`` the recompute of tokens ``p..N``: ``per_token *
+(N - p) + per_pair * (N^2 - p^2) / 2``; ``T(0) = B + R(P0)``. Inside one tier's segment the load
+term is linear in ``k`` past the earlier tiers and ``R`` is concave (``per_pair >= 0``), so on
+each side of the point where this tier's part stops hiding behind the earlier ones and ``B``
+the stationary point is a maximum and the optimum lies at an end: the candidates are 0 and, for
+each tier, its first and last block and the two blocks around that crossing point. Each
+candidate is scored ``T(k)`` plus what its prefill (``T(k) - R`` to ``T(k)``) adds to the loads in
+flight: vLLM runs a running prefill ahead of a loaded request's rest, so each load predicted to
+land inside that span waits until its end (a burst where every request recomputes what the ones
+before it load hold all their rests back). At most thirteen evaluations; a load shorter than the
+whole match must be estimated ``margin`` faster (10%) to be chosen, and ties go to the longer
+load.
 """
 
 from __future__ import annotations
@@ -77,14 +77,13 @@ def choose(
     ``backlog_s``: prefill the engine has yet to run for other requests
     (``backlog_seconds``)."""
     bias, bb, backlog = model.config.bias, model.config.block_bytes, backlog_s
-    beside, behind = (1.0 - model.contention) * backlog, model.contention * backlog
     recompute_all = model.prefill_seconds(start_tokens, prompt_tokens)
     total_blocks = sum(max(0, n) for _, n in matched)
     shorter = 1.0 + model.config.margin  # a load shorter than the whole match must win by this
 
     def cost(k: int, load: float) -> tuple[float, float]:
         """(TTFT, delay to the loads in flight) when ``k`` blocks load in ``load`` s."""
-        wait = max(bias * load, beside) + behind if k else backlog
+        wait = max(bias * load, backlog) if k else backlog
         ttft = wait + model.prefill_seconds(start_tokens + k * block_size, prompt_tokens)
         return ttft, model.inflight_delay(wait, ttft) if model.loading else 0.0
 
@@ -101,7 +100,7 @@ def choose(
         queue = model.queue_seconds(tier)
         ks = {1, n}
         if spb > 0:  # where this tier's part starts to decide: past the others and backlog
-            cross = (max(done_load, beside / bias) - queue - lat) / (bb * spb)
+            cross = (max(done_load, backlog / bias) - queue - lat) / (bb * spb)
             ks.update(k for k in (math.floor(cross), math.ceil(cross)) if 1 <= k <= n)
         for k in sorted(ks):
             part = queue + lat + k * bb * spb

@@ -32,18 +32,15 @@ What it measures (fed by the connector's scheduler half, see ``kvtier.vllm.onboa
   (mostly overhead) are left out instead.
 - Before data, both fits lean on a prior (``OnboardCostConfig``) held with a small fixed weight,
   so a tier never seen keeps its prior and new measurements dominate within a few observations.
-- **Recompute calibration.** When a *lone* recompute (the only prefill in the step completing its
-  prompt, decided behind at most 1/4 of its own estimate of backlog: the advisor's rule; one that
-  shares its step or waits times the others too, and drifted the scale) reaches its first token,
-  the ratio of that time to its estimate moves ``recompute_scale`` (all prefill estimates are
-  multiplied by it): the step time misses what vLLM spends around the forward pass. Requests
-  decided while loads were in flight move ``loading_factor`` instead, applied on top while loads
-  are in flight (on a CPU build the loads take cores from the prefill).
+
+- **Recompute calibration.** When a request that recomputed everything reaches its first
+  token, the ratio of that time to its estimate moves ``recompute_scale`` (all prefill
+  estimates are multiplied by it): the step time misses what vLLM spends around the forward pass.
+  Requests decided while loads were in flight move ``loading_factor`` instead, applied on top
+  while loads are in flight (on a CPU build the loads take cores from the prefill).
 - **Compute backlog.** The prompt tokens other requests still have to prefill (noted at each
-  decision, taken off as steps schedule them), priced by the prefill fit: a recompute waits behind
-  them, a load runs beside them but waits for a ``contention`` share of them too (the loaded rest
-  contends with their prefill; on a CPU build the load needs cores), learnt from loads beside a
-  backlog of comparable length (``contention_observed``).
+  decision, taken off as steps schedule them), priced by the prefill fit: a request that
+  recomputes waits behind them, a load runs beside them.
 
 The decision built on these estimates (``OnboardCostModel.choose``) is in
 ``kvtier.core.onboard_choice``.
@@ -109,9 +106,6 @@ class OnboardCostConfig:
     margin: float = 0.1
     """Loading less than everything matched is chosen only when estimated this fraction faster
     (measurements are noisy; loading all is what happens without this model)."""
-    contention_prior: float = 0.0
-    """``contention`` before it is measured: 0, a load runs fully beside the backlog (the decision
-    before contention was modelled; on the side of loading, like the other priors)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.block_bytes, bool) or not isinstance(self.block_bytes, int):
@@ -136,8 +130,6 @@ class OnboardCostConfig:
             raise ValueError("OnboardCostConfig: need prior_weight > 0 and 0 < decay <= 1")
         if not self.outlier_factor > 1.0 or not self.margin >= 0.0:
             raise ValueError("OnboardCostConfig: need outlier_factor > 1 and margin >= 0")
-        if not 0.0 <= self.contention_prior <= 1.0:
-            raise ValueError("OnboardCostConfig.contention_prior must be in [0, 1]")
 
 
 @dataclass
@@ -191,7 +183,6 @@ class OnboardCostModel:
         self._pending_pairs = 0.0
         self.recompute_scale = 1.0  # TTFT of a recompute / the prefill fit's estimate
         self.loading_factor = 1.0  # ... and on top of it while loads are in flight
-        self.contention = config.contention_prior  # share of the backlog a load waits for
 
     # -- measurements -----------------------------------------------------------------------
 
@@ -216,8 +207,10 @@ class OnboardCostModel:
 
         The step times the prefill fit learns from leave out what vLLM spends around the
         forward pass (scheduling, output processing, on a busy machine a lot), which a load's
-        measured time includes: this calibrates the recompute side to TTFT (a moving average of
-        the ratio, in the log, within 1/4..20), ``loading_factor`` if ``loading``."""
+        measured time includes; this calibrates the recompute side to TTFT (a moving average of
+        the ratio, in the log, within 1/4..20): ``recompute_scale``, and on top of it while
+        loads are in flight ``loading_factor`` (on a CPU build the loads take cores from the
+        prefill: a burst's recomputes took 4x their estimate)."""
         if estimated <= 0 or measured <= 0:
             return
         step = math.exp((1.0 - self.config.decay) * math.log(measured / estimated))
@@ -225,18 +218,6 @@ class OnboardCostModel:
             self.loading_factor = min(20.0, max(0.25, self.loading_factor * step))
         else:
             self.recompute_scale = min(20.0, max(0.25, self.recompute_scale * step))
-
-    def contention_observed(self, load_s: float, backlog_s: float, measured_s: float) -> None:
-        """A load predicted ``load_s`` seconds beside ``backlog_s`` of other requests' prefill
-        waited ``measured_s`` before its request's own rest ran: the fraction of the backlog it
-        waited past its load, ``(measured_s - load_s) / backlog_s`` within 0..1, moves
-        ``contention`` (a moving average). Only a load within 1/4..4x the backlog is learnt
-        from: beside a far longer backlog the wait is the backlog's whatever the contention, and
-        past a far shorter one the load's own noise dwarfs the backlog."""
-        if not backlog_s > 0 or not 0.25 * backlog_s <= load_s <= 4.0 * backlog_s:
-            return
-        seen = min(1.0, max(0.0, (measured_s - load_s) / backlog_s))
-        self.contention += (1.0 - self.config.decay) * (seen - self.contention)
 
     @property
     def loading(self) -> bool:
@@ -299,8 +280,9 @@ class OnboardCostModel:
         for a job not known. A failed job is not learned from (it may have stopped early).
 
         The job's time is its slowest part's, so only the tier predicted slowest learns from it
-        (the others from jobs of their own). Service time is FIFO on that tier's path: from when
-        it was submitted or the path's previous job was done, whichever is later."""
+        (a G2 + G4 job neither hides G4's slowness nor teaches G2 to be slow; the others learn
+        from jobs of their own). Service time is FIFO on that tier's path: from when it was
+        submitted or the path's previous job was done, whichever is later."""
         job = self._jobs.pop(job_id, None)
         if job is None:
             return None

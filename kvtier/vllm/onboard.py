@@ -17,17 +17,6 @@ What it times, honestly and without help from the workers:
 - for the metrics, each decision's estimated TTFT next to the time from the decision to the end
   of the step that completes that request's prompt.
 
-What it learns from at a request's first token (the end of the step that completes its prompt):
-
-- a recompute calibrates the recompute estimate (``recompute_observed``) only when *lone*: the
-  only request with prefill tokens in that step, decided behind a compute backlog of at most
-  ``LONE_BACKLOG`` (1/4) of its own estimated recompute (the most noted at any of its decisions).
-  One that shares its step or waits behind others times their prefill too: learnt from, it made
-  the scale drift and recompute look dearer (or cheaper) than it is;
-- a load of what the model chose teaches ``contention`` (``contention_observed``): its predicted
-  load (queue included) and the backlog noted at its decision, against the time from that
-  decision to its first token less the estimated recompute of the rest it did not load.
-
 Per request, vLLM passes ``SamplingParams.extra_args["kv_transfer_params"]`` to the connector
 (``Request.kv_transfer_params``); kvtier reads ``kvtier_onboard``: ``"auto"`` (the knob's
 choice), ``"load"`` (everything matched), ``"recompute"`` (nothing), and ``kvtier_load_tokens``:
@@ -55,9 +44,6 @@ __all__ = ["OnboardAdvisor", "OnboardCounters", "OnboardEstimate"]
 logger = logging.getLogger(__name__)
 
 MODES: tuple[str, ...] = ("auto", "load", "recompute")
-LONE_BACKLOG = 0.25
-"""A recompute calibrates the estimate only if decided behind at most this share of its own
-estimated recompute of backlog (see ``OnboardAdvisor.step_done``)."""
 
 
 @dataclass
@@ -83,17 +69,11 @@ class OnboardEstimate:
 
 @dataclass
 class _Decided:
-    at: float  # first decision (vLLM asks again while the request waits)
-    last_at: float  # the decision its load (or recompute) followed
+    at: float
     prompt_tokens: int
     est_ttft: float
     recomputed: bool
     loading: bool  # loads were in flight
-    backlog: float  # compute backlog noted at the last decision
-    backlog_most: float  # ... the most noted at any of its decisions
-    recompute_all: float  # estimated recompute of the whole prompt
-    load_s: float | None  # predicted load (queue included) when it loads what the model chose
-    rest_s: float  # estimated recompute of the rest it does not load
 
 
 def _override(params: Any, request_id: str) -> tuple[str, int | None]:
@@ -138,8 +118,7 @@ class OnboardAdvisor:
         self._decided: dict[str, _Decided] = {}
         self._chosen: dict[str, tuple[list[tuple[str, int]], int, int, bool]] = {}
         self._prompt_end: dict[str, int] = {}  # requests in the compute backlog
-        # step -> (requests it completes, whether it is their lone prefill)
-        self._completing: dict[int, tuple[list[str], bool]] = {}
+        self._completing: dict[int, list[str]] = {}  # step -> requests it completes
         self._estimates: deque[OnboardEstimate] = deque(maxlen=4096)
 
     def choose(
@@ -159,15 +138,18 @@ class OnboardAdvisor:
         mode, cap = _override(getattr(request, "kv_transfer_params", None), rid)
         now = self._clock()
         decision: OnboardDecision | None = None
-        backlog = 0.0  # other requests' prefill ahead, as the decision saw it
         if mode == "recompute":
             chosen = 0
         elif mode == "load" or (mode == "auto" and not self.enabled):
             chosen = total
         else:
-            backlog = self.model.backlog_seconds(exclude=rid)
             decision = self.model.choose(
-                matched, start_block * block_size, prompt_end, block_size, now, backlog_s=backlog
+                matched,
+                start_block * block_size,
+                prompt_end,
+                block_size,
+                now,
+                backlog_s=self.model.backlog_seconds(exclude=rid),
             )
             chosen = decision.total_blocks
         if cap is not None:
@@ -176,19 +158,9 @@ class OnboardAdvisor:
         self._chosen[rid] = (matched, chosen, block_size, mode != "auto" or cap is not None)
         if decision is not None:
             first = self._decided.get(rid)  # vLLM may ask again while the request waits
-            loads = chosen > 0 and chosen == decision.total_blocks  # not cut by a cap
+            at = first.at if first is not None else now
             self._decided[rid] = _Decided(
-                first.at if first is not None else now,
-                now,
-                prompt_end,
-                decision.est_ttft_s,
-                chosen == 0,
-                self.model.loading,
-                backlog,
-                max(backlog, first.backlog_most if first is not None else 0.0),
-                decision.est_recompute_all_s,
-                decision.est_load_s + decision.est_queue_s if loads else None,
-                self.model.prefill_seconds((start_block + chosen) * block_size, prompt_end),
+                at, int(request.num_tokens), decision.est_ttft_s, chosen == 0, self.model.loading
             )
             logger.debug(
                 "kvtier onboard: request %s matched %s blocks from block %d; load %d "
@@ -259,20 +231,17 @@ class OnboardAdvisor:
         rows = rows if isinstance(rows, list) else list(rows)
         tokens = 0
         pairs = 0.0
-        prefills = 0  # rows of more than one token (prefills; a speculative decode counts too)
         for _, computed, scheduled in rows:  # every request, every step: the sums only
             if scheduled > 0:
                 tokens += scheduled
                 pairs += scheduled * (computed + scheduled / 2.0)
-                prefills += scheduled > 1
         completing: list[str] = []
         watched = self._prompt_end.keys() | self._decided.keys()  # prefills: usually few
         for rid, computed, scheduled in rows if watched else ():
             if scheduled <= 0 or rid not in watched:
                 continue
             end = self._prompt_end.get(rid)
-            if end is not None:  # still in the backlog: a prefill, if of one token too
-                prefills += scheduled == 1
+            if end is not None:
                 self.model.prefill_pending(rid, computed + scheduled, end)
                 if computed + scheduled >= end:
                     del self._prompt_end[rid]
@@ -281,34 +250,27 @@ class OnboardAdvisor:
                 completing.append(rid)
         self.model.step_started(step, tokens, pairs, self._clock())
         if completing:
-            self._completing[step] = (completing, prefills == 1)
+            self._completing[step] = completing
 
     def step_done(self, step: int) -> None:
-        """vLLM handed back the output of step ``step`` (the workers' report says which): the
-        requests it completes learn (see the module docstring)."""
+        """vLLM handed back the output of step ``step`` (the workers' report says which)."""
         now = self._clock()
         if self.model.step_finished(step, now) is None:
             return
         for old in [s for s in self._completing if s < step]:  # no output came back for it
-            for rid in self._completing.pop(old)[0]:
+            for rid in self._completing.pop(old):
                 self._decided.pop(rid, None)
-        rids, lone = self._completing.pop(step, ([], False))
-        for rid in rids:
+        for rid in self._completing.pop(step, ()):
             d = self._decided.pop(rid, None)
-            if d is None:
-                continue
-            self._estimates.append(OnboardEstimate("ttft", d.est_ttft, now - d.at))
-            if d.recomputed and lone and d.backlog_most <= LONE_BACKLOG * d.recompute_all:
-                estimated = d.backlog + d.recompute_all
-                self.model.recompute_observed(estimated, now - d.at, loading=d.loading)
-            elif d.load_s is not None:  # what it waited past the load, beside the backlog
-                waited = now - d.last_at - d.rest_s
-                self.model.contention_observed(d.load_s, d.backlog, waited)
+            if d is not None:
+                self._estimates.append(OnboardEstimate("ttft", d.est_ttft, now - d.at))
+                if d.recomputed:
+                    self.model.recompute_observed(d.est_ttft, now - d.at, loading=d.loading)
 
     def forget(self, request_id: str) -> None:
         """The request finished; vLLM says so before it hands back the output of the step that
         finished it (one-token requests), so a decision that step completes waits for step_done."""
-        if not any(request_id in rids for rids, _ in self._completing.values()):
+        if not any(request_id in rids for rids in self._completing.values()):
             self._decided.pop(request_id, None)
         self._chosen.pop(request_id, None)
         if self._prompt_end.pop(request_id, None) is not None:

@@ -107,7 +107,6 @@ def brute_cost(
     start: int,
     prompt: int,
     backlog: float,
-    contention: float = 0.0,
 ) -> float:
     """T(k) straight from its definition, block by block (each tier's part loads in parallel)."""
     per_token, per_pair, bias = costs
@@ -118,13 +117,11 @@ def brute_cost(
         if take:
             load = max(load, lat[t] + take * BB / bw[t])
     p = (start + k) * BS
-    c = contention
-    wait = max(bias * load, (1 - c) * backlog) + c * backlog if k else backlog
+    wait = max(bias * load, backlog) if k else backlog
     return wait + per_token * (prompt - p) + per_pair * (prompt**2 - p**2) / 2
 
 
-@pytest.mark.parametrize("contended", [False, True])
-def test_decision_equals_brute_force_over_every_length(contended: bool) -> None:
+def test_decision_equals_brute_force_over_every_length() -> None:
     rng = random.Random(13)
     for _ in range(300):
         bw = {t: 10 ** rng.uniform(7, 10) for t in TIERS}
@@ -138,13 +135,12 @@ def test_decision_equals_brute_force_over_every_length(contended: bool) -> None:
         matched = [(t, rng.randint(0, 6)) for t in TIERS]
         start, tail = rng.randint(0, 50), rng.randint(1, 99)
         backlog = rng.choice([0.0, rng.uniform(0, 0.5)])
-        m.contention = c = rng.choice([0.0, 1.0, rng.random()]) if contended else 0.0
         total = sum(n for _, n in matched)
         prompt = (start + total) * BS + tail
 
         full = sum(n for _, n in matched)
         costs = [
-            brute_cost(k, matched, bw, lat, (per_token, per_pair, bias), start, prompt, backlog, c)
+            brute_cost(k, matched, bw, lat, (per_token, per_pair, bias), start, prompt, backlog)
             for k in range(total + 1)
         ]
         scores = [c * (1.1 if k < full else 1.0) for k, c in enumerate(costs)]
@@ -401,43 +397,3 @@ def test_queue_counts_the_latency_of_each_load_ahead() -> None:
     m.load_finished(0, now=0.04)
     assert m.queued_parts["G4"] == 2
     assert m.queue_seconds("G4") == pytest.approx(0.080)
-
-
-def test_contention_is_learnt_from_what_loads_waited() -> None:
-    # 200 ms of other requests' prefill ahead; 8 G4 blocks load in 160 ms (20 ms per block
-    # against 10 ms of recompute). Fully beside the backlog (contention 0) loading all wins.
-    m = model(bw={"G4": 50e6})
-    m.prefill_pending("other", 0, 2000)
-    assert m.contention == 0.0
-    assert m.choose([("G4", 8)], 0, 850, BS, 0.0, backlog_s=0.2).total_blocks == 8
-    for _ in range(30):  # each load's rest started 60% of the backlog past its load's end
-        m.contention_observed(0.16, 0.2, 0.16 + 0.6 * 0.2)
-    assert m.contention == pytest.approx(0.6 * (1 - 0.9**30))  # 0.575
-    # the load waits max(L, 42.5% of B) + 57.5% of B: 4 blocks hide in the part beside it
-    d = m.choose([("G4", 8)], 0, 850, BS, 0.0, backlog_s=0.2)
-    assert d.total_blocks == 4
-    assert d.est_ttft_s == pytest.approx(0.200 + 0.045)
-    for _ in range(40):  # they waited for all of it (and more: the fraction is clipped at 1)
-        m.contention_observed(0.16, 0.2, 0.16 + 0.25)
-    assert m.contention == pytest.approx(1 - (1 - 0.6 * (1 - 0.9**30)) * 0.9**40)  # 0.994
-    d = m.choose([("G4", 8)], 0, 850, BS, 0.0, backlog_s=0.2)
-    assert d.total_blocks == 0
-    assert d.est_ttft_s == pytest.approx(0.200 + 0.085)
-    # a fast tier still loads everything: its rest waits for the backlog either way
-    assert m.choose([("G2", 8)], 0, 850, BS, 0.0, backlog_s=0.2).total_blocks == 8
-
-
-def test_contention_ignores_a_load_far_shorter_or_longer_than_the_prefill() -> None:
-    m = model()
-    m.contention_observed(0.04, 0.2, 0.24)  # a fifth of the backlog: its wait is the backlog's
-    m.contention_observed(0.9, 0.2, 1.1)  # 4.5x: the load's noise dwarfs the backlog
-    m.contention_observed(0.1, 0.0, 0.2)  # no backlog to contend with
-    assert m.contention == 0.0
-    m.contention_observed(0.05, 0.2, 0.30)  # 1/4 of it, waited past it all: 1 (clipped)
-    assert m.contention == pytest.approx(0.1)
-    m.contention_observed(0.8, 0.2, 0.7)  # 4x, done before its predicted load: 0 (clipped)
-    assert m.contention == pytest.approx(0.09)
-    assert model().contention == 0.0  # the prior: today's decision, a load fully beside
-    assert OnboardCostModel(OnboardCostConfig(BB, contention_prior=0.3)).contention == 0.3
-    with pytest.raises(ValueError, match="contention_prior"):
-        OnboardCostConfig(block_bytes=BB, contention_prior=1.5)
