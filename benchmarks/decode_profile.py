@@ -1,0 +1,167 @@
+"""Where a decode step's time goes with kvtier storing every block: a stack sampler in the engine.
+
+Why this exists: on an H100, ``benchmarks/vllm_gpu.py --phases decode-ab`` measured vLLM + kvtier
+at 0.92-0.95 of vLLM alone (issue 10 wants >= 0.97), while ``benchmarks/connector_step.py``
+puts kvtier's own Python at ~0.25 ms of a ~20 ms step. Under ``enforce_eager`` a decode step is
+bound by the engine thread's Python, so what matters is where that thread spends its time and
+which other threads run Python beside it. This runs one engine in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the engine core, the scheduler half and the worker share
+the main thread) with the decode workload of ``vllm_gpu.py`` (32 x 1k-token prompts, 256 new
+tokens), and samples every thread's Python stack at ``--hz`` while it decodes:
+
+- the share of the main thread's samples with any ``kvtier/`` frame, and the ``kvtier/``
+  functions by inclusive share;
+- the leaf functions of the main thread (where it waits for the GPU, and how long);
+- the other threads seen running Python (not parked in a wait), by name and top frames.
+
+Decode rates are printed with the sampler off (``plain``) and on (``sampled``): its cost is the
+difference. One engine per process; run it once per kind on the same machine::
+
+    python3 benchmarks/decode_profile.py vllm $OUT
+    python3 benchmarks/decode_profile.py kvtier $OUT
+
+``kvtier`` stores every block to a 40 GB G2 (as ``decode-ab`` does) and waits for G2 to be
+pinned before measuring; ``kvtier-small`` uses a 4 GB G2 (pinned within seconds, evicting).
+Needs a CUDA GPU and a GPU build of vLLM (``../shared/gpu-vllm``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import vllm_gpu as vg
+
+KINDS = {"vllm": None, "kvtier": 40, "kvtier-small": 4}
+"""Engine kinds: G2 size in GB (None: vLLM alone)."""
+
+WAITS = {
+    "wait",
+    "_wait_for_tstate_lock",
+    "select",
+    "poll",
+    "sleep",
+    "get",
+    "recv",
+    "recv_multipart",
+    "acquire",
+    "synchronize",
+    "accept",
+    "_worker",
+    "run_forever",
+    "readinto",
+}
+"""Top frames of a thread parked outside Python (not holding the interpreter)."""
+
+
+def _frames(f: FrameType | None) -> list[str]:
+    """``file:function`` from the innermost frame out, paths shortened."""
+    out: list[str] = []
+    while f is not None:
+        name = f.f_code.co_filename.split("site-packages/")[-1].split("/work/")[-1]
+        out.append(f"{name}:{f.f_code.co_name}")
+        f = f.f_back
+    return out
+
+
+class Sampler:
+    """Samples every thread's stack ``hz`` times a second on a thread of its own."""
+
+    def __init__(self, hz: float) -> None:
+        self.period = 1.0 / hz
+        self.main = threading.main_thread().ident
+        self.stacks: collections.Counter[tuple[str, ...]] = collections.Counter()
+        self.others: collections.Counter[str] = collections.Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="decode-profile", daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        me = threading.get_ident()
+        while not self._stop.wait(self.period):
+            names = {t.ident: t.name for t in threading.enumerate()}
+            for ident, frame in sys._current_frames().items():
+                if ident == me:
+                    continue
+                stack = _frames(frame)
+                if ident == self.main:
+                    self.stacks[tuple(reversed(stack))] += 1
+                elif stack and stack[0].rsplit(":", 1)[-1] not in WAITS:
+                    below = stack[1] if len(stack) > 1 else ""
+                    self.others[f"{names.get(ident, ident)} | {stack[0]} | {below}"] += 1
+
+    def summary(self) -> dict[str, Any]:
+        total = max(1, sum(self.stacks.values()))
+        inclusive: collections.Counter[str] = collections.Counter()
+        leaf: collections.Counter[str] = collections.Counter()
+        in_kvtier = 0
+        for stack, n in self.stacks.items():
+            leaf[stack[-1]] += n
+            for fr in set(stack):
+                inclusive[fr] += n
+            in_kvtier += n if any("kvtier/" in fr for fr in stack) else 0
+        mine = [(f, n) for f, n in inclusive.most_common() if "kvtier/" in f]
+        return {
+            "samples": total,
+            "kvtier_share": in_kvtier / total,
+            "kvtier_inclusive": [(f, round(n / total, 4)) for f, n in mine[:40]],
+            "leaf": [(f, round(n / total, 4)) for f, n in leaf.most_common(40)],
+            "inclusive": [(f, round(n / total, 4)) for f, n in inclusive.most_common(60)],
+            "other_threads_running": self.others.most_common(30),
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("kind", choices=sorted(KINDS))
+    ap.add_argument("out", type=Path, help="folder for decode_profile_<kind>.json")
+    ap.add_argument("--reps", type=int, default=2, help="decode rounds per measurement")
+    ap.add_argument("--hz", type=float, default=200.0)
+    args = ap.parse_args(argv)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = vg.write_model(Path(tempfile.mkdtemp(prefix="kvtier-decode-")) / "model")
+    gb = KINDS[args.kind]
+    kv = None if gb is None else vg.kvtier_kv({"disk_filter": False, "cpu_cache_gb": gb})
+    llm = vg.make_llm(model, kv, 0.80)
+    res: dict[str, Any] = {"kind": args.kind, "warm_up": vg.decode(llm, 1, 2)}
+    if kv is not None:
+        res["pin_wait_s"] = vg.wait_pinned(llm)
+    res["plain"] = vg.decode(llm, 20, args.reps)
+    with Sampler(args.hz) as sampler:
+        res["sampled"] = vg.decode(llm, 40, args.reps)
+    res["profile"] = p = sampler.summary()
+    (args.out / f"decode_profile_{args.kind}.json").write_text(json.dumps(res, indent=1))
+    rates = {k: [round(x) for x in res[k]] for k in ("warm_up", "plain", "sampled")}
+    print(f"{args.kind}: tok/s {rates}; kvtier share of the engine thread {p['kvtier_share']:.4f}")
+    for f, share in p["kvtier_inclusive"][:25]:
+        print(f"  {share:.4f} {f}")
+    print("main thread leaves:")
+    for f, share in p["leaf"][:15]:
+        print(f"  {share:.4f} {f}")
+    print("other threads running Python (samples):")
+    for name, n in p["other_threads_running"][:15]:
+        print(f"  {n} {name}")
+    sys.stdout.flush()
+    os._exit(0)  # the in-process engine's shutdown can hang; nothing is left to write
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
