@@ -301,6 +301,11 @@ class TierPlanner:
         if len(self._pinned_rows) == self.config.num_workers:
             self.host.set_usable(min(self._pinned_rows.values()))
 
+    @property
+    def pinned_rows_total(self) -> int:
+        """G2 rows page-locked, summed over the workers that reported (CPU workers never do)."""
+        return sum(self._pinned_rows.values())
+
     def restored(
         self,
         rank: int,

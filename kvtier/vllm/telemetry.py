@@ -17,7 +17,8 @@ What is read, each step:
 - the scheduler half's counters (deltas per step): lookups and matched tokens per tier, counted
   once per request vLLM schedules (as vLLM counts ``external_prefix_cache_queries/hits``, so the
   two hit rates agree); load errors per tier; filter rejections;
-- occupancy per tier: sizes every step, the pinned count at most once per ``occupancy_interval_s``.
+- occupancy per tier: sizes every step, the pinned count at most once per ``occupancy_interval_s``;
+  the G2 bytes the workers' pinners page-locked (CUDA), every step.
 
 Held here while events are on: the tokens of blocks whose copy is in flight, until it lands (its
 ``BlockStored`` carries them) or fails; the registry and the plan carry hashes only. No torch.
@@ -331,6 +332,7 @@ class ConnectorTelemetry(Lifecycle):
         elif now - self._last_occupancy >= self._interval:
             self._last_occupancy = now
             self._pinned = {"host": scheduler.host.num_pinned, "disk": scheduler.disk.num_pinned}
+        self.metrics.set_pinned_bytes(scheduler.planner.pinned_rows_total * self._block_bytes)
         for tier, index in (("host", scheduler.host), ("disk", scheduler.disk)):
             held = len(index)
             pinned = min(held, self._pinned[tier])

@@ -381,3 +381,13 @@ def test_events_need_the_planner_to_keep_its_registry_events() -> None:
     sched = KvTierScheduler(SchedulerConfig(block_size=BS, host_blocks=2, disk_blocks=0))
     with pytest.raises(ValueError, match="record_events"):
         ConnectorTelemetry(settings, sched, block_bytes=1000)
+
+
+def test_pinned_bytes_are_what_the_workers_report_page_locked() -> None:
+    tel, sched, _ = make(workers=2, host=8)
+    report(tel, sched)  # a CPU engine: no worker pins, nothing is page-locked
+    assert sample(tel, "kvtier_pinned_bytes") == 0
+    report(tel, sched, WorkerReport(0, host_pinned_rows=3), WorkerReport(1, host_pinned_rows=5))
+    assert sample(tel, "kvtier_pinned_bytes") == 8 * 1000  # rows of both ranks, 1000 B a row
+    report(tel, sched, WorkerReport(0, host_pinned_rows=8))  # rank 1 reports no change
+    assert sample(tel, "kvtier_pinned_bytes") == 13 * 1000
