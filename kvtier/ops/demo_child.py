@@ -28,6 +28,7 @@ from kvtier.ops.demo import (
     Workload,
     block_bytes,
     demo_model_spec,
+    model_dtype,
 )
 from kvtier.ops.redislocal import free_port
 
@@ -82,7 +83,7 @@ class _Session:
             enforce_eager=True,
             max_model_len=min((self.cfg.g1_blocks - 1) * BLOCK_TOKENS, MAX_MODEL_LEN),
             kv_cache_memory_bytes=g1_blocks * block_bytes(),
-            dtype="bfloat16",
+            dtype=model_dtype(),
             disable_log_stats=False,
             seed=self.cfg.seed,
             **kwargs,

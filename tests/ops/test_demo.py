@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kvtier.ops.cli import build_parser, main
-from kvtier.ops.demo import HELP, DemoConfig
+from kvtier.ops.demo import HELP, DemoConfig, model_dtype
 
 
 @pytest.mark.vllm
@@ -71,3 +71,10 @@ def test_demo_help_explains_every_option_with_its_default(
         assert flag in text
         assert f"{' '.join(help_text.split())} (default: {getattr(defaults, name)})" in text
     assert "(default: demo-out)" in text
+
+
+def test_demo_computes_in_bfloat16_only_where_the_cpu_does_natively() -> None:
+    assert model_dtype("flags\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile") == "bfloat16"
+    assert model_dtype("flags\t: fpu avx2 amx_bf16") == "bfloat16"
+    assert model_dtype("flags\t: fpu sse2 avx2 avx512f") == "float32"  # emulated: 2x slower
+    assert model_dtype("") == "float32"
