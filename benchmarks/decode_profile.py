@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import os
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -128,6 +130,91 @@ class Sampler:
         }
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds used so far by each thread of this process, by name (a thread that spins,
+    e.g. in a CUDA event wait, shows here though the sampler sees it parked)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+            comm = (task / "comm").read_text().strip()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        tid = int(task.name)
+        name = names.get(tid, comm)
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+class GcTimer:
+    """Time the cyclic collector runs on this process's threads, per generation: a collection
+    runs inside whatever frame allocated, so the sampler spreads it over every function."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self.count = [0, 0, 0]
+        self._t = 0.0
+
+    def _cb(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            g = info["generation"]
+            self.seconds[g] += time.perf_counter() - self._t
+            self.count[g] += 1
+
+    def __enter__(self) -> GcTimer:
+        gc.callbacks.append(self._cb)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._cb)
+
+
+class StepTimer:
+    """Wall time of each engine-core step (in-process engine): long stalls vs uniform slowdown."""
+
+    def __init__(self, llm: Any) -> None:
+        self.core = llm.llm_engine.engine_core.engine_core
+        self.orig = self.core.step_fn
+        self.times: list[float] = []
+
+    def __enter__(self) -> StepTimer:
+        def timed() -> Any:
+            t = time.perf_counter()
+            try:
+                return self.orig()
+            finally:
+                self.times.append(time.perf_counter() - t)
+
+        self.core.step_fn = timed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.core.step_fn = self.orig
+
+    def summary(self) -> dict[str, float]:
+        ts = sorted(self.times)
+        if not ts:
+            return {}
+
+        def q(f: float) -> float:
+            return ts[min(len(ts) - 1, int(f * len(ts)))] * 1e3
+
+        return {
+            "steps": len(ts),
+            "total_s": sum(ts),
+            "p50_ms": q(0.5),
+            "p90_ms": q(0.9),
+            "p99_ms": q(0.99),
+            "max_ms": ts[-1] * 1e3,
+            "over_50ms_s": sum(t for t in ts if t > 0.05),
+        }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("kind", choices=sorted(KINDS))
@@ -144,13 +231,25 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"kind": args.kind, "warm_up": vg.decode(llm, 1, 2)}
     if kv is not None:
         res["pin_wait_s"] = vg.wait_pinned(llm)
-    res["plain"] = vg.decode(llm, 20, args.reps)
+    cpu0, t0 = thread_cpu(), time.perf_counter()
+    with StepTimer(llm) as steps, GcTimer() as gct:
+        res["plain"] = vg.decode(llm, 20, args.reps)
+    wall, cpu1 = time.perf_counter() - t0, thread_cpu()
+    res["steps"] = steps.summary()
+    res["gc"] = {"seconds": gct.seconds, "count": gct.count, "objects": len(gc.get_objects())}
+    busy = {k: (v - cpu0.get(k, 0.0)) / wall for k, v in cpu1.items()}
+    res["thread_cpu_share"] = sorted(
+        ((k, round(v, 3)) for k, v in busy.items() if v > 0.005), key=lambda kv: -kv[1]
+    )
     with Sampler(args.hz) as sampler:
         res["sampled"] = vg.decode(llm, 40, args.reps)
     res["profile"] = p = sampler.summary()
     (args.out / f"decode_profile_{args.kind}.json").write_text(json.dumps(res, indent=1))
     rates = {k: [round(x) for x in res[k]] for k in ("warm_up", "plain", "sampled")}
     print(f"{args.kind}: tok/s {rates}; kvtier share of the engine thread {p['kvtier_share']:.4f}")
+    print(f"engine steps (plain): {res['steps']}")
+    print(f"gc (plain): {res['gc']}")
+    print(f"thread CPU / wall (plain): {res['thread_cpu_share']}")
     for f, share in p["kvtier_inclusive"][:25]:
         print(f"  {share:.4f} {f}")
     print("main thread leaves:")
