@@ -149,6 +149,13 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
+def system_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of every CPU of the machine since boot, from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = f[3] + f[4]
+    return float(sum(f) - idle), float(sum(f))
+
+
 class GcTimer:
     """Time the cyclic collector runs on this process's threads, per generation: a collection
     runs inside whatever frame allocated, so the sampler spreads it over every function."""
@@ -231,10 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"kind": args.kind, "warm_up": vg.decode(llm, 1, 2)}
     if kv is not None:
         res["pin_wait_s"] = vg.wait_pinned(llm)
-    cpu0, t0 = thread_cpu(), time.perf_counter()
+    cpu0, sys0, t0 = thread_cpu(), system_busy(), time.perf_counter()
     with StepTimer(llm) as steps, GcTimer() as gct:
         res["plain"] = vg.decode(llm, 20, args.reps)
-    wall, cpu1 = time.perf_counter() - t0, thread_cpu()
+    wall, cpu1, sys1 = time.perf_counter() - t0, thread_cpu(), system_busy()
+    cores = os.cpu_count() or 1
+    res["machine_busy_cores"] = (sys1[0] - sys0[0]) / (sys1[1] - sys0[1]) * cores
     res["steps"] = steps.summary()
     res["gc"] = {"seconds": gct.seconds, "count": gct.count, "objects": len(gc.get_objects())}
     busy = {k: (v - cpu0.get(k, 0.0)) / wall for k, v in cpu1.items()}
@@ -248,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     rates = {k: [round(x) for x in res[k]] for k in ("warm_up", "plain", "sampled")}
     print(f"{args.kind}: tok/s {rates}; kvtier share of the engine thread {p['kvtier_share']:.4f}")
     print(f"engine steps (plain): {res['steps']}")
-    print(f"gc (plain): {res['gc']}")
+    print(f"gc (plain): {res['gc']}; machine busy cores {res['machine_busy_cores']:.2f}")
     print(f"thread CPU / wall (plain): {res['thread_cpu_share']}")
     for f, share in p["kvtier_inclusive"][:25]:
         print(f"  {share:.4f} {f}")
