@@ -21,7 +21,10 @@ difference. One engine per process; run it once per kind on the same machine::
     python3 benchmarks/decode_profile.py kvtier $OUT
 
 ``kvtier`` stores every block to a 40 GB G2 (as ``decode-ab`` does) and waits for G2 to be
-pinned before measuring; ``kvtier-small`` uses a 4 GB G2 (pinned within seconds, evicting).
+pinned before measuring; ``kvtier-small`` uses a 4 GB G2 (pinned within seconds, evicting);
+``kvtier-nogate`` is ``kvtier`` with ``GpuDataPath.gate_forward`` made a no-op (the forward pass
+no longer waits for the last store's gather: measures what that wait costs; safe here only
+because this workload preempts nothing and vLLM holds finished requests' blocks until stored).
 Needs a CUDA GPU and a GPU build of vLLM (``../shared/gpu-vllm``).
 """
 
@@ -44,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vllm_gpu as vg
 
-KINDS = {"vllm": None, "kvtier": 40, "kvtier-small": 4}
+KINDS = {"vllm": None, "kvtier": 40, "kvtier-small": 4, "kvtier-nogate": 40}
 """Engine kinds: G2 size in GB (None: vLLM alone)."""
 
 WAITS = {
@@ -233,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model = vg.write_model(Path(tempfile.mkdtemp(prefix="kvtier-decode-")) / "model")
     gb = KINDS[args.kind]
+    if args.kind == "kvtier-nogate":
+        from kvtier.vllm.gpu_path import GpuDataPath
+
+        GpuDataPath.gate_forward = lambda self: None  # type: ignore[method-assign]
     kv = None if gb is None else vg.kvtier_kv({"disk_filter": False, "cpu_cache_gb": gb})
     llm = vg.make_llm(model, kv, 0.80)
     res: dict[str, Any] = {"kind": args.kind, "warm_up": vg.decode(llm, 1, 2)}
