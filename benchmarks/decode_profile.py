@@ -14,6 +14,11 @@ tokens), and samples every thread's Python stack at ``--hz`` while it decodes:
 - the leaf functions of the main thread (where it waits for the GPU, and how long);
 - the other threads seen running Python (not parked in a wait), by name and top frames.
 
+Over the plain rounds (sampler off) it also records each engine step's wall time (a few long
+stalls, or every step slower?), each thread's CPU time over wall time from /proc (a thread that
+spins outside Python shows there, not in the sampler), the cyclic collector's time and the
+machine's busy cores.
+
 Decode rates are printed with the sampler off (``plain``) and on (``sampled``): its cost is the
 difference. One engine per process; run it once per kind on the same machine::
 

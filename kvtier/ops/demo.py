@@ -144,9 +144,10 @@ def model_dtype(cpuinfo: str | None = None) -> Literal["bfloat16", "float32"]:
     return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
 
 
-def block_bytes() -> int:
+def block_bytes(dtype: str) -> int:
+    """Bytes of one KV block of the demo model computing in ``dtype`` (its KV's dtype too)."""
     spec = demo_model_spec()
-    elem = 2 if model_dtype() == "bfloat16" else 4  # the model's dtype is its KV's
+    elem = 2 if dtype == "bfloat16" else 4
     return int(
         BLOCK_TOKENS * spec.num_hidden_layers * 2 * spec.num_key_value_heads * spec.head_dim * elem
     )

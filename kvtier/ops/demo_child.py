@@ -76,14 +76,15 @@ class _Session:
         g1_blocks = self.cfg.g1_blocks
         if self.mode == "reference":
             g1_blocks = self.cfg.reference_g1_blocks
+        dtype = model_dtype()
         start = time.perf_counter()
         self.llm = LLM(
             model=str(model),
             skip_tokenizer_init=True,
             enforce_eager=True,
             max_model_len=min((self.cfg.g1_blocks - 1) * BLOCK_TOKENS, MAX_MODEL_LEN),
-            kv_cache_memory_bytes=g1_blocks * block_bytes(),
-            dtype=model_dtype(),
+            kv_cache_memory_bytes=g1_blocks * block_bytes(dtype),
+            dtype=dtype,
             disable_log_stats=False,
             seed=self.cfg.seed,
             **kwargs,
