@@ -157,6 +157,37 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
+def numa_state() -> dict[str, Any]:
+    """Free memory per NUMA node, the CPUs this process may run on and the node of the CPU the
+    main thread last ran on, and this process's resident pages per node: a 40 GB pinned G2 can
+    fill the engine's node, so that every later allocation of the engine thread lands remote."""
+    nodes = sorted(Path("/sys/devices/system/node").glob("node[0-9]*"))
+    free: dict[str, float] = {}
+    cpus_of: dict[str, str] = {}
+    for node in nodes:
+        for line in (node / "meminfo").read_text().splitlines():
+            if "MemFree:" in line:
+                free[node.name] = round(int(line.split()[-2]) / 2**20, 1)
+        cpus_of[node.name] = (node / "cpulist").read_text().strip()
+    pages: collections.Counter[str] = collections.Counter()
+    try:
+        for line in Path("/proc/self/numa_maps").read_text().splitlines():
+            for field in line.split():
+                if field[:1] == "N" and "=" in field:
+                    k, v = field.split("=", 1)
+                    pages[k] += int(v)
+    except OSError:
+        pass
+    cpu = int(Path("/proc/thread-self/stat").read_text().rsplit(")", 1)[1].split()[36])
+    return {
+        "free_gb": free,
+        "cpus_of_node": cpus_of,
+        "allowed_cpus": len(os.sched_getaffinity(0)),
+        "main_cpu": cpu,
+        "resident_pages_by_node": dict(pages),
+    }
+
+
 def system_busy() -> tuple[float, float]:
     """(busy, total) jiffies of every CPU of the machine since boot, from /proc/stat."""
     f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -247,9 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         GpuDataPath.gate_forward = lambda self: None  # type: ignore[method-assign]
     kv = None if gb is None else vg.kvtier_kv({"disk_filter": False, "cpu_cache_gb": gb})
     llm = vg.make_llm(model, kv, 0.80)
-    res: dict[str, Any] = {"kind": args.kind, "warm_up": vg.decode(llm, 1, 2)}
+    res: dict[str, Any] = {"kind": args.kind, "numa_start": numa_state()}
+    res["warm_up"] = vg.decode(llm, 1, 2)
     if kv is not None:
         res["pin_wait_s"] = vg.wait_pinned(llm)
+    res["numa_measured"] = numa_state()
     cpu0, sys0, t0 = thread_cpu(), system_busy(), time.perf_counter()
     with StepTimer(llm) as steps, GcTimer() as gct:
         res["plain"] = vg.decode(llm, 20, args.reps)
@@ -271,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"engine steps (plain): {res['steps']}")
     print(f"gc (plain): {res['gc']}; machine busy cores {res['machine_busy_cores']:.2f}")
     print(f"thread CPU / wall (plain): {res['thread_cpu_share']}")
+    print(f"numa at start: {res['numa_start']}\nnuma measured: {res['numa_measured']}")
     for f, share in p["kvtier_inclusive"][:25]:
         print(f"  {share:.4f} {f}")
     print("main thread leaves:")
