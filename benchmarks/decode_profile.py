@@ -29,7 +29,10 @@ difference. One engine per process; run it once per kind on the same machine::
 pinned before measuring; ``kvtier-small`` uses a 4 GB G2 (pinned within seconds, evicting);
 ``kvtier-nogate`` is ``kvtier`` with ``GpuDataPath.gate_forward`` made a no-op (the forward pass
 no longer waits for the last store's gather: measures what that wait costs; safe here only
-because this workload preempts nothing and vLLM holds finished requests' blocks until stored).
+because this workload preempts nothing and vLLM holds finished requests' blocks until stored);
+``kvtier-nostore`` is ``kvtier`` with ``GpuDataPath.store`` a no-op (the scheduler half plans
+every store, the worker copies nothing: what remains is kvtier's Python and vLLM's connector
+paths; the planned blocks stay pending in G2, harmless for one measurement).
 Needs a CUDA GPU and a GPU build of vLLM (``../shared/gpu-vllm``).
 """
 
@@ -52,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vllm_gpu as vg
 
-KINDS = {"vllm": None, "kvtier": 40, "kvtier-small": 4, "kvtier-nogate": 40}
+KINDS = {"vllm": None, "kvtier": 40, "kvtier-small": 4, "kvtier-nogate": 40, "kvtier-nostore": 40}
 """Engine kinds: G2 size in GB (None: vLLM alone)."""
 
 WAITS = {
@@ -276,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         from kvtier.vllm.gpu_path import GpuDataPath
 
         GpuDataPath.gate_forward = lambda self: None  # type: ignore[method-assign]
+    if args.kind == "kvtier-nostore":
+        from kvtier.vllm.gpu_path import GpuDataPath
+
+        GpuDataPath.store = lambda self, plan, failed: None  # type: ignore[method-assign]
     kv = None if gb is None else vg.kvtier_kv({"disk_filter": False, "cpu_cache_gb": gb})
     llm = vg.make_llm(model, kv, 0.80)
     res: dict[str, Any] = {"kind": args.kind, "numa_start": numa_state()}
