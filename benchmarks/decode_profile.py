@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "kvtier-nostore":
         from kvtier.vllm.gpu_path import GpuDataPath
 
-        GpuDataPath.store = lambda self, plan, failed: None  # type: ignore[method-assign]
+        GpuDataPath.store = lambda self, plan, step_failed: None  # type: ignore[method-assign]
     kv = None if gb is None else vg.kvtier_kv({"disk_filter": False, "cpu_cache_gb": gb})
     llm = vg.make_llm(model, kv, 0.80)
     res: dict[str, Any] = {"kind": args.kind, "numa_start": numa_state()}
