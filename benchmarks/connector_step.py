@@ -29,7 +29,8 @@ thread; the CUDA path does not), for all decode steps (no prefill token schedule
 prefill steps apart.
 
 Run: ``PYTHONPATH=. .venv/bin/python benchmarks/connector_step.py`` (``--profile`` prints a cProfile
-top-20 of the measured decode steps; ``--rounds N`` runs N batches one after the other).
+top-20 of the measured decode steps, ``--profile prefill`` of the prefill steps; ``--rounds N``
+runs N batches one after the other).
 """
 
 from __future__ import annotations
@@ -401,7 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="batches, one after the other")
     p.add_argument("--stagger", action="store_true", help="spread prompt lengths over a block")
     p.add_argument("--host-blocks", type=int, default=0, help="G2 blocks (0: room for all)")
-    p.add_argument("--profile", action="store_true", help="cProfile top-20 of the last round")
+    p.add_argument(
+        "--profile",
+        nargs="?",
+        const="decode",
+        choices=("decode", "prefill"),
+        help="cProfile top-20 of the last round's decode (default) or prefill steps",
+    )
     args = p.parse_args(argv)
     logging.getLogger("vllm").setLevel(logging.ERROR)
     wl = Workload(
@@ -426,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                 decoding = not eng.waiting and all(
                     x.computed >= x.req.num_prompt_tokens for x in eng.running
                 )
-                if prof is not None and last and decoding:
+                if prof is not None and last and decoding == (args.profile == "decode"):
                     prof.enable()
                 eng.step()
                 if prof is not None:
@@ -446,7 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         eng.close()
     if prof is not None:
-        print("cProfile of the last round's decode steps (the benchmark's own loop included):")
+        print(
+            f"cProfile of the last round's {args.profile} steps (the benchmark's own loop "
+            "included):"
+        )
         stats = pstats.Stats(prof, stream=sys.stdout)
         stats.sort_stats("tottime").print_stats(20)
         stats.sort_stats("cumulative").print_stats("kvtier/", 20)

@@ -11,7 +11,8 @@ One command on the lent H200 (vLLM 0.26.0 from ../shared/gpu-vllm), Llama-3-8B s
   cost model chooses, each after a G1 reset;
 - decode throughput (32 concurrent requests, 1k-token prompts, 256 new tokens): vLLM alone vs
   vLLM + kvtier storing every block to G2 (``decode-ab``: both engines side by side in one
-  process, measured in turns; the ``vllm``/``kvtier`` phases also measure it, one engine each).
+  process, measured in turns; ``decode-ab-evict`` the same with a G2 small enough that every
+  measured round evicts; the ``vllm``/``kvtier`` phases also measure it, one engine each).
 
 Each engine runs in its own process (``--phase``), in-process engine core
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so kvtier's halves can be drained between measurements; the
@@ -250,13 +251,29 @@ def paired_ratio(base: list[float], other: list[float]) -> float:
     return math.exp(sum(logs) / len(logs))
 
 
-def decode_ab(model: Path, reps: int) -> dict[str, Any]:
-    """Decode throughput of vLLM alone and of vLLM + kvtier storing every block to G2, measured
-    in turns in one process: two engines side by side (each with its own engine-core process and
-    40% of the GPU), so that whatever drifts during a run (throughput rose by up to 40% over
-    minutes within one engine on the H200) drifts for both. Order alternates each round."""
+def paired_interval(base: list[float], other: list[float]) -> tuple[float, float]:
+    """About 95% bounds of ``paired_ratio`` (mean of the logs +- 2 standard errors): on a host
+    whose rounds swing by 20%, a 3% difference needs this to be read at all."""
+    logs = [math.log(o / b) for b, o in zip(base, other, strict=True)]
+    if len(logs) < 2:
+        return (math.nan, math.nan)
+    mean, se = statistics.mean(logs), statistics.stdev(logs) / math.sqrt(len(logs))
+    return (math.exp(mean - 2 * se), math.exp(mean + 2 * se))
+
+
+DECODE_AB_G2_GB = {"decode-ab": 40, "decode-ab-evict": 8}
+"""G2 of the kvtier engine per decode phase: 40 GB fills after about 7 rounds (2560 blocks of
+2 MiB a round), 8 GB within the warm-up, so that every measured round evicts."""
+
+
+def decode_ab(model: Path, reps: int, g2_gb: int = 40) -> dict[str, Any]:
+    """Decode throughput of vLLM alone and of vLLM + kvtier storing every block to a G2 of
+    ``g2_gb``, measured in turns in one process: two engines side by side (each with its own
+    engine-core process and 40% of the GPU), so that whatever drifts during a run (throughput
+    rose by up to 40% over minutes within one engine on the H200) drifts for both. Order
+    alternates each round."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    kv = kvtier_kv({"disk_filter": False, "cpu_cache_gb": 40})
+    kv = kvtier_kv({"disk_filter": False, "cpu_cache_gb": g2_gb})
     engines = {"vllm": make_llm(model, None, 0.40), "kvtier": make_llm(model, kv, 0.40)}
     for llm in engines.values():  # warm-up (kvtier: G2 pins in the background meanwhile)
         decode(llm, 1, 2)
@@ -270,8 +287,8 @@ def decode_ab(model: Path, reps: int) -> dict[str, Any]:
 
 def run_phase(phase: str, model: Path, reps: int, workdir: Path) -> dict[str, Any]:
     res: dict[str, Any] = {"phase": phase}
-    if phase == "decode-ab":
-        res.update(decode_ab(model, reps))
+    if phase in DECODE_AB_G2_GB:
+        res.update(decode_ab(model, reps, DECODE_AB_G2_GB[phase]))
         return res
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     t0 = time.perf_counter()
@@ -360,7 +377,8 @@ def ttft_ms(results: dict[str, dict[str, Any]], phase: str, n: int, key: str) ->
     return med_ms(r["ttft"][str(n)][key])
 
 
-def report(results: dict[str, dict[str, Any]]) -> None:
+def ttft_table(results: dict[str, dict[str, Any]]) -> None:
+    """The TTFT table, one row per prompt size (nan where a phase did not run)."""
     print("\nTTFT, median ms (one request, max_tokens=1)")
     print("| tokens | " + " | ".join(c[0] for c in COLUMNS) + " | best kvtier G2 / Offloading |")
     print("|---" * (len(COLUMNS) + 2) + "|")
@@ -369,6 +387,11 @@ def report(results: dict[str, dict[str, Any]]) -> None:
         g2 = [v for v in vals[3:6] if v == v]
         ratio = min(g2) / vals[2] if g2 and vals[2] == vals[2] else NAN
         print(f"| {n} | " + " | ".join(f"{v:.0f}" for v in vals) + f" | {ratio:.2f} |")
+
+
+def report(results: dict[str, dict[str, Any]]) -> None:
+    if any("ttft" in results.get(ph, {}) for _, ph, _ in COLUMNS):
+        ttft_table(results)
     r = results.get("kvtier-g3", {})
     if "raw_read_gbps" in r:
         gb = r["raw_read_blocks"] * BLOCK_BYTES / 1e9
@@ -379,15 +402,21 @@ def report(results: dict[str, dict[str, Any]]) -> None:
             f"(forward pass included); raw O_DIRECT reads {raw:.2f} GB/s; "
             f"ratio {gb / (t / 1e3) / raw:.2f}"
         )
-    ab = results.get("decode-ab", {}).get("decode_ab")
-    if ab:
+    for phase, g2_gb in DECODE_AB_G2_GB.items():
+        ab = results.get(phase, {}).get("decode_ab")
+        if not ab:
+            continue
         a, b = statistics.mean(ab["vllm"]), statistics.mean(ab["kvtier"])
+        lo, hi = paired_interval(ab["vllm"], ab["kvtier"])
+        rounds = [round(k / v, 2) for v, k in zip(ab["vllm"], ab["kvtier"], strict=True)]
         print(
-            f"\ndecode 32 x (1k prompt + 256 new), engines side by side, in turns: vLLM "
+            f"\n{phase}: decode 32 x (1k prompt + 256 new), engines side by side, in turns: vLLM "
             f"{a:.0f} tok/s {[round(x) for x in ab['vllm']]}, vLLM + kvtier storing every block "
-            f"{b:.0f} tok/s {[round(x) for x in ab['kvtier']]}, ratio of means {b / a:.3f}, "
-            f"of bests {max(ab['kvtier']) / max(ab['vllm']):.3f}, paired (geometric mean of each "
-            f"round's kvtier / vLLM, order balanced) {paired_ratio(ab['vllm'], ab['kvtier']):.3f}"
+            f"to a {g2_gb} GB G2 {b:.0f} tok/s {[round(x) for x in ab['kvtier']]}, ratio of "
+            f"means {b / a:.3f}, of bests {max(ab['kvtier']) / max(ab['vllm']):.3f}, paired "
+            f"(geometric mean of each round's kvtier / vLLM, order balanced) "
+            f"{paired_ratio(ab['vllm'], ab['kvtier']):.3f} (95% {lo:.3f}-{hi:.3f}; by round "
+            f"{rounds})"
         )
     c = results.get("kvtier-g3-cost", {}).get("cost")
     if c:
@@ -416,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "--phases",
         default="vllm,offload,kvtier,kvtier-layerwise,kvtier-g3",
         help="comma list: vllm, offload, kvtier, kvtier-layerwise, kvtier-crosslayer, kvtier-g3, "
-        "kvtier-g3-cost, decode-ab",
+        "kvtier-g3-cost, decode-ab, decode-ab-evict",
     )
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--report", nargs="+", help="only print the table of saved result files")
