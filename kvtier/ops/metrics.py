@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -212,6 +212,30 @@ class KvTierMetrics:
         bytes_total.inc(nbytes)
         latency.observe(seconds)
         self._dynamo_blocks[path].inc(blocks)
+
+    def record_transfers(
+        self, transfers: Iterable[tuple[str, int, float]], block_bytes: int
+    ) -> None:
+        """Many finished batches ``(path, blocks, seconds)`` of ``block_bytes``-byte blocks at
+        once, as ``record_transfer`` each (negative seconds count as 0): the scheduler half lands
+        one per stored block (2048 for a 32k prompt), so the counters move once per path and
+        only the latency once per batch. All are checked before any is counted."""
+        require_count("block_bytes", block_bytes)
+        batch = list(transfers)
+        totals: dict[str, int] = {}
+        for path, blocks, _ in batch:
+            if path not in self._path_series:
+                _check_label("path", path, PATHS)
+            if type(blocks) is not int or blocks < 0:
+                require_count("blocks", blocks)
+            totals[path] = totals.get(path, 0) + blocks
+        for path, _, seconds in batch:
+            self._path_series[path][2].observe(max(0.0, seconds))
+        for path, blocks in totals.items():
+            blocks_total, bytes_total, _ = self._path_series[path]
+            blocks_total.inc(blocks)
+            bytes_total.inc(blocks * block_bytes)
+            self._dynamo_blocks[path].inc(blocks)
 
     def record_lookup(
         self, looked_up_blocks: int, host_blocks: int, disk_blocks: int, block_size: int

@@ -223,9 +223,7 @@ class ConnectorTelemetry(Lifecycle):
         events = self._wire(planner.registry.drain_events(), restored)
         events.extend(self._remote.events(reports))
         self._publish(events)
-        for path, blocks, seconds in planner.take_transfers():
-            nbytes = blocks * self._block_bytes * self._workers
-            self.metrics.record_transfer(path, blocks, nbytes, max(0.0, seconds))
+        self.metrics.record_transfers(planner.take_transfers(), self._block_bytes * self._workers)
         self._observe(self._clock())
         if sched.remote is not None:
             self._remote.observe(sched.remote, self.metrics)

@@ -77,6 +77,40 @@ def test_pool_filter_errors_pinned() -> None:
     assert value(m, "kvtier_pinned_bytes") == 1 << 30
 
 
+def test_many_transfers_at_once_count_as_each_one_would() -> None:
+    one, many = KvTierMetrics(), KvTierMetrics()
+    batch = [
+        ("device_to_host", 1, 0.002),
+        ("device_to_host", 1, 0.3),
+        ("host_to_device", 4, 0.01),
+        ("device_to_host", 2, -0.001),  # a clock step back counts as 0, as in the telemetry
+    ]
+    for path, blocks, seconds in batch:
+        one.record_transfer(path, blocks, blocks * 512, max(0.0, seconds))
+    many.record_transfers(iter(batch), 512)
+    names = (
+        "kvtier_blocks_total",
+        "kvtier_bytes_total",
+        "kvtier_transfer_seconds_count",
+        "kvtier_transfer_seconds_sum",
+    )
+    for path in ("device_to_host", "host_to_device", "disk_to_device"):
+        for name in names:
+            assert value(many, name, path=path) == value(one, name, path=path), (name, path)
+        for le in ("0.0025", "0.5"):
+            bucket = "kvtier_transfer_seconds_bucket"
+            assert value(many, bucket, path=path, le=le) == value(one, bucket, path=path, le=le)
+    assert value(many, "kvtier_blocks_total", path="device_to_host") == 4
+    assert value(many, "kvbm_offload_blocks_d2h_total") == 4
+    assert value(many, "kvbm_onboard_blocks_h2d_total") == 4
+    with pytest.raises(ValueError, match="unknown path 'h2d'"):
+        many.record_transfers([("host_to_device", 1, 0.1), ("h2d", 1, 0.1)], 512)
+    with pytest.raises(ValueError, match="blocks must be a non-negative int"):
+        many.record_transfers([("host_to_device", True, 0.1)], 512)  # type: ignore[list-item]
+    assert value(many, "kvtier_blocks_total", path="host_to_device") == 4  # nothing counted
+    assert value(many, "kvtier_transfer_seconds_count", path="host_to_device") == 1
+
+
 def test_bad_input_names_the_problem_and_changes_nothing() -> None:
     m = KvTierMetrics()
     m.record_transfer("host_to_device", 1, 10, 0.1)
