@@ -247,14 +247,19 @@ def raw_reads(paths: list[Path], threads: int = 8) -> float:
 def paired_ratio(base: list[float], other: list[float]) -> float:
     """Geometric mean of round-by-round ratios: each round runs both engines back to back (the
     order alternating), so a drift slower than a round cancels within each pair."""
-    logs = [math.log(o / b) for b, o in zip(base, other, strict=True)]
+    logs = _log_ratios(base, other)
     return math.exp(sum(logs) / len(logs))
+
+
+def _log_ratios(base: list[float], other: list[float]) -> list[float]:
+    """``log(other / base)`` round by round."""
+    return [math.log(o / b) for b, o in zip(base, other, strict=True)]
 
 
 def paired_interval(base: list[float], other: list[float]) -> tuple[float, float]:
     """About 95% bounds of ``paired_ratio`` (mean of the logs +- 2 standard errors): on a host
     whose rounds swing by 20%, a 3% difference needs this to be read at all."""
-    logs = [math.log(o / b) for b, o in zip(base, other, strict=True)]
+    logs = _log_ratios(base, other)
     if len(logs) < 2:
         return (math.nan, math.nan)
     mean, se = statistics.mean(logs), statistics.stdev(logs) / math.sqrt(len(logs))

@@ -207,10 +207,14 @@ class KvTierMetrics:
         require_count("nbytes", nbytes)
         if not seconds >= 0:
             raise ValueError(f"seconds must be >= 0, got {seconds!r}")
-        blocks_total, bytes_total, latency = self._path_series[path]
+        self._path_series[path][2].observe(seconds)
+        self._count(path, blocks, nbytes)
+
+    def _count(self, path: str, blocks: int, nbytes: int) -> None:
+        """Move ``path``'s block and byte counters (kvtier's and Dynamo's names)."""
+        blocks_total, bytes_total, _ = self._path_series[path]
         blocks_total.inc(blocks)
         bytes_total.inc(nbytes)
-        latency.observe(seconds)
         self._dynamo_blocks[path].inc(blocks)
 
     def record_transfers(
@@ -232,10 +236,7 @@ class KvTierMetrics:
         for path, _, seconds in batch:
             self._path_series[path][2].observe(max(0.0, seconds))
         for path, blocks in totals.items():
-            blocks_total, bytes_total, _ = self._path_series[path]
-            blocks_total.inc(blocks)
-            bytes_total.inc(blocks * block_bytes)
-            self._dynamo_blocks[path].inc(blocks)
+            self._count(path, blocks, blocks * block_bytes)
 
     def record_lookup(
         self, looked_up_blocks: int, host_blocks: int, disk_blocks: int, block_size: int
