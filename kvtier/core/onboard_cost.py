@@ -140,6 +140,16 @@ class _Job:
 
 
 @dataclass
+class _Ready:
+    """The loads in flight as ``inflight_delay`` reads them: predicted seconds of work queued on
+    each tier's path, each load's predicted landing (sorted) and their running sums."""
+
+    ahead: dict[str, float]
+    ends: list[float]
+    sums: list[float]
+
+
+@dataclass
 class _Step:
     step: int
     started: float
@@ -172,7 +182,7 @@ class OnboardCostModel:
             config.decay,
         )
         self._jobs: dict[int, _Job] = {}
-        self._ready: tuple[list[float], list[float]] | None = None  # see _loads_ready
+        self._ready: _Ready | None = None  # see _loads_ready
         self._path_free_at = dict.fromkeys(TIERS, float("-inf"))  # each tier's path last idle
         self._steps: deque[_Step] = deque()
         self._steps_free_at = float("-inf")
@@ -238,26 +248,30 @@ class OnboardCostModel:
         lat, spb = self.loads[tier].theta
         return self.queued_parts[tier] * lat + self.queued_bytes[tier] * spb
 
-    def _loads_ready(self) -> tuple[list[float], list[float]]:
+    def _loads_ready(self) -> _Ready:
         """Predicted seconds until each load in flight is done (FIFO per tier), sorted, and
-        their running sums; kept until a load is submitted or finishes (the fits move then)."""
+        their running sums; kept until a load finishes (the fits move then), a newly submitted
+        load is added to it (``_add_ready``: a burst submits one load per decision)."""
         if self._ready is None:
-            ahead = dict.fromkeys(TIERS, 0.0)
-            ready: list[float] = []
+            self._ready = _Ready(dict.fromkeys(TIERS, 0.0), [], [0.0])
             for job in self._jobs.values():
-                end = 0.0
-                for t, n in job.parts.items():
-                    ahead[t] += self._part_seconds(t, n)
-                    end = max(end, ahead[t])
-                ready.append(end)
-            ready.sort()
-            self._ready = (ready, list(itertools.accumulate(ready, initial=0.0)))
+                self._add_ready(self._ready, job)
         return self._ready
+
+    def _add_ready(self, ready: _Ready, job: _Job) -> None:
+        """Queue ``job`` behind the loads in ``ready`` (FIFO on each of its tiers' paths)."""
+        end = 0.0
+        for t, n in job.parts.items():
+            ready.ahead[t] += self._part_seconds(t, n)
+            end = max(end, ready.ahead[t])
+        bisect.insort(ready.ends, end)
+        ready.sums = list(itertools.accumulate(ready.ends, initial=0.0))
 
     def inflight_delay(self, start: float, end: float) -> float:
         """Sum over the loads in flight landing in ``[start, end)`` of ``end - landing``: what
         a prefill running over that span adds to their TTFT (their rest waits for it)."""
-        ready, sums = self._loads_ready()
+        cached = self._loads_ready()
+        ready, sums = cached.ends, cached.sums
         lo, hi = bisect.bisect_left(ready, start), bisect.bisect_left(ready, end)
         return (hi - lo) * end - (sums[hi] - sums[lo])
 
@@ -266,8 +280,11 @@ class OnboardCostModel:
         parallel, one per tier)."""
         parts = {t: float(n) for t, n in bytes_by_tier.items() if n}
         predicted = max((self._part_seconds(t, n) for t, n in parts.items()), default=0.0)
-        self._jobs[job_id] = _Job(now, parts, predicted)
-        self._ready = None
+        if job_id in self._jobs:  # the same id again replaces that job: rebuilt when read
+            self._ready = None
+        job = self._jobs[job_id] = _Job(now, parts, predicted)
+        if self._ready is not None:
+            self._add_ready(self._ready, job)
         for t, n in parts.items():
             self.queued_bytes[t] += int(n)
             self.queued_parts[t] += 1

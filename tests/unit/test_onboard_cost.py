@@ -397,3 +397,29 @@ def test_queue_counts_the_latency_of_each_load_ahead() -> None:
     m.load_finished(0, now=0.04)
     assert m.queued_parts["G4"] == 2
     assert m.queue_seconds("G4") == pytest.approx(0.080)
+
+
+def test_loads_submitted_one_by_one_are_read_as_if_queued_at_once() -> None:
+    """A burst submits a load per decision and reads the loads in flight between them: what each
+    new load adds to the loads already read must equal reading them all afresh."""
+    rng = random.Random(7)
+    parts = [
+        {t: rng.choice([0, 1, 3]) * BB for t in TIERS} | {"G4": rng.randint(1, 4) * BB}
+        for _ in range(12)
+    ]
+    spans = [(rng.uniform(0, 0.01), rng.uniform(0.01, 0.05)) for _ in range(20)]
+    incremental = model(bw={"G3": 0.5e9, "G4": 0.2e9}, lat={"G4": 0.002})
+    for job, p in enumerate(parts):
+        incremental.inflight_delay(0.0, 1.0)  # read between submits, as the decisions do
+        incremental.load_submitted(job, p, 0.0)
+    fresh = model(bw={"G3": 0.5e9, "G4": 0.2e9}, lat={"G4": 0.002})
+    for job, p in enumerate(parts):
+        fresh.load_submitted(job, p, 0.0)
+    got = [incremental.inflight_delay(a, b) for a, b in spans]
+    assert got == [fresh.inflight_delay(a, b) for a, b in spans]
+    assert any(d > 0 for d in got)
+    incremental.load_finished(3, 0.01)
+    fresh.load_finished(3, 0.01)
+    assert [incremental.inflight_delay(a, b) for a, b in spans] == [
+        fresh.inflight_delay(a, b) for a, b in spans
+    ]
