@@ -78,8 +78,15 @@ class DecayedLinearFit:
 
 
 def _gauss(a: list[list[float]], b: list[float]) -> list[float]:
-    """Solve ``a x = b`` (symmetric positive definite thanks to the ridge) by elimination."""
+    """Solve ``a x = b`` (symmetric positive definite thanks to the ridge) by elimination; the
+    sizes the cost model uses (1 and 2) in closed form, solved once per load that lands."""
     n = len(b)
+    if n == 1:
+        return [b[0] / a[0][0]]
+    if n == 2:
+        (a00, a01), (a10, a11) = a
+        det = a00 * a11 - a01 * a10
+        return [(b[0] * a11 - a01 * b[1]) / det, (a00 * b[1] - a10 * b[0]) / det]
     for c in range(n):
         p = max(range(c, n), key=lambda r: abs(a[r][c]))
         a[c], a[p] = a[p], a[c]
