@@ -423,3 +423,68 @@ def test_loads_submitted_one_by_one_are_read_as_if_queued_at_once() -> None:
     assert [incremental.inflight_delay(a, b) for a, b in spans] == [
         fresh.inflight_delay(a, b) for a, b in spans
     ]
+
+
+def scored_lengths(
+    m: OnboardCostModel,
+    matched: list[tuple[str, int]],
+    bw: dict[str, float],
+    lat: dict[str, float],
+    start: int,
+    prompt: int,
+    backlog: float,
+) -> list[float]:
+    """Every length's score from the model's own queries: queue, load, backlog, recompute and
+    the delay to the loads in flight, a shorter load's margin included."""
+    total = sum(n for _, n in matched)
+    out = []
+    for k in range(total + 1):
+        load, left = 0.0, k
+        for t, n in matched:
+            take = min(n, left)
+            left -= take
+            if take:
+                load = max(load, m.queue_seconds(t) + lat[t] + take * BB / bw[t])
+        wait = max(m.config.bias * load, backlog) if k else backlog
+        ttft = wait + m.prefill_seconds((start + k) * BS, prompt)
+        delay = m.inflight_delay(wait, ttft) if m.loading else 0.0
+        out.append((ttft + delay) * (1.1 if k < total else 1.0))
+    return out
+
+
+def test_with_loads_in_flight_the_choice_is_the_best_of_every_length(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every length scored from the model's own queries (``scored_lengths``) against
+    ``choose``; the shortcut that settles "load all"
+    without the candidates must be taken in some cases and give the same answer in all."""
+    from kvtier.core import onboard_choice
+
+    taken: list[bool] = []
+    real = onboard_choice._load_all_wins
+
+    def spy(*args: object) -> tuple[float, float] | None:
+        got = real(*args)  # type: ignore[arg-type]
+        taken.append(got is not None)
+        return got
+
+    monkeypatch.setattr(onboard_choice, "_load_all_wins", spy)
+    rng = random.Random(29)
+    for _ in range(300):
+        bw = {t: 10 ** rng.uniform(7, 10) for t in TIERS}
+        lat = {t: rng.uniform(0, 0.02) for t in TIERS}
+        per_token, per_pair = 10 ** rng.uniform(-6, -3), rng.choice([0.0, 1e-8])
+        m = model(bw, lat, per_token, per_pair, rng.choice([1.0, rng.uniform(0.5, 2)]))
+        for job in range(rng.randint(0, 6)):
+            m.load_submitted(job, {t: rng.randint(0, 3) * BB for t in TIERS}, 0.0)
+        matched = [(t, rng.randint(0, 6)) for t in TIERS]
+        total = sum(n for _, n in matched)
+        start, tail = rng.randint(0, 50), rng.randint(1, 99)
+        prompt = (start + total) * BS + tail
+        backlog = rng.choice([0.0, rng.uniform(0, 0.2)])
+
+        scores = scored_lengths(m, matched, bw, lat, start, prompt, backlog)
+        want = max(k for k, s in enumerate(scores) if s <= min(scores) * (1 + 1e-9))
+        got = m.choose(matched, start * BS, prompt, BS, now=0.0, backlog_s=backlog)
+        assert got.total_blocks == want, (matched, scores)
+    assert any(taken) and not all(taken)
