@@ -101,6 +101,26 @@ def _override(params: Any, request_id: str) -> tuple[str, int | None]:
     return str(mode), cap
 
 
+def _log_decision(
+    rid: str, matched: list[tuple[str, int]], start: int, chosen: int, d: OnboardDecision
+) -> None:
+    """The debug line of one cost-aware decision."""
+    logger.debug(
+        "kvtier onboard: request %s matched %s blocks from block %d; load %d "
+        "(est ttft %.1f ms: load %.1f + queue %.1f ms; recompute all %.1f ms; "
+        "delays the loads in flight by %.1f ms)",
+        rid,
+        dict(matched),
+        start,
+        chosen,
+        d.est_ttft_s * 1e3,
+        d.est_load_s * 1e3,
+        d.est_queue_s * 1e3,
+        d.est_recompute_all_s * 1e3,
+        d.est_delay_s * 1e3,
+    )
+
+
 class OnboardAdvisor:
     """The scheduler half's cost-aware onboarding (see the module docstring)."""
 
@@ -162,20 +182,8 @@ class OnboardAdvisor:
             self._decided[rid] = _Decided(
                 at, int(request.num_tokens), decision.est_ttft_s, chosen == 0, self.model.loading
             )
-            logger.debug(
-                "kvtier onboard: request %s matched %s blocks from block %d; load %d "
-                "(est ttft %.1f ms: load %.1f + queue %.1f ms; recompute all %.1f ms; "
-                "delays the loads in flight by %.1f ms)",
-                rid,
-                dict(matched),
-                start_block,
-                chosen,
-                decision.est_ttft_s * 1e3,
-                decision.est_load_s * 1e3,
-                decision.est_queue_s * 1e3,
-                decision.est_recompute_all_s * 1e3,
-                decision.est_delay_s * 1e3,
-            )
+            if logger.isEnabledFor(logging.DEBUG):  # its arguments cost a burst's decisions
+                _log_decision(rid, matched, start_block, chosen, decision)
         else:
             logger.debug(
                 "kvtier onboard: request %s matched %s blocks; load %d (mode %s, cap %s)",

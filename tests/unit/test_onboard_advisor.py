@@ -68,3 +68,17 @@ def test_steps_are_timed_by_their_own_output() -> None:
     assert 0.040 < adv.model.prefill.predict([1573.0, 1573.0**2 / 2]) < 0.061
     adv.step_done(0)  # a late or unknown step id is ignored
     assert adv.model.prefill.observations == 1
+
+
+def test_each_decision_logs_one_debug_line(caplog: pytest.LogCaptureFixture) -> None:
+    adv = advisor(Clock())
+    req = SimpleNamespace(request_id="r7", num_tokens=12 * BS + 5, kv_transfer_params=None)
+    with caplog.at_level("DEBUG", logger="kvtier.vllm.onboard"):
+        assert adv.choose(req, 0, [("G2", 3), ("G4", 9)], BS) == 3
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("kvtier onboard: request r7 matched {'G2': 3, 'G4': 9} blocks")
+    assert "load 3 (est ttft" in line and "recompute all" in line
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kvtier.vllm.onboard"):
+        adv.choose(req, 0, [("G2", 3), ("G4", 9)], BS)
+    assert caplog.records == []
