@@ -17,10 +17,11 @@ after another) and 16 (all submitted at once), every prompt sharing nothing with
 
 The three policies are per-request overrides (``kv_transfer_params``: ``kvtier_onboard`` =
 ``load`` / ``recompute`` / ``auto``) on one engine with ``onboard_cost_aware`` on, taking turns
-repetition by repetition, so they see the same machine at the same time. TTFT: from
-``add_request`` to the step that returns the request's first (only) token. Each workload starts
-with one unmeasured repetition of each policy (the cost model learns the tier from every load,
-whoever asked for it). Greedy outputs are checked equal across policies.
+cell by cell in an order where each policy follows each policy equally often (``CARRY_OVER``),
+so they see the same machine at the same time and the same leftovers of the cell before. TTFT:
+from ``add_request`` to the step that returns the request's first (only) token. Each workload
+starts with one unmeasured cell of each policy (``WARM_UP``). Greedy outputs are checked equal
+across policies.
 """
 
 from __future__ import annotations
@@ -125,6 +126,24 @@ def _run(llm: Any, prompts: list[list[int]], policy: str | None, tag: str) -> li
     return [got[f"{tag}-{i}"] for i in range(len(prompts))]
 
 
+WARM_UP = ("recompute", "load", "auto")
+"""One unmeasured cell of each policy: the cost model learns the tier (from every load, whoever
+asked for it). It ends with ``auto``, the cell the measured order's cycle ends with."""
+CARRY_OVER = ("load", "load", "recompute", "load", "auto", "recompute", "recompute", "auto", "auto")
+"""The measured cells' cycle: each ordered pair of policies once (a de Bruijn sequence, read
+cyclically), so every policy follows every policy, itself included, equally often. What a cell
+leaves behind slows the next one (on the dev VM a cell after a recompute cell ran 3-5% slower),
+and a rotation of three orders put ``auto`` after ``recompute`` twice as often as ``load``: a
+run whose ``auto`` cells were sent as ``load`` measured ``auto``/``load`` 1.02-1.03."""
+
+
+def _cell_order(reps: int) -> list[str]:
+    """The warm-up, then whole cycles of ``CARRY_OVER`` until each policy has ``reps`` measured
+    cells (rounded up to a multiple of 3)."""
+    cycles = -(-reps // 3)
+    return list(WARM_UP) + list(CARRY_OVER) * cycles
+
+
 def _g4_settled(shaped: ShapedRedis) -> None:
     """Wait until the write-behind to G4 stopped (key count unchanged for 0.5 s)."""
     import redis
@@ -150,7 +169,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16, help="distinct prompts (= concurrency)")
     ap.add_argument("--blocks", type=int, default=12, help="full blocks per prompt")
     ap.add_argument("--g2-blocks", type=int, default=4, help="blocks in G2 in g2+g4")
-    ap.add_argument("--reps", type=int, default=3, help="measured repetitions per cell")
+    ap.add_argument(
+        "--reps", type=int, default=3, help="measured cells per policy (a multiple of 3)"
+    )
     ap.add_argument("--rate-mbit", type=int, default=400, help="shaped link rate (50 MB/s)")
     ap.add_argument("--delay-ms", type=float, default=1.0, help="proxy delay each way")
     ap.add_argument("--json", type=Path, default=None)
@@ -195,25 +216,26 @@ def main() -> None:
                     runs: list[tuple[int, str, float]] = []  # (rep, policy, mean TTFT)
                     counters = _sched(llm).onboard.counters
                     auto = [0, 0]  # tokens cost-aware loaded / left to recompute (warm-up too)
-                    for rep in range(args.reps + 1):
-                        order = POLICIES[rep % 3 :] + POLICIES[: rep % 3]
-                        for policy in order:
-                            prepare(workload)
-                            out: list[Any] = []
-                            was = (
-                                sum(counters.loaded_tokens.values()),
-                                sum(counters.skipped_tokens.values()),
-                            )
-                            for i in range(0, n, conc):
-                                tag = f"{workload}-{shaped}-{conc}-{rep}-{policy}-{i}"
-                                out += _run(llm, prompts[i : i + conc], policy, tag)
-                            if policy == "auto":
-                                auto[0] += sum(counters.loaded_tokens.values()) - was[0]
-                                auto[1] += sum(counters.skipped_tokens.values()) - was[1]
-                            assert [t for _, t in out] == reference, (name, policy)
-                            if rep:  # rep 0 warms the cost model up on this tier
-                                ttft[policy] += [s for s, _ in out]
-                                runs.append((rep, policy, statistics.fmean(s for s, _ in out)))
+                    seen = dict.fromkeys(POLICIES, 0)
+                    for policy in _cell_order(args.reps):
+                        rep = seen[policy]
+                        seen[policy] += 1
+                        prepare(workload)
+                        out: list[Any] = []
+                        was = (
+                            sum(counters.loaded_tokens.values()),
+                            sum(counters.skipped_tokens.values()),
+                        )
+                        for i in range(0, n, conc):
+                            tag = f"{workload}-{shaped}-{conc}-{rep}-{policy}-{i}"
+                            out += _run(llm, prompts[i : i + conc], policy, tag)
+                        if policy == "auto":
+                            auto[0] += sum(counters.loaded_tokens.values()) - was[0]
+                            auto[1] += sum(counters.skipped_tokens.values()) - was[1]
+                        assert [t for _, t in out] == reference, (name, policy)
+                        if rep:  # rep 0: the warm-up (WARM_UP)
+                            ttft[policy] += [s for s, _ in out]
+                            runs.append((rep, policy, statistics.fmean(s for s, _ in out)))
                     row: dict[str, Any] = {"workload": name, "concurrency": conc, "runs": runs}
                     row["auto_loaded_tokens"], row["auto_skipped_tokens"] = auto
                     for p in POLICIES:
