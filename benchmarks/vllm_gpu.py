@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -36,6 +35,10 @@ import time
 import zlib
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paired import paired_interval, paired_ratio
 
 SIZES = (4096, 16384, 32768)
 LLAMA3_8B = {
@@ -242,28 +245,6 @@ def raw_reads(paths: list[Path], threads: int = 8) -> float:
     for th in ths:
         th.join()
     return len(paths) * size / (time.perf_counter() - t) / 1e9
-
-
-def paired_ratio(base: list[float], other: list[float]) -> float:
-    """Geometric mean of round-by-round ratios: each round runs both engines back to back (the
-    order alternating), so a drift slower than a round cancels within each pair."""
-    logs = _log_ratios(base, other)
-    return math.exp(sum(logs) / len(logs))
-
-
-def _log_ratios(base: list[float], other: list[float]) -> list[float]:
-    """``log(other / base)`` round by round."""
-    return [math.log(o / b) for b, o in zip(base, other, strict=True)]
-
-
-def paired_interval(base: list[float], other: list[float]) -> tuple[float, float]:
-    """About 95% bounds of ``paired_ratio`` (mean of the logs +- 2 standard errors): on a host
-    whose rounds swing by 20%, a 3% difference needs this to be read at all."""
-    logs = _log_ratios(base, other)
-    if len(logs) < 2:
-        return (math.nan, math.nan)
-    mean, se = statistics.mean(logs), statistics.stdev(logs) / math.sqrt(len(logs))
-    return (math.exp(mean - 2 * se), math.exp(mean + 2 * se))
 
 
 DECODE_AB_G2_GB = {"decode-ab": 40, "decode-ab-evict": 8}
