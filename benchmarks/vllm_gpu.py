@@ -12,7 +12,8 @@ One command on the lent H200 (vLLM 0.26.0 from ../shared/gpu-vllm), Llama-3-8B s
 - decode throughput (32 concurrent requests, 1k-token prompts, 256 new tokens): vLLM alone vs
   vLLM + kvtier storing every block to G2 (``decode-ab``: both engines side by side in one
   process, measured in turns; ``decode-ab-evict`` the same with a G2 small enough that every
-  measured round evicts; the ``vllm``/``kvtier`` phases also measure it, one engine each).
+  measured round evicts; ``decode-ab-graphs`` with vLLM's default CUDA graphs rather than eager;
+  the ``vllm``/``kvtier`` phases also measure it, one engine each).
 
 Each engine runs in its own process (``--phase``), in-process engine core
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so kvtier's halves can be drained between measurements; the
@@ -78,7 +79,11 @@ def write_model(folder: Path) -> Path:
     return folder
 
 
-def make_llm(model: Path, kv: dict[str, Any] | None, gpu_memory: float = 0.80) -> Any:
+def make_llm(
+    model: Path, kv: dict[str, Any] | None, gpu_memory: float = 0.80, *, eager: bool = True
+) -> Any:
+    """An engine on the Llama-3-8B shape; ``eager=False`` keeps vLLM's default compilation and
+    CUDA graphs (what a production server runs; start-up takes minutes longer)."""
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -89,7 +94,7 @@ def make_llm(model: Path, kv: dict[str, Any] | None, gpu_memory: float = 0.80) -
         model=str(model),
         load_format="dummy",
         skip_tokenizer_init=True,
-        enforce_eager=True,
+        enforce_eager=eager,
         dtype="bfloat16",
         seed=0,
         max_model_len=33792,
@@ -247,34 +252,45 @@ def raw_reads(paths: list[Path], threads: int = 8) -> float:
     return len(paths) * size / (time.perf_counter() - t) / 1e9
 
 
-DECODE_AB_G2_GB = {"decode-ab": 40, "decode-ab-evict": 8}
-"""G2 of the kvtier engine per decode phase: 40 GB fills after about 7 rounds (2560 blocks of
-2 MiB a round), 8 GB within the warm-up, so that every measured round evicts."""
+DECODE_AB = {"decode-ab": (40, True), "decode-ab-evict": (8, True), "decode-ab-graphs": (40, False)}
+"""Per decode phase, the kvtier engine's G2 in GB and whether both engines run eagerly. 40 GB
+fills after about 7 rounds (2560 blocks of 2 MiB a round), 8 GB within the warm-up, so that every
+measured round evicts. Eager decode is bound by the engine thread's Python and swings by 20% a
+round on the lent hosts; ``decode-ab-graphs`` runs vLLM's default compilation and CUDA graphs."""
 
 
-def decode_ab(model: Path, reps: int, g2_gb: int = 40) -> dict[str, Any]:
+def decode_ab(model: Path, reps: int, g2_gb: int, eager: bool, save: Path) -> dict[str, Any]:
     """Decode throughput of vLLM alone and of vLLM + kvtier storing every block to a G2 of
     ``g2_gb``, measured in turns in one process: two engines side by side (each with its own
     engine-core process and 40% of the GPU), so that whatever drifts during a run (throughput
     rose by up to 40% over minutes within one engine on the H200) drifts for both. Order
-    alternates each round."""
+    alternates each round; the rounds so far are written to ``save`` after each one, so a phase
+    cut by its timeout keeps them."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     kv = kvtier_kv({"disk_filter": False, "cpu_cache_gb": g2_gb})
-    engines = {"vllm": make_llm(model, None, 0.40), "kvtier": make_llm(model, kv, 0.40)}
+    t = time.perf_counter()
+    engines = {
+        "vllm": make_llm(model, None, 0.40, eager=eager),
+        "kvtier": make_llm(model, kv, 0.40, eager=eager),
+    }
+    print(f"decode-ab: both engines up in {time.perf_counter() - t:.0f} s", flush=True)
     for llm in engines.values():  # warm-up (kvtier: G2 pins in the background meanwhile)
         decode(llm, 1, 2)
     rates: dict[str, list[float]] = {name: [] for name in engines}
+    res: dict[str, Any] = {"decode_ab": rates, "eager": eager}
     for r in range(2 * reps):
         order = list(engines) if r % 2 == 0 else list(reversed(engines))
         for name in order:
             rates[name] += decode(engines[name], 20 + r, 1)
-    return {"decode_ab": rates}
+        save.write_text(json.dumps(res))
+    return res
 
 
-def run_phase(phase: str, model: Path, reps: int, workdir: Path) -> dict[str, Any]:
+def run_phase(phase: str, model: Path, reps: int, workdir: Path, save: Path) -> dict[str, Any]:
     res: dict[str, Any] = {"phase": phase}
-    if phase in DECODE_AB_G2_GB:
-        res.update(decode_ab(model, reps, DECODE_AB_G2_GB[phase]))
+    if phase in DECODE_AB:
+        g2_gb, eager = DECODE_AB[phase]
+        res.update(decode_ab(model, reps, g2_gb, eager, save))
         return res
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     t0 = time.perf_counter()
@@ -388,7 +404,7 @@ def report(results: dict[str, dict[str, Any]]) -> None:
             f"(forward pass included); raw O_DIRECT reads {raw:.2f} GB/s; "
             f"ratio {gb / (t / 1e3) / raw:.2f}"
         )
-    for phase, g2_gb in DECODE_AB_G2_GB.items():
+    for phase, (g2_gb, eager) in DECODE_AB.items():
         ab = results.get(phase, {}).get("decode_ab")
         if not ab:
             continue
@@ -396,7 +412,8 @@ def report(results: dict[str, dict[str, Any]]) -> None:
         lo, hi = paired_interval(ab["vllm"], ab["kvtier"])
         rounds = [round(k / v, 2) for v, k in zip(ab["vllm"], ab["kvtier"], strict=True)]
         print(
-            f"\n{phase}: decode 32 x (1k prompt + 256 new), engines side by side, in turns: vLLM "
+            f"\n{phase}: decode 32 x (1k prompt + 256 new), "
+            f"{'eager' if eager else 'CUDA graphs'}, engines side by side, in turns: vLLM "
             f"{a:.0f} tok/s {[round(x) for x in ab['vllm']]}, vLLM + kvtier storing every block "
             f"to a {g2_gb} GB G2 {b:.0f} tok/s {[round(x) for x in ab['kvtier']]}, ratio of "
             f"means {b / a:.3f}, of bests {max(ab['kvtier']) / max(ab['vllm']):.3f}, paired "
@@ -431,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         "--phases",
         default="vllm,offload,kvtier,kvtier-layerwise,kvtier-g3",
         help="comma list: vllm, offload, kvtier, kvtier-layerwise, kvtier-crosslayer, kvtier-g3, "
-        "kvtier-g3-cost, decode-ab, decode-ab-evict",
+        "kvtier-g3-cost, decode-ab, decode-ab-evict, decode-ab-graphs",
     )
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--report", nargs="+", help="only print the table of saved result files")
@@ -446,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="kvtier-vllm-gpu-"))
     model = write_model(work / "llama3-8b-shape")
     if args.phase:
-        res = run_phase(args.phase, model, args.reps, work)
+        res = run_phase(args.phase, model, args.reps, work, Path(args.out))
         Path(args.out).write_text(json.dumps(res))
         return 0
     results: dict[str, dict[str, Any]] = {}
