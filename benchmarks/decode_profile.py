@@ -270,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", type=Path, help="folder for decode_profile_<kind>.json")
     ap.add_argument("--reps", type=int, default=2, help="decode rounds per measurement")
     ap.add_argument("--hz", type=float, default=200.0)
+    ap.add_argument(
+        "--graphs",
+        action="store_true",
+        help="vLLM's default compilation and CUDA graphs instead of enforce_eager",
+    )
     args = ap.parse_args(argv)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -284,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
 
         GpuDataPath.store = lambda self, plan, step_failed: None  # type: ignore[method-assign]
     kv = None if gb is None else vg.kvtier_kv({"disk_filter": False, "cpu_cache_gb": gb})
-    llm = vg.make_llm(model, kv, 0.80)
-    res: dict[str, Any] = {"kind": args.kind, "numa_start": numa_state()}
+    llm = vg.make_llm(model, kv, 0.80, eager=not args.graphs)
+    res: dict[str, Any] = {"kind": args.kind, "graphs": args.graphs, "numa_start": numa_state()}
     res["warm_up"] = vg.decode(llm, 1, 2)
     if kv is not None:
         res["pin_wait_s"] = vg.wait_pinned(llm)
@@ -307,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     res["profile"] = p = sampler.summary()
     (args.out / f"decode_profile_{args.kind}.json").write_text(json.dumps(res, indent=1))
     rates = {k: [round(x) for x in res[k]] for k in ("warm_up", "plain", "sampled")}
-    print(f"{args.kind}: tok/s {rates}; kvtier share of the engine thread {p['kvtier_share']:.4f}")
+    mode = "CUDA graphs" if args.graphs else "eager"
+    share = p["kvtier_share"]
+    print(f"{args.kind} ({mode}): tok/s {rates}; kvtier share of the engine thread {share:.4f}")
     print(f"engine steps (plain): {res['steps']}")
     print(f"gc (plain): {res['gc']}; machine busy cores {res['machine_busy_cores']:.2f}")
     print(f"thread CPU / wall (plain): {res['thread_cpu_share']}")
