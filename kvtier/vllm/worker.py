@@ -130,9 +130,10 @@ class KvTierWorker:
 
     def bind(self, plan: StepPlan) -> None:
         self._plan = plan
-        if self._gpu is not None:
+        if self._gpu is not None and plan.gate_forward:
             # Here, not in start_load_kv: vLLM 0.32 starts loads after launching the forward pass
             # when none is synchronous, too late to order the pass after the last store's read.
+            # Only steps that hand out a block a store may still read (the scheduler half knows).
             self._gpu.gate_forward()
 
     def clear(self) -> None:
