@@ -77,7 +77,6 @@ class KvTierWorker:
         self._delayed: list[tuple[int, list[str]]] = []  # CUDA: (step, delayed-free requests)
         self._layer_index: dict[str, int] = {}
         self._plan: StepPlan | None = None
-        self._gated_step = -1
         self._sync_runs: list[LoadRun] = []
         self._async_runs: list[LoadRun] = []
         self._writes = DiskWrites(self.plane)
@@ -130,15 +129,16 @@ class KvTierWorker:
     # -- per step -----------------------------------------------------------------------------
 
     def gate(self, plan: StepPlan) -> None:
-        """Order the model stream's next work after the last store's gather, once per step and
-        only when ``plan`` hands out a GPU block a store may still read (CUDA only).
+        """Order the current stream's next work after the last store's gather when ``plan``
+        hands out a GPU block a store may still read (CUDA only).
 
         Called from vLLM's ``handle_preemptions`` (the V1 model runner calls it before it zeroes
-        or copies into newly handed-out blocks) and again at ``bind``: not in start_load_kv, as
-        vLLM 0.32 starts loads after launching the forward pass when none is synchronous."""
-        if self._gpu is not None and plan.gate_forward and plan.step != self._gated_step:
+        or copies into newly handed-out blocks) and again at ``bind``, whichever stream is
+        current then (a second wait on a landed event costs nothing on the GPU); not in
+        start_load_kv, as vLLM 0.32 starts loads after launching the forward pass when none is
+        synchronous."""
+        if self._gpu is not None and plan.gate_forward:
             self._gpu.gate_forward()
-            self._gated_step = plan.step
 
     def bind(self, plan: StepPlan) -> None:
         self._plan = plan
