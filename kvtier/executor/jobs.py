@@ -182,9 +182,6 @@ class StepPlan:
     """No forward pass this step: a worker may block briefly on its background work."""
     remote_writes: RemoteWrites | None = None
     """G2 stores of this step to write behind to G4 once they landed (None: none)."""
-    gate_forward: bool = True
-    """The forward pass must wait (GPU side) for the last store's gather: this step hands out a
-    GPU block that an earlier step's store may still read (``kvtier.vllm.store_reads``)."""
 
     @property
     def is_empty(self) -> bool:

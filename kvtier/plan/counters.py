@@ -40,6 +40,3 @@ class SchedulerCounters:
     host_evictions: int = 0
     disk_evictions: int = 0
     resumed_requests: int = 0
-    gated_steps: int = 0
-    """Steps whose forward pass waited for stores still reading a GPU block the step hands out
-    again (a preempted request's blocks; ``kvtier.vllm.store_reads``)."""

@@ -225,13 +225,6 @@ class KvTierConnector(KVConnectorBase_V1):
                 raise TypeError(f"expected kvtier metadata, got {type(connector_metadata)}")
             self.worker.bind(connector_metadata.plan)
 
-    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
-        # Before vLLM writes this step's newly handed-out blocks (V1 model runner: before it
-        # zeroes or copy-on-writes them; V2: just before binding): wait where a store may
-        # still read one of them.
-        if self.worker is not None and isinstance(kv_connector_metadata, KvTierConnectorMetadata):
-            self.worker.gate(kv_connector_metadata.plan)
-
     def clear_connector_metadata(self) -> None:
         super().clear_connector_metadata()
         if self.worker is not None:

@@ -15,14 +15,12 @@ Ordering (every rule is a GPU-side event wait unless said otherwise):
   pass; the device->host copy waits on it on its own stream, and ``wait_for_save`` returns at
   once. Their G3 writes and G4 write-behind are queued (``poll``) only once the copy landed, in
   step order.
-- Reuse of a stored GPU block: a step's forward pass that may write a block an unconfirmed store
-  still reads (``StepPlan.gate_forward``, set by the scheduler half: a preempted request's
-  freed blocks handed out again) waits for the last store's *gather* (``released_event``;
-  ``gate_forward`` is called from vLLM's ``handle_preemptions``, which the V1 model runner
-  calls before it zeroes or copy-on-writes new blocks, or else when the step's plan is bound:
-  before the pass in every vLLM version), and so does every load (the ``gate`` of the host->device copies), so neither can
-  overwrite a block before it was read. A finished request's blocks are held by vLLM (delayed
-  free) until ``released_through`` covers its stores.
+- Reuse of a stored GPU block: the next step's forward pass (``gate_forward``, called when the
+  step's plan is bound: before the pass in every vLLM version) and every load (the ``gate`` of
+  the host->device copies) wait for the last store's *gather* (``released_event``), so neither a
+  preempted request's freed blocks nor a load into them can overwrite a block before it was
+  read. A finished request's blocks are also held by vLLM (delayed free) until
+  ``released_through`` covers its stores.
 - Loads run on the engine's highest-priority streams, behind ``gate()``; a layer-wise load's layer
   ``l`` is waited for with ``stream_wait_layer`` (GPU side). G3 loads go through the
   ``DiskToDeviceLoader``'s pinned bounce rows and G4 loads through pinned staging rows; their

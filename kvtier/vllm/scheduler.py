@@ -17,9 +17,6 @@ Rules it keeps:
 - A request that finishes while stores of its blocks may still read GPU memory keeps its blocks
   (``request_finished`` returns True) until the workers confirm (``finished_sending``): only
   CUDA workers, whose stores are asynchronous (``SchedulerConfig.async_store_reads``).
-- A step that hands out a GPU block an unconfirmed store may still read (a preemption) is
-  marked ``gate_forward``: its forward pass waits for the last store's gather; every other step
-  runs without that wait (``kvtier.vllm.store_reads``).
 """
 
 from __future__ import annotations
@@ -43,7 +40,6 @@ from kvtier.plan.planner import G2, G3, PlannerConfig, TierPlanner
 from kvtier.vllm.onboard import OnboardAdvisor
 from kvtier.vllm.remote_plan import RemotePlanner
 from kvtier.vllm.requests import RequestLike, RequestState, lora_name, scheduled_rows
-from kvtier.vllm.store_reads import StoreReads
 
 __all__ = ["KvTierScheduler", "SchedulerConfig", "SchedulerCounters"]
 
@@ -133,7 +129,6 @@ class KvTierScheduler:
         self._plan_loads: list[LoadJob] = []
         self._delayed: list[str] = []
         self._delayed_waiting: set[str] = set()
-        self._store_reads = StoreReads()
 
     # -- vLLM scheduler-side API --------------------------------------------------------------
 
@@ -258,12 +253,9 @@ class KvTierScheduler:
         rows: list[tuple[str, int, int]] | None = [] if self.onboard is not None else None
         stores = StoreBatch()
         writes: list[DiskWrite] = []
-        store_reads, gate = self._store_reads, False
         # One pass, O(1) per request unless it completes a block: a decode step touches every
         # running request, and only ~2 of 32 fill a block.
         for req_id, block_ids, computed, resumed, new in scheduled_rows(new_reqs, cached_reqs):
-            if block_ids and not gate:
-                gate = store_reads.any_read(block_ids)
             st = reqs.get(req_id)
             if st is None:
                 continue
@@ -283,10 +275,6 @@ class KvTierScheduler:
                 st.next_store = first
             if done // bs > st.next_store and len(st.block_ids) > st.next_store:
                 st.plan_stores(self.planner, done, step, stores, writes, block_tokens)
-        read = list(stores.gpu_blocks)
-        read += [w.gpu_block for w in writes if w.gpu_block >= 0]
-        store_reads.add(step, read)
-        self.counters.gated_steps += gate
         if rows is not None and self.onboard is not None:  # times this step for the cost model
             self.onboard.step_planned(step, rows)
         remote_writes = None
@@ -304,7 +292,6 @@ class KvTierScheduler:
             delayed_free=self._delayed,
             idle=idle,
             remote_writes=remote_writes,
-            gate_forward=gate,
         )
         self._plan_loads, self._delayed = [], []
         return plan
@@ -348,7 +335,6 @@ class KvTierScheduler:
     def step_confirmed(self, step: int) -> None:
         """The workers finished reading GPU memory for every store planned up to ``step``."""
         self._confirmed_step = max(self._confirmed_step, step)
-        self._store_reads.confirm(step)
 
     def request_finished(self, request: RequestLike) -> bool:
         """Forget the request; True when its GPU blocks must wait for stores still reading them."""

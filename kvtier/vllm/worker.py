@@ -128,21 +128,12 @@ class KvTierWorker:
 
     # -- per step -----------------------------------------------------------------------------
 
-    def gate(self, plan: StepPlan) -> None:
-        """Order the current stream's next work after the last store's gather when ``plan``
-        hands out a GPU block a store may still read (CUDA only).
-
-        Called from vLLM's ``handle_preemptions`` (the V1 model runner calls it before it zeroes
-        or copies into newly handed-out blocks) and again at ``bind``, whichever stream is
-        current then (a second wait on a landed event costs nothing on the GPU); not in
-        start_load_kv, as vLLM 0.32 starts loads after launching the forward pass when none is
-        synchronous."""
-        if self._gpu is not None and plan.gate_forward:
-            self._gpu.gate_forward()
-
     def bind(self, plan: StepPlan) -> None:
         self._plan = plan
-        self.gate(plan)
+        if self._gpu is not None:
+            # Here, not in start_load_kv: vLLM 0.32 starts loads after launching the forward pass
+            # when none is synchronous, too late to order the pass after the last store's read.
+            self._gpu.gate_forward()
 
     def clear(self) -> None:
         self._plan = None

@@ -113,33 +113,3 @@ def test_g3_matches_load_asynchronously_when_vllm_schedules_ahead() -> None:
         again = Req("a2", list(range(3 * BS + 1)))
         n, is_async = s.get_num_new_matched_tokens(again, 0)
         assert n == 3 * BS and is_async is want_async
-
-
-def test_only_a_step_handing_out_a_block_a_store_may_still_read_gates_the_forward_pass() -> None:
-    s = KvTierScheduler(
-        SchedulerConfig(block_size=BS, host_blocks=16, disk_blocks=0, async_store_reads=True)
-    )
-    a = Req("a", list(range(2 * BS + 1)))
-    s.get_num_new_matched_tokens(a, 0)
-    first = s.build_step_plan([("a", [5, 6, 7], 0)], [], {"a": a.num_tokens})
-    assert first.stores.gpu_blocks == [5, 6] and not first.gate_forward
-    # Step 1: a keeps decoding (no new block), b gets fresh blocks: nothing to wait for.
-    b = Req("b", list(range(50, 50 + BS + 1)))
-    s.get_num_new_matched_tokens(b, 0)
-    plan = s.build_step_plan([("b", [1, 2], 0)], [("a", None, a.num_tokens, False)], {"a": 1})
-    assert not plan.gate_forward
-    # Step 2: a was preempted; its block 6 goes to c while step 0's stores may still read it.
-    c = Req("c", list(range(90, 90 + BS + 1)))
-    s.get_num_new_matched_tokens(c, 0)
-    plan = s.build_step_plan([("c", [6, 8], 0)], [], {"c": c.num_tokens})
-    assert plan.gate_forward
-    # A running request's new block counts too; once the workers read step 0's stores, no gate.
-    plan = s.build_step_plan([], [("b", [5], b.num_tokens, False)], {"b": 1})
-    assert plan.gate_forward
-    s.process_reports([WorkerReport(rank=0, stores_read_step=0)])
-    plan = s.build_step_plan([], [("b", [7], b.num_tokens, False)], {"b": 1})
-    assert not plan.gate_forward
-    # Step 2 stored c's block 6 (read until confirmed): handing 6 out again gates once more.
-    assert s.build_step_plan([("d", [6], 0)], [], {}).gate_forward
-    s.process_reports([WorkerReport(rank=0, stores_read_step=5)])
-    assert not s.build_step_plan([("d", [6], 0)], [], {}).gate_forward
