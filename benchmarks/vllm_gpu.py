@@ -13,7 +13,8 @@ One command on the lent H200 (vLLM 0.26.0 from ../shared/gpu-vllm), Llama-3-8B s
   vLLM + kvtier storing every block to G2 (``decode-ab``: both engines side by side in one
   process, measured in turns; ``decode-ab-evict`` the same with a G2 small enough that every
   measured round evicts; ``decode-ab-graphs`` with vLLM's default CUDA graphs rather than eager;
-  the ``vllm``/``kvtier`` phases also measure it, one engine each).
+  ``decode-ab-graphs-offload`` vLLM's ``OffloadingConnector`` in kvtier's place; the
+  ``vllm``/``kvtier`` phases also measure it, one engine each).
 
 Each engine runs in its own process (``--phase``), in-process engine core
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so kvtier's halves can be drained between measurements; the
@@ -34,6 +35,7 @@ import tempfile
 import threading
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -252,32 +254,62 @@ def raw_reads(paths: list[Path], threads: int = 8) -> float:
     return len(paths) * size / (time.perf_counter() - t) / 1e9
 
 
-DECODE_AB = {"decode-ab": (40, True), "decode-ab-evict": (8, True), "decode-ab-graphs": (40, False)}
-"""Per decode phase, the kvtier engine's G2 in GB and whether both engines run eagerly. 40 GB
-fills after about 7 rounds (2560 blocks of 2 MiB a round), 8 GB within the warm-up, so that every
-measured round evicts. Eager decode is bound by the engine thread's Python and swings by 20% a
-round on the lent hosts; ``decode-ab-graphs`` runs vLLM's default compilation and CUDA graphs."""
+@dataclass(frozen=True)
+class DecodeAB:
+    """One decode A/B phase: vLLM alone against ``other`` (``"kvtier"``, or ``"offload"``:
+    vLLM's own ``OffloadingConnector``), which stores every block to ``cpu_gb`` of host memory;
+    ``eager``: both engines under ``enforce_eager`` (else vLLM's default CUDA graphs)."""
+
+    other: str
+    cpu_gb: int
+    eager: bool
+
+    def kv(self) -> dict[str, Any]:
+        """The ``KVTransferConfig`` fields of the ``other`` engine."""
+        if self.other == "offload":
+            return offload_kv(self.cpu_gb)
+        return kvtier_kv({"disk_filter": False, "cpu_cache_gb": self.cpu_gb})
 
 
-def decode_ab(model: Path, reps: int, g2_gb: int, eager: bool, save: Path) -> dict[str, Any]:
-    """Decode throughput of vLLM alone and of vLLM + kvtier storing every block to a G2 of
-    ``g2_gb``, measured in turns in one process: two engines side by side (each with its own
-    engine-core process and 40% of the GPU), so that whatever drifts during a run (throughput
-    rose by up to 40% over minutes within one engine on the H200) drifts for both. Order
-    alternates each round; the rounds so far are written to ``save`` after each one, so a phase
-    cut by its timeout keeps them."""
+DECODE_AB = {
+    "decode-ab": DecodeAB("kvtier", 40, True),
+    "decode-ab-evict": DecodeAB("kvtier", 8, True),
+    "decode-ab-graphs": DecodeAB("kvtier", 40, False),
+    "decode-ab-graphs-offload": DecodeAB("offload", 40, False),
+}
+"""The decode phases. 40 GB of G2 fills after about 7 rounds (2560 blocks of 2 MiB a round),
+8 GB within the warm-up, so that every measured round evicts. Eager decode is bound by the
+engine thread's Python and swings by 20% a round on the lent hosts; under CUDA graphs a round
+varies by 0.5%. ``decode-ab-graphs-offload`` prices the peer's storing the same way."""
+
+
+def offload_kv(cpu_gb: int) -> dict[str, Any]:
+    """The ``KVTransferConfig`` fields of vLLM's ``OffloadingConnector`` with ``cpu_gb`` GB."""
+    return {
+        "kv_connector": "OffloadingConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"cpu_bytes_to_use": cpu_gb << 30},
+    }
+
+
+def decode_ab(model: Path, reps: int, spec: DecodeAB, save: Path) -> dict[str, Any]:
+    """Decode throughput of vLLM alone and of vLLM + ``spec.other`` storing every block,
+    measured in turns in one process: two engines side by side (each with its own engine-core
+    process and 40% of the GPU), so that whatever drifts during a run (throughput rose by up to
+    40% over minutes within one engine on the H200) drifts for both. Order alternates each
+    round; the rounds so far are written to ``save`` after each one, so a phase cut by its
+    timeout keeps them."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    kv = kvtier_kv({"disk_filter": False, "cpu_cache_gb": g2_gb})
     t = time.perf_counter()
     engines = {
-        "vllm": make_llm(model, None, 0.40, eager=eager),
-        "kvtier": make_llm(model, kv, 0.40, eager=eager),
+        "vllm": make_llm(model, None, 0.40, eager=spec.eager),
+        spec.other: make_llm(model, spec.kv(), 0.40, eager=spec.eager),
     }
     print(f"decode-ab: both engines up in {time.perf_counter() - t:.0f} s", flush=True)
     for llm in engines.values():  # warm-up (kvtier: G2 pins in the background meanwhile)
         decode(llm, 1, 2)
     rates: dict[str, list[float]] = {name: [] for name in engines}
-    res: dict[str, Any] = {"decode_ab": rates, "eager": eager}
+    res: dict[str, Any] = {"decode_ab": rates, "eager": spec.eager}
     for r in range(2 * reps):
         order = list(engines) if r % 2 == 0 else list(reversed(engines))
         for name in order:
@@ -289,8 +321,7 @@ def decode_ab(model: Path, reps: int, g2_gb: int, eager: bool, save: Path) -> di
 def run_phase(phase: str, model: Path, reps: int, workdir: Path, save: Path) -> dict[str, Any]:
     res: dict[str, Any] = {"phase": phase}
     if phase in DECODE_AB:
-        g2_gb, eager = DECODE_AB[phase]
-        res.update(decode_ab(model, reps, g2_gb, eager, save))
+        res.update(decode_ab(model, reps, DECODE_AB[phase], save))
         return res
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     t0 = time.perf_counter()
@@ -302,12 +333,7 @@ def run_phase(phase: str, model: Path, reps: int, workdir: Path, save: Path) -> 
         res["decode"] = decode(llm, 7, 2)
         return res
     if phase == "offload":
-        kv = {
-            "kv_connector": "OffloadingConnector",
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": {"cpu_bytes_to_use": 40 << 30},
-        }
-        llm = make_llm(model, kv)
+        llm = make_llm(model, offload_kv(40))
         res["start_s"] = time.perf_counter() - t0
         gen(llm, [prompt(1, 512)])
         res["ttft"] = ttft_series(llm, phase, reps, kvtier=False, reset=True)
@@ -404,22 +430,23 @@ def report(results: dict[str, dict[str, Any]]) -> None:
             f"(forward pass included); raw O_DIRECT reads {raw:.2f} GB/s; "
             f"ratio {gb / (t / 1e3) / raw:.2f}"
         )
-    for phase, (g2_gb, eager) in DECODE_AB.items():
+    for phase, spec in DECODE_AB.items():
         ab = results.get(phase, {}).get("decode_ab")
         if not ab:
             continue
-        a, b = statistics.mean(ab["vllm"]), statistics.mean(ab["kvtier"])
-        lo, hi = paired_interval(ab["vllm"], ab["kvtier"])
-        rounds = [round(k / v, 2) for v, k in zip(ab["vllm"], ab["kvtier"], strict=True)]
+        base, other = ab["vllm"], ab[spec.other]
+        a, b = statistics.mean(base), statistics.mean(other)
+        lo, hi = paired_interval(base, other)
+        rounds = [round(k / v, 2) for v, k in zip(base, other, strict=True)]
+        who = "kvtier" if spec.other == "kvtier" else "vLLM's OffloadingConnector"
         print(
             f"\n{phase}: decode 32 x (1k prompt + 256 new), "
-            f"{'eager' if eager else 'CUDA graphs'}, engines side by side, in turns: vLLM "
-            f"{a:.0f} tok/s {[round(x) for x in ab['vllm']]}, vLLM + kvtier storing every block "
-            f"to a {g2_gb} GB G2 {b:.0f} tok/s {[round(x) for x in ab['kvtier']]}, ratio of "
-            f"means {b / a:.3f}, of bests {max(ab['kvtier']) / max(ab['vllm']):.3f}, paired "
-            f"(geometric mean of each round's kvtier / vLLM, order balanced) "
-            f"{paired_ratio(ab['vllm'], ab['kvtier']):.3f} (95% {lo:.3f}-{hi:.3f}; by round "
-            f"{rounds})"
+            f"{'eager' if spec.eager else 'CUDA graphs'}, engines side by side, in turns: vLLM "
+            f"{a:.0f} tok/s {[round(x) for x in base]}, vLLM + {who} storing every block "
+            f"to {spec.cpu_gb} GB of host memory {b:.0f} tok/s {[round(x) for x in other]}, "
+            f"ratio of means {b / a:.3f}, of bests {max(other) / max(base):.3f}, paired "
+            f"(geometric mean of each round's ratio, order balanced) "
+            f"{paired_ratio(base, other):.3f} (95% {lo:.3f}-{hi:.3f}; by round {rounds})"
         )
     c = results.get("kvtier-g3-cost", {}).get("cost")
     if c:
@@ -448,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         "--phases",
         default="vllm,offload,kvtier,kvtier-layerwise,kvtier-g3",
         help="comma list: vllm, offload, kvtier, kvtier-layerwise, kvtier-crosslayer, kvtier-g3, "
-        "kvtier-g3-cost, decode-ab, decode-ab-evict, decode-ab-graphs",
+        "kvtier-g3-cost, decode-ab, decode-ab-evict, decode-ab-graphs, decode-ab-graphs-offload",
     )
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--report", nargs="+", help="only print the table of saved result files")
