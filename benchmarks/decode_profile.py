@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         from kvtier.vllm.gpu_path import GpuDataPath
 
         GpuDataPath.store = lambda self, plan, step_failed: None  # type: ignore[method-assign]
-    kv = None if gb is None else vg.kvtier_kv({"disk_filter": False, "cpu_cache_gb": gb})
+    kv = None if gb is None else vg.store_all_kv(gb)
     llm = vg.make_llm(model, kv, 0.80, eager=not args.graphs)
     res: dict[str, Any] = {"kind": args.kind, "graphs": args.graphs, "numa_start": numa_state()}
     res["warm_up"] = vg.decode(llm, 1, 2)

@@ -268,7 +268,12 @@ class DecodeAB:
         """The ``KVTransferConfig`` fields of the ``other`` engine."""
         if self.other == "offload":
             return offload_kv(self.cpu_gb)
-        return kvtier_kv({"disk_filter": False, "cpu_cache_gb": self.cpu_gb})
+        return store_all_kv(self.cpu_gb)
+
+
+def store_all_kv(cpu_gb: int) -> dict[str, Any]:
+    """A kvtier engine that stores every block to a G2 of ``cpu_gb`` GB (no G3 filter)."""
+    return kvtier_kv({"disk_filter": False, "cpu_cache_gb": cpu_gb})
 
 
 DECODE_AB = {
